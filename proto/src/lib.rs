@@ -1,0 +1,135 @@
+//! The `fabric.v1` gRPC contract: messages, clients and servers generated
+//! from `proto/fabric/v1/*.proto`, plus what every Fabric gRPC server serves
+//! besides its own service (health checking and server reflection).
+//!
+//! Five services make up the contract:
+//!
+//! - `fabric.v1.Compute`: the operator API of the controller (VMs, hosts,
+//!   events); fabricctl is its client.
+//! - `fabric.v1.HostLink`: agents register with the controller, hold a lease
+//!   by heartbeats and watch the VMs assigned to their host.
+//! - `fabric.v1.Images`: the controller's content-addressed image store.
+//! - `fabric.v1.Agent`: each agent's local view of its host, with consoles.
+//! - `fabric.v1.Vmm`: each fabric-vmm's control endpoint on a Unix socket.
+//!
+//! A server builds its standard companions with [`standard_services`] and
+//! adds them next to its own service:
+//!
+//! ```no_run
+//! # async fn serve(
+//! #     compute: impl fabric_proto::v1::compute_server::Compute,
+//! # ) -> Result<(), tonic::transport::Error> {
+//! use fabric_proto::v1::compute_server::ComputeServer;
+//!
+//! let standard = fabric_proto::standard_services(&[fabric_proto::COMPUTE_SERVICE]).await;
+//! tonic::transport::Server::builder()
+//!     .add_service(standard.health)
+//!     .add_service(standard.reflection)
+//!     .add_service(ComputeServer::new(compute))
+//!     .serve("127.0.0.1:7000".parse().expect("valid address"))
+//!     .await
+//! # }
+//! ```
+
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
+use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
+
+/// Messages, clients (`v1::compute_client::ComputeClient`, ...) and servers
+/// (`v1::compute_server::ComputeServer`, ...) of the `fabric.v1` package.
+pub mod v1 {
+    // The generated code follows prost's and tonic's conventions, not ours;
+    // its doc comments are the .proto comments, verbatim.
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("fabric.v1");
+}
+
+/// The encoded `google.protobuf.FileDescriptorSet` of the `fabric.v1` files
+/// and their imports, with source comments, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/fabric_v1_descriptor_set.bin"));
+
+/// Fully qualified name of the operator API served by the controller.
+pub const COMPUTE_SERVICE: &str = v1::compute_server::SERVICE_NAME;
+/// Fully qualified name of the agent-to-controller API.
+pub const HOST_LINK_SERVICE: &str = v1::host_link_server::SERVICE_NAME;
+/// Fully qualified name of the image store served by the controller.
+pub const IMAGES_SERVICE: &str = v1::images_server::SERVICE_NAME;
+/// Fully qualified name of the local API served by each agent.
+pub const AGENT_SERVICE: &str = v1::agent_server::SERVICE_NAME;
+/// Fully qualified name of the control API served by each fabric-vmm.
+pub const VMM_SERVICE: &str = v1::vmm_server::SERVICE_NAME;
+
+/// Fully qualified names of the five `fabric.v1` services.
+pub const SERVICE_NAMES: [&str; 5] = [
+    COMPUTE_SERVICE,
+    HOST_LINK_SERVICE,
+    IMAGES_SERVICE,
+    AGENT_SERVICE,
+    VMM_SERVICE,
+];
+
+/// Fully qualified name of the standard gRPC health checking service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// Fully qualified name of the standard gRPC server reflection service (v1).
+pub const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+
+/// The services every Fabric gRPC server adds next to its own.
+pub struct StandardServices<R> {
+    /// Changes what `health` reports; keep it to mark services NOT_SERVING
+    /// during shutdown or while a dependency (e.g. the store) is down.
+    pub health_reporter: HealthReporter,
+    /// `grpc.health.v1.Health`, reporting the served services as SERVING.
+    pub health: HealthServer<HealthService>,
+    /// `grpc.reflection.v1.ServerReflection`, so that `grpcurl list` and
+    /// `grpcurl describe` work without .proto files.
+    pub reflection: ServerReflectionServer<R>,
+}
+
+/// Builds the health and reflection services of a server that serves the
+/// `serving` services (fully qualified names, from [`SERVICE_NAMES`]).
+///
+/// Health reports each of `serving`, and the whole server (""), as SERVING.
+/// Reflection lists `serving`, the health service and itself, and describes
+/// every `fabric.v1` type.
+pub async fn standard_services(serving: &[&str]) -> StandardServices<impl ServerReflection> {
+    let (health_reporter, health) = health_service(serving).await;
+    StandardServices {
+        health_reporter,
+        health,
+        reflection: reflection_service(serving),
+    }
+}
+
+/// The health service alone: its reporter and the `grpc.health.v1.Health`
+/// server, with each of `serving` set to SERVING.
+pub async fn health_service(serving: &[&str]) -> (HealthReporter, HealthServer<HealthService>) {
+    let reporter = HealthReporter::new();
+    for service in serving {
+        reporter
+            .set_service_status(service, ServingStatus::Serving)
+            .await;
+    }
+    let server = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+    (reporter, server)
+}
+
+/// The reflection service alone, listing `serving`, the health service and
+/// itself.
+pub fn reflection_service(serving: &[&str]) -> ServerReflectionServer<impl ServerReflection> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(HEALTH_SERVICE)
+        .with_service_name(REFLECTION_SERVICE);
+    for service in serving {
+        builder = builder.with_service_name(*service);
+    }
+    // The descriptor sets are produced at build time by protox and by
+    // tonic-health, not read from any input, and a test builds this service:
+    // failing here is a build defect, not a runtime condition.
+    builder
+        .build_v1()
+        .expect("descriptor sets compiled into fabric-proto are valid")
+}
