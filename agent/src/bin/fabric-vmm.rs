@@ -1,0 +1,122 @@
+//! fabric-vmm: runs one virtual machine on KVM.
+//!
+//! Exit status: 0 when the guest stopped (reset, poweroff, or a Shutdown request),
+//! 1 when the configuration is bad or the VM could not be built, 2 when the guest failed
+//! while running (e.g. an instruction KVM could not emulate).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use fabric_agent::vmm::builder::{build_vm, open_kvm};
+use fabric_agent::vmm::config::{ConsoleOutput, VmRequest};
+use fabric_agent::vmm::control::ControlServer;
+use fabric_agent::vmm::runner::{control_channel, run_vm, VmInfo};
+use fabric_agent::vmm::vcpu::ExitReason;
+
+/// Runs one virtual machine on KVM.
+#[derive(Parser, Debug)]
+#[command(name = "fabric-vmm", version)]
+struct Args {
+    /// Kernel image: a bzImage or an ELF vmlinux.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk (initramfs) to pass to the kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 pci=off")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Where the serial console goes: a file path, `stdout`, or `off`.
+    #[arg(long, default_value = "stdout")]
+    console: ConsoleOutput,
+    /// Unix socket to serve the fabric.v1.Vmm control API on.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// The VM's id, reported by GetState.
+    #[arg(long, default_value = "")]
+    vm_id: String,
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FABRIC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args, start) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("fabric-vmm: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args, start: Instant) -> anyhow::Result<ExitCode> {
+    let kvm = open_kvm()?;
+    let console_input = args.console == ConsoleOutput::Stdout;
+    let config = VmRequest {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        console: args.console,
+        control_socket: args.control_socket,
+    }
+    .validate(kvm.get_max_vcpus() as u32)?;
+
+    let vm = build_vm(&kvm, &config, start)?;
+    tracing::info!(
+        vcpus = config.vcpus,
+        memory_mib = config.memory_mib,
+        kernel = %config.kernel.display(),
+        entry = format_args!("{:#x}", vm.kernel.entry.0),
+        guest_decompresses = vm.kernel.guest_decompresses,
+        cpu_profile = ?vm.cpu_profile,
+        setup_ms = start.elapsed().as_millis() as u64,
+        "VM built"
+    );
+    let info = VmInfo::new(config.vcpus, config.memory_mib, start, vm.boot_time.clone());
+    let (control_tx, control_rx) = control_channel()?;
+    let control = match &config.control_socket {
+        Some(path) => Some(ControlServer::start(
+            path,
+            args.vm_id,
+            info.clone(),
+            control_tx,
+        )?),
+        None => None,
+    };
+
+    let reason = run_vm(vm, &info, control_rx, console_input)?;
+    if let Some(control) = control {
+        control.stop(Duration::from_secs(2));
+    }
+    Ok(match reason {
+        ExitReason::GuestStopped(how) => {
+            tracing::info!(how, "guest stopped");
+            ExitCode::SUCCESS
+        }
+        ExitReason::Forced => {
+            tracing::info!("guest stopped by a forced shutdown");
+            ExitCode::SUCCESS
+        }
+        ExitReason::Failed(why) => {
+            eprintln!("fabric-vmm: guest failed: {why}");
+            ExitCode::from(2)
+        }
+    })
+}

@@ -1,0 +1,208 @@
+//! Assembles a VM from a [`VmConfig`]: KVM VM, guest memory, irqchip and PIT, kernel and boot
+//! structures, devices on their buses, and configured vCPUs.
+
+use std::fs::OpenOptions;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::boot::cpu::{setup_boot_vcpu, setup_common, write_boot_tables, CpuSetupError};
+use super::boot::cpuid::{configure_cpuid, CpuProfile};
+use super::boot::kernel::{load_kernel, KernelError, LoadedKernel};
+use super::boot::mptable::{write_mptable, MpTableError};
+use super::boot::params::{load_initrd, write_boot_params, ParamsError};
+use super::boot::MPTABLE_ADDR;
+use super::config::{ConsoleOutput, VmConfig};
+use super::devices::boot_timer::{BootTime, BootTimer, BOOT_TIMER_PORT};
+use super::devices::bus::{Bus, BusError};
+use super::devices::i8042::{I8042Device, I8042_BASE, I8042_KBD_IRQ, I8042_LEN};
+use super::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use super::memory::{create_guest_memory, MemoryError};
+use super::vcpu::Vcpu;
+
+/// KVM's TSS lives in three pages just below the BIOS area at the top of 4 GiB.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors from building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    Cpu(#[from] CpuSetupError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("console {path}: {source}")]
+    Console {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
+}
+
+/// A VM ready to run.
+pub struct BuiltVm {
+    pub vm: VmFd,
+    pub memory: GuestMemoryMmap,
+    pub vcpus: Vec<Vcpu>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042Device>>,
+    /// Signalled by the i8042 when the guest resets.
+    pub reset_event: EventFd,
+    pub boot_time: BootTime,
+    pub kernel: LoadedKernel,
+    pub cpu_profile: CpuProfile,
+}
+
+/// Opens /dev/kvm.
+pub fn open_kvm() -> Result<Kvm, BuildError> {
+    Kvm::new().map_err(BuildError::OpenKvm)
+}
+
+fn eventfd() -> Result<EventFd, BuildError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)
+}
+
+fn console_sink(console: &ConsoleOutput) -> Result<ConsoleSink, BuildError> {
+    Ok(match console {
+        ConsoleOutput::Stdout => ConsoleSink::Stdout(std::io::stdout()),
+        ConsoleOutput::Off => ConsoleSink::Off,
+        ConsoleOutput::File(path) => ConsoleSink::File(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::Console {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+/// Builds the VM described by `config`; `start` is when the VMM process started.
+pub fn build_vm(kvm: &Kvm, config: &VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+
+    let memory = create_guest_memory(config.memory_mib)?;
+    for (slot, region) in memory.iter().enumerate() {
+        let mapping = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by `memory`,
+        // which `BuiltVm` keeps alive for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(mapping) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+    // Guest memory contents.
+    let kernel = load_kernel(&memory, &config.kernel, config.kernel_format)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(&memory, path, &kernel)?),
+        None => None,
+    };
+    write_boot_params(&memory, &kernel, &config.cmdline, initrd)?;
+    write_mptable(&memory, MPTABLE_ADDR, config.vcpus)?;
+    write_boot_tables(&memory)?;
+
+    // Devices.
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        console_sink(&config.console)?,
+    )));
+    let kbd_irq = eventfd()?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (i8042)"))?;
+    let reset_event = eventfd()?;
+    let i8042 = Arc::new(Mutex::new(I8042Device::new(
+        reset_event.try_clone().map_err(BuildError::EventFd)?,
+        kbd_irq,
+    )));
+    let boot_time = BootTime::default();
+    let boot_timer = Arc::new(Mutex::new(BootTimer::new(start, boot_time.clone())));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+    pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)?;
+    pio.insert(boot_timer, BOOT_TIMER_PORT, 1)?;
+    let mmio = Bus::new();
+
+    // vCPUs.
+    let cpu_profile = CpuProfile::detect();
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let mut cpuid = supported.clone();
+        configure_cpuid(&mut cpuid, id, config.vcpus, cpu_profile);
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        setup_common(&fd, id)?;
+        if id == 0 {
+            setup_boot_vcpu(&fd, id, kernel.entry.0)?;
+        }
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+        });
+    }
+
+    Ok(BuiltVm {
+        vm,
+        memory,
+        vcpus,
+        serial,
+        i8042,
+        reset_event,
+        boot_time,
+        kernel,
+        cpu_profile,
+    })
+}

@@ -1,0 +1,310 @@
+//! The configuration of one VM, as given on fabric-vmm's command line, and its checks.
+//!
+//! Every check that can be made before touching KVM is made here, so that a bad configuration
+//! ends with one clear line and a non-zero exit, never a panic halfway through building a VM.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::vmm::boot::kernel::{detect_kernel_format, KernelFormat};
+use crate::vmm::memory::{host_memory_mib, MIN_MEMORY_MIB};
+
+/// The longest kernel command line the x86 boot protocol carries (COMMAND_LINE_SIZE), NUL included.
+pub const MAX_CMDLINE_LEN: usize = 2048;
+/// xAPIC ids are 8 bits and 0xff is broadcast: the MP table cannot describe more vCPUs.
+pub const MAX_VCPUS_XAPIC: u32 = 254;
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// The VMM's own standard output (and input from its standard input).
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Off,
+}
+
+impl std::str::FromStr for ConsoleOutput {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "stdout" | "-" => ConsoleOutput::Stdout,
+            "off" | "none" => ConsoleOutput::Off,
+            path => ConsoleOutput::File(PathBuf::from(path)),
+        })
+    }
+}
+
+/// A checked VM configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub kernel_format: KernelFormat,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub console: ConsoleOutput,
+    pub control_socket: Option<PathBuf>,
+}
+
+/// What was asked for, before checking.
+#[derive(Debug, Clone)]
+pub struct VmRequest {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub console: ConsoleOutput,
+    pub control_socket: Option<PathBuf>,
+}
+
+/// A configuration that cannot be run. Each message names the value that is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("kernel {path}: cannot read: {source}")]
+    KernelUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "kernel {path}: not a kernel (neither a bzImage with the HdrS magic nor an x86-64 ELF)"
+    )]
+    NotAKernel { path: PathBuf },
+    #[error("initrd {path}: cannot read: {source}")]
+    InitrdUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("initrd {path}: {size} bytes does not fit in {memory_mib} MiB of guest memory")]
+    InitrdTooLarge {
+        path: PathBuf,
+        size: u64,
+        memory_mib: u64,
+    },
+    #[error("memory {0} MiB: must be at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall(u64),
+    #[error("memory {requested} MiB: more than the host has ({host} MiB)")]
+    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("vcpus 0: a VM needs at least one vCPU")]
+    NoVcpus,
+    #[error("vcpus {requested}: above the maximum of {max} ({why})")]
+    TooManyVcpus {
+        requested: u32,
+        max: u32,
+        why: &'static str,
+    },
+    #[error(
+        "kernel command line is {len} bytes: too long for the boot protocol (at most {} bytes)",
+        MAX_CMDLINE_LEN - 1
+    )]
+    CmdlineTooLong { len: usize },
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+}
+
+impl VmRequest {
+    /// Checks everything that can be checked without KVM. `kvm_max_vcpus` is KVM's own limit.
+    pub fn validate(self, kvm_max_vcpus: u32) -> Result<VmConfig, ConfigError> {
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        if let Some(host) = host_memory_mib() {
+            if self.memory_mib > host {
+                return Err(ConfigError::MemoryTooLarge {
+                    requested: self.memory_mib,
+                    host,
+                });
+            }
+        }
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > kvm_max_vcpus {
+            return Err(ConfigError::TooManyVcpus {
+                requested: self.vcpus,
+                max: kvm_max_vcpus,
+                why: "KVM's maximum on this host",
+            });
+        }
+        if self.vcpus > MAX_VCPUS_XAPIC {
+            return Err(ConfigError::TooManyVcpus {
+                requested: self.vcpus,
+                max: MAX_VCPUS_XAPIC,
+                why: "xAPIC ids in the MP table",
+            });
+        }
+        if self.cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.cmdline.len(),
+            });
+        }
+        if self.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        let kernel_format = read_kernel_format(&self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            let size = std::fs::metadata(initrd)
+                .and_then(|m| {
+                    // Opening proves it is readable, not just present.
+                    File::open(initrd)?;
+                    Ok(m.len())
+                })
+                .map_err(|source| ConfigError::InitrdUnreadable {
+                    path: initrd.clone(),
+                    source,
+                })?;
+            // The kernel itself and the boot structures need room too; the exact placement is
+            // checked again when the initrd is loaded, this catches the obvious case early.
+            if size >= self.memory_mib << 20 {
+                return Err(ConfigError::InitrdTooLarge {
+                    path: initrd.clone(),
+                    size,
+                    memory_mib: self.memory_mib,
+                });
+            }
+        }
+        Ok(VmConfig {
+            kernel: self.kernel,
+            kernel_format,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            console: self.console,
+            control_socket: self.control_socket,
+        })
+    }
+}
+
+fn read_kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let unreadable = |source| ConfigError::KernelUnreadable {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = File::open(path).map_err(unreadable)?;
+    if file.metadata().map_err(unreadable)?.is_dir() {
+        return Err(unreadable(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is a directory",
+        )));
+    }
+    let mut head = Vec::with_capacity(1024);
+    file.by_ref()
+        .take(1024)
+        .read_to_end(&mut head)
+        .map_err(unreadable)?;
+    detect_kernel_format(&head).ok_or_else(|| ConfigError::NotAKernel {
+        path: path.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(kernel: &Path) -> VmRequest {
+        VmRequest {
+            kernel: kernel.to_owned(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            console: ConsoleOutput::Off,
+            control_socket: None,
+        }
+    }
+
+    fn fake_elf(dir: &Path) -> PathBuf {
+        let path = dir.join("vmlinux");
+        let mut head = vec![0u8; 64];
+        head[..4].copy_from_slice(b"\x7fELF");
+        head[4] = 2; // 64-bit
+        head[18] = 62; // EM_X86_64
+        std::fs::write(&path, head).expect("write");
+        path
+    }
+
+    #[test]
+    fn each_bad_value_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = fake_elf(dir.path());
+        let cases: Vec<(VmRequest, &str)> = vec![
+            (
+                VmRequest {
+                    memory_mib: 0,
+                    ..request(&kernel)
+                },
+                "memory 0 MiB",
+            ),
+            (
+                VmRequest {
+                    memory_mib: 1 << 40,
+                    ..request(&kernel)
+                },
+                "more than the host has",
+            ),
+            (
+                VmRequest {
+                    vcpus: 0,
+                    ..request(&kernel)
+                },
+                "vcpus 0",
+            ),
+            (
+                VmRequest {
+                    vcpus: 100_000,
+                    ..request(&kernel)
+                },
+                "vcpus 100000: above the maximum of 64",
+            ),
+            (
+                VmRequest {
+                    cmdline: "x".repeat(3000),
+                    ..request(&kernel)
+                },
+                "too long for the boot protocol",
+            ),
+            (
+                VmRequest {
+                    kernel: dir.path().join("missing"),
+                    ..request(&kernel)
+                },
+                "cannot read",
+            ),
+            (
+                VmRequest {
+                    initrd: Some(dir.path().join("missing.cpio")),
+                    ..request(&kernel)
+                },
+                "initrd",
+            ),
+        ];
+        for (req, want) in cases {
+            let err = req.validate(64).expect_err(want).to_string();
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_text_file_is_not_a_kernel() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "hello").expect("write");
+        let err = request(&path).validate(64).expect_err("not a kernel");
+        assert!(matches!(err, ConfigError::NotAKernel { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_good_request_passes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = fake_elf(dir.path());
+        let cfg = request(&kernel).validate(64).expect("valid");
+        assert_eq!(cfg.kernel_format, KernelFormat::Elf);
+    }
+}

@@ -1,0 +1,18 @@
+//! fabric-vmm: a KVM virtual machine monitor built on the rust-vmm crates.
+//!
+//! One process runs one VM. [`config`] turns the command line into a checked [`VmConfig`];
+//! [`builder`] assembles a VM from it (guest memory, kernel, boot parameters, vCPUs, devices);
+//! [`runner`] runs it: one thread per vCPU, one epoll event loop for devices and control requests.
+//! The [`control`] endpoint serves the `fabric.v1.Vmm` gRPC service on a Unix socket.
+
+pub mod boot;
+pub mod builder;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod memory;
+pub mod runner;
+pub mod vcpu;
+
+pub use config::VmConfig;

@@ -1,0 +1,254 @@
+//! Runs a built VM: starts the vCPU threads and serves one epoll loop for everything that is
+//! not a vCPU exit — guest reset, control requests, console input — until the VM ends.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::builder::BuiltVm;
+use super::devices::boot_timer::BootTime;
+use super::devices::bus::lock;
+use super::vcpu::{install_kick_handler, ExitReason, RunState, VcpuControl, VcpuThreads};
+
+/// The VM's lifecycle state, as the control endpoint reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    ShuttingDown,
+    Stopped,
+}
+
+/// A request to the running VM, from the control endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    /// Press Ctrl-Alt-Del on the guest's keyboard (graceful shutdown request).
+    CtrlAltDel,
+    /// Stop the guest now.
+    ForceStop,
+}
+
+/// A command with the channel its result goes back on.
+pub struct Request {
+    pub command: Command,
+    pub reply: mpsc::Sender<Result<(), String>>,
+}
+
+/// Facts about the VM that the control endpoint reads without asking the event loop.
+pub struct VmInfo {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub started: Instant,
+    pub boot_time: BootTime,
+    state: tokio::sync::watch::Sender<VmState>,
+    exit_reason: Mutex<Option<ExitReason>>,
+}
+
+impl VmInfo {
+    pub fn new(vcpus: u32, memory_mib: u64, started: Instant, boot_time: BootTime) -> Arc<VmInfo> {
+        Arc::new(VmInfo {
+            vcpus,
+            memory_mib,
+            started,
+            boot_time,
+            state: tokio::sync::watch::Sender::new(VmState::Created),
+            exit_reason: Mutex::new(None),
+        })
+    }
+
+    pub fn state(&self) -> VmState {
+        *self.state.borrow()
+    }
+
+    pub fn set_state(&self, state: VmState) {
+        self.state.send_replace(state);
+    }
+
+    /// A receiver that sees every state change.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<VmState> {
+        self.state.subscribe()
+    }
+
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        lock(&self.exit_reason).clone()
+    }
+}
+
+/// The sending side of the control channel: requests plus an eventfd that wakes the loop.
+#[derive(Clone)]
+pub struct ControlSender {
+    tx: mpsc::Sender<Request>,
+    wake: Arc<EventFd>,
+}
+
+impl ControlSender {
+    /// Sends `command` and waits (blocking) for its result.
+    pub fn call(&self, command: Command) -> Result<(), String> {
+        let (reply, result) = mpsc::channel();
+        self.tx
+            .send(Request { command, reply })
+            .map_err(|_| "the VM is no longer running".to_string())?;
+        self.wake
+            .write(1)
+            .map_err(|e| format!("cannot wake the VM event loop: {e}"))?;
+        result
+            .recv()
+            .map_err(|_| "the VM stopped before answering".to_string())?
+    }
+}
+
+/// The receiving side, owned by the event loop.
+pub struct ControlReceiver {
+    rx: mpsc::Receiver<Request>,
+    wake: Arc<EventFd>,
+}
+
+/// A new control channel.
+pub fn control_channel() -> std::io::Result<(ControlSender, ControlReceiver)> {
+    let (tx, rx) = mpsc::channel();
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+    Ok((
+        ControlSender {
+            tx,
+            wake: wake.clone(),
+        },
+        ControlReceiver { rx, wake },
+    ))
+}
+
+/// Errors from starting the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("starting vCPU threads: {0}")]
+    Threads(#[source] std::io::Error),
+    #[error("event loop: {0}")]
+    EventLoop(#[source] std::io::Error),
+}
+
+const TOKEN_EXIT: u64 = 1;
+const TOKEN_RESET: u64 = 2;
+const TOKEN_CONTROL: u64 = 3;
+const TOKEN_STDIN: u64 = 4;
+
+/// How long vCPUs get to park when pausing or stopping.
+const PARK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs `vm` until it ends; returns why. `console_input` forwards stdin to the serial port.
+pub fn run_vm(
+    vm: BuiltVm,
+    info: &VmInfo,
+    control_rx: ControlReceiver,
+    console_input: bool,
+) -> Result<ExitReason, RunError> {
+    let exit_event = EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::EventLoop)?;
+    let vcpu_control = VcpuControl::new(exit_event.try_clone().map_err(RunError::EventLoop)?);
+    install_kick_handler().map_err(RunError::Threads)?;
+
+    let epoll = Epoll::new().map_err(RunError::EventLoop)?;
+    let add = |fd: i32, token: u64| {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+    };
+    add(exit_event.as_raw_fd(), TOKEN_EXIT).map_err(RunError::EventLoop)?;
+    add(vm.reset_event.as_raw_fd(), TOKEN_RESET).map_err(RunError::EventLoop)?;
+    add(control_rx.wake.as_raw_fd(), TOKEN_CONTROL).map_err(RunError::EventLoop)?;
+    let mut stdin_open = console_input && add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+
+    let BuiltVm {
+        vm: _vm_fd,
+        memory: _memory,
+        vcpus,
+        serial,
+        i8042,
+        reset_event,
+        ..
+    } = vm;
+    let threads = VcpuThreads::start(vcpus, vcpu_control.clone()).map_err(RunError::Threads)?;
+    info.set_state(VmState::Running);
+
+    let mut events = vec![EpollEvent::default(); 8];
+    let reason = 'outer: loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => break ExitReason::Failed(format!("epoll: {err}")),
+        };
+        for event in &events[..n] {
+            match event.data() {
+                TOKEN_EXIT => {
+                    let _ = exit_event.read();
+                    if let Some(reason) = vcpu_control.exit_reason() {
+                        break 'outer reason;
+                    }
+                }
+                TOKEN_RESET => {
+                    let _ = reset_event.read();
+                    vcpu_control.request_exit(ExitReason::GuestStopped("i8042 reset"));
+                }
+                TOKEN_CONTROL => {
+                    let _ = control_rx.wake.read();
+                    while let Ok(request) = control_rx.rx.try_recv() {
+                        let result = match request.command {
+                            Command::Pause => {
+                                if threads.set_state(RunState::Paused, PARK_TIMEOUT) {
+                                    info.set_state(VmState::Paused);
+                                    Ok(())
+                                } else {
+                                    Err("vCPUs did not pause in time".to_string())
+                                }
+                            }
+                            Command::Resume => {
+                                threads.set_state(RunState::Running, PARK_TIMEOUT);
+                                info.set_state(VmState::Running);
+                                Ok(())
+                            }
+                            Command::CtrlAltDel => {
+                                info.set_state(VmState::ShuttingDown);
+                                lock(&i8042).send_ctrl_alt_del().map_err(|e| e.to_string())
+                            }
+                            Command::ForceStop => {
+                                vcpu_control.request_exit(ExitReason::Forced);
+                                Ok(())
+                            }
+                        };
+                        let _ = request.reply.send(result);
+                    }
+                }
+                TOKEN_STDIN if stdin_open => {
+                    let mut buf = [0u8; 64];
+                    match std::io::stdin().lock().read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                libc::STDIN_FILENO,
+                                EpollEvent::default(),
+                            );
+                            stdin_open = false;
+                        }
+                        Ok(n) => {
+                            lock(&serial).enqueue_input(&buf[..n]);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+
+    threads.set_state(RunState::Stopped, PARK_TIMEOUT);
+    lock(&serial).flush();
+    *lock(&info.exit_reason) = Some(reason.clone());
+    info.set_state(VmState::Stopped);
+    Ok(reason)
+}
