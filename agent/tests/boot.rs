@@ -178,7 +178,7 @@ fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
 }
 
 #[test]
-fn one_vcpu_64mib_boots() {
+fn one_vcpu_64mib_boots_the_elf_vmlinux() {
     if !kvm_available("one_vcpu_64mib") {
         return;
     }
@@ -188,6 +188,7 @@ fn one_vcpu_64mib_boots() {
         GuestSpec {
             vcpus: 1,
             memory_mib: 64,
+            kernel: Some(image.vmlinux()),
             ..Default::default()
         },
     );

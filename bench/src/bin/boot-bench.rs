@@ -1,0 +1,375 @@
+//! bench/boot: boots the default guest again and again with fabric-vmm, QEMU `-M microvm` and
+//! QEMU `-M pc` (same kernel, initramfs and command line, KVM), and prints side by side the time
+//! from process start to the ready marker, the time from a stop request to process exit, and each
+//! VMM's own memory (process PSS minus the PSS of guest RAM), with the ratios to fabric-vmm.
+//!
+//! Run by hand (`bench/boot`), not in CI: each boot takes ~30 s where KVM is emulated.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "Boot time and memory of fabric-vmm against QEMU")]
+struct Args {
+    /// Boots per VMM.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Which VMMs, comma separated: fabric, qemu-microvm, qemu-pc.
+    #[arg(
+        long,
+        default_value = "fabric,qemu-microvm,qemu-pc",
+        value_delimiter = ','
+    )]
+    vmms: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// The fabric-vmm binary.
+    #[arg(long, default_value = "target/release/fabric-vmm")]
+    fabric_vmm: PathBuf,
+    /// The guest image directory (images/build.sh output).
+    #[arg(long, default_value = "images/out")]
+    image: PathBuf,
+    /// Give up on one boot after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+struct Image {
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    cmdline: String,
+    marker: String,
+}
+
+fn load_image(dir: &Path) -> anyhow::Result<Image> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: run images/build.sh first", path.display()))?;
+    let m: serde_json::Value = serde_json::from_str(&text).context("manifest.json")?;
+    let field = |k: &str| {
+        m[k].as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("manifest.json: no {k}"))
+    };
+    Ok(Image {
+        kernel: dir.join("vmlinuz"),
+        initramfs: m["use_initramfs"]
+            .as_bool()
+            .unwrap_or(false)
+            .then(|| dir.join("initramfs.cpio.gz")),
+        cmdline: field("cmdline")?,
+        marker: field("ready_marker")?,
+    })
+}
+
+struct Sample {
+    boot: Duration,
+    stop: Option<Duration>,
+    overhead_kib: Option<u64>,
+}
+
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    control: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn spawn(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Running> {
+    let dir = std::env::temp_dir().join(format!(
+        "fabric-boot-bench-{}-{vmm}-{run}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let control = dir.join("control.sock");
+    let mut cmd = match vmm {
+        "fabric" => {
+            let mut c = Command::new(&args.fabric_vmm);
+            c.arg("--kernel")
+                .arg(&image.kernel)
+                .args(["--cmdline", &image.cmdline])
+                .args(["--vcpus", &args.vcpus.to_string()])
+                .args(["--memory", &args.memory.to_string()])
+                .args(["--console", "stdout"])
+                .arg("--control-socket")
+                .arg(&control);
+            if let Some(initrd) = &image.initramfs {
+                c.arg("--initrd").arg(initrd);
+            }
+            c
+        }
+        "qemu-microvm" | "qemu-pc" => {
+            let mut c = Command::new("qemu-system-x86_64");
+            let machine = if vmm == "qemu-pc" { "pc" } else { "microvm" };
+            c.args(["-M", machine, "-enable-kvm", "-cpu", "host,-cx16"])
+                .args(["-m", &args.memory.to_string()])
+                .args(["-smp", &args.vcpus.to_string()])
+                .arg("-kernel")
+                .arg(&image.kernel)
+                .args(["-append", &image.cmdline])
+                .args(["-nodefaults", "-no-user-config", "-display", "none"])
+                .args(["-serial", "stdio", "-no-reboot"])
+                .arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", control.display()));
+            if let Some(initrd) = &image.initramfs {
+                c.arg("-initrd").arg(initrd);
+            }
+            c
+        }
+        other => bail!("unknown VMM {other:?}: use fabric, qemu-microvm or qemu-pc"),
+    };
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {vmm}"))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Running {
+        child,
+        lines,
+        control,
+        dir,
+    })
+}
+
+/// PSS of the whole process and of guest RAM (the anonymous mapping the size of guest memory).
+fn memory_kib(pid: u32, guest_mib: u64) -> Option<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let guest_kib = guest_mib * 1024;
+    let (mut total, mut guest) = (0u64, 0u64);
+    let mut size = 0u64;
+    let mut anonymous = false;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            anonymous = line.split_whitespace().nth(5).is_none();
+            size = 0;
+        } else if first == "Size:" {
+            size = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        } else if first == "Pss:" {
+            let pss: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            total += pss;
+            if anonymous && size >= guest_kib && size <= guest_kib + 4096 {
+                guest = guest.max(pss);
+            }
+        }
+    }
+    Some((total, guest))
+}
+
+fn qmp(socket: &Path, command: &str) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket).context("QMP connect")?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line)?; // greeting
+    for cmd in [r#"{"execute":"qmp_capabilities"}"#, command] {
+        writeln!(writer, "{cmd}")?;
+        line.clear();
+        reader.read_line(&mut line)?;
+        if line.contains("\"error\"") {
+            bail!("QMP {cmd}: {line}");
+        }
+    }
+    Ok(())
+}
+
+fn request_stop(vmm: &str, running: &Running) -> anyhow::Result<()> {
+    match vmm {
+        "fabric" => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut client = fabric_agent::vmm::client::connect(&running.control).await?;
+                client
+                    .shutdown(fabric_proto::v1::ShutdownRequest {
+                        timeout: Some(prost_types::Duration {
+                            seconds: 120,
+                            nanos: 0,
+                        }),
+                    })
+                    .await?;
+                anyhow::Ok(())
+            })
+        }
+        // The PC has an i8042: Ctrl-Alt-Del reaches the guest kernel, which resets.
+        "qemu-pc" => qmp(
+            &running.control,
+            r#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"ctrl"},{"type":"qcode","data":"alt"},{"type":"qcode","data":"delete"}]}}"#,
+        ),
+        // microvm has no keyboard controller: reset it from the monitor.
+        _ => qmp(&running.control, r#"{"execute":"system_reset"}"#),
+    }
+}
+
+fn sample(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let mut running = spawn(vmm, args, image, run)?;
+    let deadline = start + Duration::from_secs(args.timeout);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match running.lines.recv_timeout(left) {
+            Ok(line) if line.contains(&image.marker) => break,
+            Ok(_) => {}
+            Err(_) => bail!("{vmm}: no ready marker within {}s", args.timeout),
+        }
+    }
+    let boot = start.elapsed();
+    let overhead_kib = memory_kib(running.child.id(), args.memory)
+        .filter(|(_, guest)| *guest > 0)
+        .map(|(total, guest)| total.saturating_sub(guest));
+    let asked = Instant::now();
+    let stop = match request_stop(vmm, &running) {
+        Ok(()) => {
+            let give_up = asked + Duration::from_secs(180);
+            loop {
+                if running.child.try_wait()?.is_some() {
+                    break Some(asked.elapsed());
+                }
+                if Instant::now() > give_up {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Err(err) => {
+            eprintln!("  {vmm}: stop request failed: {err:#}");
+            None
+        }
+    };
+    Ok(Sample {
+        boot,
+        stop,
+        overhead_kib,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let image = load_image(&args.image)?;
+    println!(
+        "boot bench: {} runs, {} vCPU, {} MiB, kernel {}, marker {:?}",
+        args.runs,
+        args.vcpus,
+        args.memory,
+        image.kernel.display(),
+        image.marker
+    );
+    let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    for run in 0..args.runs {
+        for vmm in &args.vmms {
+            match sample(vmm, &args, &image, run) {
+                Ok(s) => {
+                    println!(
+                        "  run {run:>2} {vmm:<13} boot {:>6.2} s  stop {:>6}  own memory {:>8}",
+                        s.boot.as_secs_f64(),
+                        s.stop
+                            .map_or("-".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+                        s.overhead_kib
+                            .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+                    );
+                    results.entry(vmm.clone()).or_default().push(s);
+                }
+                Err(err) => println!("  run {run:>2} {vmm:<13} FAILED: {err:#}"),
+            }
+        }
+    }
+
+    println!();
+    println!(
+        "| VMM | boots | boot to marker, median | min – max | stop → exit, median | VMM memory (PSS − guest), median |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut medians: BTreeMap<String, (f64, Option<f64>, Option<f64>)> = BTreeMap::new();
+    for (vmm, samples) in &results {
+        let boots: Vec<f64> = samples.iter().map(|s| s.boot.as_secs_f64()).collect();
+        let min = boots.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = boots.iter().cloned().fold(0.0, f64::max);
+        let boot = median(boots.clone()).unwrap_or(f64::NAN);
+        let stop = median(
+            samples
+                .iter()
+                .filter_map(|s| s.stop)
+                .map(|d| d.as_secs_f64())
+                .collect(),
+        );
+        let mem = median(
+            samples
+                .iter()
+                .filter_map(|s| s.overhead_kib)
+                .map(|k| k as f64 / 1024.0)
+                .collect(),
+        );
+        println!(
+            "| {vmm} | {} | {boot:.2} s | {min:.2} – {max:.2} s | {} | {} |",
+            boots.len(),
+            stop.map_or("-".into(), |s| format!("{s:.2} s")),
+            mem.map_or("-".into(), |m| format!("{m:.1} MiB")),
+        );
+        medians.insert(vmm.clone(), (boot, stop, mem));
+    }
+    if let Some((fb, fs, fm)) = medians.get("fabric").cloned() {
+        println!();
+        for (vmm, (b, s, m)) in &medians {
+            if vmm == "fabric" {
+                continue;
+            }
+            let ratio = |other: Option<f64>, ours: Option<f64>| match (other, ours) {
+                (Some(o), Some(f)) if f > 0.0 => format!("{:.2}×", o / f),
+                _ => "-".into(),
+            };
+            println!(
+                "{vmm} / fabric-vmm: boot {:.2}×, stop {}, VMM memory {}",
+                b / fb,
+                ratio(*s, fs),
+                ratio(*m, fm)
+            );
+        }
+    }
+    Ok(())
+}
