@@ -65,6 +65,11 @@ const ECX7_RDPID: u32 = 1 << 22;
 const EDX7_FSRM: u32 = 1 << 4;
 // Leaf 0x8000_0001 ECX.
 const ECX_EXT_ABM: u32 = 1 << 5;
+/// KVM paravirtual features leaf.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// kvmclock (both MSR sets) and its stable bit: the guest reads the TSC frequency from KVM
+/// instead of calibrating against the PIT.
+const KVM_FEATURES_CLOCK: u32 = (1 << 0) | (1 << 3) | (1 << 24);
 
 /// Adjusts KVM's supported CPUID for vCPU `cpu` of `cpus`.
 pub fn configure_cpuid(cpuid: &mut CpuId, cpu: u32, cpus: u32, profile: CpuProfile) {
@@ -161,6 +166,13 @@ fn configure_entry(
             entry.ecx = 0;
             entry.edx = 0;
         }
+        KVM_CPUID_FEATURES if nested => {
+            // Under a software-nested KVM, paravirtual features that rely on hypercalls or
+            // shared pages (PV IPIs, PV TLB flush, PV unhalt, async page faults, steal time,
+            // PV EOI) hang the guest while it brings up its APs; kvmclock works and is what
+            // boot speed needs.
+            entry.eax &= KVM_FEATURES_CLOCK;
+        }
         0x8000_0001 if nested => {
             entry.ecx &= !ECX_EXT_ABM;
         }
@@ -208,6 +220,16 @@ mod tests {
         let mut h = entry(7, 0);
         configure_entry(&mut h, 0, 2, 1, CpuProfile::Host);
         assert_ne!(h.ebx & EBX7_SMAP, 0);
+    }
+
+    #[test]
+    fn nested_profile_keeps_only_kvmclock_of_the_pv_features() {
+        let mut e = entry(KVM_CPUID_FEATURES, 0);
+        configure_entry(&mut e, 0, 2, 1, CpuProfile::SoftwareNested);
+        assert_eq!(e.eax, KVM_FEATURES_CLOCK);
+        let mut h = entry(KVM_CPUID_FEATURES, 0);
+        configure_entry(&mut h, 0, 2, 1, CpuProfile::Host);
+        assert_eq!(h.eax, u32::MAX);
     }
 
     #[test]
