@@ -44,6 +44,14 @@ struct Args {
     /// The VM's id, reported by GetState.
     #[arg(long, default_value = "")]
     vm_id: String,
+    /// A virtio-blk disk over a raw image file: `PATH`, or `PATH,ro` to open it read-only
+    /// (the guest sees a read-only disk). Repeatable; the guest names them vda, vdb, ... in
+    /// this order.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<String>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
 }
 
 fn main() -> ExitCode {
@@ -60,10 +68,27 @@ fn main() -> ExitCode {
     match run(args, start) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("fabric-vmm: {err:#}");
+            eprintln!("fabric-vmm: {}", one_line(&err));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line, without repeating a cause that an outer message
+/// already quotes (most of ours do, to name the value that failed).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run(args: Args, start: Instant) -> anyhow::Result<ExitCode> {
@@ -77,6 +102,8 @@ fn run(args: Args, start: Instant) -> anyhow::Result<ExitCode> {
         memory_mib: args.memory,
         console: args.console,
         control_socket: args.control_socket,
+        disks: args.disks,
+        rng: args.rng,
     }
     .validate(kvm.get_max_vcpus() as u32)?;
 

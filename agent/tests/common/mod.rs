@@ -83,8 +83,14 @@ pub fn vmm_binary() -> &'static str {
     env!("CARGO_BIN_EXE_fabric-vmm")
 }
 
+/// Guests of one test binary boot one at a time: on a two-core host where KVM is emulated,
+/// several multi-vCPU guests at once slow each other down by minutes, and a test measures what
+/// its guest's kernel did, not how the host shares its cores.
+static BOOT_SLOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A running fabric-vmm with its console in a file.
 pub struct Guest {
+    _slot: std::sync::MutexGuard<'static, ()>,
     child: Child,
     pub dir: tempfile::TempDir,
     pub console: PathBuf,
@@ -118,6 +124,7 @@ impl Default for GuestSpec<'_> {
 
 impl Guest {
     pub fn boot(image: &Image, spec: GuestSpec<'_>) -> Guest {
+        let slot = BOOT_SLOT.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::Builder::new()
             .prefix("fabric-vmm-test-")
             .tempdir()
@@ -155,6 +162,7 @@ impl Guest {
             .spawn()
             .expect("spawn fabric-vmm");
         Guest {
+            _slot: slot,
             child,
             dir,
             console,
