@@ -1,5 +1,9 @@
 //! Assembles a VM from a [`VmConfig`]: KVM VM, guest memory, irqchip and PIT, kernel and boot
 //! structures, devices on their buses, and configured vCPUs.
+//!
+//! Virtio devices are wired to KVM here, at the edge: each transport goes on the MMIO bus at its
+//! slot, its queue eventfds become ioeventfds on QueueNotify and its interrupt an irqfd on its
+//! GSI; the transports are also returned as event subscribers for the runner's loop.
 
 use std::fs::OpenOptions;
 use std::sync::{Arc, Mutex};
@@ -8,7 +12,7 @@ use std::time::Instant;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -18,11 +22,16 @@ use super::boot::kernel::{load_kernel, KernelError, LoadedKernel};
 use super::boot::mptable::{write_mptable, MpTableError};
 use super::boot::params::{load_initrd, write_boot_params, ParamsError};
 use super::boot::MPTABLE_ADDR;
-use super::config::{ConsoleOutput, VmConfig};
+use super::config::{ConsoleOutput, VirtioDeviceConfig, VmConfig};
 use super::devices::boot_timer::{BootTime, BootTimer, BOOT_TIMER_PORT};
 use super::devices::bus::{Bus, BusError};
 use super::devices::i8042::{I8042Device, I8042_BASE, I8042_KBD_IRQ, I8042_LEN};
 use super::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use super::devices::virtio::blk::{Block, BlockError};
+use super::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use super::devices::virtio::rng::Rng;
+use super::devices::virtio::{MmioSlot, VirtioDevice, MMIO_WINDOW_SIZE};
+use super::devices::EventSubscriber;
 use super::memory::{create_guest_memory, MemoryError};
 use super::vcpu::Vcpu;
 
@@ -54,6 +63,10 @@ pub enum BuildError {
     Bus(#[from] BusError),
     #[error("eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    #[error("virtio transport: {0}")]
+    Mmio(#[from] MmioError),
     #[error("console {path}: {source}")]
     Console {
         path: std::path::PathBuf,
@@ -75,6 +88,8 @@ pub struct BuiltVm {
     pub i8042: Arc<Mutex<I8042Device>>,
     /// Signalled by the i8042 when the guest resets.
     pub reset_event: EventFd,
+    /// Devices whose eventfds the runner's event loop serves (the virtio transports).
+    pub event_subscribers: Vec<Arc<Mutex<dyn EventSubscriber>>>,
     pub boot_time: BootTime,
     pub kernel: LoadedKernel,
     pub cpu_profile: CpuProfile,
@@ -141,7 +156,7 @@ pub fn build_vm(kvm: &Kvm, config: &VmConfig, start: Instant) -> Result<BuiltVm,
         Some(path) => Some(load_initrd(&memory, path, &kernel)?),
         None => None,
     };
-    write_boot_params(&memory, &kernel, &config.cmdline, initrd)?;
+    write_boot_params(&memory, &kernel, &config.kernel_cmdline(), initrd)?;
     write_mptable(&memory, MPTABLE_ADDR, config.vcpus)?;
     write_boot_tables(&memory)?;
 
@@ -167,7 +182,12 @@ pub fn build_vm(kvm: &Kvm, config: &VmConfig, start: Instant) -> Result<BuiltVm,
     pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
     pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)?;
     pio.insert(boot_timer, BOOT_TIMER_PORT, 1)?;
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
+    let mut event_subscribers: Vec<Arc<Mutex<dyn EventSubscriber>>> = Vec::new();
+    for (device, slot) in config.virtio_devices() {
+        let transport = add_virtio_device(&vm, &memory, &mut mmio, &device, slot)?;
+        event_subscribers.push(transport);
+    }
 
     // vCPUs.
     let cpu_profile = CpuProfile::detect();
@@ -201,8 +221,52 @@ pub fn build_vm(kvm: &Kvm, config: &VmConfig, start: Instant) -> Result<BuiltVm,
         serial,
         i8042,
         reset_event,
+        event_subscribers,
         boot_time,
         kernel,
         cpu_profile,
     })
+}
+
+/// Creates one virtio device and wires it: MMIO window, ioeventfds, irqfd.
+fn add_virtio_device(
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    device: &VirtioDeviceConfig,
+    slot: MmioSlot,
+) -> Result<Arc<Mutex<MmioTransport>>, BuildError> {
+    let virtio: Box<dyn VirtioDevice> = match device {
+        VirtioDeviceConfig::Disk(disk) => {
+            let block = Block::open(&disk.path, disk.read_only)?;
+            tracing::info!(
+                path = %disk.path.display(),
+                read_only = disk.read_only,
+                sectors = block.capacity(),
+                mmio_base = format_args!("{:#x}", slot.base),
+                gsi = slot.gsi,
+                "virtio-blk device"
+            );
+            Box::new(block)
+        }
+        VirtioDeviceConfig::Rng => {
+            tracing::info!(
+                mmio_base = format_args!("{:#x}", slot.base),
+                gsi = slot.gsi,
+                "virtio-rng device"
+            );
+            Box::new(Rng::new())
+        }
+    };
+    let transport = MmioTransport::new(virtio, memory.clone())?;
+    let notify = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
+    for (index, event) in transport.queue_events().iter().enumerate() {
+        vm.register_ioevent(event, &notify, index as u32)
+            .map_err(kvm_err("KVM_IOEVENTFD (virtio queue notify)"))?;
+    }
+    vm.register_irqfd(transport.interrupt().irqfd(), slot.gsi)
+        .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(transport.clone(), slot.base, MMIO_WINDOW_SIZE)?;
+    Ok(transport)
 }

@@ -2,12 +2,19 @@
 //!
 //! Every check that can be made before touching KVM is made here, so that a bad configuration
 //! ends with one clear line and a non-zero exit, never a panic halfway through building a VM.
+//!
+//! It also decides where the virtio devices go ([`VmConfig::virtio_devices`]: disks in the order
+//! given, so the first is `/dev/vda`, then the rng), and so the kernel command line the guest
+//! gets ([`VmConfig::kernel_cmdline`]: the user's plus one `virtio_mmio.device=` per device),
+//! whose length is checked whole.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::vmm::boot::kernel::{detect_kernel_format, KernelFormat};
+use crate::vmm::devices::virtio::blk::open_disk;
+use crate::vmm::devices::virtio::{MmioSlot, MAX_VIRTIO_DEVICES};
 use crate::vmm::memory::{host_memory_mib, MIN_MEMORY_MIB};
 
 /// The longest kernel command line the x86 boot protocol carries (COMMAND_LINE_SIZE), NUL included.
@@ -48,6 +55,61 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub console: ConsoleOutput,
     pub control_socket: Option<PathBuf>,
+    /// virtio-blk disks, in the order the guest names them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device.
+    pub rng: bool,
+}
+
+/// One `--disk`: a raw image file, opened read-only if `read_only`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// A virtio device of the VM, in placement order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VirtioDeviceConfig {
+    Disk(DiskConfig),
+    Rng,
+}
+
+impl VmConfig {
+    /// The virtio devices with their MMIO windows and interrupt lines: disks first, in the
+    /// order given, then the rng. The builder places them exactly so.
+    pub fn virtio_devices(&self) -> Vec<(VirtioDeviceConfig, MmioSlot)> {
+        let devices = self
+            .disks
+            .iter()
+            .cloned()
+            .map(VirtioDeviceConfig::Disk)
+            .chain(self.rng.then_some(VirtioDeviceConfig::Rng));
+        // `validate` made sure every device has a slot.
+        devices
+            .enumerate()
+            .filter_map(|(index, device)| Some((device, MmioSlot::for_index(index)?)))
+            .collect()
+    }
+
+    /// The command line the guest kernel gets: the user's, then the device announcements.
+    pub fn kernel_cmdline(&self) -> String {
+        kernel_cmdline(
+            &self.cmdline,
+            self.virtio_devices().iter().map(|(_, slot)| *slot),
+        )
+    }
+}
+
+fn kernel_cmdline(user: &str, slots: impl Iterator<Item = MmioSlot>) -> String {
+    let mut cmdline = user.to_string();
+    for slot in slots {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&slot.cmdline_arg());
+    }
+    cmdline
 }
 
 /// What was asked for, before checking.
@@ -60,6 +122,35 @@ pub struct VmRequest {
     pub memory_mib: u64,
     pub console: ConsoleOutput,
     pub control_socket: Option<PathBuf>,
+    /// `--disk PATH[,ro]` values as given.
+    pub disks: Vec<String>,
+    pub rng: bool,
+}
+
+/// Parses one `--disk` value: `PATH` or `PATH,ro`.
+pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
+    let (path, read_only) = match spec.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((path, "rw")) => (path, false),
+        Some((_, option)) if !option.contains('/') => {
+            return Err(ConfigError::DiskOption {
+                spec: spec.to_string(),
+                option: option.to_string(),
+            })
+        }
+        // A comma inside the path itself.
+        _ => (spec, false),
+    };
+    if path.is_empty() {
+        return Err(ConfigError::DiskOption {
+            spec: spec.to_string(),
+            option: "(no path)".to_string(),
+        });
+    }
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        read_only,
+    })
 }
 
 /// A configuration that cannot be run. Each message names the value that is wrong.
@@ -106,6 +197,14 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize },
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
+    #[error("--disk {spec}: unknown option {option:?} (expected PATH or PATH,ro)")]
+    DiskOption { spec: String, option: String },
+    #[error(transparent)]
+    Disk(#[from] crate::vmm::devices::virtio::blk::BlockError),
+    #[error(
+        "{count} virtio devices: at most {MAX_VIRTIO_DEVICES} fit on the interrupt controller"
+    )]
+    TooManyDevices { count: usize },
 }
 
 impl VmRequest {
@@ -139,15 +238,34 @@ impl VmRequest {
                 why: "xAPIC ids in the MP table",
             });
         }
-        if self.cmdline.len() >= MAX_CMDLINE_LEN {
-            return Err(ConfigError::CmdlineTooLong {
-                len: self.cmdline.len(),
+        let disks = self
+            .disks
+            .iter()
+            .map(|spec| parse_disk(spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        let device_count = disks.len() + usize::from(self.rng);
+        if device_count > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices {
+                count: device_count,
             });
+        }
+        // What the guest gets is the user's line plus the device announcements: count both.
+        let full_len = kernel_cmdline(
+            &self.cmdline,
+            (0..device_count).filter_map(MmioSlot::for_index),
+        )
+        .len();
+        if full_len >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong { len: full_len });
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
         let kernel_format = read_kernel_format(&self.kernel)?;
+        for disk in &disks {
+            // Opened as the device will open it, so a read-only image needs only read access.
+            open_disk(&disk.path, disk.read_only)?;
+        }
         if let Some(initrd) = &self.initrd {
             let size = std::fs::metadata(initrd)
                 .and_then(|m| {
@@ -178,6 +296,8 @@ impl VmRequest {
             memory_mib: self.memory_mib,
             console: self.console,
             control_socket: self.control_socket,
+            disks,
+            rng: self.rng,
         })
     }
 }
@@ -217,6 +337,8 @@ mod tests {
             memory_mib: 128,
             console: ConsoleOutput::Off,
             control_socket: None,
+            disks: Vec::new(),
+            rng: false,
         }
     }
 
@@ -298,6 +420,120 @@ mod tests {
         std::fs::write(&path, "hello").expect("write");
         let err = request(&path).validate(64).expect_err("not a kernel");
         assert!(matches!(err, ConfigError::NotAKernel { .. }), "{err}");
+    }
+
+    #[test]
+    fn disk_specs_parse_and_bad_options_are_named() {
+        assert_eq!(
+            parse_disk("/x/a.img,ro").expect("ro"),
+            DiskConfig {
+                path: "/x/a.img".into(),
+                read_only: true
+            }
+        );
+        assert!(!parse_disk("/x/a.img").expect("rw").read_only);
+        assert_eq!(
+            parse_disk("/x/a,b/c.img").expect("comma").path,
+            Path::new("/x/a,b/c.img")
+        );
+        let err = parse_disk("/x/a.img,readonly").expect_err("bad option");
+        assert_eq!(
+            err.to_string(),
+            "--disk /x/a.img,readonly: unknown option \"readonly\" (expected PATH or PATH,ro)"
+        );
+        assert!(parse_disk(",ro").is_err());
+    }
+
+    #[test]
+    fn disks_that_cannot_be_opened_are_config_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = fake_elf(dir.path());
+        let missing = dir.path().join("missing.img");
+        let err = VmRequest {
+            disks: vec![format!("{},ro", missing.display())],
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect_err("missing disk");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "--disk {}: cannot open: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        let err = VmRequest {
+            disks: vec![dir.path().display().to_string()],
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect_err("a directory");
+        assert!(err.to_string().starts_with("--disk "), "{err}");
+    }
+
+    #[test]
+    fn devices_are_placed_in_order_and_announced_on_the_cmdline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = fake_elf(dir.path());
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        std::fs::write(&a, [0u8; 1024]).expect("a");
+        std::fs::write(&b, [0u8; 512]).expect("b");
+        let cfg = VmRequest {
+            disks: vec![format!("{},ro", a.display()), b.display().to_string()],
+            rng: true,
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect("valid");
+        let devices = cfg.virtio_devices();
+        assert_eq!(devices.len(), 3);
+        assert!(matches!(&devices[0].0, VirtioDeviceConfig::Disk(d) if d.read_only && d.path == a));
+        assert!(matches!(&devices[1].0, VirtioDeviceConfig::Disk(d) if !d.read_only));
+        assert_eq!(devices[2].0, VirtioDeviceConfig::Rng);
+        assert_eq!(
+            cfg.kernel_cmdline(),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 \
+             virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7"
+        );
+        // No devices, no change.
+        let plain = request(&kernel).validate(64).expect("valid");
+        assert_eq!(plain.kernel_cmdline(), "console=ttyS0");
+    }
+
+    #[test]
+    fn the_cmdline_length_check_counts_the_announcements() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = fake_elf(dir.path());
+        let disk = dir.path().join("d.img");
+        std::fs::write(&disk, [0u8; 512]).expect("disk");
+        // Fits alone, not with one announcement (35 bytes with its space).
+        let cmdline = "x".repeat(MAX_CMDLINE_LEN - 20);
+        assert!(VmRequest {
+            cmdline: cmdline.clone(),
+            ..request(&kernel)
+        }
+        .validate(64)
+        .is_ok());
+        let err = VmRequest {
+            cmdline,
+            disks: vec![disk.display().to_string()],
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect_err("too long with the device");
+        assert!(
+            matches!(err, ConfigError::CmdlineTooLong { len } if len > MAX_CMDLINE_LEN),
+            "{err}"
+        );
+
+        let err = VmRequest {
+            disks: vec![disk.display().to_string(); 19],
+            rng: true,
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect_err("too many devices");
+        assert!(err.to_string().contains("20 virtio devices"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! One process runs one VM. [`config`] turns the command line into a checked [`VmConfig`];
 //! [`builder`] assembles a VM from it (guest memory, kernel, boot parameters, vCPUs, devices);
 //! [`runner`] runs it: one thread per vCPU, one epoll event loop for devices and control requests.
+//! [`devices`] holds the emulated devices: the PC's serial port and i8042, and virtio-mmio devices
+//! (block, rng) whose queue work runs on that event loop, never on a vCPU thread.
 //! The [`control`] endpoint serves the `fabric.v1.Vmm` gRPC service on a Unix socket.
 
 pub mod boot;

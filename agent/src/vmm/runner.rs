@@ -1,8 +1,9 @@
 //! Runs a built VM: starts the vCPU threads and serves one epoll loop for everything that is
-//! not a vCPU exit — guest reset, control requests, console input — until the VM ends.
+//! not a vCPU exit — guest reset, control requests, console input, device work (virtio queue
+//! notifications, through each device's [`EventSubscriber`] fds) — until the VM ends.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::builder::BuiltVm;
 use super::devices::boot_timer::BootTime;
 use super::devices::bus::lock;
+use super::devices::EventSubscriber;
 use super::vcpu::{install_kick_handler, ExitReason, RunState, VcpuControl, VcpuThreads};
 
 /// The VM's lifecycle state, as the control endpoint reports it.
@@ -137,6 +139,9 @@ const TOKEN_EXIT: u64 = 1;
 const TOKEN_RESET: u64 = 2;
 const TOKEN_CONTROL: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
+/// Device fds get tokens from here up: token `TOKEN_DEVICES + i` is entry `i` of the table of
+/// (fd, subscriber) pairs built when the loop starts.
+const TOKEN_DEVICES: u64 = 100;
 
 /// How long vCPUs get to park when pausing or stopping.
 const PARK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -164,6 +169,13 @@ pub fn run_vm(
     add(vm.reset_event.as_raw_fd(), TOKEN_RESET).map_err(RunError::EventLoop)?;
     add(control_rx.wake.as_raw_fd(), TOKEN_CONTROL).map_err(RunError::EventLoop)?;
     let mut stdin_open = console_input && add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+    let mut device_fds: Vec<(RawFd, Arc<Mutex<dyn EventSubscriber>>)> = Vec::new();
+    for subscriber in &vm.event_subscribers {
+        for fd in lock(subscriber).event_fds() {
+            add(fd, TOKEN_DEVICES + device_fds.len() as u64).map_err(RunError::EventLoop)?;
+            device_fds.push((fd, subscriber.clone()));
+        }
+    }
 
     let BuiltVm {
         vm: _vm_fd,
@@ -177,7 +189,7 @@ pub fn run_vm(
     let threads = VcpuThreads::start(vcpus, vcpu_control.clone()).map_err(RunError::Threads)?;
     info.set_state(VmState::Running);
 
-    let mut events = vec![EpollEvent::default(); 8];
+    let mut events = vec![EpollEvent::default(); 8 + device_fds.len()];
     let reason = 'outer: loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -239,6 +251,12 @@ pub fn run_vm(
                         Ok(n) => {
                             lock(&serial).enqueue_input(&buf[..n]);
                         }
+                    }
+                }
+                token if token >= TOKEN_DEVICES => {
+                    if let Some((fd, subscriber)) = device_fds.get((token - TOKEN_DEVICES) as usize)
+                    {
+                        lock(subscriber).handle_event(*fd);
                     }
                 }
                 _ => {}
