@@ -105,7 +105,7 @@ flock -w 10800 9 || die "timed out waiting for another images/build.sh (lock $CA
 # Outputs whose digests no longer match what the last run recorded are redone.
 if [[ -f $OUT_DIR/.sha256sums ]] && ! (cd "$OUT_DIR" && sha256sum --quiet --check --strict .sha256sums >/dev/null 2>&1); then
     log "outputs in $OUT_DIR differ from the recorded digests: regenerating them"
-    rm -f "$OUT_DIR/.sha256sums" "$OUT_DIR/.stamp-kernel" "$OUT_DIR/.stamp-userspace"
+    rm -f "$OUT_DIR/.sha256sums" "$OUT_DIR/.stamp-kernel" "$OUT_DIR/.stamp-userspace" "$OUT_DIR/.stamp-testguest"
 fi
 CHANGED=0
 
@@ -332,9 +332,37 @@ else
 fi
 # <<< userspace <<<
 
+# >>> testguest >>>
+# The freestanding test guest of the device tests (images/testguest: a few KiB of C, no Linux),
+# built with the host's gcc (cache key: its sources, the compiler version, this part of the script).
+TESTGUEST_DIR=$IMAGES_DIR/testguest
+TESTGUEST_KEY=$({
+    printf 'cc %s\n' "$(gcc --version | head -n1)"
+    (cd "$TESTGUEST_DIR" && find . -path ./build -prune -o -type f -printf '%P\n' | sort) | while IFS= read -r f; do
+        printf '=== %s\n' "$f"
+        cat "$TESTGUEST_DIR/$f"
+    done
+    printf '=== script\n'
+    script_part testguest
+} | sha256_of_stdin)
+
+if [[ -f $OUT_DIR/.stamp-testguest && $(<"$OUT_DIR/.stamp-testguest") == "$TESTGUEST_KEY" && -f $OUT_DIR/testguest.elf ]]; then
+    log "testguest: up to date (key ${TESTGUEST_KEY:0:12})"
+else
+    mkdir -p "$CACHE_DIR/tmp"
+    TESTGUEST_WORK=$(mktemp -d "$CACHE_DIR/tmp/testguest.XXXXXX")
+    TMP_DIRS+=("$TESTGUEST_WORK")
+    log "testguest: building ${TESTGUEST_DIR#"$REPO_DIR"/}"
+    make -s -C "$TESTGUEST_DIR" OUT="$TESTGUEST_WORK" >&2 || die "the test guest does not build (make -C $TESTGUEST_DIR)"
+    install_file "$TESTGUEST_WORK/testguest.elf" "$OUT_DIR/testguest.elf"
+    printf '%s\n' "$TESTGUEST_KEY" >"$OUT_DIR/.stamp-testguest"
+    CHANGED=1
+fi
+# <<< testguest <<<
+
 # ------------------------------------------------------------------------------
 # Manifest.
-FILES=(vmlinuz vmlinux initramfs.cpio.gz rootfs.ext4)
+FILES=(vmlinuz vmlinux initramfs.cpio.gz rootfs.ext4 testguest.elf)
 if ((CHANGED)) || [[ ! -f $OUT_DIR/.sha256sums ]]; then
     log "computing digests"
     (cd "$OUT_DIR" && sha256sum "${FILES[@]}" kernel.config kernel.release >.sha256sums.tmp && mv -f .sha256sums.tmp .sha256sums)

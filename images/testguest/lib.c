@@ -1,0 +1,236 @@
+/* Runtime support: memory and string helpers, serial output, printf, paging, reset. */
+#include "lib.h"
+
+#define COM1 0x3f8
+#define COM1_LSR (COM1 + 5)
+#define LSR_THR_EMPTY 0x20
+#define BOOT_COMPLETE_PORT 0x3f0
+#define BOOT_COMPLETE_VALUE 123
+#define I8042_COMMAND 0x64
+#define I8042_RESET 0xfe
+
+void *memset(void *dst, int c, size_t n)
+{
+    volatile uint8_t *d = dst; /* volatile: keep gcc from turning this loop into memset() */
+    while (n--)
+        *d++ = (uint8_t)c;
+    return dst;
+}
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+    volatile uint8_t *d = dst;
+    const uint8_t *s = src;
+    while (n--)
+        *d++ = *s++;
+    return dst;
+}
+
+int memcmp(const void *a, const void *b, size_t n)
+{
+    const uint8_t *x = a, *y = b;
+    for (; n; n--, x++, y++)
+        if (*x != *y)
+            return *x < *y ? -1 : 1;
+    return 0;
+}
+
+size_t strlen(const char *s)
+{
+    size_t n = 0;
+    while (s[n])
+        n++;
+    return n;
+}
+
+int strncmp(const char *a, const char *b, size_t n)
+{
+    for (; n; n--, a++, b++) {
+        if (*a != *b)
+            return (uint8_t)*a < (uint8_t)*b ? -1 : 1;
+        if (!*a)
+            return 0;
+    }
+    return 0;
+}
+
+uint64_t parse_u64(const char **s)
+{
+    const char *p = *s;
+    uint64_t v = 0;
+    if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
+        for (p += 2;; p++) {
+            unsigned d;
+            if (*p >= '0' && *p <= '9')
+                d = *p - '0';
+            else if (*p >= 'a' && *p <= 'f')
+                d = *p - 'a' + 10;
+            else if (*p >= 'A' && *p <= 'F')
+                d = *p - 'A' + 10;
+            else
+                break;
+            v = v * 16 + d;
+        }
+    } else {
+        for (; *p >= '0' && *p <= '9'; p++)
+            v = v * 10 + (*p - '0');
+    }
+    *s = p;
+    return v;
+}
+
+/* --- printf ------------------------------------------------------------------------------ */
+
+struct out {
+    char *buf;
+    size_t size, len;
+};
+
+static void put(struct out *o, char c)
+{
+    if (o->len + 1 < o->size)
+        o->buf[o->len] = c;
+    o->len++;
+}
+
+static void put_number(struct out *o, uint64_t v, unsigned base, int negative, int width, char pad)
+{
+    char digits[24];
+    int n = 0;
+    do {
+        digits[n++] = "0123456789abcdef"[v % base];
+        v /= base;
+    } while (v);
+    if (negative)
+        digits[n++] = '-';
+    for (; width > n; width--)
+        put(o, pad);
+    while (n)
+        put(o, digits[--n]);
+}
+
+/* Supports %[0][width][l|ll](d|u|x|s|c|p) and %%: all the test guest needs. */
+int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap)
+{
+    struct out o = {buf, size, 0};
+    for (; *fmt; fmt++) {
+        if (*fmt != '%') {
+            put(&o, *fmt);
+            continue;
+        }
+        char pad = ' ';
+        int width = 0, longs = 0;
+        fmt++;
+        if (*fmt == '0')
+            pad = '0', fmt++;
+        for (; *fmt >= '0' && *fmt <= '9'; fmt++)
+            width = width * 10 + (*fmt - '0');
+        for (; *fmt == 'l'; fmt++)
+            longs++;
+        switch (*fmt) {
+        case 'd': {
+            int64_t v = longs ? va_arg(ap, int64_t) : va_arg(ap, int);
+            put_number(&o, v < 0 ? -(uint64_t)v : (uint64_t)v, 10, v < 0, width, pad);
+            break;
+        }
+        case 'u':
+            put_number(&o, longs ? va_arg(ap, uint64_t) : va_arg(ap, unsigned), 10, 0, width, pad);
+            break;
+        case 'x':
+            put_number(&o, longs ? va_arg(ap, uint64_t) : va_arg(ap, unsigned), 16, 0, width, pad);
+            break;
+        case 'p':
+            put(&o, '0');
+            put(&o, 'x');
+            put_number(&o, (uint64_t)va_arg(ap, void *), 16, 0, width, pad);
+            break;
+        case 's': {
+            const char *s = va_arg(ap, const char *);
+            for (s = s ? s : "(null)"; *s; s++)
+                put(&o, *s);
+            break;
+        }
+        case 'c':
+            put(&o, (char)va_arg(ap, int));
+            break;
+        case '%':
+            put(&o, '%');
+            break;
+        default: /* unknown conversion: show it rather than guess */
+            put(&o, '%');
+            if (!*fmt)
+                goto done;
+            put(&o, *fmt);
+        }
+    }
+done:
+    if (size)
+        buf[o.len < size ? o.len : size - 1] = '\0';
+    return (int)o.len;
+}
+
+int snprintf(char *buf, size_t size, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+    return n;
+}
+
+static void serial_putc(char c)
+{
+    /* Bounded wait: a missing UART must not hang the guest. */
+    for (int i = 0; i < 100000 && !(inb(COM1_LSR) & LSR_THR_EMPTY); i++)
+        ;
+    outb(COM1, (uint8_t)c);
+}
+
+void printf(const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    for (const char *p = line; *p; p++) {
+        if (*p == '\n')
+            serial_putc('\r');
+        serial_putc(*p);
+    }
+}
+
+/* --- paging and reset -------------------------------------------------------------------- */
+
+#define PTE_PRESENT 0x1
+#define PTE_WRITE 0x2
+#define PTE_PWT 0x8
+#define PTE_PCD 0x10
+#define PTE_HUGE 0x80
+#define GIB (1ull << 30)
+
+static uint64_t pml4[512] ALIGNED(PAGE_SIZE);
+static uint64_t pdpt[512] ALIGNED(PAGE_SIZE);
+static uint64_t pd[4][512] ALIGNED(PAGE_SIZE);
+
+/* The VMM's boot page tables map only the first GiB; virtio-mmio windows sit at 0xd0000000.
+ * Identity-map 4 GiB with 2 MiB pages; the top GiB (the MMIO gap) uncached. */
+void paging_init(void)
+{
+    for (uint64_t g = 0; g < 4; g++) {
+        uint64_t cache = g == 3 ? PTE_PCD | PTE_PWT : 0;
+        for (uint64_t i = 0; i < 512; i++)
+            pd[g][i] = (g * GIB + (i << 21)) | PTE_PRESENT | PTE_WRITE | PTE_HUGE | cache;
+        pdpt[g] = (uint64_t)pd[g] | PTE_PRESENT | PTE_WRITE;
+    }
+    pml4[0] = (uint64_t)pdpt | PTE_PRESENT | PTE_WRITE;
+    __asm__ volatile("mov %0, %%cr3" : : "r"((uint64_t)pml4) : "memory");
+}
+
+void machine_exit(void)
+{
+    outb(BOOT_COMPLETE_PORT, BOOT_COMPLETE_VALUE);
+    outb(I8042_COMMAND, I8042_RESET);
+    for (;;)
+        __asm__ volatile("cli; hlt");
+}

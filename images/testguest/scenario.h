@@ -1,0 +1,34 @@
+/* Scenarios: each drives one device the way a driver would and says PASS or FAIL. */
+#ifndef TESTGUEST_SCENARIO_H
+#define TESTGUEST_SCENARIO_H
+
+#include "lib.h"
+
+/* What the zero page told us about RAM. */
+struct boot_info {
+    unsigned e820_entries;
+    uint64_t ram_bytes; /* sum of the usable (type 1) e820 ranges */
+    uint64_t ram_end;   /* first byte above the highest usable range */
+};
+extern struct boot_info boot_info;
+
+/* The verdict of a scenario: its message follows "PASS " or "FAIL ". */
+struct result {
+    char msg[256];
+};
+
+/* Return values for scenarios: `return pass(r, "...")` / `return fail(r, "...")`. */
+int pass(struct result *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int fail(struct result *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* A line "testguest: NAME: ..." for intermediate results (one per sub-case). */
+void note(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+typedef int (*scenario_fn)(struct result *r);
+
+int scenario_rng(struct result *r);
+int scenario_blk_write(struct result *r);
+int scenario_blk_ro(struct result *r);
+int scenario_blk_id(struct result *r);
+int scenario_hostile_blk(struct result *r);
+
+#endif
