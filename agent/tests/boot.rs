@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::{kvm_available, runtime, Guest, GuestSpec, Image, BOOT_TIMEOUT};
 use fabric_proto::v1::{
-    GetStateRequest, PauseRequest, ResumeRequest, ShutdownPath, ShutdownRequest, VmmState,
+    GetMemoryStatsRequest, GetStateRequest, PauseRequest, ResumeRequest, ShutdownPath,
+    ShutdownRequest, VmmState,
 };
 
 /// "smp: Brought up 1 node, N CPUs" (or "1 CPU").
@@ -98,6 +99,12 @@ fn two_vcpus_256mib_boot_pause_resume_and_graceful_shutdown() {
         assert_eq!(state.vm_id, "test-vm");
         assert_eq!(state.pid, guest.pid());
         assert!(state.uptime.is_some());
+        // Started without --balloon: the balloon calls say so.
+        let err = vmm
+            .get_memory_stats(GetMemoryStatsRequest {})
+            .await
+            .expect_err("GetMemoryStats without a balloon");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
 
         vmm.pause(PauseRequest {}).await.expect("Pause");
         let paused = vmm.get_state(GetStateRequest {}).await.expect("GetState");

@@ -1,5 +1,7 @@
 /* The test guest: reads the scenario name and the virtio-mmio devices from the kernel command
- * line, runs the scenario, prints its verdict on COM1 and resets the machine.
+ * line, runs the scenario, prints its verdict on COM1 and resets the machine. The command line
+ * and the memory map come from the zero page (fabric-vmm) or, after a PVH entry (QEMU), from
+ * struct hvm_start_info.
  *
  * Console protocol (what agent/tests/testguest.rs looks for):
  *   testguest: start NAME
@@ -18,7 +20,17 @@
 #define E820_MAX_ENTRIES 128
 #define E820_RAM 1
 
+/* struct hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h). */
+#define HVM_START_MAGIC 0x336ec578
+#define SI_MAGIC 0
+#define SI_VERSION 4
+#define SI_CMDLINE_PADDR 24
+#define SI_MEMMAP_PADDR 40
+#define SI_MEMMAP_ENTRIES 48
+#define SI_MEMMAP_ENTRY_SIZE 24 /* addr, size (le64), type, reserved (le32) */
+
 struct boot_info boot_info;
+uint64_t bench_mib;
 static const char *scenario_name = "hello";
 static char name_buf[64];
 
@@ -38,8 +50,12 @@ static const struct {
     {"blk-ro", scenario_blk_ro},
     {"blk-id", scenario_blk_id},
     {"hostile-blk", scenario_hostile_blk},
-    /* To come: "net-*" (a frame each way over virtio-net) and "balloon-*" (inflate, deflate,
-     * the stats queue), each a function in its own file like blk.c. */
+    {"net", scenario_net},
+    {"balloon", scenario_balloon},
+    {"blk-bench-write", scenario_blk_bench_write},
+    {"blk-bench-read", scenario_blk_bench_read},
+    {"net-bench-tx", scenario_net_bench_tx},
+    {"net-bench-rx", scenario_net_bench_rx},
 };
 
 static int result_printf(struct result *r, const char *fmt, va_list ap)
@@ -79,12 +95,12 @@ void note(const char *fmt, ...)
 static uint32_t zp32(const uint8_t *zp, unsigned off) { return *(const uint32_t *)(zp + off); }
 static uint64_t zp64(const uint8_t *zp, unsigned off) { return *(const uint64_t *)(zp + off); }
 
-static void read_e820(const uint8_t *zp)
+/* Adds `n` memory map entries of `entry_size` bytes each: addr (le64), size (le64), type (le32). */
+static void read_memmap(const uint8_t *table, unsigned n, unsigned entry_size)
 {
-    unsigned n = zp[ZP_E820_ENTRIES];
     boot_info.e820_entries = n;
     for (unsigned i = 0; i < n && i < E820_MAX_ENTRIES; i++) {
-        const uint8_t *e = zp + ZP_E820_TABLE + i * E820_ENTRY_SIZE;
+        const uint8_t *e = table + i * entry_size;
         uint64_t addr = zp64(e, 0), size = zp64(e, 8);
         if (zp32(e, 16) != E820_RAM)
             continue;
@@ -97,7 +113,7 @@ static void read_e820(const uint8_t *zp)
 /* Picks out fabric.test=NAME and every virtio_mmio.device=SPEC. */
 static void read_cmdline(const char *p)
 {
-    static const char test_key[] = "fabric.test=", dev_key[] = "virtio_mmio.device=";
+    static const char test_key[] = "fabric.test=", dev_key[] = "virtio_mmio.device=", mib_key[] = "fabric.mib=";
     while (*p) {
         while (*p == ' ')
             p++;
@@ -111,6 +127,9 @@ static void read_cmdline(const char *p)
             memcpy(name_buf, word + sizeof(test_key) - 1, n);
             name_buf[n] = '\0';
             scenario_name = name_buf;
+        } else if (len > sizeof(mib_key) - 1 && !strncmp(word, mib_key, sizeof(mib_key) - 1)) {
+            const char *v = word + sizeof(mib_key) - 1;
+            bench_mib = parse_u64(&v);
         } else if (len > sizeof(dev_key) - 1 && !strncmp(word, dev_key, sizeof(dev_key) - 1)) {
             if (!virtio_add_from_cmdline(word + sizeof(dev_key) - 1))
                 printf("testguest: ignoring an unparsable or surplus virtio_mmio.device= entry\n");
@@ -118,13 +137,28 @@ static void read_cmdline(const char *p)
     }
 }
 
-void guest_main(const uint8_t *zero_page)
+/* Entered with the zero page (fabric-vmm, 64-bit entry) or with hvm_start_info (PVH entry). */
+void guest_main(const uint8_t *zero_page, const uint8_t *start_info)
 {
     paging_init();
-    uint64_t cmdline = zp32(zero_page, ZP_CMD_LINE_PTR) | (uint64_t)zp32(zero_page, ZP_EXT_CMD_LINE_PTR) << 32;
-    if (cmdline)
-        read_cmdline((const char *)cmdline);
-    read_e820(zero_page);
+    if (start_info) {
+        if (zp32(start_info, SI_MAGIC) != HVM_START_MAGIC)
+            printf("testguest: PVH start_info at %p has magic 0x%x, not 0x%x\n", start_info,
+                   zp32(start_info, SI_MAGIC), HVM_START_MAGIC);
+        const char *cmdline = (const char *)zp64(start_info, SI_CMDLINE_PADDR);
+        /* Printed because the VMM may add to it (QEMU microvm appends virtio_mmio.device=). */
+        printf("testguest: PVH boot, command line \"%s\"\n", cmdline ? cmdline : "");
+        if (cmdline)
+            read_cmdline(cmdline);
+        if (zp32(start_info, SI_VERSION) >= 1)
+            read_memmap((const uint8_t *)zp64(start_info, SI_MEMMAP_PADDR), zp32(start_info, SI_MEMMAP_ENTRIES),
+                        SI_MEMMAP_ENTRY_SIZE);
+    } else {
+        uint64_t cmdline = zp32(zero_page, ZP_CMD_LINE_PTR) | (uint64_t)zp32(zero_page, ZP_EXT_CMD_LINE_PTR) << 32;
+        if (cmdline)
+            read_cmdline((const char *)cmdline);
+        read_memmap(zero_page + ZP_E820_TABLE, zero_page[ZP_E820_ENTRIES], E820_ENTRY_SIZE);
+    }
 
     printf("testguest: start %s\n", scenario_name);
     virtio_probe_all();

@@ -8,6 +8,8 @@
 #define BOOT_COMPLETE_VALUE 123
 #define I8042_COMMAND 0x64
 #define I8042_RESET 0xfe
+/* QEMU's isa-debug-exit (-device isa-debug-exit,iobase=0xf4,iosize=4): a write ends QEMU. */
+#define ISA_DEBUG_EXIT_PORT 0xf4
 
 void *memset(void *dst, int c, size_t n)
 {
@@ -204,6 +206,7 @@ void printf(const char *fmt, ...)
 
 #define PTE_PRESENT 0x1
 #define PTE_WRITE 0x2
+#define PTE_USER 0x4
 #define PTE_PWT 0x8
 #define PTE_PCD 0x10
 #define PTE_HUGE 0x80
@@ -227,10 +230,66 @@ void paging_init(void)
     __asm__ volatile("mov %0, %%cr3" : : "r"((uint64_t)pml4) : "memory");
 }
 
+/* --- user mode ------------------------------------------------------------------------- */
+
+#define CR4_SMEP (1ull << 20)
+#define CR4_SMAP (1ull << 21)
+#define RFLAGS_IOPL3 0x3000
+#define RFLAGS_RESERVED 0x2
+
+/* null, kernel code (0x08), kernel data (0x10), user data (0x18), user code (0x20). */
+static const uint64_t user_gdt[5] ALIGNED(16) = {
+    0, 0x00af9a000000ffffull, 0x00cf92000000ffffull, 0x00cff2000000ffffull, 0x00affa000000ffffull,
+};
+#define USER_DS (0x18 | 3)
+#define USER_CS (0x20 | 3)
+
+void enter_user_mode(void)
+{
+    static const struct {
+        uint16_t limit;
+        uint64_t base;
+    } __attribute__((packed)) gdtr = {sizeof(user_gdt) - 1, (uint64_t)user_gdt};
+    /* Every page user-accessible, and the kernel allowed to touch them (no SMEP/SMAP). */
+    uint64_t cr4;
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    __asm__ volatile("mov %0, %%cr4" : : "r"(cr4 & ~(CR4_SMEP | CR4_SMAP)));
+    for (unsigned g = 0; g < 4; g++) {
+        for (unsigned i = 0; i < 512; i++)
+            pd[g][i] |= PTE_USER;
+        pdpt[g] |= PTE_USER;
+    }
+    pml4[0] |= PTE_USER;
+    __asm__ volatile("mov %0, %%cr3" : : "r"((uint64_t)pml4) : "memory");
+    /* An iretq to the next instruction, same stack, CPL 3, IOPL 3 (port I/O stays allowed),
+     * interrupts off. */
+    __asm__ volatile("lgdt %0\n\t"
+                     "mov %%rsp, %%rax\n\t"
+                     "pushq %1\n\t"
+                     "pushq %%rax\n\t"
+                     "pushq %2\n\t"
+                     "pushq %3\n\t"
+                     "lea 1f(%%rip), %%rax\n\t"
+                     "pushq %%rax\n\t"
+                     "iretq\n"
+                     "1:"
+                     :
+                     : "m"(gdtr), "i"(USER_DS), "i"(RFLAGS_IOPL3 | RFLAGS_RESERVED), "i"(USER_CS)
+                     : "rax", "memory");
+}
+
 void machine_exit(void)
 {
     outb(BOOT_COMPLETE_PORT, BOOT_COMPLETE_VALUE);
     outb(I8042_COMMAND, I8042_RESET);
+    /* Machines without an i8042 (QEMU microvm) carry on here: isa-debug-exit if QEMU has one,
+     * else a triple fault (an exception with an empty IDT), which -no-reboot turns into an exit. */
+    outb(ISA_DEBUG_EXIT_PORT, 0);
+    static const struct {
+        uint16_t limit;
+        uint64_t base;
+    } __attribute__((packed)) no_idt = {0, 0};
+    __asm__ volatile("lidt %0; ud2" : : "m"(no_idt));
     for (;;)
         __asm__ volatile("cli; hlt");
 }

@@ -55,7 +55,14 @@ void printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Maps the first 4 GiB (RAM below the MMIO gap and the virtio-mmio windows in it). */
 void paging_init(void);
 
-/* Tells the VMM the guest is done (boot-complete port), then resets through the i8042. */
+/* Runs the rest of the program in ring 3 with IOPL 3 (port I/O and MMIO still work; there is no
+ * way back). Where KVM is software-nested (kvm-pvm, shared/KVM-HOST.md), kernel-mode guest code
+ * goes through KVM's instruction emulator, thousands of times slower than user-mode code, which
+ * runs natively: the throughput scenarios run their loops up here. */
+void enter_user_mode(void);
+
+/* Tells the VMM the guest is done (boot-complete port), then resets through the i8042; where
+ * there is none, exits through isa-debug-exit or a triple fault. */
 void __attribute__((noreturn)) machine_exit(void);
 
 #endif

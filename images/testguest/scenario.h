@@ -11,6 +11,8 @@ struct boot_info {
     uint64_t ram_end;   /* first byte above the highest usable range */
 };
 extern struct boot_info boot_info;
+/* fabric.mib=N on the command line: how much a throughput scenario moves (0: its default). */
+extern uint64_t bench_mib;
 
 /* The verdict of a scenario: its message follows "PASS " or "FAIL ". */
 struct result {
@@ -30,5 +32,13 @@ int scenario_blk_write(struct result *r);
 int scenario_blk_ro(struct result *r);
 int scenario_blk_id(struct result *r);
 int scenario_hostile_blk(struct result *r);
+int scenario_net(struct result *r);
+int scenario_balloon(struct result *r);
+/* Throughput (bench.c): console lines `testguest: bench start` and `testguest: bench end bytes=N`
+ * bracket the timed part. */
+int scenario_blk_bench_write(struct result *r);
+int scenario_blk_bench_read(struct result *r);
+int scenario_net_bench_tx(struct result *r);
+int scenario_net_bench_rx(struct result *r);
 
 #endif

@@ -8,7 +8,7 @@ unsigned virtio_device_count;
  * ring (far above the alignment the spec asks for: 16, 2 and 4 bytes). */
 #define QUEUE_SLOTS 8
 static struct {
-    struct virtq_desc desc[VIRTQ_SIZE] ALIGNED(PAGE_SIZE);
+    struct virtq_desc desc[VIRTQ_MAX_SIZE] ALIGNED(PAGE_SIZE);
     uint8_t avail[PAGE_SIZE] ALIGNED(PAGE_SIZE);
     uint8_t used[PAGE_SIZE] ALIGNED(PAGE_SIZE);
 } queue_mem[QUEUE_SLOTS];
@@ -113,9 +113,16 @@ const char *virtio_start(struct virtio_dev *d, uint64_t wanted)
 
 const char *virtq_setup(struct virtio_dev *d, struct virtq *q, unsigned index, unsigned slot)
 {
+    return virtq_setup_size(d, q, index, slot, VIRTQ_SIZE);
+}
+
+const char *virtq_setup_size(struct virtio_dev *d, struct virtq *q, unsigned index, unsigned slot, unsigned size)
+{
     static char reason[128];
     if (slot >= QUEUE_SLOTS)
         return "no free queue memory";
+    if (size > VIRTQ_MAX_SIZE)
+        size = VIRTQ_MAX_SIZE;
     virtio_write(d, VIRTIO_MMIO_QUEUE_SEL, index);
     if (virtio_read(d, VIRTIO_MMIO_QUEUE_READY) != 0) {
         snprintf(reason, sizeof(reason), "queue %u is already ready", index);
@@ -129,7 +136,7 @@ const char *virtq_setup(struct virtio_dev *d, struct virtq *q, unsigned index, u
     memset(&queue_mem[slot], 0, sizeof(queue_mem[slot]));
     *q = (struct virtq){
         .index = (uint16_t)index,
-        .size = (uint16_t)(max < VIRTQ_SIZE ? max : VIRTQ_SIZE),
+        .size = (uint16_t)(max < size ? max : size),
         .desc = queue_mem[slot].desc,
         .avail = (volatile struct virtq_avail *)queue_mem[slot].avail,
         .used = (volatile struct virtq_used *)queue_mem[slot].used,
@@ -183,6 +190,35 @@ void virtq_publish(struct virtio_dev *d, struct virtq *q, uint16_t head)
     q->avail->idx = ++q->avail_idx;
     barrier();
     virtio_write(d, VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
+}
+
+void virtq_add_avail(struct virtq *q, uint16_t head)
+{
+    q->avail->ring[q->avail_idx % q->size] = head;
+    q->avail_idx++;
+}
+
+void virtq_kick(struct virtio_dev *d, struct virtq *q)
+{
+    barrier(); /* ring entries before the index that makes them visible */
+    q->avail->idx = q->avail_idx;
+    /* The index store must be visible before the flag is read, or the device could go to sleep
+     * between our read of NO_NOTIFY and its last look at the index: a full fence. */
+    __asm__ volatile("mfence" ::: "memory");
+    if (!(q->used->flags & VIRTQ_USED_F_NO_NOTIFY))
+        virtio_write(d, VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
+}
+
+int virtq_poll_used(struct virtq *q, uint32_t *id, uint32_t *len)
+{
+    if (q->used->idx == q->used_seen)
+        return 0;
+    barrier(); /* the index before the entry it covers */
+    volatile struct virtq_used_elem *e = &q->used->ring[q->used_seen % q->size];
+    *id = e->id;
+    *len = e->len;
+    q->used_seen++;
+    return 1;
 }
 
 const char *virtq_wait_name(enum virtq_wait w)

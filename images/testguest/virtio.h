@@ -79,6 +79,12 @@ struct virtq_used {
 
 /* Queue size the driver asks for (at most QueueNumMax). */
 #define VIRTQ_SIZE 16
+/* The largest queue virtq_setup_size can set up: one page of descriptors. */
+#define VIRTQ_MAX_SIZE 256
+
+/* Ring flags: the driver asks for no interrupts (avail), the device for no notifications (used). */
+#define VIRTQ_AVAIL_F_NO_INTERRUPT 1
+#define VIRTQ_USED_F_NO_NOTIFY 1
 
 struct virtq {
     uint16_t index;     /* queue number on the device */
@@ -120,6 +126,8 @@ static inline uint32_t virtio_status(struct virtio_dev *d) { return virtio_read(
 const char *virtio_start(struct virtio_dev *d, uint64_t wanted);
 /* Sets up queue `index` in one of the driver's static queue areas (`slot` < 8). */
 const char *virtq_setup(struct virtio_dev *d, struct virtq *q, unsigned index, unsigned slot);
+/* The same with up to `size` entries (a power of two <= VIRTQ_MAX_SIZE; less if QueueNumMax is). */
+const char *virtq_setup_size(struct virtio_dev *d, struct virtq *q, unsigned index, unsigned slot, unsigned size);
 void virtio_driver_ok(struct virtio_dev *d);
 void virtio_reset(struct virtio_dev *d);
 
@@ -129,6 +137,14 @@ uint64_t virtio_config64(struct virtio_dev *d, uint32_t offset);
 
 /* Puts the chain starting at descriptor `head` in the avail ring and notifies the device. */
 void virtq_publish(struct virtio_dev *d, struct virtq *q, uint16_t head);
+
+/* Batched use, for several chains in flight (the throughput scenarios): virtq_add_avail puts a
+ * chain in the avail ring without notifying, virtq_kick makes the entries added so far visible
+ * and notifies unless the device said VIRTQ_USED_F_NO_NOTIFY, virtq_poll_used takes one used
+ * entry if there is one (no register access). */
+void virtq_add_avail(struct virtq *q, uint16_t head);
+void virtq_kick(struct virtio_dev *d, struct virtq *q);
+int virtq_poll_used(struct virtq *q, uint32_t *id, uint32_t *len);
 
 /* Outcome of waiting for a used entry. */
 enum virtq_wait {

@@ -49,9 +49,19 @@ struct Args {
     /// this order.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<String>,
+    /// A virtio-net NIC over an existing tap device, opened by name (create it first, e.g.
+    /// `ip tuntap add dev NAME mode tap`). Without `mac=` the guest gets a locally administered
+    /// MAC derived from the tap's name. Repeatable; the guest names them eth0, eth1, ...
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<String>,
     /// A virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio-balloon device (SetBalloonTarget and GetMemoryStats on the control socket),
+    /// with options `deflate-on-oom=on`, `free-page-reporting=on` and `stats-period=SECONDS`
+    /// (0, the default: the guest refreshes its statistics at each GetMemoryStats).
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -103,7 +113,9 @@ fn run(args: Args, start: Instant) -> anyhow::Result<ExitCode> {
         console: args.console,
         control_socket: args.control_socket,
         disks: args.disks,
+        nets: args.nets,
         rng: args.rng,
+        balloon: args.balloon,
     }
     .validate(kvm.get_max_vcpus() as u32)?;
 
@@ -126,6 +138,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<ExitCode> {
             args.vm_id,
             info.clone(),
             control_tx,
+            vm.balloon.clone(),
         )?),
         None => None,
     };

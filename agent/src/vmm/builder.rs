@@ -27,9 +27,12 @@ use super::devices::boot_timer::{BootTime, BootTimer, BOOT_TIMER_PORT};
 use super::devices::bus::{Bus, BusError};
 use super::devices::i8042::{I8042Device, I8042_BASE, I8042_KBD_IRQ, I8042_LEN};
 use super::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use super::devices::virtio::balloon::{Balloon, BalloonHandle};
 use super::devices::virtio::blk::{Block, BlockError};
 use super::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use super::devices::virtio::net::{format_mac, Net};
 use super::devices::virtio::rng::Rng;
+use super::devices::virtio::tap::{Tap, TapError};
 use super::devices::virtio::{MmioSlot, VirtioDevice, MMIO_WINDOW_SIZE};
 use super::devices::EventSubscriber;
 use super::memory::{create_guest_memory, MemoryError};
@@ -65,6 +68,8 @@ pub enum BuildError {
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
     Disk(#[from] BlockError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
     #[error("virtio transport: {0}")]
     Mmio(#[from] MmioError),
     #[error("console {path}: {source}")]
@@ -90,6 +95,8 @@ pub struct BuiltVm {
     pub reset_event: EventFd,
     /// Devices whose eventfds the runner's event loop serves (the virtio transports).
     pub event_subscribers: Vec<Arc<Mutex<dyn EventSubscriber>>>,
+    /// The control side of the balloon, with `--balloon`.
+    pub balloon: Option<BalloonHandle>,
     pub boot_time: BootTime,
     pub kernel: LoadedKernel,
     pub cpu_profile: CpuProfile,
@@ -184,8 +191,9 @@ pub fn build_vm(kvm: &Kvm, config: &VmConfig, start: Instant) -> Result<BuiltVm,
     pio.insert(boot_timer, BOOT_TIMER_PORT, 1)?;
     let mut mmio = Bus::new();
     let mut event_subscribers: Vec<Arc<Mutex<dyn EventSubscriber>>> = Vec::new();
+    let mut balloon = None;
     for (device, slot) in config.virtio_devices() {
-        let transport = add_virtio_device(&vm, &memory, &mut mmio, &device, slot)?;
+        let transport = add_virtio_device(&vm, &memory, &mut mmio, &device, slot, &mut balloon)?;
         event_subscribers.push(transport);
     }
 
@@ -222,19 +230,27 @@ pub fn build_vm(kvm: &Kvm, config: &VmConfig, start: Instant) -> Result<BuiltVm,
         i8042,
         reset_event,
         event_subscribers,
+        balloon,
         boot_time,
         kernel,
         cpu_profile,
     })
 }
 
-/// Creates one virtio device and wires it: MMIO window, ioeventfds, irqfd.
+/// Guest RAM in MiB, as mapped.
+fn memory_mib(memory: &GuestMemoryMmap) -> u64 {
+    memory.iter().map(|region| region.len()).sum::<u64>() >> 20
+}
+
+/// Creates one virtio device and wires it: MMIO window, ioeventfds, irqfd. A balloon's control
+/// handle goes to `balloon`.
 fn add_virtio_device(
     vm: &VmFd,
     memory: &GuestMemoryMmap,
     mmio: &mut Bus,
     device: &VirtioDeviceConfig,
     slot: MmioSlot,
+    balloon: &mut Option<BalloonHandle>,
 ) -> Result<Arc<Mutex<MmioTransport>>, BuildError> {
     let virtio: Box<dyn VirtioDevice> = match device {
         VirtioDeviceConfig::Disk(disk) => {
@@ -249,6 +265,17 @@ fn add_virtio_device(
             );
             Box::new(block)
         }
+        VirtioDeviceConfig::Net(net) => {
+            let tap = Tap::open(&net.tap)?;
+            tracing::info!(
+                tap = %net.tap,
+                mac = %format_mac(&net.mac),
+                mmio_base = format_args!("{:#x}", slot.base),
+                gsi = slot.gsi,
+                "virtio-net device"
+            );
+            Box::new(Net::new(Box::new(tap), net.mac).map_err(BuildError::EventFd)?)
+        }
         VirtioDeviceConfig::Rng => {
             tracing::info!(
                 mmio_base = format_args!("{:#x}", slot.base),
@@ -256,6 +283,19 @@ fn add_virtio_device(
                 "virtio-rng device"
             );
             Box::new(Rng::new())
+        }
+        VirtioDeviceConfig::Balloon(config) => {
+            let device = Balloon::new(*config, memory_mib(memory)).map_err(BuildError::EventFd)?;
+            tracing::info!(
+                deflate_on_oom = config.deflate_on_oom,
+                free_page_reporting = config.free_page_reporting,
+                stats_period_s = config.stats_period_s,
+                mmio_base = format_args!("{:#x}", slot.base),
+                gsi = slot.gsi,
+                "virtio-balloon device"
+            );
+            *balloon = Some(device.handle());
+            Box::new(device)
         }
     };
     let transport = MmioTransport::new(virtio, memory.clone())?;

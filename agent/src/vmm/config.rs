@@ -4,7 +4,8 @@
 //! ends with one clear line and a non-zero exit, never a panic halfway through building a VM.
 //!
 //! It also decides where the virtio devices go ([`VmConfig::virtio_devices`]: disks in the order
-//! given, so the first is `/dev/vda`, then the rng), and so the kernel command line the guest
+//! given, so the first is `/dev/vda`, then the NICs in the order given, so the first is `eth0`,
+//! then the rng, then the balloon), and so the kernel command line the guest
 //! gets ([`VmConfig::kernel_cmdline`]: the user's plus one `virtio_mmio.device=` per device),
 //! whose length is checked whole.
 
@@ -13,7 +14,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::vmm::boot::kernel::{detect_kernel_format, KernelFormat};
+use crate::vmm::devices::virtio::balloon::{BalloonConfig, BalloonOptionError};
 use crate::vmm::devices::virtio::blk::open_disk;
+use crate::vmm::devices::virtio::net::{derived_mac, format_mac, parse_mac};
+use crate::vmm::devices::virtio::tap::{check_tap_name, Tap};
 use crate::vmm::devices::virtio::{MmioSlot, MAX_VIRTIO_DEVICES};
 use crate::vmm::memory::{host_memory_mib, MIN_MEMORY_MIB};
 
@@ -57,8 +61,12 @@ pub struct VmConfig {
     pub control_socket: Option<PathBuf>,
     /// virtio-blk disks, in the order the guest names them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices over taps, in the order the guest names them (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng device.
     pub rng: bool,
+    /// A virtio-balloon device.
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// One `--disk`: a raw image file, opened read-only if `read_only`.
@@ -68,23 +76,35 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// One `--net`: a tap opened by name, and the guest's MAC (given, or derived from the name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
 /// A virtio device of the VM, in placement order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VirtioDeviceConfig {
     Disk(DiskConfig),
+    Net(NetConfig),
     Rng,
+    Balloon(BalloonConfig),
 }
 
 impl VmConfig {
     /// The virtio devices with their MMIO windows and interrupt lines: disks first, in the
-    /// order given, then the rng. The builder places them exactly so.
+    /// order given, then the NICs, then the rng, then the balloon. The builder places them
+    /// exactly so.
     pub fn virtio_devices(&self) -> Vec<(VirtioDeviceConfig, MmioSlot)> {
         let devices = self
             .disks
             .iter()
             .cloned()
             .map(VirtioDeviceConfig::Disk)
-            .chain(self.rng.then_some(VirtioDeviceConfig::Rng));
+            .chain(self.nets.iter().cloned().map(VirtioDeviceConfig::Net))
+            .chain(self.rng.then_some(VirtioDeviceConfig::Rng))
+            .chain(self.balloon.map(VirtioDeviceConfig::Balloon));
         // `validate` made sure every device has a slot.
         devices
             .enumerate()
@@ -124,7 +144,11 @@ pub struct VmRequest {
     pub control_socket: Option<PathBuf>,
     /// `--disk PATH[,ro]` values as given.
     pub disks: Vec<String>,
+    /// `--net tap=NAME[,mac=MAC]` values as given.
+    pub nets: Vec<String>,
     pub rng: bool,
+    /// `--balloon [OPTIONS]` as given (empty: the defaults); `None` without `--balloon`.
+    pub balloon: Option<String>,
 }
 
 /// Parses one `--disk` value: `PATH` or `PATH,ro`.
@@ -150,6 +174,36 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     Ok(DiskConfig {
         path: PathBuf::from(path),
         read_only,
+    })
+}
+
+/// Parses one `--net` value: `tap=NAME` or `tap=NAME,mac=MAC`. Without a MAC the guest gets
+/// a locally administered one derived from the tap's name.
+pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
+    let bad = |reason: String| ConfigError::NetOption {
+        spec: spec.to_string(),
+        reason,
+    };
+    let (mut tap, mut mac) = (None, None);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if tap.is_none() => tap = Some(name),
+            Some(("mac", text)) if mac.is_none() => {
+                let parsed = parse_mac(text)
+                    .ok_or_else(|| bad(format!("mac {text:?} is not six hex bytes")))?;
+                if parsed[0] & 1 != 0 || parsed == [0; 6] {
+                    return Err(bad(format!("mac {text} is not a unicast address")));
+                }
+                mac = Some(parsed);
+            }
+            _ => return Err(bad(format!("unknown or repeated option {part:?}"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| bad("no tap=NAME".to_string()))?;
+    check_tap_name(tap)?;
+    Ok(NetConfig {
+        tap: tap.to_string(),
+        mac: mac.unwrap_or_else(|| derived_mac(tap)),
     })
 }
 
@@ -201,6 +255,16 @@ pub enum ConfigError {
     DiskOption { spec: String, option: String },
     #[error(transparent)]
     Disk(#[from] crate::vmm::devices::virtio::blk::BlockError),
+    #[error(transparent)]
+    Balloon(#[from] BalloonOptionError),
+    #[error("--net {spec}: {reason} (expected tap=NAME[,mac=MAC])")]
+    NetOption { spec: String, reason: String },
+    #[error("--net tap={tap}: the tap is given twice (and could be opened only once)")]
+    TapTwice { tap: String },
+    #[error("--net tap={tap}: mac {mac} is also the mac of another --net")]
+    MacTwice { tap: String, mac: String },
+    #[error(transparent)]
+    Tap(#[from] crate::vmm::devices::virtio::tap::TapError),
     #[error(
         "{count} virtio devices: at most {MAX_VIRTIO_DEVICES} fit on the interrupt controller"
     )]
@@ -243,7 +307,31 @@ impl VmRequest {
             .iter()
             .map(|spec| parse_disk(spec))
             .collect::<Result<Vec<_>, _>>()?;
-        let device_count = disks.len() + usize::from(self.rng);
+        let nets = self
+            .nets
+            .iter()
+            .map(|spec| parse_net(spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (index, net) in nets.iter().enumerate() {
+            if let Some(earlier) = nets[..index].iter().find(|n| n.tap == net.tap) {
+                return Err(ConfigError::TapTwice {
+                    tap: earlier.tap.clone(),
+                });
+            }
+            if nets[..index].iter().any(|n| n.mac == net.mac) {
+                return Err(ConfigError::MacTwice {
+                    tap: net.tap.clone(),
+                    mac: format_mac(&net.mac),
+                });
+            }
+        }
+        let balloon = self
+            .balloon
+            .as_deref()
+            .map(BalloonConfig::parse)
+            .transpose()?;
+        let device_count =
+            disks.len() + nets.len() + usize::from(self.rng) + usize::from(balloon.is_some());
         if device_count > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
                 count: device_count,
@@ -265,6 +353,10 @@ impl VmRequest {
         for disk in &disks {
             // Opened as the device will open it, so a read-only image needs only read access.
             open_disk(&disk.path, disk.read_only)?;
+        }
+        for net in &nets {
+            // Proves the tap exists, is a tap and is free; the builder opens it again.
+            Tap::open(&net.tap)?;
         }
         if let Some(initrd) = &self.initrd {
             let size = std::fs::metadata(initrd)
@@ -297,7 +389,9 @@ impl VmRequest {
             console: self.console,
             control_socket: self.control_socket,
             disks,
+            nets,
             rng: self.rng,
+            balloon,
         })
     }
 }
@@ -338,7 +432,9 @@ mod tests {
             console: ConsoleOutput::Off,
             control_socket: None,
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: false,
+            balloon: None,
         }
     }
 
@@ -542,5 +638,138 @@ mod tests {
         let kernel = fake_elf(dir.path());
         let cfg = request(&kernel).validate(64).expect("valid");
         assert_eq!(cfg.kernel_format, KernelFormat::Elf);
+    }
+
+    #[test]
+    fn net_specs_parse_and_bad_ones_are_named() {
+        let net = parse_net("tap=fabtap0,mac=02:00:00:00:00:2a").expect("with mac");
+        assert_eq!(net.tap, "fabtap0");
+        assert_eq!(net.mac, [2, 0, 0, 0, 0, 0x2a]);
+        let derived = parse_net("tap=fabtap0").expect("no mac").mac;
+        assert_eq!(derived, derived_mac("fabtap0"));
+        for (spec, want) in [
+            ("fabtap0", "unknown or repeated option \"fabtap0\""),
+            ("tap=a,tap=b", "unknown or repeated option \"tap=b\""),
+            ("mac=02:00:00:00:00:01", "no tap=NAME"),
+            (
+                "tap=a,mac=02:00:00:00:00",
+                "mac \"02:00:00:00:00\" is not six hex bytes",
+            ),
+            (
+                "tap=a,mac=01:00:5e:00:00:01",
+                "mac 01:00:5e:00:00:01 is not a unicast address",
+            ),
+            ("tap=a,speed=10", "unknown or repeated option \"speed=10\""),
+        ] {
+            let err = parse_net(spec).expect_err(spec).to_string();
+            assert_eq!(
+                err,
+                format!("--net {spec}: {want} (expected tap=NAME[,mac=MAC])"),
+                "{spec}"
+            );
+        }
+        let err = parse_net("tap=name-longer-than-15").expect_err("long name");
+        assert!(err.to_string().contains("longer than 15 bytes"), "{err}");
+    }
+
+    #[test]
+    fn taps_that_cannot_be_opened_or_repeat_are_config_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = fake_elf(dir.path());
+        let missing = format!("fbx{}", std::process::id());
+        let err = VmRequest {
+            nets: vec![format!("tap={missing}")],
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect_err("missing tap")
+        .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "--net tap={missing}: cannot open tap {missing}: no such network interface"
+            )),
+            "{err}"
+        );
+        let err = VmRequest {
+            nets: vec![format!("tap={missing}"), format!("tap={missing}")],
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect_err("tap twice");
+        assert!(matches!(err, ConfigError::TapTwice { .. }), "{err}");
+        let err = VmRequest {
+            nets: vec![
+                "tap=a,mac=02:00:00:00:00:01".into(),
+                "tap=b,mac=02:00:00:00:00:01".into(),
+            ],
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect_err("mac twice");
+        assert!(matches!(err, ConfigError::MacTwice { .. }), "{err}");
+    }
+
+    #[test]
+    fn nics_go_between_the_disks_and_the_rng() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = fake_elf(dir.path());
+        let disk = dir.path().join("d.img");
+        std::fs::write(&disk, [0u8; 512]).expect("disk");
+        let mut cfg = VmRequest {
+            disks: vec![disk.display().to_string()],
+            rng: true,
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect("valid");
+        // Validation would open the tap; placement does not need one.
+        cfg.nets.push(parse_net("tap=t0").expect("net"));
+        let devices = cfg.virtio_devices();
+        assert!(matches!(&devices[0].0, VirtioDeviceConfig::Disk(_)));
+        assert!(matches!(&devices[1].0, VirtioDeviceConfig::Net(n) if n.tap == "t0"));
+        assert_eq!(devices[2].0, VirtioDeviceConfig::Rng);
+        assert!(cfg
+            .kernel_cmdline()
+            .ends_with("virtio_mmio.device=4K@0xd0002000:7"));
+    }
+    #[test]
+    fn the_balloon_comes_last_and_bad_options_are_config_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = fake_elf(dir.path());
+        let cfg = VmRequest {
+            rng: true,
+            balloon: Some("deflate-on-oom=on,stats-period=2".into()),
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect("valid");
+        let devices = cfg.virtio_devices();
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[0].0, VirtioDeviceConfig::Rng);
+        assert_eq!(
+            devices[1].0,
+            VirtioDeviceConfig::Balloon(BalloonConfig {
+                deflate_on_oom: true,
+                free_page_reporting: false,
+                stats_period_s: 2
+            })
+        );
+        let plain = VmRequest {
+            balloon: Some(String::new()),
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect("plain --balloon");
+        assert_eq!(plain.balloon, Some(BalloonConfig::default()));
+        let err = VmRequest {
+            balloon: Some("free-page-reporting=yes".into()),
+            ..request(&kernel)
+        }
+        .validate(64)
+        .expect_err("bad option");
+        assert_eq!(
+            err.to_string(),
+            "--balloon free-page-reporting=yes: free-page-reporting=yes: expected on or off"
+        );
     }
 }

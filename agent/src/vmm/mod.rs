@@ -4,7 +4,7 @@
 //! [`builder`] assembles a VM from it (guest memory, kernel, boot parameters, vCPUs, devices);
 //! [`runner`] runs it: one thread per vCPU, one epoll event loop for devices and control requests.
 //! [`devices`] holds the emulated devices: the PC's serial port and i8042, and virtio-mmio devices
-//! (block, rng) whose queue work runs on that event loop, never on a vCPU thread.
+//! (block, rng, balloon) whose queue work runs on that event loop, never on a vCPU thread.
 //! The [`control`] endpoint serves the `fabric.v1.Vmm` gRPC service on a Unix socket.
 
 pub mod boot;

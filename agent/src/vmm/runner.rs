@@ -172,7 +172,18 @@ pub fn run_vm(
     let mut device_fds: Vec<(RawFd, Arc<Mutex<dyn EventSubscriber>>)> = Vec::new();
     for subscriber in &vm.event_subscribers {
         for fd in lock(subscriber).event_fds() {
-            add(fd, TOKEN_DEVICES + device_fds.len() as u64).map_err(RunError::EventLoop)?;
+            // Edge-triggered (see `EventSubscriber`): a tap whose frames wait for guest buffers
+            // stays readable and must not wake the loop again until something changes.
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(
+                        EventSet::IN | EventSet::EDGE_TRIGGERED,
+                        TOKEN_DEVICES + device_fds.len() as u64,
+                    ),
+                )
+                .map_err(RunError::EventLoop)?;
             device_fds.push((fd, subscriber.clone()));
         }
     }

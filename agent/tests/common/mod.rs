@@ -108,6 +108,8 @@ pub struct GuestSpec<'a> {
     pub kernel: Option<PathBuf>,
     /// Replaces the manifest's command line entirely.
     pub cmdline: Option<String>,
+    /// Extra fabric-vmm arguments (devices).
+    pub vmm_args: &'a [&'a str],
 }
 
 impl Default for GuestSpec<'_> {
@@ -118,6 +120,7 @@ impl Default for GuestSpec<'_> {
             extra_cmdline: "",
             kernel: None,
             cmdline: None,
+            vmm_args: &[],
         }
     }
 }
@@ -155,6 +158,7 @@ impl Guest {
         if image.use_initramfs() {
             cmd.arg("--initrd").arg(image.initramfs());
         }
+        cmd.args(spec.vmm_args);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -2,7 +2,9 @@
 //!
 //! It runs on its own thread with a small tokio runtime, apart from the synchronous VMM core;
 //! it talks to the VM through the [`ControlSender`] (requests answered by the event loop) and
-//! reads [`VmInfo`] directly.
+//! reads [`VmInfo`] directly. Balloon requests go through the [`BalloonHandle`]: the target
+//! and the statistics are numbers it shares with the device, and asking the guest for fresh
+//! statistics wakes the event loop, which owns the device's queues.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,16 +13,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fabric_proto::v1::vmm_server::{Vmm, VmmServer};
 use fabric_proto::v1::{
-    GetMemoryStatsRequest, GetMemoryStatsResponse, GetStateRequest, GetStateResponse, PauseRequest,
-    PauseResponse, ResumeRequest, ResumeResponse, SetBalloonTargetRequest,
+    GetMemoryStatsRequest, GetMemoryStatsResponse, GetStateRequest, GetStateResponse, MemoryStats,
+    PauseRequest, PauseResponse, ResumeRequest, ResumeResponse, SetBalloonTargetRequest,
     SetBalloonTargetResponse, ShutdownPath, ShutdownRequest, ShutdownResponse, VmmState,
 };
 use tonic::{Request, Response, Status};
 
+use super::devices::virtio::balloon::{pages_to_mib, BalloonHandle, BalloonStatus};
 use super::runner::{Command, ControlSender, VmInfo, VmState};
 
 /// How long a forced stop may take before the endpoint gives up waiting.
 const FORCE_STOP_WAIT: Duration = Duration::from_secs(5);
+/// How long GetMemoryStats waits for the guest to answer a request for fresh statistics
+/// before it returns the previous ones (their `updated_at` says how old they are).
+const STATS_WAIT: Duration = Duration::from_secs(1);
 
 struct VmmService {
     vm_id: String,
@@ -28,6 +34,7 @@ struct VmmService {
     control: ControlSender,
     started_at: SystemTime,
     in_flight_shutdowns: Arc<AtomicUsize>,
+    balloon: Option<BalloonHandle>,
 }
 
 fn to_proto_state(state: VmState) -> VmmState {
@@ -37,6 +44,31 @@ fn to_proto_state(state: VmState) -> VmmState {
         VmState::Paused => VmmState::Paused,
         VmState::ShuttingDown => VmmState::ShuttingDown,
         VmState::Stopped => VmmState::Stopped,
+    }
+}
+
+fn no_balloon() -> Status {
+    Status::failed_precondition(
+        "this VM has no balloon device (fabric-vmm was started without --balloon)",
+    )
+}
+
+fn to_proto_memory_stats(status: &BalloonStatus) -> MemoryStats {
+    let stats = &status.stats;
+    MemoryStats {
+        swap_in_bytes: stats.swap_in,
+        swap_out_bytes: stats.swap_out,
+        major_faults: stats.major_faults,
+        minor_faults: stats.minor_faults,
+        free_bytes: stats.free,
+        total_bytes: stats.total,
+        available_bytes: stats.available,
+        disk_caches_bytes: stats.disk_caches,
+        hugetlb_allocations: stats.hugetlb_allocations,
+        hugetlb_failures: stats.hugetlb_failures,
+        balloon_actual_mib: pages_to_mib(status.actual_pages),
+        balloon_target_mib: pages_to_mib(status.target_pages),
+        updated_at: status.stats_updated_at.map(Into::into),
     }
 }
 
@@ -166,20 +198,33 @@ impl Vmm for VmmService {
 
     async fn set_balloon_target(
         &self,
-        _: Request<SetBalloonTargetRequest>,
+        request: Request<SetBalloonTargetRequest>,
     ) -> Result<Response<SetBalloonTargetResponse>, Status> {
-        Err(Status::failed_precondition(
-            "this VM has no balloon device (fabric-vmm was started without --balloon)",
-        ))
+        let balloon = self.balloon.as_ref().ok_or_else(no_balloon)?;
+        let target = balloon.set_target_mib(request.into_inner().balloon_target_mib);
+        Ok(Response::new(SetBalloonTargetResponse {
+            balloon_target_mib: target,
+            balloon_actual_mib: pages_to_mib(balloon.status().actual_pages),
+        }))
     }
 
     async fn get_memory_stats(
         &self,
         _: Request<GetMemoryStatsRequest>,
     ) -> Result<Response<GetMemoryStatsResponse>, Status> {
-        Err(Status::failed_precondition(
-            "this VM has no balloon device (fabric-vmm was started without --balloon)",
-        ))
+        let balloon = self.balloon.as_ref().ok_or_else(no_balloon)?;
+        // Without a period, each call asks the guest for fresh numbers and waits briefly for
+        // them; with one, the latest periodic numbers are returned at once.
+        if balloon.stats_on_request() {
+            let mut updates = balloon.stats_updates();
+            updates.borrow_and_update();
+            if balloon.request_stats() {
+                let _ = tokio::time::timeout(STATS_WAIT, updates.changed()).await;
+            }
+        }
+        Ok(Response::new(GetMemoryStatsResponse {
+            stats: Some(to_proto_memory_stats(&balloon.status())),
+        }))
     }
 }
 
@@ -213,12 +258,14 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path` (replacing a stale socket) and serves on a thread of its own.
+    /// Binds `path` (replacing a stale socket) and serves on a thread of its own. `balloon` is
+    /// the VM's balloon, if it has one.
     pub fn start(
         path: &Path,
         vm_id: String,
         info: Arc<VmInfo>,
         control: ControlSender,
+        balloon: Option<BalloonHandle>,
     ) -> Result<ControlServer, ControlError> {
         let bind_err = |source| ControlError::Bind {
             path: path.to_owned(),
@@ -248,6 +295,7 @@ impl ControlServer {
             control,
             started_at: SystemTime::now(),
             in_flight_shutdowns: in_flight_shutdowns.clone(),
+            balloon,
         };
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()

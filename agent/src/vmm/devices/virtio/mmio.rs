@@ -298,7 +298,9 @@ impl MmioTransport {
             // No shared memory regions: a length of all ones says "none".
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
             REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
-            REG_CONFIG_GENERATION => self.config_generation,
+            REG_CONFIG_GENERATION => self
+                .config_generation
+                .wrapping_add(self.device.config_generation()),
             _ => {
                 self.refuse(offset, 0, "read of a write-only or reserved register");
                 0
@@ -699,8 +701,17 @@ impl EventSubscriber for MmioTransport {
             // Reading resets the counter: several notifications before we ran are one.
             let _ = self.queue_events[index].read();
             self.notify_queue(index);
-        } else {
-            self.device.handle_fd_event(fd);
+        } else if self.active && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
+            // The device's own fds (a tap): served only while it runs; its queues are gone
+            // or broken otherwise.
+            if let Err(error) = self.device.handle_fd_event(fd) {
+                tracing::warn!(
+                    device = self.device.name(),
+                    %error,
+                    "virtio queue broken by the driver: device needs a reset"
+                );
+                self.set_needs_reset();
+            }
         }
     }
 }

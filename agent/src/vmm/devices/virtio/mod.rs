@@ -6,19 +6,32 @@
 //! programs (feature negotiation, queue set-up, status handshake) and refuses every misuse of
 //! it; at `DRIVER_OK` it hands checked [`Queue`]s to the device's [`VirtioDevice::activate`].
 //! The device owns request handling: [`queue`] walks descriptor chains with every guest value
-//! checked, [`blk`] and [`rng`] serve them.
+//! checked, [`blk`], [`net`] (over a [`tap`]), [`rng`] and [`balloon`] serve them.
 //!
 //! Nothing here runs on a vCPU exit path except register accesses: queue notifications arrive
 //! on eventfds that KVM signals (ioeventfd) and that the VMM's event loop serves, and interrupts
 //! leave through an irqfd.
 
+pub mod balloon;
 pub mod blk;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod tap;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 mod test_driver;
+
+/// The unit tests' virtio driver, for the fuzz targets in `agent/fuzz` (feature `fuzzing`
+/// only; not an API).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::test_driver::{
+        QueueLayout, TestDriver, DATA_AREA, MEM_SIZE, R, RING_AREA, RING_STRIDE, W,
+    };
+}
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -157,6 +170,12 @@ pub trait VirtioDevice: Send {
     fn config_len(&self) -> u64;
     /// Reads `data.len()` bytes of configuration space at `offset` (within `config_len`).
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A counter the device bumps whenever it changes its configuration space on its own (the
+    /// transport adds it to ConfigGeneration, virtio 1.x section 2.5.1); 0 for devices whose
+    /// configuration never changes.
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// Writes configuration space; devices with a read-only configuration ignore it.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         tracing::warn!(
@@ -184,8 +203,12 @@ pub trait VirtioDevice: Send {
     fn event_fds(&self) -> Vec<RawFd> {
         Vec::new()
     }
-    /// One of `event_fds` is readable.
-    fn handle_fd_event(&mut self, _fd: RawFd) {}
+    /// One of `event_fds` is readable (the event loop watches them edge-triggered: consume
+    /// what is there, or remember that work is left). Called only while the device runs; an
+    /// error means a queue is broken, as for `queue_notified`.
+    fn handle_fd_event(&mut self, _fd: RawFd) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }
 
 /// Copies configuration bytes `config[offset..]` into `data`; bytes past the end read as zero.

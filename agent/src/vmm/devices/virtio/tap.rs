@@ -1,0 +1,216 @@
+//! A tap device opened by name: the host end of a virtio-net device.
+//!
+//! fabric-vmm never creates a tap. Whoever runs it creates one (`ip tuntap add dev NAME mode
+//! tap`, in the network namespace fabric-vmm will run in) and passes its name. Opening is
+//! `TUNSETIFF` on `/dev/net/tun` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, non-blocking. A name
+//! that is not an existing tap is refused: `TUNSETIFF` would otherwise quietly create a new tap
+//! that nobody configured and that vanishes with the VMM.
+//!
+//! Every frame is prefixed, both ways, by the 12-byte virtio-net header (`virtio_net_hdr_v1`,
+//! `TUNSETVNETHDRSZ`), the same layout the guest uses, and offloads are off (`TUNSETOFFLOAD 0`),
+//! so the kernel hands over only complete, checksummed frames of at most the tap's MTU.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use super::net::{FrameIo, VNET_HDR_LEN};
+
+/// Errors opening a tap. The OS error is part of the message, not a `source`, so that the
+/// one-line report of fabric-vmm does not print it twice.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("--net tap={name}: cannot open tap {name}: {reason}")]
+    Open { name: String, reason: String },
+    #[error("--net tap={name}: not a valid interface name ({why})")]
+    BadName { name: String, why: &'static str },
+}
+
+/// An open tap device.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+/// The kernel's rules for interface names (`dev_valid_name`).
+pub fn check_tap_name(name: &str) -> Result<(), TapError> {
+    let bad = |why| {
+        Err(TapError::BadName {
+            name: name.to_string(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() >= libc::IFNAMSIZ {
+        return bad("longer than 15 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("reserved");
+    }
+    if name
+        .bytes()
+        .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
+    {
+        return bad("contains '/', ':', NUL or whitespace");
+    }
+    Ok(())
+}
+
+/// `ioctl(fd, request, arg)` on the tap, as an `io::Result`.
+fn tap_ioctl<T>(file: &File, request: libc::Ioctl, arg: *mut T) -> std::io::Result<()> {
+    // SAFETY: `file` is an open /dev/net/tun descriptor and every caller passes, for its
+    // request, a pointer to a live value of the type the kernel reads or writes (`ifreq` for
+    // TUNSETIFF/TUNGETIFF, `c_int` for TUNSETVNETHDRSZ).
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request, arg) };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Tap {
+    /// Opens the existing tap `name` for a virtio-net device.
+    pub fn open(name: &str) -> Result<Tap, TapError> {
+        check_tap_name(name)?;
+        let fail = |reason: String| TapError::Open {
+            name: name.to_string(),
+            reason,
+        };
+        let c_name = CString::new(name).map_err(|_| fail("name contains NUL".into()))?;
+        // SAFETY: `c_name` is a NUL-terminated string that outlives the call.
+        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+            return Err(fail(format!(
+                "no such network interface in this network namespace (create it first: ip tuntap add dev {name} mode tap)"
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| fail(format!("/dev/net/tun: {e}")))?;
+
+        // SAFETY: `ifreq` is plain old data for which all-zero bytes are a valid value.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _;
+        tap_ioctl(&file, libc::TUNSETIFF, &mut request).map_err(|e| {
+            fail(match e.raw_os_error() {
+                Some(libc::EBUSY) => format!("{e} (another process has it open)"),
+                Some(libc::EINVAL) => format!("{e} (is it a tap, not a tun or another kind?)"),
+                _ => e.to_string(),
+            })
+        })?;
+        // A tap nobody holds exists only if it is persistent; without IFF_PERSIST, TUNSETIFF
+        // just made a new one (the named interface went away after the check above).
+        tap_ioctl(&file, libc::TUNGETIFF, &mut request)
+            .map_err(|e| fail(format!("TUNGETIFF: {e}")))?;
+        // SAFETY: TUNGETIFF filled `ifru_flags`, the member TUNSETIFF also used.
+        let flags = i32::from(unsafe { request.ifr_ifru.ifru_flags });
+        if flags & libc::IFF_PERSIST == 0 {
+            return Err(fail("no such tap (it went away while opening)".into()));
+        }
+        let mut header_len = VNET_HDR_LEN as libc::c_int;
+        tap_ioctl(&file, libc::TUNSETVNETHDRSZ, &mut header_len)
+            .map_err(|e| fail(format!("TUNSETVNETHDRSZ {VNET_HDR_LEN}: {e}")))?;
+        // No offloads: the argument is the flag word itself, not a pointer.
+        // SAFETY: TUNSETOFFLOAD reads only its integer argument.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(fail(format!("TUNSETOFFLOAD: {e}")));
+        }
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl FrameIo for Tap {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        loop {
+            match (&self.file).write(frame) {
+                Ok(n) if n == frame.len() => return Ok(()),
+                Ok(n) => {
+                    return Err(std::io::Error::other(format!(
+                        "short write to the tap: {n} of {} bytes",
+                        frame.len()
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_names_are_refused_before_any_syscall() {
+        for (name, why) in [
+            ("", "empty"),
+            ("a-very-long-tap-name", "longer than 15 bytes"),
+            ("..", "reserved"),
+            ("tap/0", "contains"),
+            ("tap 0", "contains"),
+        ] {
+            let err = Tap::open(name).expect_err(name).to_string();
+            assert!(err.contains(why), "{name:?}: {err}");
+            assert!(err.starts_with(&format!("--net tap={name}: ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_tap_is_an_error_not_a_new_tap() {
+        let name = format!("fbm{}", std::process::id());
+        let err = Tap::open(&name).expect_err("missing tap").to_string();
+        assert!(
+            err.starts_with(&format!(
+                "--net tap={name}: cannot open tap {name}: no such network interface"
+            )),
+            "{err}"
+        );
+        // SAFETY: a NUL-terminated name that outlives the call.
+        let index =
+            unsafe { libc::if_nametoindex(CString::new(name.clone()).expect("name").as_ptr()) };
+        assert_eq!(index, 0, "opening must not have created {name}");
+    }
+
+    #[test]
+    fn an_interface_that_is_not_a_tap_is_refused() {
+        // Loopback exists in every network namespace and is not a tap.
+        match Tap::open("lo") {
+            Ok(_) => panic!("lo opened as a tap"),
+            Err(err) => {
+                let err = err.to_string();
+                assert!(
+                    err.starts_with("--net tap=lo: cannot open tap lo: "),
+                    "{err}"
+                );
+            }
+        }
+    }
+}
