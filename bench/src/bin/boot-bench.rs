@@ -119,7 +119,10 @@ fn spawn(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Ru
         "qemu-microvm" | "qemu-pc" => {
             let mut c = Command::new("qemu-system-x86_64");
             let machine = if vmm == "qemu-pc" { "pc" } else { "microvm" };
-            c.args(["-M", machine, "-enable-kvm", "-cpu", "host,-cx16"])
+            // CX16 is hidden as fabric-vmm hides it; QEMU 7.2 cannot set IA32_ARCH_CAPABILITIES
+            // on a software-nested KVM and aborts unless the feature is off.
+            c.args(["-M", machine, "-enable-kvm"])
+                .args(["-cpu", "host,-cx16,-arch-capabilities"])
                 .args(["-m", &args.memory.to_string()])
                 .args(["-smp", &args.vcpus.to_string()])
                 .arg("-kernel")
@@ -136,10 +139,11 @@ fn spawn(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Ru
         }
         other => bail!("unknown VMM {other:?}: use fabric, qemu-microvm or qemu-pc"),
     };
+    let stderr = std::fs::File::create(dir.join("stderr.log"))?;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .with_context(|| format!("starting {vmm}"))?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -243,7 +247,18 @@ fn sample(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<S
         match running.lines.recv_timeout(left) {
             Ok(line) if line.contains(&image.marker) => break,
             Ok(_) => {}
-            Err(_) => bail!("{vmm}: no ready marker within {}s", args.timeout),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!("{vmm}: no ready marker within {}s", args.timeout)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = running.child.wait()?;
+                let stderr =
+                    std::fs::read_to_string(running.dir.join("stderr.log")).unwrap_or_default();
+                bail!(
+                    "{vmm} exited ({status}) before the ready marker: {}",
+                    stderr.trim()
+                )
+            }
         }
     }
     let boot = start.elapsed();
