@@ -231,7 +231,7 @@ impl Disk {
                 len: len as u32,
             })
             .collect();
-        if check_in_memory(mem, &status_buffers).is_err() {
+        if status_buffers.is_empty() || check_in_memory(mem, &status_buffers).is_err() {
             self.warn("status byte outside guest memory");
             return 0;
         }
@@ -657,6 +657,17 @@ mod tests {
         f.d.notify(0);
         assert_eq!(f.d.used(0, f.served), (u32::from(head), 0));
         f.served += 1;
+        f.assert_still_serves();
+        // Found by fuzzing: a writable buffer that runs past 2^64 put the status byte at a
+        // wrapped address (here 0xfff, inside guest RAM; an overflow panic in debug builds).
+        f.header(VIRTIO_BLK_T_IN, 0);
+        f.d.mem.write_obj(0xeeu8, GuestAddress(0xfff)).expect("canary");
+        let head = f.d.add_chain(0, &[(HDR, 16, R), (u64::MAX - 0xfff, 0x2000, W)]);
+        f.d.notify(0);
+        assert_eq!(f.d.used(0, f.served), (u32::from(head), 0));
+        f.served += 1;
+        let canary: u8 = f.d.mem.read_obj(GuestAddress(0xfff)).expect("canary");
+        assert_eq!(canary, 0xee, "status written at a wrapped address");
         f.assert_still_serves();
     }
 

@@ -113,7 +113,9 @@ pub fn check_in_memory(mem: &GuestMemoryMmap, buffers: &[Buffer]) -> Result<(), 
 }
 
 /// The pieces of guest memory that make up bytes `[offset, offset + len)` of `buffers` taken
-/// end to end. Stops early if the buffers are shorter.
+/// end to end. Stops early if the buffers are shorter, or at a piece whose address would wrap
+/// past the end of the address space (the buffers may not have been checked yet: virtio-blk
+/// locates its status byte first).
 pub fn pieces(buffers: &[Buffer], offset: u64, len: u64) -> Vec<(GuestAddress, usize)> {
     let mut out = Vec::new();
     let mut skip = offset;
@@ -128,8 +130,10 @@ pub fn pieces(buffers: &[Buffer], offset: u64, len: u64) -> Vec<(GuestAddress, u
             continue;
         }
         let take = (blen - skip).min(want);
-        // `skip < blen <= u32::MAX` and the buffer was checked to be in memory.
-        out.push((buffer.addr.unchecked_add(skip), take as usize));
+        let Some(addr) = buffer.addr.checked_add(skip) else {
+            break;
+        };
+        out.push((addr, take as usize));
         want -= take;
         skip = 0;
     }
@@ -353,6 +357,15 @@ mod tests {
             vec![(GuestAddress(0x100a), 6), (GuestAddress(0x2000), 4)]
         );
         assert!(pieces(&bufs, 1000, 10).is_empty());
+    }
+
+    #[test]
+    fn pieces_never_wrap_past_the_end_of_the_address_space() {
+        // Found by fuzzing (virtio_blk): the status byte of a buffer that starts 16 bytes
+        // below 2^64 lay at a wrapped, in-memory address.
+        let bufs = [buf(u64::MAX - 15, 0x1000)];
+        assert_eq!(pieces(&bufs, 8, 1), vec![(GuestAddress(u64::MAX - 7), 1)]);
+        assert!(pieces(&bufs, 0x20, 1).is_empty());
     }
 
     #[test]
