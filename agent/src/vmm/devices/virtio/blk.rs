@@ -661,8 +661,11 @@ mod tests {
         // Found by fuzzing: a writable buffer that runs past 2^64 put the status byte at a
         // wrapped address (here 0xfff, inside guest RAM; an overflow panic in debug builds).
         f.header(VIRTIO_BLK_T_IN, 0);
-        f.d.mem.write_obj(0xeeu8, GuestAddress(0xfff)).expect("canary");
-        let head = f.d.add_chain(0, &[(HDR, 16, R), (u64::MAX - 0xfff, 0x2000, W)]);
+        f.d.mem
+            .write_obj(0xeeu8, GuestAddress(0xfff))
+            .expect("canary");
+        let head =
+            f.d.add_chain(0, &[(HDR, 16, R), (u64::MAX - 0xfff, 0x2000, W)]);
         f.d.notify(0);
         assert_eq!(f.d.used(0, f.served), (u32::from(head), 0));
         f.served += 1;
