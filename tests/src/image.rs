@@ -19,6 +19,8 @@ pub const VMLINUX: &str = "vmlinux";
 pub const INITRAMFS: &str = "initramfs.cpio.gz";
 /// The ext4 root file system (same tree as the initramfs).
 pub const ROOTFS: &str = "rootfs.ext4";
+/// The freestanding device-test guest (`images/testguest`).
+pub const TESTGUEST: &str = "testguest.elf";
 
 /// The repository's root directory.
 pub fn repo_dir() -> PathBuf {

@@ -4,8 +4,8 @@
 
 use fabric_tests::image::{
     bzimage_kernel, embedded_config, parse_fragment, read_initramfs, sha256_file,
-    unmet_requirements, BzImageHeader, GuestMode, Image, KernelConfig, INITRAMFS, ROOTFS, VMLINUX,
-    VMLINUZ,
+    unmet_requirements, BzImageHeader, GuestMode, Image, KernelConfig, INITRAMFS, ROOTFS,
+    TESTGUEST, VMLINUX, VMLINUZ,
 };
 
 /// The image, or a failure telling how to build it (never a silent skip).
@@ -171,7 +171,8 @@ fn manifest_digests_and_sizes_match_the_files() {
     let image = image();
     let m = &image.manifest;
     assert_eq!(m.version, 1);
-    for name in [VMLINUZ, VMLINUX, INITRAMFS, ROOTFS] {
+    let expected = [VMLINUZ, VMLINUX, INITRAMFS, ROOTFS, TESTGUEST];
+    for name in expected {
         let info = m.file(name).expect("manifest entry");
         let path = image.path(name);
         let size = std::fs::metadata(&path)
@@ -186,7 +187,7 @@ fn manifest_digests_and_sizes_match_the_files() {
     }
     assert_eq!(
         m.files.len(),
-        4,
+        expected.len(),
         "unexpected files in manifest: {:?}",
         m.files.keys()
     );
