@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+use fabric_bench::median;
 
 #[derive(Parser, Debug)]
 #[command(about = "Boot time and memory of fabric-vmm against QEMU")]
@@ -288,19 +289,6 @@ fn sample(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<S
         boot,
         stop,
         overhead_kib,
-    })
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     })
 }
 

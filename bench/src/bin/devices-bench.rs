@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+use fabric_bench::median;
 
 /// IEEE 802 "local experimental" EtherType: what the test guest counts on RX.
 const ETHERTYPE_BENCH: u16 = 0x88b5;
@@ -690,19 +691,6 @@ fn sample(vmm: &str, args: &Args, workload: Workload, run: usize) -> anyhow::Res
         bytes,
         elapsed: end.duration_since(start),
         detail,
-    })
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     })
 }
 

@@ -24,14 +24,16 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::queue::{
     check_in_memory, file_to_guest, guest_to_file, read_from_guest, serve_queue, write_to_guest,
     Chain, ChainError,
 };
-use super::{read_config_bytes, ActivateError, DeviceError, Interrupt, VirtioDevice};
+use super::{
+    read_config_bytes, single_ready_queue, ActivateError, DeviceError, Interrupt, VirtioDevice,
+};
 
 /// Bytes per sector: the unit of `sector` in requests and of `capacity` in the config space.
 pub const SECTOR_SIZE: u64 = 512;
@@ -390,17 +392,11 @@ impl VirtioDevice for Block {
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Interrupt,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount(queues.len(), 1));
-        }
-        let queue = queues.remove(0);
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+        let queue = single_ready_queue(queues)?;
         self.active = Some(Active {
             mem,
             queue,

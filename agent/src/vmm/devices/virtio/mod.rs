@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -152,6 +152,18 @@ pub enum ActivateError {
     QueueCount(usize, usize),
     #[error("queue {0} is not ready")]
     QueueNotReady(usize),
+}
+
+/// The one queue of a single-queue device, checked to be ready.
+pub fn single_ready_queue(mut queues: Vec<Queue>) -> Result<Queue, ActivateError> {
+    if queues.len() != 1 {
+        return Err(ActivateError::QueueCount(queues.len(), 1));
+    }
+    let queue = queues.remove(0);
+    if !queue.ready() {
+        return Err(ActivateError::QueueNotReady(0));
+    }
+    Ok(queue)
 }
 
 /// A virtio device behind a transport. The transport checks every register access before it

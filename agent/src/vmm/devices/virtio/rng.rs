@@ -7,13 +7,13 @@
 //! outside guest memory is returned unused (length 0).
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::queue::{
     check_in_memory, pieces, serve_queue, total_len, write_to_guest, Chain, ChainError,
 };
-use super::{ActivateError, DeviceError, Interrupt, VirtioDevice};
+use super::{single_ready_queue, ActivateError, DeviceError, Interrupt, VirtioDevice};
 
 /// Entries in the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -144,17 +144,11 @@ impl VirtioDevice for Rng {
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Interrupt,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount(queues.len(), 1));
-        }
-        let queue = queues.remove(0);
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+        let queue = single_ready_queue(queues)?;
         self.active = Some(Active {
             mem,
             queue,
