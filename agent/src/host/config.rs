@@ -1,0 +1,372 @@
+//! The agent's configuration: a TOML file (`--config`), with command-line flags overriding it.
+//! Every field has a default that suits a bare-metal host run by systemd, except the
+//! controller's address, which has to be given.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::network::Subnet;
+
+/// Which backend runs the VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    /// Real guests: one fabric-vmm process per VM on /dev/kvm.
+    Kvm,
+    /// Simulated VMs (records only) for scale tests of the control plane.
+    Sim,
+}
+
+/// Host resources kept back from VMs.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Reserve {
+    #[serde(default)]
+    pub cpus: u32,
+    #[serde(default)]
+    pub memory_mib: u64,
+}
+
+/// Settings of the simulated backend.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Time from an assignment to the simulated VM running.
+    pub start_delay_ms: u64,
+    /// Share of its memory a simulated guest reports as in use (0..=100).
+    pub memory_used_percent: u8,
+    /// The capacity a hollow host announces (CPUs); 0: the real machine's.
+    pub cpus: u32,
+    /// The capacity a hollow host announces (memory, MiB); 0: the real machine's.
+    pub memory_mib: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            start_delay_ms: 500,
+            memory_used_percent: 40,
+            cpus: 0,
+            memory_mib: 0,
+        }
+    }
+}
+
+/// The file format: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    controller: Option<String>,
+    listen: Option<String>,
+    advertise: Option<String>,
+    name: Option<String>,
+    machine_id: Option<String>,
+    zone: Option<String>,
+    fault_domain: Option<u32>,
+    update_domain: Option<u32>,
+    data_dir: Option<PathBuf>,
+    hypervisor: Option<HypervisorKind>,
+    vmm_binary: Option<PathBuf>,
+    bridge: Option<String>,
+    network: Option<String>,
+    vm_subnet: Option<String>,
+    cgroup_parent: Option<String>,
+    stop_timeout_secs: Option<u64>,
+    reserve: Option<Reserve>,
+    labels: Option<BTreeMap<String, String>>,
+    sim: Option<SimConfig>,
+}
+
+/// Command-line flags; each overrides the file's key of the same name.
+#[derive(Debug, Default, clap::Parser)]
+#[command(
+    name = "fabric-agent",
+    version,
+    about = "The Fabric host agent: runs the VMs the fabric controller assigns to this host"
+)]
+pub struct Flags {
+    /// TOML configuration file (see agent/fabric-agent.toml in the repository).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The controller: `http://HOST:PORT` or `unix:/PATH`.
+    #[arg(long)]
+    pub controller: Option<String>,
+    /// Where to serve the Agent service: `HOST:PORT` or `unix:/PATH`.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Host name registered with the controller (default: the kernel's host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Stable machine identity (default: /etc/machine-id).
+    #[arg(long)]
+    pub machine_id: Option<String>,
+    /// Directory for images, VM directories and the agent's state.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// `kvm` (default) or `sim` (simulated VMs for scale tests).
+    #[arg(long, value_enum)]
+    pub hypervisor: Option<HypervisorKind>,
+    /// The fabric-vmm executable (default: next to fabric-agent, else on PATH).
+    #[arg(long)]
+    pub vmm_binary: Option<PathBuf>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub controller: String,
+    pub listen: String,
+    /// The Agent service address registered with the controller.
+    pub advertise: String,
+    pub name: String,
+    pub machine_id: String,
+    pub zone: String,
+    pub fault_domain: u32,
+    pub update_domain: u32,
+    pub data_dir: PathBuf,
+    pub hypervisor: HypervisorKind,
+    pub vmm_binary: PathBuf,
+    pub bridge: String,
+    pub network: String,
+    pub vm_subnet: Subnet,
+    pub cgroup_parent: String,
+    pub stop_timeout: Duration,
+    pub reserve: Reserve,
+    pub labels: BTreeMap<String, String>,
+    pub sim: SimConfig,
+}
+
+/// A configuration that cannot be used, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: {error}")]
+    Parse { path: PathBuf, error: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(message.into())
+}
+
+impl Config {
+    /// Reads `flags.config` (if given) and applies the flags over it.
+    pub fn load(flags: Flags) -> Result<Config, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                    path: path.clone(),
+                    error,
+                })?;
+                Self::parse_file(&text).map_err(|error| ConfigError::Parse {
+                    path: path.clone(),
+                    error,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(file, flags)
+    }
+
+    fn parse_file(text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Parses a TOML configuration without flags (for tests and tools).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let file = Self::parse_file(text).map_err(|error| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            error,
+        })?;
+        Self::merge(file, Flags::default())
+    }
+
+    fn merge(file: FileConfig, flags: Flags) -> Result<Config, ConfigError> {
+        let controller = flags
+            .controller
+            .or(file.controller)
+            .ok_or_else(|| invalid("no controller address: set `controller` or --controller"))?;
+        super::connect::Address::parse(&controller)
+            .map_err(|e| invalid(format!("controller: {e}")))?;
+        let listen = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "0.0.0.0:7071".to_string());
+        super::connect::Address::parse(&listen).map_err(|e| invalid(format!("listen: {e}")))?;
+        let advertise = file.advertise.unwrap_or_else(|| listen.clone());
+        let name = match flags.name.or(file.name) {
+            Some(name) => name,
+            None => read_trimmed("/proc/sys/kernel/hostname")
+                .map_err(|e| invalid(format!("name not set and no host name: {e}")))?,
+        };
+        if name.is_empty() || name.len() > 253 {
+            return Err(invalid(format!(
+                "name {name:?}: must be 1..=253 characters"
+            )));
+        }
+        let machine_id = match flags.machine_id.or(file.machine_id) {
+            Some(id) => id,
+            None => read_trimmed("/etc/machine-id").map_err(|e| {
+                invalid(format!(
+                    "machine_id not set and /etc/machine-id unreadable: {e}"
+                ))
+            })?,
+        };
+        if machine_id.is_empty() {
+            return Err(invalid("machine_id is empty"));
+        }
+        let vmm_binary = match flags.vmm_binary.or(file.vmm_binary) {
+            Some(path) => path,
+            None => default_vmm_binary(),
+        };
+        let subnet_text = file
+            .vm_subnet
+            .unwrap_or_else(|| "10.100.0.0/24".to_string());
+        let vm_subnet =
+            Subnet::parse(&subnet_text).map_err(|e| invalid(format!("vm_subnet: {e}")))?;
+        let bridge = file.bridge.unwrap_or_else(|| "fabric0".to_string());
+        super::network::check_ifname(&bridge).map_err(|e| invalid(format!("bridge: {e}")))?;
+        let cgroup_parent = file.cgroup_parent.unwrap_or_else(|| "fabric".to_string());
+        if !super::is_safe_name(&cgroup_parent) {
+            return Err(invalid(format!(
+                "cgroup_parent {cgroup_parent:?}: use letters, digits, '.', '_' and '-'"
+            )));
+        }
+        let sim = file.sim.unwrap_or_default();
+        if sim.memory_used_percent > 100 {
+            return Err(invalid("sim.memory_used_percent must be 0..=100"));
+        }
+        Ok(Config {
+            controller,
+            listen,
+            advertise,
+            name,
+            machine_id,
+            zone: file.zone.unwrap_or_default(),
+            fault_domain: file.fault_domain.unwrap_or(0),
+            update_domain: file.update_domain.unwrap_or(0),
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/fabric")),
+            hypervisor: flags
+                .hypervisor
+                .or(file.hypervisor)
+                .unwrap_or(HypervisorKind::Kvm),
+            vmm_binary,
+            bridge,
+            network: file.network.unwrap_or_else(|| "default".to_string()),
+            vm_subnet,
+            cgroup_parent,
+            stop_timeout: Duration::from_secs(file.stop_timeout_secs.unwrap_or(30)),
+            reserve: file.reserve.unwrap_or_default(),
+            labels: file.labels.unwrap_or_default(),
+            sim,
+        })
+    }
+
+    /// The gateway address VMs route through: the subnet's first host address, on the bridge.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.vm_subnet.gateway()
+    }
+}
+
+fn read_trimmed(path: impl AsRef<Path>) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
+}
+
+/// fabric-vmm next to this executable when it is there, else by name from PATH.
+fn default_vmm_binary() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let beside = dir.join("fabric-vmm");
+            if beside.is_file() {
+                return beside;
+            }
+        }
+    }
+    PathBuf::from("fabric-vmm")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses_and_flags_override_it() {
+        let text = r#"
+            controller = "http://10.0.0.1:7070"
+            listen = "unix:/run/fabric/agent.sock"
+            name = "host-1"
+            machine_id = "abc"
+            zone = "z1"
+            fault_domain = 3
+            update_domain = 1
+            data_dir = "/srv/fabric"
+            hypervisor = "sim"
+            bridge = "br-vms"
+            vm_subnet = "10.9.0.0/16"
+            cgroup_parent = "fabric-x"
+            stop_timeout_secs = 5
+            [reserve]
+            cpus = 2
+            memory_mib = 2048
+            [labels]
+            rack = "r7"
+            [sim]
+            start_delay_ms = 10
+        "#;
+        let file = Config::parse_file(text).expect("parses");
+        let flags = Flags {
+            name: Some("other".into()),
+            ..Flags::default()
+        };
+        let config = Config::merge(file, flags).expect("valid");
+        assert_eq!(config.name, "other");
+        assert_eq!(config.fault_domain, 3);
+        assert_eq!(config.hypervisor, HypervisorKind::Sim);
+        assert_eq!(config.reserve.memory_mib, 2048);
+        assert_eq!(config.labels["rack"], "r7");
+        assert_eq!(config.sim.start_delay_ms, 10);
+        assert_eq!(config.gateway(), Ipv4Addr::new(10, 9, 0, 1));
+        assert_eq!(config.stop_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let cases = [
+            ("controller = \"http://x:1\"\nbogus = 1", "unknown field"),
+            ("listen = \"x:1\"\nmachine_id = \"m\"\nname = \"n\"", "no controller"),
+            (
+                "controller = \"ftp://x\"\nmachine_id = \"m\"\nname = \"n\"",
+                "controller",
+            ),
+            (
+                "controller = \"unix:/c\"\nmachine_id = \"m\"\nname = \"n\"\nvm_subnet = \"10.0.0.0/31\"",
+                "vm_subnet",
+            ),
+            (
+                "controller = \"unix:/c\"\nmachine_id = \"m\"\nname = \"n\"\nbridge = \"a-very-long-bridge-name\"",
+                "bridge",
+            ),
+            (
+                "controller = \"unix:/c\"\nmachine_id = \"m\"\nname = \"n\"\ncgroup_parent = \"../x\"",
+                "cgroup_parent",
+            ),
+            ("controller = \"unix:/c\"\nhypervisor = \"xen\"", "hypervisor"),
+        ];
+        for (text, want) in cases {
+            let err = Config::from_toml(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+}

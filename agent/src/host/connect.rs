@@ -1,0 +1,110 @@
+//! Addresses of the controller and of the agent's own service: TCP (`http://HOST:PORT`,
+//! `HOST:PORT`) or a Unix socket (`unix:/PATH`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+/// A parsed address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// `http://host:port` (the form tonic connects to).
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl Address {
+    pub fn parse(text: &str) -> Result<Address, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if !path.starts_with('/') {
+                return Err(format!("{text:?}: a unix socket path must be absolute"));
+            }
+            return Ok(Address::Unix(PathBuf::from(path)));
+        }
+        let rest = if let Some(rest) = text.strip_prefix("http://") {
+            rest
+        } else if text.contains("://") {
+            return Err(format!(
+                "{text:?}: use http://HOST:PORT, HOST:PORT or unix:/PATH"
+            ));
+        } else {
+            text
+        };
+        let rest = rest.trim_end_matches('/');
+        match rest.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Address::Tcp(format!("http://{rest}")))
+            }
+            _ => Err(format!("{text:?}: expected HOST:PORT")),
+        }
+    }
+
+    /// `host:port` for binding a TCP listener.
+    pub fn socket_addr(&self) -> Option<&str> {
+        match self {
+            Address::Tcp(uri) => uri.strip_prefix("http://"),
+            Address::Unix(_) => None,
+        }
+    }
+}
+
+/// A channel that connects lazily (and reconnects) to `address`; calls fail fast while the
+/// peer is unreachable.
+pub fn lazy_channel(address: &Address) -> Channel {
+    let base = |uri: &str| {
+        Endpoint::from_shared(uri.to_string())
+            .expect("checked by Address::parse")
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+    };
+    match address {
+        Address::Tcp(uri) => base(uri).connect_lazy(),
+        Address::Unix(path) => {
+            let path = path.clone();
+            base("http://controller.invalid").connect_with_connector_lazy(tower::service_fn(
+                move |_| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    }
+                },
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            Address::parse("http://10.0.0.1:7070").unwrap(),
+            Address::Tcp("http://10.0.0.1:7070".into())
+        );
+        assert_eq!(
+            Address::parse("localhost:1").unwrap(),
+            Address::Tcp("http://localhost:1".into())
+        );
+        assert_eq!(
+            Address::parse("unix:/run/x.sock").unwrap(),
+            Address::Unix("/run/x.sock".into())
+        );
+        assert_eq!(
+            Address::parse("unix:///run/x.sock").unwrap(),
+            Address::Unix("/run/x.sock".into())
+        );
+        for bad in ["unix:rel", "https://x:1", "x", "x:notaport", ":80", ""] {
+            assert!(Address::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

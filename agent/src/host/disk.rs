@@ -1,0 +1,131 @@
+//! A VM's private disks: copies of cached images, made copy-on-write where the filesystem can
+//! (reflink, `FICLONE`), otherwise as sparse copies that skip the image's holes; and new
+//! zero-filled sparse disks.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// Copies `src` to a new file `dst` (which must not exist), sharing blocks if possible.
+pub fn copy_image(src: &Path, dst: &Path) -> Result<(), String> {
+    let tmp = dst.with_extension("partial");
+    let result = (|| {
+        let from = File::open(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
+        let to = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        // SAFETY: FICLONE takes the source fd as its argument; both fds are open files.
+        let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) } == 0;
+        if !cloned {
+            sparse_copy(&from, &to)
+                .map_err(|e| format!("cannot copy {} to {}: {e}", src.display(), tmp.display()))?;
+        }
+        to.sync_all()
+            .map_err(|e| format!("cannot sync {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, dst).map_err(|e| format!("cannot rename to {}: {e}", dst.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Copies the data extents of `from` into `to` with copy_file_range, leaving holes as holes.
+fn sparse_copy(from: &File, to: &File) -> std::io::Result<()> {
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let mut offset: i64 = 0;
+    let end = len as i64;
+    while offset < end {
+        // SAFETY: lseek on an open fd; no memory is touched.
+        let data = unsafe { libc::lseek(from.as_raw_fd(), offset, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole is left
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { hole.min(end) };
+        let mut src_off = data;
+        let mut dst_off = data;
+        while src_off < hole {
+            let chunk = (hole - src_off) as usize;
+            // SAFETY: copy_file_range between two open fds with valid offset pointers.
+            let n = unsafe {
+                libc::copy_file_range(
+                    from.as_raw_fd(),
+                    &mut src_off,
+                    to.as_raw_fd(),
+                    &mut dst_off,
+                    chunk,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "source shrank during the copy",
+                ));
+            }
+        }
+        offset = hole;
+    }
+    Ok(())
+}
+
+/// Creates a zero-filled sparse disk of `size_mib` at `path` (kept if it already exists).
+pub fn create_sparse(path: &Path, size_mib: u64) -> Result<(), String> {
+    if path.exists() {
+        return Ok(());
+    }
+    let size = size_mib
+        .checked_mul(1024 * 1024)
+        .ok_or_else(|| format!("disk size {size_mib} MiB is too large"))?;
+    let file = File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    file.set_len(size)
+        .map_err(|e| format!("cannot size {} to {size_mib} MiB: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn copies_keep_contents_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.img");
+        let mut f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&[0xab; 8192]).unwrap();
+        f.seek(SeekFrom::Start(40 << 20)).unwrap();
+        f.write_all(b"tail").unwrap();
+        drop(f);
+        let dst = dir.path().join("dst.img");
+        copy_image(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        // 64 MiB apparent, a few blocks allocated (or shared).
+        assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 4 << 20);
+        assert!(
+            copy_image(&dir.path().join("missing"), &dir.path().join("x"))
+                .unwrap_err()
+                .contains("missing")
+        );
+        create_sparse(&dir.path().join("new.img"), 10).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join("new.img")).unwrap().len(),
+            10 << 20
+        );
+    }
+}

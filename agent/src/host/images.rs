@@ -1,0 +1,182 @@
+//! The host's content-addressed image cache: `<data_dir>/images/<sha256>`, filled from the
+//! controller's Images service and verified before use. A file in the cache is complete and
+//! verified by construction: downloads go to a temporary name and are renamed only after the
+//! digest matched.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use fabric_proto::v1::images_client::ImagesClient;
+use fabric_proto::v1::pull_image_response::Part;
+use fabric_proto::v1::PullImageRequest;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tonic::transport::Channel;
+
+/// Checks that `digest` is a sha256 as fabric.v1 writes them: 64 lowercase hex characters.
+pub fn check_sha256(digest: &str) -> Result<(), String> {
+    if digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{digest:?} is not a sha256 (64 lowercase hex characters)"
+        ))
+    }
+}
+
+/// The cache.
+pub struct ImageCache {
+    dir: PathBuf,
+    channel: Channel,
+    /// One download at a time per digest.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ImageCache {
+    pub fn new(dir: PathBuf, channel: Channel) -> ImageCache {
+        ImageCache {
+            dir,
+            channel,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn path_of(&self, digest: &str) -> PathBuf {
+        self.dir.join(digest)
+    }
+
+    /// The cached file with this digest, downloaded first if needed.
+    pub async fn ensure(&self, digest: &str) -> Result<PathBuf, String> {
+        check_sha256(digest)?;
+        let path = self.path_of(digest);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(digest.to_string()).or_default().clone()
+        };
+        let _held = lock.lock().await;
+        if path.is_file() {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        let partial = self.dir.join(format!(".partial-{digest}"));
+        let result = self.download(digest, &partial).await;
+        match result {
+            Ok(()) => {
+                std::fs::rename(&partial, &path)
+                    .map_err(|e| format!("cannot store image {digest}: {e}"))?;
+                Ok(path)
+            }
+            Err(err) => {
+                let _ = std::fs::remove_file(&partial);
+                Err(err)
+            }
+        }
+    }
+
+    async fn download(&self, digest: &str, partial: &Path) -> Result<(), String> {
+        let short = &digest[..12];
+        let mut client = ImagesClient::new(self.channel.clone());
+        let response = client
+            .pull_image(PullImageRequest {
+                sha256: digest.to_string(),
+                offset: 0,
+            })
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::NotFound => {
+                    format!("image sha256 {digest} not found on the controller")
+                }
+                _ => format!("cannot pull image {short}: {}", status.message()),
+            })?;
+        let mut stream = response.into_inner();
+        let header = match stream.message().await {
+            Ok(Some(fabric_proto::v1::PullImageResponse {
+                part: Some(Part::Header(header)),
+            })) => header,
+            Ok(_) => {
+                return Err(format!(
+                    "pull of image {short}: the stream did not start with a header"
+                ))
+            }
+            Err(status) => return Err(format!("pull of image {short}: {}", status.message())),
+        };
+        if header.sha256 != digest || header.offset != 0 {
+            return Err(format!(
+                "pull of image {short}: the controller sent {} at offset {} instead",
+                header.sha256, header.offset
+            ));
+        }
+        let mut file = tokio::fs::File::create(partial)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+        let mut hasher = Sha256::new();
+        let mut received: u64 = 0;
+        loop {
+            let message = stream
+                .message()
+                .await
+                .map_err(|status| format!("pull of image {short}: {}", status.message()))?;
+            let Some(message) = message else { break };
+            let Some(Part::Data(data)) = message.part else {
+                return Err(format!(
+                    "pull of image {short}: a second header in the stream"
+                ));
+            };
+            received += data.len() as u64;
+            if received > header.size_bytes {
+                return Err(format!(
+                    "pull of image {short}: more than the announced {} bytes",
+                    header.size_bytes
+                ));
+            }
+            hasher.update(&data);
+            file.write_all(&data)
+                .await
+                .map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+        }
+        if received != header.size_bytes {
+            return Err(format!(
+                "pull of image {short}: {received} bytes received, {} announced",
+                header.size_bytes
+            ));
+        }
+        let got = hex::encode(hasher.finalize());
+        if got != digest {
+            return Err(format!(
+                "image sha256 mismatch: asked for {digest}, received data with sha256 {got}"
+            ));
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| format!("cannot sync {}: {e}", partial.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_checked() {
+        check_sha256(&"a".repeat(64)).unwrap();
+        for bad in [
+            "",
+            "A".repeat(64).as_str(),
+            &"a".repeat(63),
+            &"g".repeat(64),
+            "../../etc/passwd",
+        ] {
+            assert!(check_sha256(bad).is_err(), "{bad}");
+        }
+    }
+}

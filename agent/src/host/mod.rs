@@ -1,0 +1,416 @@
+//! `fabric-agent`: the host daemon. It registers the host with the controller, keeps its lease
+//! alive with heartbeats, and turns the host's assignments into running VMs.
+//!
+//! - [`link`]: the controller connection: registration, heartbeats, the lease and its fence,
+//!   the assignment stream.
+//! - [`vm`]: one supervising task per VM: prepare, start, watch, restart by policy, stop,
+//!   clean up; every transition reported.
+//! - [`backend`]: the [`backend::Hypervisor`] trait, implemented by [`kvm`] (fabric-vmm
+//!   processes) and [`sim`] (simulated VMs for scale tests).
+//! - [`images`], [`disk`], [`network`], [`cgroup`]: what a VM is given on the host.
+//! - [`record`]: what survives an agent restart, on disk; [`process`]: watching VMM processes
+//!   the agent may not have started itself (pidfds).
+//! - [`service`]: the Agent gRPC service for operators on the host.
+//!
+//! Restart safety: a VM's VMM runs in its own session and cgroup, and everything the agent
+//! knows about it is in `<data_dir>/vms/<vm_id>/vm.json`; the lease's expiry is in
+//! `<data_dir>/lease.json` on the boot-time clock. A new agent process reads both, re-adopts
+//! the running VMMs and carries on; SIGTERM ends only the agent.
+
+pub mod backend;
+pub mod cgroup;
+pub mod config;
+pub mod connect;
+pub mod disk;
+pub mod images;
+pub mod kvm;
+pub mod link;
+pub mod network;
+pub mod process;
+pub mod record;
+pub mod service;
+pub mod sim;
+pub mod vm;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use fabric_proto::v1::{Assignment, AssignmentUpdate, ObservedPhase, ObservedVm, Resources};
+use tokio::sync::watch;
+
+use backend::Hypervisor;
+use config::{Config, HypervisorKind};
+use record::VmRecord;
+use vm::{Supervisor, VmView};
+
+/// True for names safe as one path component and in logs: 1..=128 of `[A-Za-z0-9._-]`, not
+/// `.` or `..`. VM ids from the controller must pass before they name a directory.
+pub fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+struct VmEntry {
+    desired: watch::Sender<Option<Assignment>>,
+    view: Arc<Mutex<VmView>>,
+}
+
+/// Why VMs may not run: the lease is not valid, or it lapsed and the controller's
+/// assignments have not been read again since.
+#[derive(Debug, Clone, Default)]
+pub struct FenceState {
+    pub lease_valid: bool,
+    pub need_sync: bool,
+    /// Bumped at each fencing; a watch stream opened before it cannot lift the fence.
+    pub epoch: u64,
+}
+
+impl FenceState {
+    pub fn fenced(&self) -> bool {
+        !self.lease_valid || self.need_sync
+    }
+}
+
+/// The agent's shared state.
+pub struct Host {
+    pub config: Config,
+    pub backend: Arc<dyn Hypervisor>,
+    vms: Mutex<BTreeMap<String, VmEntry>>,
+    /// Assignments refused before they became VMs (e.g. an unusable id), reported as FAILED.
+    rejected: Mutex<BTreeMap<String, String>>,
+    fence_state: Mutex<FenceState>,
+    fence: watch::Sender<bool>,
+    generation: Mutex<u64>,
+}
+
+impl Host {
+    pub fn new(config: Config, backend: Arc<dyn Hypervisor>, lease_valid: bool) -> Arc<Host> {
+        let state = FenceState {
+            lease_valid,
+            need_sync: !lease_valid,
+            epoch: 0,
+        };
+        let (fence, _) = watch::channel(state.fenced());
+        Arc::new(Host {
+            config,
+            backend,
+            vms: Mutex::new(BTreeMap::new()),
+            rejected: Mutex::new(BTreeMap::new()),
+            fence_state: Mutex::new(state),
+            fence,
+            generation: Mutex::new(0),
+        })
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.config.data_dir.join("vms")
+    }
+
+    /// True while VMs must not run.
+    pub fn fence_rx(&self) -> watch::Receiver<bool> {
+        self.fence.subscribe()
+    }
+
+    pub fn fence_state(&self) -> FenceState {
+        self.fence_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Changes the fence state and publishes whether VMs must stop.
+    pub fn update_fence(&self, f: impl FnOnce(&mut FenceState)) {
+        let mut state = self.fence_state.lock().unwrap_or_else(|e| e.into_inner());
+        let was = state.fenced();
+        f(&mut state);
+        let now = state.fenced();
+        if was != now {
+            if now {
+                tracing::warn!("fenced: VMs on this host are stopped until the lease is renewed and the assignments are read again");
+            } else {
+                tracing::info!("lease valid and assignments current: VMs may run");
+            }
+        }
+        self.fence.send_replace(now);
+    }
+
+    /// Reads the VM records left on disk, re-adopts running VMMs and starts a supervisor for
+    /// each VM. Called once at start-up, before the controller is reached.
+    pub fn load_vms(self: &Arc<Self>) {
+        let dir = self.vms_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot read VM records");
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            let vm_dir = entry.path();
+            let Some(vm_id) = vm_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            if !is_safe_name(&vm_id) || !vm_dir.is_dir() {
+                continue;
+            }
+            let record = match VmRecord::load(&vm_dir) {
+                Ok(record) => record,
+                Err(err) => {
+                    tracing::error!(vm = %vm_id, error = %err, "unreadable VM record; leaving the directory alone");
+                    continue;
+                }
+            };
+            let instance = self.backend.adopt(&record, &vm_dir);
+            match &instance {
+                Some(i) => tracing::info!(vm = %vm_id, pid = i.pid(), "re-adopted a running VM"),
+                None if record.pid.is_some() => {
+                    tracing::warn!(vm = %vm_id, pid = ?record.pid, "the VM's VMM is no longer running")
+                }
+                None => {}
+            }
+            let assignment = record.assignment();
+            self.spawn_vm(vm_id, assignment, record, instance);
+        }
+    }
+
+    fn spawn_vm(
+        self: &Arc<Self>,
+        vm_id: String,
+        assignment: Option<Assignment>,
+        mut record: VmRecord,
+        instance: Option<Box<dyn backend::Instance>>,
+    ) {
+        let dir = self.vms_dir().join(&vm_id);
+        let (desired_tx, desired_rx) = watch::channel(assignment.clone());
+        let console = dir.join(kvm::CONSOLE_LOG);
+        let view = Arc::new(Mutex::new(VmView {
+            assignment,
+            observed: ObservedVm {
+                vm_id: vm_id.clone(),
+                phase: ObservedPhase::Starting as i32,
+                restart_count: record.restart_count,
+                last_error: record.last_error.clone(),
+                ..Default::default()
+            },
+            socket: None,
+            console: (self.config.hypervisor == HypervisorKind::Kvm).then_some(console),
+        }));
+        if record.pid.is_some() && instance.is_none() {
+            record.pid = None;
+            record.pid_start_ticks = None;
+        }
+        self.vms.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            vm_id.clone(),
+            VmEntry {
+                desired: desired_tx,
+                view: view.clone(),
+            },
+        );
+        let supervisor = Supervisor {
+            host: self.clone(),
+            vm_id,
+            dir,
+            desired: desired_rx,
+            view,
+            record,
+            instance,
+        };
+        tokio::spawn(supervisor.run());
+    }
+
+    /// Called by a supervisor after it removed its VM: forgets the VM unless it was assigned
+    /// again meanwhile.
+    fn forget_if_removed(
+        &self,
+        vm_id: &str,
+        desired: &watch::Receiver<Option<Assignment>>,
+    ) -> bool {
+        let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        if desired.borrow().is_some() {
+            return false;
+        }
+        vms.remove(vm_id);
+        true
+    }
+
+    /// Applies one message of the assignment stream. `epoch` is the fence epoch when the
+    /// stream was opened.
+    pub fn apply(self: &Arc<Self>, update: AssignmentUpdate, epoch: u64) {
+        {
+            let mut generation = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+            let stale = if update.full {
+                update.generation < *generation
+            } else {
+                update.generation <= *generation
+            };
+            if stale {
+                tracing::warn!(
+                    got = update.generation,
+                    have = *generation,
+                    "ignoring an assignment update older than the one applied"
+                );
+                return;
+            }
+            *generation = update.generation;
+        }
+        let mut removed: Vec<String> = update.removed_vm_ids.clone();
+        if update.full {
+            let wanted: HashSet<&str> = update.upserts.iter().map(|a| a.vm_id.as_str()).collect();
+            let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+            removed.extend(
+                vms.keys()
+                    .filter(|id| !wanted.contains(id.as_str()))
+                    .cloned(),
+            );
+            self.rejected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+        for vm_id in removed {
+            let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = vms.get(&vm_id) {
+                entry.desired.send_replace(None);
+            }
+            self.rejected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&vm_id);
+        }
+        for assignment in update.upserts {
+            let vm_id = assignment.vm_id.clone();
+            if !is_safe_name(&vm_id) {
+                let shown: String = vm_id.chars().take(128).collect();
+                tracing::error!(vm = ?shown, "refusing an assignment with an unusable VM id");
+                self.rejected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(
+                        shown,
+                        "VM id unusable on a host: 1..=128 of letters, digits, '.', '_', '-'"
+                            .to_string(),
+                    );
+                continue;
+            }
+            let existing = {
+                let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+                vms.get(&vm_id).map(|entry| entry.desired.clone())
+            };
+            match existing {
+                Some(desired) => {
+                    desired.send_replace(Some(assignment));
+                }
+                None => {
+                    let record = VmRecord::new(&vm_id, self.backend.name());
+                    self.spawn_vm(vm_id, Some(assignment), record, None);
+                }
+            }
+        }
+        if update.full {
+            let state = self.fence_state();
+            if state.need_sync && state.epoch == epoch && state.lease_valid {
+                self.update_fence(|s| s.need_sync = false);
+            }
+        }
+    }
+
+    /// The generation of the assignments applied last.
+    pub fn generation(&self) -> u64 {
+        *self.generation.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every VM as the agent sees it, ordered by id.
+    pub fn views(&self) -> Vec<VmView> {
+        let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        vms.values()
+            .map(|e| e.view.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    pub fn view(&self, vm_id: &str) -> Option<VmView> {
+        let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        vms.get(vm_id)
+            .map(|e| e.view.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Observed state of every VM, for a heartbeat, with refused assignments as FAILED.
+    pub fn observed(&self) -> Vec<ObservedVm> {
+        let mut all: Vec<ObservedVm> = self.views().into_iter().map(|v| v.observed).collect();
+        let rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
+        all.extend(rejected.iter().map(|(vm_id, error)| ObservedVm {
+            vm_id: vm_id.clone(),
+            phase: ObservedPhase::Failed as i32,
+            message: "assignment refused".to_string(),
+            last_error: error.clone(),
+            ..Default::default()
+        }));
+        all
+    }
+
+    /// The machine's resources (or the simulated host's).
+    pub fn capacity(&self) -> Resources {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let memory_mib = meminfo_kib("MemTotal").unwrap_or(0) / 1024;
+        let sim = &self.config.sim;
+        if self.config.hypervisor == HypervisorKind::Sim {
+            Resources {
+                cpus: if sim.cpus > 0 { sim.cpus } else { cpus },
+                memory_mib: if sim.memory_mib > 0 {
+                    sim.memory_mib
+                } else {
+                    memory_mib
+                },
+            }
+        } else {
+            Resources { cpus, memory_mib }
+        }
+    }
+
+    pub fn allocatable(&self) -> Resources {
+        let capacity = self.capacity();
+        Resources {
+            cpus: capacity.cpus.saturating_sub(self.config.reserve.cpus),
+            memory_mib: capacity
+                .memory_mib
+                .saturating_sub(self.config.reserve.memory_mib),
+        }
+    }
+}
+
+/// A `/proc/meminfo` field in KiB.
+pub fn meminfo_kib(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_ids_that_could_escape_a_directory_are_refused() {
+        for good in ["vm-1", "a", "VM_2.x", &"a".repeat(128)] {
+            assert!(is_safe_name(good), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "é", &"a".repeat(129)] {
+            assert!(!is_safe_name(bad), "{bad}");
+        }
+        assert!(meminfo_kib("MemTotal").unwrap() > 0);
+    }
+}

@@ -1,0 +1,394 @@
+//! One task per VM: it owns the VM's record and running instance, and converges them to what
+//! the controller wants (the assignment, received through a watch channel) and what the lease
+//! allows (the fence). Every transition is written to the record on disk and to the VM's
+//! observed state, which heartbeats and the Agent service report.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use fabric_proto::v1::{Assignment, DesiredState, ObservedPhase, ObservedVm, RestartPolicy};
+use tokio::sync::watch;
+
+use super::backend::{Instance, StartRequest};
+use super::record::VmRecord;
+use super::Host;
+
+/// How often a running instance is looked at.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// An instance that ran this long before exiting resets the back-off.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// Longest wait between restarts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Graceful-shutdown time when the lease has expired (the controller may place the VM
+/// elsewhere soon: it must be gone first).
+const FENCE_STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the agent knows of a VM, for heartbeats and the Agent service.
+#[derive(Debug, Clone, Default)]
+pub struct VmView {
+    pub assignment: Option<Assignment>,
+    pub observed: ObservedVm,
+    pub socket: Option<PathBuf>,
+    pub console: Option<PathBuf>,
+}
+
+/// The wait before restart attempt `failures` (1, 2, ...): 0.5 s doubling up to 30 s.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    (Duration::from_millis(500) * (1u32 << exp)).min(MAX_BACKOFF)
+}
+
+/// Whether an exit is followed by a restart under `policy`.
+pub fn restarts(policy: RestartPolicy, clean: bool) -> bool {
+    match policy {
+        RestartPolicy::Never => false,
+        RestartPolicy::OnFailure => !clean,
+        RestartPolicy::Always | RestartPolicy::Unspecified => true,
+    }
+}
+
+pub(super) struct Supervisor {
+    pub host: Arc<Host>,
+    pub vm_id: String,
+    pub dir: PathBuf,
+    pub desired: watch::Receiver<Option<Assignment>>,
+    pub view: Arc<Mutex<VmView>>,
+    pub record: VmRecord,
+    pub instance: Option<Box<dyn Instance>>,
+}
+
+enum Wake {
+    Changed,
+    Gone,
+}
+
+impl Supervisor {
+    fn observe(&self, f: impl FnOnce(&mut ObservedVm)) {
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut view.observed);
+    }
+
+    fn set_phase(&self, phase: ObservedPhase, message: impl Into<String>) {
+        let message = message.into();
+        let vm_id = &self.vm_id;
+        tracing::info!(vm = %vm_id, phase = ?phase, "{message}");
+        self.observe(|o| {
+            o.phase = phase as i32;
+            o.message = message;
+        });
+    }
+
+    fn set_error(&mut self, error: &str) {
+        self.record.last_error = error.to_string();
+        let error = error.to_string();
+        self.observe(|o| o.last_error = error);
+    }
+
+    fn save(&self) {
+        if let Err(err) = self.record.save(&self.dir) {
+            tracing::error!(vm = %self.vm_id, error = %err, "cannot save the VM record");
+        }
+    }
+
+    fn instance_gone(&mut self) {
+        self.record.pid = None;
+        self.record.pid_start_ticks = None;
+        self.record.started_at_ms = None;
+        self.observe(|o| {
+            o.pid = 0;
+            o.started_at = None;
+            o.memory = None;
+        });
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        view.socket = None;
+    }
+
+    fn instance_started(&mut self) {
+        let Some(instance) = &self.instance else {
+            return;
+        };
+        let pid = instance.pid();
+        let started = instance.started_at();
+        let socket = instance.socket_path();
+        self.observe(|o| {
+            o.pid = pid;
+            o.started_at = Some(prost_types::Timestamp::from(started));
+        });
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        view.socket = socket;
+    }
+
+    /// Waits for the assignment or the fence to change (or for `deadline`).
+    async fn wait_change(&mut self, deadline: Option<Instant>) -> Wake {
+        let mut fence = self.host.fence_rx();
+        fence.borrow_and_update();
+        let sleep = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => futures::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = self.desired.changed() => if changed.is_err() { Wake::Gone } else { Wake::Changed },
+            _ = fence.changed() => Wake::Changed,
+            _ = sleep => Wake::Changed,
+        }
+    }
+
+    pub async fn run(mut self) {
+        if self.instance.is_some() {
+            self.instance_started();
+            self.set_phase(ObservedPhase::Running, "re-adopted a running fabric-vmm");
+        }
+        let mut failures: u32 = 0;
+        let mut retry_at: Option<Instant> = None;
+        // Set when the restart policy left the VM stopped: the generation it stopped at.
+        let mut held: Option<u64> = None;
+        let mut restarting = false;
+        let mut probe = tokio::time::interval(PROBE_INTERVAL);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let want = self.desired.borrow_and_update().clone();
+            let fenced = *self.host.fence_rx().borrow();
+            let Some(assignment) = want else {
+                if self.remove().await {
+                    return;
+                }
+                continue;
+            };
+            if self.record.assignment().as_ref() != Some(&assignment) {
+                self.record.set_assignment(&assignment);
+                self.save();
+            }
+            {
+                let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+                view.assignment = Some(assignment.clone());
+                view.observed.generation = assignment.generation;
+            }
+            if held.is_some_and(|g| g != assignment.generation) {
+                held = None;
+                failures = 0;
+                retry_at = None;
+            }
+            let stopped_wanted = assignment.desired_state() == DesiredState::Stopped;
+            if stopped_wanted || fenced || held.is_some() {
+                if let Some(mut instance) = self.instance.take() {
+                    let (timeout, why) = if fenced {
+                        (FENCE_STOP_TIMEOUT, "lease expired: stopping (fenced)")
+                    } else {
+                        (
+                            self.host.config.stop_timeout,
+                            "stopping: desired state STOPPED",
+                        )
+                    };
+                    self.set_phase(ObservedPhase::Stopping, why);
+                    let exit = instance.stop(timeout).await;
+                    tracing::info!(vm = %self.vm_id, "{}", exit.description);
+                    self.instance_gone();
+                    self.save();
+                    if fenced {
+                        self.set_error(
+                            "fenced: the host's lease expired (controller unreachable); the VM was stopped",
+                        );
+                    }
+                    self.set_phase(
+                        ObservedPhase::Stopped,
+                        if fenced {
+                            "stopped by the fence: the host's lease expired"
+                        } else {
+                            "stopped as desired"
+                        },
+                    );
+                } else if fenced {
+                    self.set_phase(
+                        ObservedPhase::Stopped,
+                        "not running: waiting for a valid lease and the controller's assignments",
+                    );
+                } else if stopped_wanted {
+                    self.set_phase(ObservedPhase::Stopped, "stopped as desired");
+                }
+                if let Wake::Gone = self.wait_change(None).await {
+                    return;
+                }
+                continue;
+            }
+
+            if self.instance.is_none() {
+                if let Some(t) = retry_at {
+                    if Instant::now() < t {
+                        if let Wake::Gone = self.wait_change(Some(t)).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    retry_at = None;
+                }
+                match self.start(&assignment).await {
+                    Ok(()) => {
+                        if restarting {
+                            self.record.restart_count += 1;
+                            let count = self.record.restart_count;
+                            self.observe(|o| o.restart_count = count);
+                        }
+                        restarting = false;
+                        self.save();
+                    }
+                    Err(err) => {
+                        failures += 1;
+                        let wait = backoff(failures);
+                        retry_at = Some(Instant::now() + wait);
+                        self.set_error(&err);
+                        self.save();
+                        self.set_phase(
+                            ObservedPhase::Failed,
+                            format!("start failed; retrying in {:.1} s", wait.as_secs_f64()),
+                        );
+                        continue;
+                    }
+                }
+            }
+
+            let Some(instance) = self.instance.as_mut() else {
+                continue;
+            };
+            tokio::select! {
+                exit = instance.exited() => {
+                    let ran = instance.started_at().elapsed().unwrap_or_default();
+                    self.instance = None;
+                    self.instance_gone();
+                    if ran >= STABLE_AFTER {
+                        failures = 0;
+                    }
+                    if !exit.clean {
+                        self.set_error(&exit.description);
+                    }
+                    let policy = assignment
+                        .spec
+                        .as_ref()
+                        .map(|s| s.restart_policy())
+                        .unwrap_or(RestartPolicy::Unspecified);
+                    if restarts(policy, exit.clean) {
+                        failures += 1;
+                        let wait = backoff(failures);
+                        retry_at = Some(Instant::now() + wait);
+                        restarting = true;
+                        self.set_phase(
+                            ObservedPhase::Starting,
+                            format!("{}; restarting in {:.1} s (policy {})", exit.description, wait.as_secs_f64(), policy.as_str_name()),
+                        );
+                    } else {
+                        held = Some(assignment.generation);
+                        let phase = if exit.clean { ObservedPhase::Stopped } else { ObservedPhase::Failed };
+                        self.set_phase(phase, format!("{}; not restarted (policy {})", exit.description, policy.as_str_name()));
+                    }
+                    self.save();
+                }
+                changed = self.desired.changed() => if changed.is_err() { return },
+                _ = fence_changed(&self.host) => {},
+                _ = probe.tick() => {
+                    let seen = instance.probe().await;
+                    let phase = if seen.running { ObservedPhase::Running } else { ObservedPhase::Starting };
+                    let message = seen.message.unwrap_or_else(|| if seen.running { "running".into() } else { "booting".into() });
+                    self.observe(|o| {
+                        o.phase = phase as i32;
+                        o.message = message;
+                        o.memory = seen.memory;
+                    });
+                }
+            }
+        }
+    }
+
+    async fn start(&mut self, assignment: &Assignment) -> Result<(), String> {
+        let spec = assignment
+            .spec
+            .clone()
+            .ok_or_else(|| "assignment without a spec".to_string())?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        self.set_phase(ObservedPhase::Starting, "preparing");
+        let view = self.view.clone();
+        let vm_id = self.vm_id.clone();
+        let progress = move |message: &str| {
+            tracing::info!(vm = %vm_id, "{message}");
+            let mut view = view.lock().unwrap_or_else(|e| e.into_inner());
+            view.observed.message = message.to_string();
+        };
+        let backend = self.host.backend.clone();
+        let result = backend
+            .start(StartRequest {
+                spec: &spec,
+                dir: self.dir.clone(),
+                record: &mut self.record,
+                progress: &progress,
+            })
+            .await;
+        // Whatever was allocated before a failure is in the record, for cleanup.
+        self.save();
+        let instance = result?;
+        self.instance = Some(instance);
+        self.instance_started();
+        self.set_phase(ObservedPhase::Starting, "booting");
+        Ok(())
+    }
+
+    /// Stops and forgets the VM. Returns false when it was assigned again meanwhile.
+    async fn remove(&mut self) -> bool {
+        if let Some(mut instance) = self.instance.take() {
+            self.set_phase(ObservedPhase::Stopping, "removed from this host: stopping");
+            let exit = instance.stop(self.host.config.stop_timeout).await;
+            tracing::info!(vm = %self.vm_id, "{}", exit.description);
+            self.instance_gone();
+        }
+        let backend = self.host.backend.clone();
+        if let Err(err) = backend.cleanup(&self.record).await {
+            tracing::error!(vm = %self.vm_id, error = %err, "cleanup incomplete");
+        }
+        if let Err(err) = std::fs::remove_dir_all(&self.dir) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                tracing::error!(vm = %self.vm_id, dir = %self.dir.display(), error = %err, "cannot remove the VM directory");
+            }
+        }
+        if self.host.forget_if_removed(&self.vm_id, &self.desired) {
+            tracing::info!(vm = %self.vm_id, "removed");
+            return true;
+        }
+        self.record = VmRecord::new(&self.vm_id, self.host.backend.name());
+        false
+    }
+}
+
+async fn fence_changed(host: &Host) {
+    let mut fence = host.fence_rx();
+    fence.borrow_and_update();
+    let _ = fence.changed().await;
+}
+
+/// The current time as a protobuf timestamp.
+pub fn now_timestamp() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(2), Duration::from_secs(1));
+        assert_eq!(backoff(4), Duration::from_secs(4));
+        assert_eq!(backoff(10), MAX_BACKOFF);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn policies() {
+        assert!(restarts(RestartPolicy::Always, true));
+        assert!(restarts(RestartPolicy::Unspecified, false));
+        assert!(restarts(RestartPolicy::OnFailure, false));
+        assert!(!restarts(RestartPolicy::OnFailure, true));
+        assert!(!restarts(RestartPolicy::Never, false));
+    }
+}
