@@ -1,1 +1,3 @@
 //! The Fabric controller.
+
+pub mod scheduler;
