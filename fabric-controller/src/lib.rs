@@ -1,3 +1,4 @@
 //! The Fabric controller.
 
 pub mod scheduler;
+pub mod store;
