@@ -158,6 +158,9 @@ impl Supervisor {
                 continue;
             };
             if self.record.assignment().as_ref() != Some(&assignment) {
+                if let Err(err) = std::fs::create_dir_all(&self.dir) {
+                    tracing::error!(vm = %self.vm_id, dir = %self.dir.display(), error = %err, "cannot create the VM directory");
+                }
                 self.record.set_assignment(&assignment);
                 self.save();
             }
