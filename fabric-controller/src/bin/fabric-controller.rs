@@ -1,1 +1,149 @@
-fn main() {}
+//! fabric-controller: the Fabric control plane. Serves Compute (operators), HostLink (agents)
+//! and Images on one address, keeps its state in a redb file in the data directory, and runs
+//! the reconciler that places and heals VMs.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use fabric_controller::compute::ComputeService;
+use fabric_controller::controller::{Controller, Settings};
+use fabric_controller::hostlink::HostLinkService;
+use fabric_controller::images::{ImageStore, ImagesService};
+use fabric_controller::reconcile::Reconciler;
+use fabric_controller::store::redb::RedbStore;
+use fabric_proto::v1::compute_server::ComputeServer;
+use fabric_proto::v1::host_link_server::HostLinkServer;
+use fabric_proto::v1::images_server::ImagesServer;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Debug, Parser)]
+#[command(name = "fabric-controller", version, about = "The Fabric controller")]
+struct Args {
+    /// Where to serve: HOST:PORT or unix:/PATH.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    listen: String,
+    /// The store file and image blobs live here.
+    #[arg(long, default_value = "/var/lib/fabric-controller")]
+    data_dir: PathBuf,
+    /// Lease granted to hosts by each heartbeat, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    lease_ttl: f64,
+    /// How often agents heartbeat, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    heartbeat_interval: f64,
+    /// Time after a host's lease expired before it is DEAD and its VMs are placed elsewhere,
+    /// seconds (covers the agent stopping its VMs when its own lease view expires).
+    #[arg(long, default_value_t = 5.0)]
+    fencing_margin: f64,
+    /// vCPUs placed per host CPU.
+    #[arg(long, default_value_t = 4.0)]
+    cpu_overcommit: f64,
+}
+
+fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--{name} {value}: a positive number of seconds"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FABRIC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fabric-controller: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fabric-controller: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let settings = Settings {
+        data_dir: args.data_dir.clone(),
+        lease_ttl: seconds("lease-ttl", args.lease_ttl)?,
+        heartbeat_interval: seconds("heartbeat-interval", args.heartbeat_interval)?,
+        fencing_margin: seconds("fencing-margin", args.fencing_margin)?,
+        cpu_overcommit: args.cpu_overcommit,
+    };
+    if settings.heartbeat_interval * 2 > settings.lease_ttl {
+        anyhow::bail!("--heartbeat-interval must be at most half of --lease-ttl");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let store_path = args.data_dir.join("store.redb");
+    let store = Arc::new(RedbStore::open(&store_path)?);
+    let controller = Controller::load(settings, store.clone()).map_err(anyhow::Error::msg)?;
+    let images = Arc::new(ImageStore::new(&args.data_dir, store)?);
+    tokio::spawn(Reconciler::default().run(controller.clone()));
+
+    let services = fabric_proto::standard_services(&[
+        fabric_proto::COMPUTE_SERVICE,
+        fabric_proto::HOST_LINK_SERVICE,
+        fabric_proto::IMAGES_SERVICE,
+    ])
+    .await;
+    let router = tonic::transport::Server::builder()
+        .add_service(services.health)
+        .add_service(services.reflection)
+        .add_service(ComputeServer::new(ComputeService::new(controller.clone(), images.clone())))
+        .add_service(HostLinkServer::new(HostLinkService::new(controller.clone())))
+        .add_service(
+            ImagesServer::new(ImagesService(images))
+                .max_decoding_message_size(4 << 20),
+        );
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), store = %store_path.display(), "fabric-controller serving");
+    if let Some(path) = args.listen.strip_prefix("unix:") {
+        let path = PathBuf::from(path.strip_prefix("//").unwrap_or(path));
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        router
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                shutdown,
+            )
+            .await?;
+    } else {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(address = %listener.local_addr()?, "listening");
+        router
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The Compute service: the operators' API.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fabric_proto::v1::compute_server::Compute;
+use fabric_proto::v1::{
+    CordonHostRequest, CreateVmRequest, DeleteVmRequest, DeleteVmResponse, DesiredState,
+    DrainHostRequest, Event, GetHostRequest, GetVmRequest, Host, HostState, ListHostsRequest,
+    ListHostsResponse, ListVmsRequest, ListVmsResponse, StartVmRequest, StopVmRequest,
+    UncordonHostRequest, Vm, VmPhase, VmStatus, WatchEventsRequest,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::controller::{new_id, Controller};
+use crate::images::ImageStore;
+use crate::validate;
+
+/// Default and largest page of a list call.
+const DEFAULT_PAGE: usize = 500;
+const MAX_PAGE: usize = 5000;
+
+pub struct ComputeService {
+    controller: Arc<Controller>,
+    images: Arc<ImageStore>,
+}
+
+impl ComputeService {
+    pub fn new(controller: Arc<Controller>, images: Arc<ImageStore>) -> ComputeService {
+        ComputeService { controller, images }
+    }
+}
+
+fn page_size(requested: u32) -> usize {
+    match requested as usize {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Compute for ComputeService {
+    async fn create_vm(&self, request: Request<CreateVmRequest>) -> Result<Response<Vm>, Status> {
+        let req = request.into_inner();
+        let mut spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        validate::check_spec(&spec).map_err(Status::invalid_argument)?;
+        let desired = match DesiredState::try_from(req.desired_state) {
+            Ok(DesiredState::Stopped) => DesiredState::Stopped,
+            Ok(_) => DesiredState::Running,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "desired_state {}: unknown",
+                    req.desired_state
+                )))
+            }
+        };
+        if let Some(image) = spec.image.as_mut() {
+            self.images.resolve(image).await?;
+        }
+        let id = new_id("vm");
+        validate::fill_defaults(&mut spec, &id);
+        let now = prost_types::Timestamp::from(SystemTime::now());
+        let (phase, reason) = match desired {
+            DesiredState::Stopped => (VmPhase::Stopped, "created stopped"),
+            _ => (VmPhase::Pending, "waiting for placement"),
+        };
+        let vm = Vm {
+            id,
+            spec: Some(spec),
+            status: Some(VmStatus {
+                desired_state: desired as i32,
+                phase: phase as i32,
+                host_id: String::new(),
+                reason: reason.to_string(),
+                observed: None,
+                phase_changed_at: Some(now),
+            }),
+            generation: 1,
+            created_at: Some(now),
+            updated_at: Some(now),
+        };
+        Ok(Response::new(self.controller.create_vm(vm).await?))
+    }
+
+    async fn get_vm(&self, request: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
+        Ok(Response::new(self.controller.get_vm(&request.into_inner().id)?))
+    }
+
+    async fn list_vms(
+        &self,
+        request: Request<ListVmsRequest>,
+    ) -> Result<Response<ListVmsResponse>, Status> {
+        let req = request.into_inner();
+        let phase = VmPhase::try_from(req.phase)
+            .map_err(|_| Status::invalid_argument(format!("phase {}: unknown", req.phase)))?;
+        let size = page_size(req.page_size);
+        let model = self.controller.model();
+        let start = std::ops::Bound::Excluded(req.page_token.clone());
+        let range = if req.page_token.is_empty() {
+            model.vms.range::<String, _>(..)
+        } else {
+            model.vms.range((start, std::ops::Bound::Unbounded))
+        };
+        let mut vms = Vec::new();
+        let mut next = String::new();
+        for (id, entry) in range {
+            let status = entry.vm.status.clone().unwrap_or_default();
+            if !req.host_id.is_empty() && status.host_id != req.host_id {
+                continue;
+            }
+            if !req.name.is_empty()
+                && entry.vm.spec.as_ref().map(|s| s.name.as_str()) != Some(req.name.as_str())
+            {
+                continue;
+            }
+            if phase != VmPhase::Unspecified && status.phase() != phase {
+                continue;
+            }
+            if vms.len() == size {
+                next = vms.last().map(|v: &Vm| v.id.clone()).unwrap_or_default();
+                break;
+            }
+            let _ = id;
+            vms.push(self.controller.with_observed(&model, &entry.vm));
+        }
+        Ok(Response::new(ListVmsResponse {
+            vms,
+            next_page_token: next,
+        }))
+    }
+
+    async fn delete_vm(
+        &self,
+        request: Request<DeleteVmRequest>,
+    ) -> Result<Response<DeleteVmResponse>, Status> {
+        self.controller.delete_vm(&request.into_inner().id).await?;
+        Ok(Response::new(DeleteVmResponse {}))
+    }
+
+    async fn start_vm(&self, request: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(
+            self.controller.set_desired(&id, DesiredState::Running).await?,
+        ))
+    }
+
+    async fn stop_vm(&self, request: Request<StopVmRequest>) -> Result<Response<Vm>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(
+            self.controller.set_desired(&id, DesiredState::Stopped).await?,
+        ))
+    }
+
+    async fn list_hosts(
+        &self,
+        request: Request<ListHostsRequest>,
+    ) -> Result<Response<ListHostsResponse>, Status> {
+        let req = request.into_inner();
+        let state = HostState::try_from(req.state)
+            .map_err(|_| Status::invalid_argument(format!("state {}: unknown", req.state)))?;
+        let size = page_size(req.page_size);
+        let model = self.controller.model();
+        let mut hosts: Vec<Host> = Vec::new();
+        let mut next = String::new();
+        for (id, entry) in model.hosts.iter() {
+            if !req.page_token.is_empty() && id.as_str() <= req.page_token.as_str() {
+                continue;
+            }
+            if !req.zone.is_empty() && entry.host.zone != req.zone {
+                continue;
+            }
+            let view = self.controller.host_view(&model, entry);
+            if state != HostState::Unspecified && view.state() != state {
+                continue;
+            }
+            if hosts.len() == size {
+                next = hosts.last().map(|h| h.id.clone()).unwrap_or_default();
+                break;
+            }
+            hosts.push(view);
+        }
+        Ok(Response::new(ListHostsResponse {
+            hosts,
+            next_page_token: next,
+        }))
+    }
+
+    async fn get_host(&self, request: Request<GetHostRequest>) -> Result<Response<Host>, Status> {
+        Ok(Response::new(
+            self.controller.get_host(&request.into_inner().id)?,
+        ))
+    }
+
+    async fn cordon_host(
+        &self,
+        request: Request<CordonHostRequest>,
+    ) -> Result<Response<Host>, Status> {
+        let req = request.into_inner();
+        let current = self.controller.get_host(&req.id)?;
+        if current.state() == HostState::Draining {
+            // Already cordoned, and draining: cordoning again does not stop the drain.
+            return Ok(Response::new(current));
+        }
+        Ok(Response::new(
+            self.controller
+                .set_host_admin(&req.id, HostState::Cordoned, &req.reason)
+                .await?,
+        ))
+    }
+
+    async fn uncordon_host(
+        &self,
+        request: Request<UncordonHostRequest>,
+    ) -> Result<Response<Host>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(
+            self.controller
+                .set_host_admin(&req.id, HostState::Ready, "")
+                .await?,
+        ))
+    }
+
+    async fn drain_host(
+        &self,
+        request: Request<DrainHostRequest>,
+    ) -> Result<Response<Host>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(
+            self.controller
+                .set_host_admin(&req.id, HostState::Draining, &req.reason)
+                .await?,
+        ))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let req = request.into_inner();
+        let (past, mut live) = self.controller.events.subscribe(req.since_sequence);
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let wanted = move |e: &Event| {
+            (req.vm_id.is_empty() || e.vm_id == req.vm_id)
+                && (req.host_id.is_empty() || e.host_id == req.host_id)
+        };
+        tokio::spawn(async move {
+            let mut last = req.since_sequence;
+            for event in past {
+                last = event.sequence;
+                if wanted(&event) && tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    received = live.recv() => match received {
+                        Ok(event) => {
+                            if event.sequence <= last {
+                                continue;
+                            }
+                            last = event.sequence;
+                            if wanted(&event) && tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            let _ = tx
+                                .send(Err(Status::data_loss(format!(
+                                    "the watcher fell {n} events behind; resume with since_sequence={last}"
+                                ))))
+                                .await;
+                            return;
+                        }
+                        Err(_) => return,
+                    },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

@@ -1,0 +1,648 @@
+//! The controller's state: VMs and hosts as stored (the durable truth, in the [`Store`]) plus
+//! what only lives in memory (leases, what agents observe), and every mutation of it.
+//!
+//! Writes are optimistic: a mutation reads an object and its revision from memory, commits the
+//! new version with a compare on that revision, and installs it in memory once durable; a lost
+//! race is retried on the fresh version. Concurrent commits share fsyncs in the store.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use fabric_proto::v1::{
+    Assignment, DesiredState, EventKind, Host, HostState, HostUsage, ObservedPhase, ObservedVm,
+    Resources, Vm, VmPhase, VmStatus,
+};
+use prost::Message;
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::events::Events;
+use crate::placement::Placer;
+use crate::store::{Compare, Revision, Store, Txn, TxnOutcome};
+
+/// Timing of leases and failure detection.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    /// Lease granted by each registration and heartbeat.
+    pub lease_ttl: Duration,
+    /// How often agents heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Time after a lease expired before the host is DEAD and its VMs move: covers the agent's
+    /// fencing (stopping its VMs) after its own, earlier, view of the expiry.
+    pub fencing_margin: Duration,
+    /// vCPUs placed per host CPU.
+    pub cpu_overcommit: f64,
+}
+
+impl Settings {
+    /// A host with no heartbeat for this long is SUSPECT (its VMs LOST).
+    pub fn suspect_after(&self) -> Duration {
+        (self.heartbeat_interval * 3).min(self.lease_ttl)
+    }
+}
+
+pub(crate) struct VmEntry {
+    pub vm: Vm,
+    pub rev: Revision,
+}
+
+/// What only lives in memory about a host.
+pub(crate) struct HostLive {
+    pub lease_expires: Instant,
+    pub last_heartbeat: Instant,
+    pub last_heartbeat_wall: SystemTime,
+    pub observed: HashMap<String, ObservedVm>,
+    pub usage: Option<HostUsage>,
+    /// Bumped whenever the host's assignments may have changed.
+    pub assignments: watch::Sender<u64>,
+    /// The assignment generation the agent last reported applied.
+    pub acked_generation: u64,
+    /// Per VM, the generation of the update that last told the agent to stop it.
+    pub stop_sent: HashMap<String, u64>,
+}
+
+pub(crate) struct HostEntry {
+    pub host: Host,
+    pub rev: Revision,
+    pub live: HostLive,
+}
+
+#[derive(Default)]
+pub(crate) struct Model {
+    pub vms: BTreeMap<String, VmEntry>,
+    pub names: HashMap<String, String>,
+    pub hosts: BTreeMap<String, HostEntry>,
+    pub machines: HashMap<String, String>,
+    /// VMs being moved off draining hosts (asked to stop there first).
+    pub evicting: HashSet<String>,
+}
+
+pub struct Controller {
+    pub settings: Settings,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) model: Mutex<Model>,
+    pub(crate) placer: Mutex<Placer>,
+    pub events: Events,
+    /// Wakes the reconciler.
+    pub(crate) kick: tokio::sync::Notify,
+    generation: AtomicU64,
+}
+
+pub fn vm_key(id: &str) -> String {
+    format!("vms/{id}")
+}
+fn name_key(name: &str) -> String {
+    format!("names/{name}")
+}
+pub fn host_key(id: &str) -> String {
+    format!("hosts/{id}")
+}
+fn machine_key(machine_id: &str) -> String {
+    format!("machines/{machine_id}")
+}
+
+fn now_ts() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::now())
+}
+
+/// A store failure as the API reports it.
+pub fn unavailable(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("store: {e}"))
+}
+
+/// A random id with a prefix: `vm-` + 16 hex characters.
+pub fn new_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Fall back to time and a counter: ids only need to be unique.
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let t = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        bytes = (t ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(40)).to_le_bytes();
+    }
+    format!("{prefix}-{}", hex::encode(bytes))
+}
+
+impl Controller {
+    /// Loads the stored state. Every known host gets a fresh lease: none is declared dead
+    /// before it had a full TTL to reach this controller.
+    pub fn load(settings: Settings, store: Arc<dyn Store>) -> Result<Arc<Controller>, String> {
+        let mut model = Model::default();
+        let (hosts, _) = store.list("hosts/").map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        for kv in hosts {
+            let host = Host::decode(kv.value.as_slice())
+                .map_err(|e| format!("{}: {e}", kv.key))?;
+            model.hosts.insert(
+                host.id.clone(),
+                HostEntry {
+                    host,
+                    rev: kv.mod_revision,
+                    live: HostLive {
+                        lease_expires: now + settings.lease_ttl,
+                        last_heartbeat: now,
+                        last_heartbeat_wall: SystemTime::now(),
+                        observed: HashMap::new(),
+                        usage: None,
+                        assignments: watch::channel(0).0,
+                        acked_generation: 0,
+                        stop_sent: HashMap::new(),
+                    },
+                },
+            );
+        }
+        let (machines, _) = store.list("machines/").map_err(|e| e.to_string())?;
+        for kv in machines {
+            let machine = kv.key.trim_start_matches("machines/").to_string();
+            model
+                .machines
+                .insert(machine, String::from_utf8_lossy(&kv.value).into_owned());
+        }
+        let (vms, revision) = store.list("vms/").map_err(|e| e.to_string())?;
+        for kv in vms {
+            let vm = Vm::decode(kv.value.as_slice()).map_err(|e| format!("{}: {e}", kv.key))?;
+            if let Some(spec) = &vm.spec {
+                model.names.insert(spec.name.clone(), vm.id.clone());
+            }
+            model.vms.insert(
+                vm.id.clone(),
+                VmEntry {
+                    vm,
+                    rev: kv.mod_revision,
+                },
+            );
+        }
+        let mut placer = Placer::new(settings.cpu_overcommit);
+        for entry in model.hosts.values() {
+            placer.sync_host(&entry.host, effective_state(&settings, entry));
+        }
+        for entry in model.vms.values() {
+            let host = &entry.vm.status.as_ref().map(|s| s.host_id.clone()).unwrap_or_default();
+            if !host.is_empty() {
+                placer.assign(&entry.vm, host);
+            }
+        }
+        tracing::info!(
+            hosts = model.hosts.len(),
+            vms = model.vms.len(),
+            revision,
+            "loaded the store"
+        );
+        let start_generation = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0)
+            .max(revision);
+        Ok(Arc::new(Controller {
+            settings,
+            store,
+            model: Mutex::new(model),
+            placer: Mutex::new(placer),
+            events: Events::new(),
+            kick: tokio::sync::Notify::new(),
+            generation: AtomicU64::new(start_generation),
+        }))
+    }
+
+    pub(crate) fn model(&self) -> MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn placer(&self) -> MutexGuard<'_, Placer> {
+        self.placer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new assignment-stream generation, greater than every earlier one.
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<TxnOutcome, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.txn(txn))
+            .await
+            .map_err(|e| Status::internal(format!("store task: {e}")))?
+            .map_err(unavailable)
+    }
+
+    /// Creates a VM (already checked and with defaults filled).
+    pub async fn create_vm(&self, vm: Vm) -> Result<Vm, Status> {
+        let name = vm.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        let txn = Txn::new()
+            .when(Compare::Absent(name_key(&name)))
+            .when(Compare::Absent(vm_key(&vm.id)))
+            .put(name_key(&name), vm.id.clone().into_bytes())
+            .put(vm_key(&vm.id), vm.encode_to_vec());
+        match self.commit(txn).await? {
+            TxnOutcome::Committed(rev) => {
+                let mut model = self.model();
+                model.names.insert(name.clone(), vm.id.clone());
+                model.vms.insert(vm.id.clone(), VmEntry { vm: vm.clone(), rev });
+                drop(model);
+                self.events.vm(
+                    EventKind::VmCreated,
+                    &vm.id,
+                    "",
+                    "",
+                    format!("VM {name} created"),
+                );
+                self.kick.notify_one();
+                Ok(vm)
+            }
+            TxnOutcome::Failed(Compare::Absent(key)) if key.starts_with("names/") => Err(
+                Status::already_exists(format!("a VM named {name:?} already exists")),
+            ),
+            TxnOutcome::Failed(_) => Err(Status::already_exists("VM id collision; retry")),
+        }
+    }
+
+    pub fn get_vm(&self, id: &str) -> Result<Vm, Status> {
+        let model = self.model();
+        let entry = model
+            .vms
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("no VM with id {id:?}")))?;
+        Ok(self.with_observed(&model, &entry.vm))
+    }
+
+    /// The VM with what its host currently observes.
+    pub(crate) fn with_observed(&self, model: &Model, vm: &Vm) -> Vm {
+        let mut vm = vm.clone();
+        if let Some(status) = vm.status.as_mut() {
+            if let Some(host) = model.hosts.get(&status.host_id) {
+                status.observed = host.live.observed.get(&vm.id).cloned();
+            }
+        }
+        vm
+    }
+
+    /// Applies `change` to VM `id` and commits it; retried on a concurrent update. `change`
+    /// returns Ok(false) when there is nothing to do.
+    pub async fn update_vm(
+        &self,
+        id: &str,
+        change: impl Fn(&mut Vm) -> Result<bool, Status>,
+    ) -> Result<Vm, Status> {
+        for _ in 0..100 {
+            let (mut vm, rev) = {
+                let model = self.model();
+                let entry = model
+                    .vms
+                    .get(id)
+                    .ok_or_else(|| Status::not_found(format!("no VM with id {id:?}")))?;
+                (entry.vm.clone(), entry.rev)
+            };
+            let before = vm.clone();
+            if !change(&mut vm)? {
+                return Ok(vm);
+            }
+            vm.updated_at = Some(now_ts());
+            let txn = Txn::new()
+                .when(Compare::ModRevision(vm_key(id), rev))
+                .put(vm_key(id), vm.encode_to_vec());
+            match self.commit(txn).await? {
+                TxnOutcome::Committed(new_rev) => {
+                    self.install_vm(&before, vm.clone(), new_rev);
+                    return Ok(vm);
+                }
+                TxnOutcome::Failed(_) => tokio::task::yield_now().await,
+            }
+        }
+        Err(Status::aborted(format!("VM {id}: too many concurrent updates")))
+    }
+
+    /// Puts a committed VM into memory and tells whoever cares.
+    fn install_vm(&self, before: &Vm, vm: Vm, rev: Revision) {
+        let old_status = before.status.clone().unwrap_or_default();
+        let new_status = vm.status.clone().unwrap_or_default();
+        let mut model = self.model();
+        match model.vms.get_mut(&vm.id) {
+            Some(entry) if entry.rev < rev => {
+                entry.vm = vm.clone();
+                entry.rev = rev;
+            }
+            Some(_) => return,
+            None => return,
+        }
+        let assignment_changed = old_status.host_id != new_status.host_id
+            || old_status.desired_state != new_status.desired_state
+            || before.generation != vm.generation;
+        if assignment_changed {
+            for host in [&old_status.host_id, &new_status.host_id] {
+                if let Some(entry) = model.hosts.get(host) {
+                    entry.live.assignments.send_modify(|v| *v += 1);
+                }
+            }
+        }
+        drop(model);
+        if old_status.host_id != new_status.host_id {
+            let mut placer = self.placer();
+            if !old_status.host_id.is_empty() {
+                placer.release(&vm.id);
+            }
+            if !new_status.host_id.is_empty() {
+                placer.assign(&vm, &new_status.host_id);
+            }
+        }
+        if old_status.phase != new_status.phase {
+            self.events.vm_phase(
+                &vm.id,
+                &new_status.host_id,
+                new_status.phase(),
+                if new_status.reason.is_empty() {
+                    format!("phase {}", short_phase(new_status.phase()))
+                } else {
+                    format!("phase {}: {}", short_phase(new_status.phase()), new_status.reason)
+                },
+            );
+        }
+    }
+
+    /// Deletes a VM: it leaves its host's assignments (the agent stops it) and the store.
+    pub async fn delete_vm(&self, id: &str) -> Result<(), Status> {
+        loop {
+            let (vm, rev) = {
+                let model = self.model();
+                let entry = model
+                    .vms
+                    .get(id)
+                    .ok_or_else(|| Status::not_found(format!("no VM with id {id:?}")))?;
+                (entry.vm.clone(), entry.rev)
+            };
+            let name = vm.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+            let txn = Txn::new()
+                .when(Compare::ModRevision(vm_key(id), rev))
+                .delete(vm_key(id))
+                .delete(name_key(&name));
+            match self.commit(txn).await? {
+                TxnOutcome::Committed(_) => {
+                    let host_id = vm.status.as_ref().map(|s| s.host_id.clone()).unwrap_or_default();
+                    let mut model = self.model();
+                    model.vms.remove(id);
+                    if model.names.get(&name).map(String::as_str) == Some(id) {
+                        model.names.remove(&name);
+                    }
+                    model.evicting.remove(id);
+                    if let Some(host) = model.hosts.get(&host_id) {
+                        host.live.assignments.send_modify(|v| *v += 1);
+                    }
+                    drop(model);
+                    self.placer().release(id);
+                    self.events.vm(
+                        EventKind::VmDeleted,
+                        id,
+                        &host_id,
+                        "",
+                        format!("VM {name} deleted"),
+                    );
+                    return Ok(());
+                }
+                TxnOutcome::Failed(_) => tokio::task::yield_now().await,
+            }
+        }
+    }
+
+    /// Sets a VM's desired state (StartVm/StopVm); bumps its generation when it changes, so
+    /// its agent acts even on a VM its restart policy left stopped.
+    pub async fn set_desired(&self, id: &str, desired: DesiredState) -> Result<Vm, Status> {
+        let vm = self
+            .update_vm(id, |vm| {
+                let status = vm.status.get_or_insert_with(VmStatus::default);
+                let failed = status.phase() == VmPhase::Failed;
+                if status.desired_state() == desired && !(failed && desired == DesiredState::Running) {
+                    return Ok(false);
+                }
+                status.desired_state = desired as i32;
+                vm.generation += 1;
+                if desired == DesiredState::Running && status.host_id.is_empty() {
+                    status.phase = VmPhase::Pending as i32;
+                    status.reason = "waiting for placement".into();
+                    status.phase_changed_at = Some(now_ts());
+                }
+                Ok(true)
+            })
+            .await?;
+        self.events.vm(
+            EventKind::VmDesiredStateChanged,
+            id,
+            vm.status.as_ref().map(|s| s.host_id.as_str()).unwrap_or(""),
+            "",
+            format!("desired state {}", desired.as_str_name()),
+        );
+        self.kick.notify_one();
+        self.get_vm(id)
+    }
+
+    /// The assignments of `host_id`: its VMs and whether each should run.
+    pub fn assignments(&self, host_id: &str) -> Vec<Assignment> {
+        let model = self.model();
+        model
+            .vms
+            .values()
+            .filter(|e| e.vm.status.as_ref().is_some_and(|s| s.host_id == host_id))
+            .map(|e| {
+                let status = e.vm.status.clone().unwrap_or_default();
+                let run = status.desired_state() != DesiredState::Stopped
+                    && !model.evicting.contains(&e.vm.id);
+                Assignment {
+                    vm_id: e.vm.id.clone(),
+                    spec: e.vm.spec.clone(),
+                    desired_state: if run {
+                        DesiredState::Running as i32
+                    } else {
+                        DesiredState::Stopped as i32
+                    },
+                    generation: e.vm.generation,
+                }
+            })
+            .collect()
+    }
+
+    /// The notifier of `host_id`'s assignment changes.
+    pub fn assignment_notifier(&self, host_id: &str) -> Option<watch::Receiver<u64>> {
+        self.model()
+            .hosts
+            .get(host_id)
+            .map(|h| h.live.assignments.subscribe())
+    }
+
+    /// Commits a host.
+    pub(crate) async fn put_host(&self, host: Host, rev: Option<Revision>) -> Result<Revision, Status> {
+        let compare = match rev {
+            Some(rev) => Compare::ModRevision(host_key(&host.id), rev),
+            None => Compare::Absent(host_key(&host.id)),
+        };
+        let txn = Txn::new().when(compare).put(host_key(&host.id), host.encode_to_vec());
+        match self.commit(txn).await? {
+            TxnOutcome::Committed(rev) => Ok(rev),
+            TxnOutcome::Failed(_) => Err(Status::aborted("host changed concurrently; retry")),
+        }
+    }
+
+    /// Records a machine's host id.
+    pub(crate) async fn put_machine(&self, machine_id: &str, host_id: &str) -> Result<(), Status> {
+        let txn = Txn::new()
+            .when(Compare::Absent(machine_key(machine_id)))
+            .put(machine_key(machine_id), host_id.as_bytes().to_vec());
+        match self.commit(txn).await? {
+            TxnOutcome::Committed(_) => Ok(()),
+            TxnOutcome::Failed(_) => Err(Status::aborted("machine registered concurrently; retry")),
+        }
+    }
+
+    /// A host as the API shows it: stored fields plus its live state and allocations.
+    pub(crate) fn host_view(&self, model: &Model, entry: &HostEntry) -> Host {
+        let mut host = entry.host.clone();
+        host.state = effective_state(&self.settings, entry) as i32;
+        host.usage = entry.live.usage;
+        host.last_heartbeat_at = Some(prost_types::Timestamp::from(entry.live.last_heartbeat_wall));
+        let left = entry.live.lease_expires.saturating_duration_since(Instant::now());
+        host.lease_expires_at = Some(prost_types::Timestamp::from(SystemTime::now() + left));
+        let mut allocated = Resources::default();
+        for e in model.vms.values() {
+            let Some(status) = &e.vm.status else { continue };
+            if status.host_id != host.id {
+                continue;
+            }
+            if let Some(spec) = &e.vm.spec {
+                allocated.cpus += spec.vcpus;
+                let (_, minimum, _) = crate::validate::memory_sizes(&spec.memory.unwrap_or_default());
+                allocated.memory_mib += minimum;
+            }
+        }
+        host.allocated = Some(allocated);
+        host
+    }
+
+    pub fn get_host(&self, id: &str) -> Result<Host, Status> {
+        let model = self.model();
+        let entry = model
+            .hosts
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("no host with id {id:?}")))?;
+        Ok(self.host_view(&model, entry))
+    }
+
+    /// Sets a host's administrative state (cordon, drain, uncordon).
+    pub async fn set_host_admin(
+        &self,
+        id: &str,
+        state: HostState,
+        reason: &str,
+    ) -> Result<Host, Status> {
+        loop {
+            let (mut host, rev, effective) = {
+                let model = self.model();
+                let entry = model
+                    .hosts
+                    .get(id)
+                    .ok_or_else(|| Status::not_found(format!("no host with id {id:?}")))?;
+                (entry.host.clone(), entry.rev, effective_state(&self.settings, entry))
+            };
+            if state == HostState::Ready && effective == HostState::Dead {
+                return Err(Status::failed_precondition(format!(
+                    "host {id} is DEAD: it becomes READY when its agent registers again"
+                )));
+            }
+            let cordoned = state != HostState::Ready;
+            if host.state == state as i32 && host.cordoned == cordoned {
+                return self.get_host(id);
+            }
+            host.state = state as i32;
+            host.cordoned = cordoned;
+            host.cordon_reason = if cordoned { reason.to_string() } else { String::new() };
+            match self.put_host(host.clone(), Some(rev)).await {
+                Ok(new_rev) => {
+                    let mut model = self.model();
+                    if let Some(entry) = model.hosts.get_mut(id) {
+                        entry.host = host;
+                        entry.rev = new_rev;
+                        let state = effective_state(&self.settings, entry);
+                        self.placer().sync_host(&entry.host, state);
+                        self.events.host_state(id, state, reason, format!("host {} is {}", entry.host.name, short_host_state(state)));
+                    }
+                    drop(model);
+                    self.kick.notify_one();
+                    return self.get_host(id);
+                }
+                Err(s) if s.code() == tonic::Code::Aborted => continue,
+                Err(s) => return Err(s),
+            }
+        }
+    }
+}
+
+/// A host's state from its stored administrative state and its lease.
+pub(crate) fn effective_state(settings: &Settings, entry: &HostEntry) -> HostState {
+    let now = Instant::now();
+    if now >= entry.live.lease_expires + settings.fencing_margin {
+        return HostState::Dead;
+    }
+    if now >= entry.live.lease_expires
+        || now.duration_since(entry.live.last_heartbeat) > settings.suspect_after()
+    {
+        return HostState::Suspect;
+    }
+    match entry.host.state() {
+        HostState::Draining => HostState::Draining,
+        HostState::Cordoned => HostState::Cordoned,
+        _ if entry.host.cordoned => HostState::Cordoned,
+        _ => HostState::Ready,
+    }
+}
+
+/// The controller's phase for a VM on a host, from what the agent observes.
+pub(crate) fn derived_phase(observed: Option<&ObservedVm>, host_state: HostState) -> (VmPhase, String) {
+    if matches!(host_state, HostState::Suspect | HostState::Dead) {
+        return (VmPhase::Lost, "the host stopped heartbeating".to_string());
+    }
+    let Some(observed) = observed else {
+        return (VmPhase::Scheduled, "waiting for the host's agent".to_string());
+    };
+    let phase = match observed.phase() {
+        ObservedPhase::Unspecified => VmPhase::Scheduled,
+        ObservedPhase::Starting => VmPhase::Starting,
+        ObservedPhase::Running => VmPhase::Running,
+        ObservedPhase::Stopping => VmPhase::Stopping,
+        ObservedPhase::Stopped => VmPhase::Stopped,
+        ObservedPhase::Failed => VmPhase::Failed,
+    };
+    let reason = match phase {
+        VmPhase::Failed if !observed.last_error.is_empty() => observed.last_error.clone(),
+        _ => observed.message.clone(),
+    };
+    (phase, reason)
+}
+
+pub fn short_phase(phase: VmPhase) -> &'static str {
+    match phase {
+        VmPhase::Unspecified => "unspecified",
+        VmPhase::Pending => "pending",
+        VmPhase::Scheduled => "scheduled",
+        VmPhase::Starting => "starting",
+        VmPhase::Running => "running",
+        VmPhase::Stopping => "stopping",
+        VmPhase::Stopped => "stopped",
+        VmPhase::Failed => "failed",
+        VmPhase::Lost => "lost",
+    }
+}
+
+pub fn short_host_state(state: HostState) -> &'static str {
+    match state {
+        HostState::Unspecified => "unspecified",
+        HostState::Ready => "ready",
+        HostState::Suspect => "suspect",
+        HostState::Dead => "dead",
+        HostState::Cordoned => "cordoned",
+        HostState::Draining => "draining",
+    }
+}

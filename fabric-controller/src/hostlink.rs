@@ -1,0 +1,355 @@
+//! The HostLink service: agents register, renew their lease with heartbeats (reporting what
+//! they observe), and follow their assignments.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use fabric_proto::v1::host_link_server::HostLink;
+use fabric_proto::v1::{
+    AssignmentUpdate, DesiredState, EventKind, HeartbeatRequest, HeartbeatResponse, Host, HostState,
+    RegisterHostRequest, RegisterHostResponse, VmPhase, WatchAssignmentsRequest,
+};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::controller::{
+    derived_phase, effective_state, new_id, Controller, HostEntry, HostLive,
+};
+
+pub struct HostLinkService {
+    controller: Arc<Controller>,
+}
+
+impl HostLinkService {
+    pub fn new(controller: Arc<Controller>) -> HostLinkService {
+        HostLinkService { controller }
+    }
+}
+
+fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn check_register(req: &RegisterHostRequest) -> Result<(), Status> {
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    if req.machine_id.is_empty() || req.machine_id.len() > 128 {
+        return bad("machine_id: required, at most 128 characters".into());
+    }
+    if req.name.is_empty() || req.name.len() > 253 {
+        return bad("name: required, at most 253 characters".into());
+    }
+    if req.zone.len() > 63 {
+        return bad("zone: at most 63 characters".into());
+    }
+    if req.labels.len() > 64 {
+        return bad("labels: at most 64".into());
+    }
+    if req.allocatable.is_none() || req.capacity.is_none() {
+        return bad("capacity and allocatable: required".into());
+    }
+    Ok(())
+}
+
+type AssignmentStream = Pin<Box<dyn Stream<Item = Result<AssignmentUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl HostLink for HostLinkService {
+    async fn register_host(
+        &self,
+        request: Request<RegisterHostRequest>,
+    ) -> Result<Response<RegisterHostResponse>, Status> {
+        let req = request.into_inner();
+        check_register(&req)?;
+        let c = &self.controller;
+        let settings = &c.settings;
+        let existing = c.model().machines.get(&req.machine_id).cloned();
+        let host_id = match existing {
+            Some(id) => id,
+            None => {
+                let id = new_id("host");
+                c.put_machine(&req.machine_id, &id).await?;
+                c.model().machines.insert(req.machine_id.clone(), id.clone());
+                id
+            }
+        };
+        let labels: HashMap<String, String> = req.labels.clone();
+        loop {
+            let current = {
+                let model = c.model();
+                model
+                    .hosts
+                    .get(&host_id)
+                    .map(|e| (e.host.clone(), e.rev, effective_state(settings, e)))
+            };
+            let (mut host, rev, was) = match current {
+                Some((host, rev, state)) => (host, Some(rev), Some(state)),
+                None => (
+                    Host {
+                        id: host_id.clone(),
+                        state: HostState::Ready as i32,
+                        registered_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+                        ..Default::default()
+                    },
+                    None,
+                    None,
+                ),
+            };
+            host.name = req.name.clone();
+            host.zone = req.zone.clone();
+            host.fault_domain = req.fault_domain;
+            host.update_domain = req.update_domain;
+            host.capacity = req.capacity;
+            host.allocatable = req.allocatable;
+            host.labels = labels.clone();
+            host.agent_address = req.agent_address.clone();
+            let new_rev = match c.put_host(host.clone(), rev).await {
+                Ok(rev) => rev,
+                Err(s) if s.code() == tonic::Code::Aborted => continue,
+                Err(s) => return Err(s),
+            };
+            let now = Instant::now();
+            let state = {
+                let mut model = c.model();
+                let live_lease = now + settings.lease_ttl;
+                match model.hosts.get_mut(&host_id) {
+                    Some(entry) => {
+                        entry.host = host.clone();
+                        entry.rev = new_rev;
+                        entry.live.lease_expires = live_lease;
+                        entry.live.last_heartbeat = now;
+                        entry.live.last_heartbeat_wall = SystemTime::now();
+                        entry.live.observed.clear();
+                        entry.live.assignments.send_modify(|v| *v += 1);
+                    }
+                    None => {
+                        model.hosts.insert(
+                            host_id.clone(),
+                            HostEntry {
+                                host: host.clone(),
+                                rev: new_rev,
+                                live: HostLive {
+                                    lease_expires: live_lease,
+                                    last_heartbeat: now,
+                                    last_heartbeat_wall: SystemTime::now(),
+                                    observed: HashMap::new(),
+                                    usage: None,
+                                    assignments: watch::channel(0).0,
+                                    acked_generation: 0,
+                                    stop_sent: HashMap::new(),
+                                },
+                            },
+                        );
+                    }
+                }
+                let entry = &model.hosts[&host_id];
+                let state = effective_state(settings, entry);
+                c.placer().sync_host(&entry.host, state);
+                state
+            };
+            c.events.emit(fabric_proto::v1::Event {
+                kind: EventKind::HostRegistered as i32,
+                host_id: host_id.clone(),
+                host_state: state as i32,
+                message: format!(
+                    "host {} registered ({} CPUs, {} MiB allocatable){}",
+                    req.name,
+                    req.allocatable.map(|r| r.cpus).unwrap_or(0),
+                    req.allocatable.map(|r| r.memory_mib).unwrap_or(0),
+                    if was == Some(HostState::Dead) { " after being declared dead" } else { "" }
+                ),
+                ..Default::default()
+            });
+            c.kick.notify_one();
+            tracing::info!(host = %host_id, name = %req.name, "host registered");
+            return Ok(Response::new(RegisterHostResponse {
+                host_id,
+                lease_ttl: Some(duration(settings.lease_ttl)),
+                heartbeat_interval: Some(duration(settings.heartbeat_interval)),
+                lease_expires_at: Some(prost_types::Timestamp::from(
+                    SystemTime::now() + settings.lease_ttl,
+                )),
+            }));
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let c = &self.controller;
+        let settings = &c.settings;
+        let now = Instant::now();
+        let mut phase_updates = Vec::new();
+        {
+            let mut model = c.model();
+            let entry = model
+                .hosts
+                .get_mut(&req.host_id)
+                .ok_or_else(|| Status::not_found(format!("unknown host id {:?}: register", req.host_id)))?;
+            if effective_state(settings, entry) == HostState::Dead {
+                return Err(Status::failed_precondition(format!(
+                    "host {} was declared dead and its VMs were moved: stop every VM and register again",
+                    req.host_id
+                )));
+            }
+            entry.live.lease_expires = now + settings.lease_ttl;
+            entry.live.last_heartbeat = now;
+            entry.live.last_heartbeat_wall = SystemTime::now();
+            entry.live.usage = req.usage;
+            entry.live.acked_generation = req.assignments_generation;
+            let previous = std::mem::take(&mut entry.live.observed);
+            entry.live.observed = req
+                .vms
+                .iter()
+                .take(100_000)
+                .map(|o| (o.vm_id.clone(), o.clone()))
+                .collect();
+            let state = effective_state(settings, entry);
+            let observed = entry.live.observed.clone();
+            let host_id = req.host_id.clone();
+            for vm in model.vms.values() {
+                let Some(status) = &vm.vm.status else { continue };
+                if status.host_id != host_id {
+                    continue;
+                }
+                let seen = observed.get(&vm.vm.id);
+                // Only what the agent reports for the VM's current generation counts.
+                let (phase, reason) = derived_phase(seen, state);
+                if phase != status.phase() || (phase == VmPhase::Failed && reason != status.reason) {
+                    phase_updates.push((vm.vm.id.clone(), phase, reason));
+                }
+                if let (Some(now_seen), Some(before)) = (seen, previous.get(&vm.vm.id)) {
+                    if now_seen.restart_count > before.restart_count {
+                        c.events.vm(
+                            EventKind::VmRestarted,
+                            &vm.vm.id,
+                            &host_id,
+                            "",
+                            format!(
+                                "restarted on its host (restart {}): {}",
+                                now_seen.restart_count, now_seen.last_error
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if !phase_updates.is_empty() {
+            let controller = c.clone();
+            let host_id = req.host_id.clone();
+            tokio::spawn(async move {
+                for (vm_id, phase, reason) in phase_updates {
+                    let host_id = host_id.clone();
+                    let result = controller
+                        .update_vm(&vm_id, |vm| {
+                            let status = vm.status.get_or_insert_with(Default::default);
+                            if status.host_id != host_id
+                                || (status.phase() == phase && status.reason == reason)
+                            {
+                                return Ok(false);
+                            }
+                            status.phase = phase as i32;
+                            status.reason = reason.clone();
+                            status.phase_changed_at =
+                                Some(prost_types::Timestamp::from(SystemTime::now()));
+                            Ok(true)
+                        })
+                        .await;
+                    if let Err(e) = result {
+                        if e.code() != tonic::Code::NotFound {
+                            tracing::warn!(vm = %vm_id, error = %e.message(), "cannot record a phase change");
+                        }
+                    }
+                }
+                controller.kick.notify_one();
+            });
+        }
+        Ok(Response::new(HeartbeatResponse {
+            lease_ttl: Some(duration(settings.lease_ttl)),
+            lease_expires_at: Some(prost_types::Timestamp::from(
+                SystemTime::now() + settings.lease_ttl,
+            )),
+        }))
+    }
+
+    type WatchAssignmentsStream = AssignmentStream;
+
+    async fn watch_assignments(
+        &self,
+        request: Request<WatchAssignmentsRequest>,
+    ) -> Result<Response<AssignmentStream>, Status> {
+        let host_id = request.into_inner().host_id;
+        let c = self.controller.clone();
+        let mut notifier = c
+            .assignment_notifier(&host_id)
+            .ok_or_else(|| Status::not_found(format!("unknown host id {host_id:?}: register")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            // What the agent has been sent: vm id -> (generation, desired state).
+            let mut sent: HashMap<String, (u64, i32)> = HashMap::new();
+            let mut first = true;
+            loop {
+                notifier.borrow_and_update();
+                let now = c.assignments(&host_id);
+                let update = if first {
+                    first = false;
+                    sent = now.iter().map(|a| (a.vm_id.clone(), (a.generation, a.desired_state))).collect();
+                    Some(AssignmentUpdate {
+                        generation: c.next_generation(),
+                        full: true,
+                        upserts: now,
+                        removed_vm_ids: Vec::new(),
+                    })
+                } else {
+                    let mut upserts = Vec::new();
+                    let mut current = HashMap::new();
+                    for a in now {
+                        let key = (a.generation, a.desired_state);
+                        current.insert(a.vm_id.clone(), key);
+                        if sent.get(&a.vm_id) != Some(&key) {
+                            upserts.push(a);
+                        }
+                    }
+                    let removed: Vec<String> =
+                        sent.keys().filter(|id| !current.contains_key(*id)).cloned().collect();
+                    sent = current;
+                    (!upserts.is_empty() || !removed.is_empty()).then(|| AssignmentUpdate {
+                        generation: c.next_generation(),
+                        full: false,
+                        upserts,
+                        removed_vm_ids: removed,
+                    })
+                };
+                if let Some(update) = update {
+                    {
+                        let mut model = c.model();
+                        if let Some(host) = model.hosts.get_mut(&host_id) {
+                            for a in &update.upserts {
+                                if a.desired_state() == DesiredState::Stopped {
+                                    host.live.stop_sent.insert(a.vm_id.clone(), update.generation);
+                                }
+                            }
+                        }
+                    }
+                    if tx.send(Ok(update)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    changed = notifier.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

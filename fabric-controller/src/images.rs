@@ -1,0 +1,337 @@
+//! The Images service: files stored by content under `<data_dir>/images/blobs/<sha256>`,
+//! named images (one file per role) in the store under `images/<name>`.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fabric_proto::v1::images_server::Images;
+use fabric_proto::v1::push_image_request::Part as PushPart;
+use fabric_proto::v1::pull_image_response::Part as PullPart;
+use fabric_proto::v1::{
+    BootImage, Image, ImageFile, ImageFileRole, ListImagesRequest, ListImagesResponse,
+    PullImageHeader, PullImageRequest, PullImageResponse, PushImageRequest, PushImageResponse,
+};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::controller::unavailable;
+use crate::store::{Compare, Store, Txn, TxnOutcome};
+use crate::validate::{check_image_name, check_sha256};
+
+/// Largest chunk in a stream, both ways.
+const CHUNK: usize = 1 << 20;
+/// Largest file accepted.
+const MAX_FILE: u64 = 64 << 30;
+
+pub struct ImageStore {
+    blobs: PathBuf,
+    store: Arc<dyn Store>,
+}
+
+fn image_key(name: &str) -> String {
+    format!("images/{name}")
+}
+
+impl ImageStore {
+    pub fn new(data_dir: &std::path::Path, store: Arc<dyn Store>) -> std::io::Result<ImageStore> {
+        let blobs = data_dir.join("images").join("blobs");
+        std::fs::create_dir_all(&blobs)?;
+        Ok(ImageStore { blobs, store })
+    }
+
+    fn blob(&self, digest: &str) -> PathBuf {
+        self.blobs.join(digest)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<(Image, u64)>, Status> {
+        let store = self.store.clone();
+        let key = image_key(name);
+        let kv = tokio::task::spawn_blocking(move || store.get(&key))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(unavailable)?;
+        match kv {
+            Some(kv) => Ok(Some((
+                Image::decode(kv.value.as_slice()).map_err(|e| Status::internal(e.to_string()))?,
+                kv.mod_revision,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// Fills a boot image's empty digests from its named image.
+    pub async fn resolve(&self, image: &mut BootImage) -> Result<(), Status> {
+        if image.name.is_empty() {
+            return Ok(());
+        }
+        let (stored, _) = self.get(&image.name).await?.ok_or_else(|| {
+            Status::invalid_argument(format!("spec.image.name {:?}: no such image", image.name))
+        })?;
+        let digest_of = |role: ImageFileRole| {
+            stored
+                .files
+                .iter()
+                .find(|f| f.role() == role)
+                .map(|f| f.sha256.clone())
+        };
+        if image.kernel_sha256.is_empty() {
+            image.kernel_sha256 = digest_of(ImageFileRole::Kernel).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "spec.image.name {:?}: the image has no kernel",
+                    image.name
+                ))
+            })?;
+        }
+        if image.initramfs_sha256.is_empty() {
+            image.initramfs_sha256 = digest_of(ImageFileRole::Initramfs).unwrap_or_default();
+        }
+        if image.rootfs_sha256.is_empty() {
+            image.rootfs_sha256 = digest_of(ImageFileRole::Rootfs).unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    /// Points `name`'s `role` at a stored file.
+    async fn attach(&self, name: &str, file: ImageFile) -> Result<Image, Status> {
+        loop {
+            let current = self.get(name).await?;
+            let (mut image, compare) = match current {
+                Some((image, rev)) => (image, Compare::ModRevision(image_key(name), rev)),
+                None => (
+                    Image {
+                        name: name.to_string(),
+                        files: Vec::new(),
+                    },
+                    Compare::Absent(image_key(name)),
+                ),
+            };
+            image.files.retain(|f| f.role != file.role);
+            image.files.push(file.clone());
+            image.files.sort_by_key(|f| f.role);
+            let txn = Txn::new()
+                .when(compare)
+                .put(image_key(name), image.encode_to_vec());
+            let store = self.store.clone();
+            let outcome = tokio::task::spawn_blocking(move || store.txn(txn))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(unavailable)?;
+            if let TxnOutcome::Committed(_) = outcome {
+                return Ok(image);
+            }
+        }
+    }
+}
+
+/// The Images gRPC service over the shared [`ImageStore`].
+#[derive(Clone)]
+pub struct ImagesService(pub Arc<ImageStore>);
+
+impl std::ops::Deref for ImagesService {
+    type Target = ImageStore;
+    fn deref(&self) -> &ImageStore {
+        &self.0
+    }
+}
+
+type PullStream = Pin<Box<dyn Stream<Item = Result<PullImageResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Images for ImagesService {
+    async fn push_image(
+        &self,
+        request: Request<Streaming<PushImageRequest>>,
+    ) -> Result<Response<PushImageResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(PushImageRequest {
+                part: Some(PushPart::Header(header)),
+            }) => header,
+            _ => return Err(Status::invalid_argument("the first message must be the header")),
+        };
+        check_image_name(&header.image_name).map_err(Status::invalid_argument)?;
+        check_sha256("sha256", &header.sha256).map_err(Status::invalid_argument)?;
+        let role = ImageFileRole::try_from(header.role)
+            .ok()
+            .filter(|r| *r != ImageFileRole::Unspecified)
+            .ok_or_else(|| Status::invalid_argument(format!("role {}: unknown", header.role)))?;
+        if header.size_bytes > MAX_FILE {
+            return Err(Status::invalid_argument(format!(
+                "size_bytes {}: at most {MAX_FILE}",
+                header.size_bytes
+            )));
+        }
+        let partial = self.blobs.join(format!(
+            ".push-{}-{}",
+            header.sha256,
+            crate::controller::new_id("p")
+        ));
+        let result = async {
+            let mut file = tokio::fs::File::create(&partial)
+                .await
+                .map_err(|e| Status::internal(format!("cannot store: {e}")))?;
+            let mut hasher = Sha256::new();
+            let mut size: u64 = 0;
+            while let Some(message) = stream.message().await? {
+                let Some(PushPart::Data(data)) = message.part else {
+                    return Err(Status::invalid_argument("a second header in the stream"));
+                };
+                if data.len() > CHUNK {
+                    return Err(Status::invalid_argument("a data message over 1 MiB"));
+                }
+                size += data.len() as u64;
+                if size > header.size_bytes {
+                    return Err(Status::invalid_argument(format!(
+                        "more data than the declared size_bytes {}",
+                        header.size_bytes
+                    )));
+                }
+                hasher.update(&data);
+                file.write_all(&data)
+                    .await
+                    .map_err(|e| Status::internal(format!("cannot store: {e}")))?;
+            }
+            if size != header.size_bytes {
+                return Err(Status::invalid_argument(format!(
+                    "received {size} bytes, declared size_bytes {}",
+                    header.size_bytes
+                )));
+            }
+            let got = hex::encode(hasher.finalize());
+            if got != header.sha256 {
+                return Err(Status::invalid_argument(format!(
+                    "sha256 mismatch: declared {}, the data has {got}",
+                    header.sha256
+                )));
+            }
+            file.sync_all()
+                .await
+                .map_err(|e| Status::internal(format!("cannot store: {e}")))?;
+            Ok(size)
+        }
+        .await;
+        let size = match result {
+            Ok(size) => size,
+            Err(status) => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(status);
+            }
+        };
+        let blob = self.blob(&header.sha256);
+        let already_stored = blob.exists();
+        if already_stored {
+            let _ = tokio::fs::remove_file(&partial).await;
+        } else {
+            tokio::fs::rename(&partial, &blob)
+                .await
+                .map_err(|e| Status::internal(format!("cannot store: {e}")))?;
+        }
+        let file = ImageFile {
+            role: role as i32,
+            sha256: header.sha256.clone(),
+            size_bytes: size,
+            file_name: header.file_name.chars().take(255).collect(),
+            pushed_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+        };
+        let image = self.attach(&header.image_name, file.clone()).await?;
+        Ok(Response::new(PushImageResponse {
+            image: Some(image),
+            file: Some(file),
+            already_stored,
+        }))
+    }
+
+    async fn list_images(
+        &self,
+        request: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        let name = request.into_inner().name;
+        let store = self.store.clone();
+        let prefix = if name.is_empty() {
+            "images/".to_string()
+        } else {
+            image_key(&name)
+        };
+        let (kvs, _) = tokio::task::spawn_blocking(move || store.list(&prefix))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(unavailable)?;
+        let images = kvs
+            .iter()
+            .filter_map(|kv| Image::decode(kv.value.as_slice()).ok())
+            .filter(|i| name.is_empty() || i.name == name)
+            .collect();
+        Ok(Response::new(ListImagesResponse { images }))
+    }
+
+    type PullImageStream = PullStream;
+
+    async fn pull_image(
+        &self,
+        request: Request<PullImageRequest>,
+    ) -> Result<Response<PullStream>, Status> {
+        let req = request.into_inner();
+        check_sha256("sha256", &req.sha256).map_err(Status::invalid_argument)?;
+        let path = self.blob(&req.sha256);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Status::not_found(format!("no image file with sha256 {}", req.sha256)))
+            }
+            Err(e) => return Err(Status::internal(format!("cannot read: {e}"))),
+        };
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .len();
+        if req.offset > size {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the end ({size} bytes)",
+                req.offset
+            )));
+        }
+        file.seek(std::io::SeekFrom::Start(req.offset))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let header = PullImageResponse {
+            part: Some(PullPart::Header(PullImageHeader {
+                sha256: req.sha256.clone(),
+                size_bytes: size,
+                offset: req.offset,
+            })),
+        };
+        tokio::spawn(async move {
+            if tx.send(Ok(header)).await.is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let message = PullImageResponse {
+                            part: Some(PullPart::Data(buf[..n].to_vec())),
+                        };
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("read: {e}")))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

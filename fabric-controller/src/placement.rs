@@ -1,0 +1,100 @@
+//! The controller's side of the scheduler: converts stored hosts and VMs into the
+//! scheduler's plain inputs and keeps its snapshot in step with the store.
+
+use fabric_proto::v1::{Host, HostState, Vm};
+
+use crate::scheduler::{self, Demand, HostSpec, SchedulerConfig, Strategy};
+
+/// Placement label that asks for the spread strategy instead of bin-packing.
+pub const STRATEGY_LABEL: &str = "fabric.placement/strategy";
+
+pub struct Placer {
+    scheduler: scheduler::Scheduler,
+}
+
+fn host_state(state: HostState) -> scheduler::HostState {
+    match state {
+        HostState::Ready | HostState::Unspecified => scheduler::HostState::Ready,
+        HostState::Suspect => scheduler::HostState::Suspect,
+        HostState::Dead => scheduler::HostState::Dead,
+        HostState::Cordoned => scheduler::HostState::Cordoned,
+        HostState::Draining => scheduler::HostState::Draining,
+    }
+}
+
+/// What a VM asks of its host.
+pub fn demand(vm: &Vm) -> Demand {
+    let spec = vm.spec.clone().unwrap_or_default();
+    let memory = spec.memory.unwrap_or_default();
+    let placement = spec.placement.unwrap_or_default();
+    let strategy = match placement.labels.get(STRATEGY_LABEL).map(String::as_str) {
+        Some("spread") => Strategy::Spread,
+        _ => Strategy::BinPack,
+    };
+    Demand {
+        vcpus: spec.vcpus,
+        zone: placement.zone,
+        availability_set: placement.availability_set,
+        anti_affinity_labels: placement.anti_affinity_labels.into_iter().collect(),
+        labels: placement.labels.into_iter().collect(),
+        strategy,
+        ..Demand::default()
+    }
+    .with_memory_spec(memory.startup_mib, memory.minimum_mib, memory.maximum_mib)
+}
+
+impl Placer {
+    pub fn new(cpu_overcommit: f64) -> Placer {
+        Placer {
+            scheduler: scheduler::Scheduler::new(SchedulerConfig {
+                cpu_overcommit,
+                ..SchedulerConfig::default()
+            }),
+        }
+    }
+
+    /// Adds or updates a host with its current state.
+    pub fn sync_host(&mut self, host: &Host, state: HostState) {
+        let allocatable = host.allocatable.unwrap_or_default();
+        let spec = HostSpec {
+            id: host.id.clone(),
+            zone: host.zone.clone(),
+            fault_domain: host.fault_domain,
+            update_domain: host.update_domain,
+            allocatable_cpus: allocatable.cpus,
+            allocatable_memory_mib: allocatable.memory_mib,
+            labels: host.labels.clone().into_iter().collect(),
+            state: host_state(state),
+        };
+        let result = if self.scheduler.host(&spec.id).is_some() {
+            self.scheduler.update_host(spec)
+        } else {
+            self.scheduler.add_host(spec)
+        };
+        if let Err(e) = result {
+            tracing::warn!(host = %host.id, error = %e, "scheduler bookkeeping");
+        }
+    }
+
+    /// Counts a VM on its host (replacing any earlier count of it).
+    pub fn assign(&mut self, vm: &Vm, host_id: &str) {
+        let _ = self.scheduler.release(&vm.id);
+        if let Err(e) = self.scheduler.assign(&vm.id, host_id, &demand(vm)) {
+            tracing::warn!(vm = %vm.id, host = %host_id, error = %e, "scheduler bookkeeping");
+        }
+    }
+
+    /// Stops counting a VM.
+    pub fn release(&mut self, vm_id: &str) {
+        // Releasing a VM the scheduler does not count is a no-op.
+        let _ = self.scheduler.release(vm_id);
+    }
+
+    /// The host for a VM, or why none fits.
+    pub fn place(&self, vm: &Vm) -> Result<String, String> {
+        self.scheduler
+            .place(&demand(vm))
+            .map(|d| d.host_id)
+            .map_err(|u| u.to_string())
+    }
+}

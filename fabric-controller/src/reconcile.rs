@@ -1,0 +1,373 @@
+//! The reconciler: a level-triggered loop that looks at the whole state and moves it one step
+//! toward what is wanted. Each pass is idempotent, so it runs on every change (a kick) and on
+//! a timer, and a controller restart simply resumes it.
+//!
+//! Per pass: host states from leases (READY → SUSPECT → DEAD, with events); VMs of DEAD hosts
+//! back to PENDING (their agent has fenced itself); stopped VMs released from their host;
+//! draining hosts emptied one update domain at a time (each VM stopped there first, then
+//! placed elsewhere); pending VMs placed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fabric_proto::v1::{DesiredState, EventKind, HostState, ObservedPhase, VmPhase};
+
+use crate::controller::{effective_state, short_host_state, Controller};
+
+/// Longest time between passes.
+const PERIOD: Duration = Duration::from_millis(250);
+/// Most placements committed per pass (they commit concurrently, sharing fsyncs).
+const PLACEMENTS_PER_PASS: usize = 4096;
+
+#[derive(Default)]
+pub struct Reconciler {
+    host_states: HashMap<String, HostState>,
+    /// The unplaceable reason last announced per VM (to announce changes only).
+    unplaceable: HashMap<String, String>,
+}
+
+fn ts() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::now())
+}
+
+impl Reconciler {
+    pub async fn run(mut self, c: Arc<Controller>) {
+        loop {
+            self.pass(&c).await;
+            tokio::select! {
+                _ = c.kick.notified() => {}
+                _ = tokio::time::sleep(PERIOD) => {}
+            }
+        }
+    }
+
+    pub async fn pass(&mut self, c: &Arc<Controller>) {
+        self.host_states(c);
+        self.dead_and_lost(c).await;
+        self.stopped_and_evicted(c).await;
+        self.place(c).await;
+    }
+
+    /// Recomputes host states from leases; announces and applies changes.
+    fn host_states(&mut self, c: &Controller) {
+        let model = c.model();
+        let mut changed = Vec::new();
+        for (id, entry) in &model.hosts {
+            let state = effective_state(&c.settings, entry);
+            if self.host_states.get(id) != Some(&state) {
+                self.host_states.insert(id.clone(), state);
+                changed.push((id.clone(), entry.host.clone(), state));
+            }
+        }
+        drop(model);
+        for (id, host, state) in changed {
+            c.placer().sync_host(&host, state);
+            let reason = match state {
+                HostState::Suspect => "missed heartbeats",
+                HostState::Dead => "lease expired beyond the fencing margin",
+                _ => "",
+            };
+            c.events.host_state(
+                &id,
+                state,
+                reason,
+                format!("host {} is {}", host.name, short_host_state(state)),
+            );
+            if state == HostState::Dead || state == HostState::Suspect {
+                tracing::warn!(host = %id, name = %host.name, state = short_host_state(state), "{reason}");
+            }
+        }
+    }
+
+    /// VMs on DEAD hosts go back to PENDING (or STOPPED); VMs on SUSPECT hosts are LOST.
+    async fn dead_and_lost(&self, c: &Arc<Controller>) {
+        let mut evict = Vec::new();
+        let mut lost = Vec::new();
+        {
+            let model = c.model();
+            for entry in model.vms.values() {
+                let Some(status) = &entry.vm.status else { continue };
+                if status.host_id.is_empty() {
+                    continue;
+                }
+                match self.host_states.get(&status.host_id) {
+                    Some(HostState::Dead) => evict.push((entry.vm.id.clone(), status.host_id.clone())),
+                    Some(HostState::Suspect) if status.phase() != VmPhase::Lost => {
+                        lost.push((entry.vm.id.clone(), status.host_id.clone()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let evictions = evict.into_iter().map(|(vm_id, host_id)| {
+            let c = c.clone();
+            async move {
+                let reason = format!("host {host_id} was declared dead (lease expired and the fencing margin passed)");
+                let result = c
+                    .update_vm(&vm_id, |vm| {
+                        let status = vm.status.get_or_insert_with(Default::default);
+                        if status.host_id != host_id {
+                            return Ok(false);
+                        }
+                        status.host_id.clear();
+                        let running = status.desired_state() != DesiredState::Stopped;
+                        status.phase = if running { VmPhase::Pending } else { VmPhase::Stopped } as i32;
+                        status.reason = reason.clone();
+                        status.phase_changed_at = Some(ts());
+                        Ok(true)
+                    })
+                    .await;
+                if result.is_ok() {
+                    c.events.vm(EventKind::VmEvicted, &vm_id, &host_id, "host dead", reason);
+                }
+            }
+        });
+        futures::future::join_all(evictions).await;
+        let losses = lost.into_iter().map(|(vm_id, host_id)| {
+            let c = c.clone();
+            async move {
+                let _ = c
+                    .update_vm(&vm_id, |vm| {
+                        let status = vm.status.get_or_insert_with(Default::default);
+                        if status.host_id != host_id || status.phase() == VmPhase::Lost {
+                            return Ok(false);
+                        }
+                        status.phase = VmPhase::Lost as i32;
+                        status.reason = format!("host {host_id} stopped heartbeating; waiting for it to return or be declared dead");
+                        status.phase_changed_at = Some(ts());
+                        Ok(true)
+                    })
+                    .await;
+            }
+        });
+        futures::future::join_all(losses).await;
+    }
+
+    /// Releases VMs that stopped as wanted, and moves VMs off draining hosts.
+    async fn stopped_and_evicted(&mut self, c: &Arc<Controller>) {
+        let mut release = Vec::new();
+        let mut drained_hosts = Vec::new();
+        {
+            let mut model = c.model();
+            // Draining hosts, by update domain: only the lowest domain that still has VMs
+            // is emptied now.
+            let mut draining: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
+            let mut vms_on: HashMap<String, usize> = HashMap::new();
+            for entry in model.vms.values() {
+                if let Some(status) = &entry.vm.status {
+                    if !status.host_id.is_empty() {
+                        *vms_on.entry(status.host_id.clone()).or_default() += 1;
+                    }
+                }
+            }
+            for (id, entry) in &model.hosts {
+                if self.host_states.get(id) == Some(&HostState::Draining) {
+                    if vms_on.get(id).copied().unwrap_or(0) == 0 {
+                        drained_hosts.push(id.clone());
+                    } else {
+                        draining
+                            .entry((entry.host.zone.clone(), entry.host.update_domain))
+                            .or_default()
+                            .push(id.clone());
+                    }
+                }
+            }
+            let active: Vec<String> = draining.into_values().next().unwrap_or_default();
+            let mut evicting = std::collections::HashSet::new();
+            for entry in model.vms.values() {
+                let Some(status) = &entry.vm.status else { continue };
+                if active.contains(&status.host_id) {
+                    evicting.insert(entry.vm.id.clone());
+                }
+            }
+            if evicting != model.evicting {
+                for id in evicting.symmetric_difference(&model.evicting) {
+                    if let Some(host) = model
+                        .vms
+                        .get(id)
+                        .and_then(|e| e.vm.status.as_ref())
+                        .and_then(|s| model.hosts.get(&s.host_id))
+                    {
+                        host.live.assignments.send_modify(|v| *v += 1);
+                    }
+                }
+                model.evicting = evicting;
+            }
+            for entry in model.vms.values() {
+                let Some(status) = &entry.vm.status else { continue };
+                if status.host_id.is_empty() {
+                    continue;
+                }
+                let wants_stopped = status.desired_state() == DesiredState::Stopped;
+                let moving = model.evicting.contains(&entry.vm.id);
+                if !wants_stopped && !moving {
+                    continue;
+                }
+                let Some(host) = model.hosts.get(&status.host_id) else { continue };
+                let observed = host.live.observed.get(&entry.vm.id);
+                // Stopped there, or absent from the agent's report although the agent has
+                // applied the update that told it to stop the VM.
+                let stopped = match observed {
+                    Some(o) => matches!(o.phase(), ObservedPhase::Stopped | ObservedPhase::Failed),
+                    None => host
+                        .live
+                        .stop_sent
+                        .get(&entry.vm.id)
+                        .is_some_and(|g| host.live.acked_generation >= *g),
+                };
+                if stopped {
+                    release.push((entry.vm.id.clone(), status.host_id.clone(), moving));
+                }
+            }
+        }
+        let releases = release.into_iter().map(|(vm_id, host_id, moving)| {
+            let c = c.clone();
+            async move {
+                let result = c
+                    .update_vm(&vm_id, |vm| {
+                        let status = vm.status.get_or_insert_with(Default::default);
+                        if status.host_id != host_id {
+                            return Ok(false);
+                        }
+                        status.host_id.clear();
+                        if status.desired_state() == DesiredState::Stopped {
+                            status.phase = VmPhase::Stopped as i32;
+                            status.reason = "stopped".into();
+                        } else {
+                            status.phase = VmPhase::Pending as i32;
+                            status.reason = format!("moved off draining host {host_id}");
+                        }
+                        status.phase_changed_at = Some(ts());
+                        Ok(true)
+                    })
+                    .await;
+                if result.is_ok() && moving {
+                    c.events.vm(
+                        EventKind::VmEvicted,
+                        &vm_id,
+                        &host_id,
+                        "drain",
+                        format!("stopped on draining host {host_id}; to be placed elsewhere"),
+                    );
+                }
+            }
+        });
+        futures::future::join_all(releases).await;
+        for host_id in drained_hosts {
+            if let Err(e) = c
+                .set_host_admin(&host_id, HostState::Cordoned, "drained")
+                .await
+            {
+                tracing::warn!(host = %host_id, error = %e.message(), "cannot mark a drained host cordoned");
+            } else {
+                self.host_states.insert(host_id, HostState::Cordoned);
+            }
+        }
+    }
+
+    /// Places pending VMs: decide each against the snapshot (counting earlier decisions of
+    /// the pass), then commit them all concurrently.
+    async fn place(&mut self, c: &Arc<Controller>) {
+        let pending: Vec<fabric_proto::v1::Vm> = {
+            let model = c.model();
+            model
+                .vms
+                .values()
+                .filter(|e| {
+                    e.vm.status.as_ref().is_some_and(|s| {
+                        s.host_id.is_empty()
+                            && s.desired_state() != DesiredState::Stopped
+                            && s.phase() != VmPhase::Failed
+                    })
+                })
+                .take(PLACEMENTS_PER_PASS)
+                .map(|e| e.vm.clone())
+                .collect()
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let mut decisions = Vec::new();
+        {
+            let mut placer = c.placer();
+            for vm in pending {
+                match placer.place(&vm) {
+                    Ok(host_id) => {
+                        // Counted now so the next decision sees it; undone if the commit fails.
+                        placer.assign(&vm, &host_id);
+                        self.unplaceable.remove(&vm.id);
+                        decisions.push((vm.id.clone(), host_id));
+                    }
+                    Err(reason) => {
+                        if self.unplaceable.get(&vm.id) != Some(&reason) {
+                            self.unplaceable.insert(vm.id.clone(), reason.clone());
+                            decisions.push((vm.id.clone(), String::new()));
+                            c.events.vm(
+                                EventKind::VmUnplaceable,
+                                &vm.id,
+                                "",
+                                "unplaceable",
+                                reason.clone(),
+                            );
+                            let c2 = c.clone();
+                            let id = vm.id.clone();
+                            tokio::spawn(async move {
+                                let _ = c2
+                                    .update_vm(&id, |vm| {
+                                        let status = vm.status.get_or_insert_with(Default::default);
+                                        if !status.host_id.is_empty() || status.reason == reason {
+                                            return Ok(false);
+                                        }
+                                        status.reason = reason.clone();
+                                        Ok(true)
+                                    })
+                                    .await;
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let commits = decisions
+            .into_iter()
+            .filter(|(_, host)| !host.is_empty())
+            .map(|(vm_id, host_id)| {
+                let c = c.clone();
+                async move {
+                    let result = c
+                        .update_vm(&vm_id, |vm| {
+                            let status = vm.status.get_or_insert_with(Default::default);
+                            if !status.host_id.is_empty()
+                                || status.desired_state() == DesiredState::Stopped
+                            {
+                                return Ok(false);
+                            }
+                            status.host_id = host_id.clone();
+                            status.phase = VmPhase::Scheduled as i32;
+                            status.reason = format!("placed on host {host_id}");
+                            status.phase_changed_at = Some(ts());
+                            Ok(true)
+                        })
+                        .await;
+                    match result {
+                        Ok(vm) if vm.status.as_ref().is_some_and(|s| s.host_id == host_id) => {
+                            c.events.vm(
+                                EventKind::VmScheduled,
+                                &vm_id,
+                                &host_id,
+                                "",
+                                format!("placed on host {host_id}"),
+                            );
+                        }
+                        _ => {
+                            // Not placed after all (deleted, stopped, or a store failure):
+                            // give back what the decision counted.
+                            c.placer().release(&vm_id);
+                        }
+                    }
+                }
+            });
+        futures::future::join_all(commits).await;
+    }
+}

@@ -1,0 +1,298 @@
+//! Checks of operator input, each failure naming the field (`spec.memory.startup_mib: ...`),
+//! and the defaults the controller fills in at CreateVm.
+
+use fabric_proto::v1::{disk_spec, MemorySpec, VmSpec};
+use sha2::{Digest, Sha256};
+
+/// Largest VM accepted.
+pub const MAX_VCPUS: u32 = 254;
+pub const MAX_MEMORY_MIB: u64 = 4 << 20;
+const MAX_NICS: usize = 10;
+const MAX_DISKS: usize = 16;
+const MAX_CMDLINE: usize = 2048;
+const MAX_LABELS: usize = 64;
+
+/// A VM name: 1..=63 lowercase letters, digits and '-', starting with a letter.
+pub fn check_vm_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.as_bytes()[0].is_ascii_lowercase()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "spec.name {name:?}: 1..=63 lowercase letters, digits and '-', starting with a letter"
+        ))
+    }
+}
+
+/// An image name: 1..=63 lowercase letters, digits, '.', '_' and '-'.
+pub fn check_image_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "image name {name:?}: 1..=63 lowercase letters, digits, '.', '_' and '-'"
+        ))
+    }
+}
+
+/// A sha256 as fabric.v1 writes it.
+pub fn check_sha256(field: &str, digest: &str) -> Result<(), String> {
+    if digest.len() == 64 && digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(format!("{field} {digest:?}: a sha256 is 64 lowercase hex characters"))
+    }
+}
+
+fn check_label(field: &str, key: &str, value: &str) -> Result<(), String> {
+    let ok_key = !key.is_empty()
+        && key.len() <= 63
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+    let ok_value = value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok_key && ok_value {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} {key:?}={value:?}: keys are 1..=63 of [A-Za-z0-9._/-], values 0..=63 of [A-Za-z0-9._-]"
+        ))
+    }
+}
+
+/// The memory sizes with zeros resolved: (startup, minimum, maximum).
+pub fn memory_sizes(memory: &MemorySpec) -> (u64, u64, u64) {
+    let startup = memory.startup_mib;
+    let minimum = if memory.minimum_mib == 0 { startup } else { memory.minimum_mib };
+    let maximum = if memory.maximum_mib == 0 { startup } else { memory.maximum_mib };
+    (startup, minimum, maximum)
+}
+
+/// Checks a spec as CreateVm receives it (before image names are resolved).
+pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
+    check_vm_name(&spec.name)?;
+    if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+        return Err(format!("spec.vcpus {}: must be 1..={MAX_VCPUS}", spec.vcpus));
+    }
+    let memory = spec
+        .memory
+        .ok_or_else(|| "spec.memory: required (startup_mib at least)".to_string())?;
+    if memory.startup_mib == 0 {
+        return Err("spec.memory.startup_mib: required (> 0)".to_string());
+    }
+    let (startup, minimum, maximum) = memory_sizes(&memory);
+    if maximum > MAX_MEMORY_MIB {
+        return Err(format!(
+            "spec.memory.maximum_mib {maximum}: at most {MAX_MEMORY_MIB}"
+        ));
+    }
+    if !(minimum <= startup && startup <= maximum) {
+        return Err(format!(
+            "spec.memory: need minimum_mib ({minimum}) <= startup_mib ({startup}) <= maximum_mib ({maximum})"
+        ));
+    }
+    if memory.buffer_percent > 2000 {
+        return Err(format!(
+            "spec.memory.buffer_percent {}: must be 0..=2000",
+            memory.buffer_percent
+        ));
+    }
+    if memory.weight > 10000 {
+        return Err(format!("spec.memory.weight {}: must be 0..=10000", memory.weight));
+    }
+    let image = spec
+        .image
+        .as_ref()
+        .ok_or_else(|| "spec.image: required (a name or a kernel digest)".to_string())?;
+    if image.name.is_empty() && image.kernel_sha256.is_empty() {
+        return Err("spec.image: give an image name or kernel_sha256".to_string());
+    }
+    if !image.name.is_empty() {
+        check_image_name(&image.name).map_err(|e| format!("spec.image.name: {e}"))?;
+    }
+    for (field, digest) in [
+        ("spec.image.kernel_sha256", &image.kernel_sha256),
+        ("spec.image.initramfs_sha256", &image.initramfs_sha256),
+        ("spec.image.rootfs_sha256", &image.rootfs_sha256),
+    ] {
+        if !digest.is_empty() {
+            check_sha256(field, digest)?;
+        }
+    }
+    if spec.kernel_cmdline.len() > MAX_CMDLINE || spec.kernel_cmdline.contains(['\0', '\n']) {
+        return Err(format!(
+            "spec.kernel_cmdline: at most {MAX_CMDLINE} bytes, no NUL or newline"
+        ));
+    }
+    if spec.nics.len() > MAX_NICS {
+        return Err(format!("spec.nics: at most {MAX_NICS}"));
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        if nic.network.is_empty() {
+            return Err(format!("spec.nics[{i}].network: required"));
+        }
+        if !nic.mac.is_empty() {
+            check_mac(&nic.mac).map_err(|e| format!("spec.nics[{i}].mac: {e}"))?;
+        }
+    }
+    if spec.disks.len() > MAX_DISKS {
+        return Err(format!("spec.disks: at most {MAX_DISKS}"));
+    }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        match &disk.source {
+            Some(disk_spec::Source::ImageSha256(d)) => {
+                check_sha256(&format!("spec.disks[{i}].image_sha256"), d)?
+            }
+            Some(disk_spec::Source::SizeMib(size)) => {
+                if *size == 0 || *size > 64 << 20 {
+                    return Err(format!("spec.disks[{i}].size_mib {size}: must be 1..=67108864"));
+                }
+            }
+            None => return Err(format!("spec.disks[{i}]: give image_sha256 or size_mib")),
+        }
+    }
+    if let Some(placement) = &spec.placement {
+        if placement.labels.len() + placement.anti_affinity_labels.len() > MAX_LABELS {
+            return Err(format!("spec.placement: at most {MAX_LABELS} labels"));
+        }
+        for (k, v) in &placement.labels {
+            check_label("spec.placement.labels", k, v)?;
+        }
+        for (k, v) in &placement.anti_affinity_labels {
+            check_label("spec.placement.anti_affinity_labels", k, v)?;
+        }
+        if placement.availability_set.len() > 63 {
+            return Err("spec.placement.availability_set: at most 63 characters".to_string());
+        }
+    }
+    if !(0..=3).contains(&spec.restart_policy) {
+        return Err(format!("spec.restart_policy {}: unknown", spec.restart_policy));
+    }
+    Ok(())
+}
+
+fn check_mac(mac: &str) -> Result<(), String> {
+    let octets: Vec<&str> = mac.split(':').collect();
+    let valid = octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok());
+    if !valid {
+        return Err(format!("{mac:?}: six hex octets like 52:54:00:12:34:56"));
+    }
+    if u8::from_str_radix(octets[0], 16).unwrap_or(1) & 1 == 1 {
+        return Err(format!("{mac:?}: a multicast address"));
+    }
+    Ok(())
+}
+
+/// Fills the defaults the spec leaves open: MACs (stable, locally administered, from the VM
+/// id) and the memory sizes written out.
+pub fn fill_defaults(spec: &mut VmSpec, vm_id: &str) {
+    for (i, nic) in spec.nics.iter_mut().enumerate() {
+        if nic.mac.is_empty() {
+            let d = Sha256::digest(format!("{vm_id}/nic{i}").as_bytes());
+            nic.mac = format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", d[0], d[1], d[2], d[3]);
+        }
+    }
+    if let Some(memory) = spec.memory.as_mut() {
+        let (_, minimum, maximum) = memory_sizes(memory);
+        memory.minimum_mib = minimum;
+        memory.maximum_mib = maximum;
+        if memory.weight == 0 {
+            memory.weight = 5000;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fabric_proto::v1::{BootImage, DiskSpec, NicSpec, Placement};
+
+    fn good() -> VmSpec {
+        VmSpec {
+            name: "web-1".into(),
+            vcpus: 2,
+            memory: Some(MemorySpec {
+                startup_mib: 512,
+                ..Default::default()
+            }),
+            image: Some(BootImage {
+                name: "alpine".into(),
+                ..Default::default()
+            }),
+            nics: vec![NicSpec {
+                network: "default".into(),
+                mac: String::new(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        check_spec(&good()).unwrap();
+        type Change = Box<dyn Fn(&mut VmSpec)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (Box::new(|s| s.name = "Web".into()), "spec.name"),
+            (Box::new(|s| s.name = String::new()), "spec.name"),
+            (Box::new(|s| s.vcpus = 0), "spec.vcpus"),
+            (Box::new(|s| s.memory = None), "spec.memory"),
+            (Box::new(|s| s.memory.as_mut().unwrap().startup_mib = 0), "spec.memory.startup_mib"),
+            (Box::new(|s| s.memory.as_mut().unwrap().minimum_mib = 1024), "spec.memory"),
+            (Box::new(|s| s.memory.as_mut().unwrap().buffer_percent = 5000), "buffer_percent"),
+            (Box::new(|s| s.image = None), "spec.image"),
+            (Box::new(|s| s.image.as_mut().unwrap().name = "A B".into()), "spec.image.name"),
+            (
+                Box::new(|s| s.image.as_mut().unwrap().kernel_sha256 = "abc".into()),
+                "spec.image.kernel_sha256",
+            ),
+            (Box::new(|s| s.nics[0].network = String::new()), "spec.nics[0].network"),
+            (Box::new(|s| s.nics[0].mac = "01:00:00:00:00:00".into()), "spec.nics[0].mac"),
+            (Box::new(|s| s.disks = vec![DiskSpec::default()]), "spec.disks[0]"),
+            (
+                Box::new(|s| {
+                    s.placement = Some(Placement {
+                        labels: [("a b".to_string(), "c".to_string())].into(),
+                        ..Default::default()
+                    })
+                }),
+                "spec.placement.labels",
+            ),
+            (Box::new(|s| s.restart_policy = 9), "spec.restart_policy"),
+            (Box::new(|s| s.kernel_cmdline = "a\nb".into()), "spec.kernel_cmdline"),
+        ];
+        for (change, field) in cases {
+            let mut spec = good();
+            change(&mut spec);
+            let err = check_spec(&spec).unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_stably() {
+        let mut a = good();
+        fill_defaults(&mut a, "vm-1");
+        let mut b = good();
+        fill_defaults(&mut b, "vm-1");
+        assert_eq!(a.nics[0].mac, b.nics[0].mac);
+        check_mac(&a.nics[0].mac).unwrap();
+        let m = a.memory.unwrap();
+        assert_eq!((m.minimum_mib, m.maximum_mib, m.weight), (512, 512, 5000));
+    }
+}
