@@ -1,0 +1,267 @@
+//! Processes of a test cluster on one machine: a `fabric-controller` and `fabric-agent`s
+//! (simulated hosts here; see the agent's own tests for real guests), each with its own
+//! directory under one temp dir, talking over Unix sockets. Every process is killed by PID
+//! when its handle drops, also when the test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fabric_proto::v1::compute_client::ComputeClient;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+/// A binary of this workspace, built by `cargo test --workspace` (or `cargo build`) next to
+/// the test executable.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run the suite with `cargo test --workspace` (or `cargo build --workspace` first)",
+        path.display()
+    );
+    path
+}
+
+/// A gRPC channel over a Unix socket.
+pub async fn unix_channel(path: &Path) -> Channel {
+    let path = path.to_owned();
+    Endpoint::from_static("http://fabric.invalid").connect_with_connector_lazy(tower::service_fn(
+        move |_| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        },
+    ))
+}
+
+/// Waits until `path` exists (a socket being bound).
+pub fn wait_for_path(path: &Path, timeout: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < timeout,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Process {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Process {
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Process {
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Process {
+            child: Some(child),
+            log,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of {} ({}) ---\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(40)
+            );
+        }
+        self.kill9();
+    }
+}
+
+/// Timing of the controller's leases, seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub lease_ttl: f64,
+    pub heartbeat_interval: f64,
+    pub fencing_margin: f64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            lease_ttl: 2.0,
+            heartbeat_interval: 0.5,
+            fencing_margin: 1.5,
+        }
+    }
+}
+
+/// A controller process and its directory.
+pub struct Controller {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub timing: Timing,
+    pub process: Process,
+}
+
+impl Controller {
+    pub fn start(dir: &Path, timing: Timing) -> Controller {
+        std::fs::create_dir_all(dir).expect("controller dir");
+        let socket = dir.join("controller.sock");
+        let process = Self::spawn(dir, &socket, timing);
+        Controller {
+            dir: dir.to_owned(),
+            socket,
+            timing,
+            process,
+        }
+    }
+
+    fn spawn(dir: &Path, socket: &Path, timing: Timing) -> Process {
+        let _ = std::fs::remove_file(socket);
+        let mut command = Command::new(workspace_bin("fabric-controller"));
+        command
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--lease-ttl")
+            .arg(timing.lease_ttl.to_string())
+            .arg("--heartbeat-interval")
+            .arg(timing.heartbeat_interval.to_string())
+            .arg("--fencing-margin")
+            .arg(timing.fencing_margin.to_string())
+            .env("FABRIC_LOG", "info");
+        let log = dir.join(format!(
+            "controller-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        ));
+        let process = Process::spawn("fabric-controller", command, log);
+        wait_for_path(socket, Duration::from_secs(30));
+        process
+    }
+
+    /// SIGKILL, then start again on the same data.
+    pub fn kill9_and_restart(&mut self) {
+        self.process.kill9();
+        self.process = Self::spawn(&self.dir, &self.socket, self.timing);
+    }
+
+    pub async fn compute(&self) -> ComputeClient<Channel> {
+        ComputeClient::new(unix_channel(&self.socket).await)
+    }
+
+    pub fn address(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+}
+
+/// A simulated host: a fabric-agent with `hypervisor = "sim"`.
+pub struct SimHost {
+    pub name: String,
+    pub dir: PathBuf,
+    pub process: Process,
+}
+
+impl SimHost {
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        controller: &str,
+        fault_domain: u32,
+        update_domain: u32,
+    ) -> SimHost {
+        std::fs::create_dir_all(dir).expect("host dir");
+        let config = format!(
+            r#"controller = "{controller}"
+listen = "unix:{listen}"
+name = "{name}"
+machine_id = "machine-{name}"
+zone = "z1"
+fault_domain = {fault_domain}
+update_domain = {update_domain}
+data_dir = "{data}"
+hypervisor = "sim"
+[reserve]
+cpus = 0
+memory_mib = 0
+[sim]
+start_delay_ms = 100
+cpus = 16
+memory_mib = 65536
+"#,
+            listen = dir.join("agent.sock").display(),
+            data = dir.join("data").display(),
+        );
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, config).expect("agent config");
+        let mut command = Command::new(workspace_bin("fabric-agent"));
+        command.arg("--config").arg(&path).env("FABRIC_LOG", "info");
+        let process = Process::spawn(
+            &format!("fabric-agent {name}"),
+            command,
+            dir.join("agent.log"),
+        );
+        SimHost {
+            name: name.to_string(),
+            dir: dir.to_owned(),
+            process,
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns Some, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,364 @@
+//! The controller against real processes: durability of acknowledged creates across SIGKILL,
+//! and failover of a dead host's VMs only after the fencing window, with simulated hosts
+//! (fabric-agent `hypervisor = "sim"`) driven over real gRPC.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fabric_proto::v1::{
+    BootImage, CreateVmRequest, EventKind, GetVmRequest, HostState, ListHostsRequest,
+    ListVmsRequest, MemorySpec, Placement, VmPhase, VmSpec, WatchEventsRequest,
+};
+use fabric_tests::cluster::{eventually, Controller, SimHost, Timing};
+
+fn spec(name: &str, set: &str) -> VmSpec {
+    VmSpec {
+        name: name.to_string(),
+        vcpus: 1,
+        memory: Some(MemorySpec {
+            startup_mib: 256,
+            ..Default::default()
+        }),
+        image: Some(BootImage {
+            kernel_sha256: "0".repeat(64),
+            ..Default::default()
+        }),
+        placement: Some(Placement {
+            availability_set: set.to_string(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_creates_survive_sigkill_with_their_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut controller = Controller::start(&dir.path().join("controller"), Timing::default());
+    let _host = SimHost::start(&dir.path().join("h1"), "h1", &controller.address(), 0, 0);
+    let client = controller.compute().await;
+    eventually(Duration::from_secs(30), "the host to register", || {
+        let mut c = client.clone();
+        async move {
+            let hosts = c
+                .list_hosts(ListHostsRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .hosts;
+            (hosts.len() == 1).then_some(())
+        }
+    })
+    .await;
+
+    // 16 clients create VMs as fast as they can; the controller is killed mid-stream.
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let mut c = client.clone();
+        let acked = acked.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let name = format!("d-{w}-{i}");
+                let request = CreateVmRequest {
+                    spec: Some(spec(&name, "")),
+                    desired_state: 0,
+                };
+                match c.create_vm(request).await {
+                    Ok(vm) => acked.lock().unwrap().push((vm.into_inner().id, name)),
+                    Err(_) => return, // the controller is gone
+                }
+            }
+        }));
+    }
+    // Let creates and placements flow, note some placements, then kill.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut placed_before: HashMap<String, String> = HashMap::new();
+    let sample: Vec<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .take(50)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut c = client.clone();
+    for id in sample {
+        if let Ok(vm) = c.get_vm(GetVmRequest { id: id.clone() }).await {
+            let host = vm.into_inner().status.unwrap_or_default().host_id;
+            if !host.is_empty() {
+                placed_before.insert(id, host);
+            }
+        }
+    }
+    controller.process.kill9();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in writers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 50,
+        "only {} creates acknowledged before the kill",
+        acked.len()
+    );
+    assert!(
+        !placed_before.is_empty(),
+        "no VM was placed before the kill"
+    );
+
+    controller.kill9_and_restart();
+    let mut c = controller.compute().await;
+    let mut all = BTreeMap::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_vms(ListVmsRequest {
+                page_token: token.clone(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("ListVms after restart")
+            .into_inner();
+        for vm in page.vms {
+            all.insert(vm.id.clone(), vm);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    for (id, name) in &acked {
+        let vm = all.get(id).unwrap_or_else(|| {
+            panic!("VM {id} ({name}) was acknowledged but is gone after SIGKILL")
+        });
+        assert_eq!(vm.spec.as_ref().unwrap().name, *name);
+    }
+    for (id, host) in &placed_before {
+        let now = all[id].status.clone().unwrap_or_default().host_id;
+        assert_eq!(&now, host, "VM {id} lost its placement across the restart");
+    }
+    println!(
+        "{} creates acknowledged before SIGKILL, all present after restart ({} in store); {} placements checked",
+        acked.len(),
+        all.len(),
+        placed_before.len()
+    );
+    // The restarted controller carries on: the one host (16 CPUs x 4 overcommit, 64 GiB)
+    // fills up, and every VM is either placed or pending because nothing fits.
+    let (placed, full) = eventually(
+        Duration::from_secs(60),
+        "every VM placed or explained",
+        || {
+            let mut c = c.clone();
+            async move {
+                let vms = c
+                    .list_vms(ListVmsRequest {
+                        page_size: 5000,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .vms;
+                let placed = vms
+                    .iter()
+                    .filter(|v| !v.status.as_ref().unwrap().host_id.is_empty())
+                    .count();
+                let full = vms
+                    .iter()
+                    .filter(|v| {
+                        let s = v.status.as_ref().unwrap();
+                        s.phase() == VmPhase::Pending
+                            && s.reason.starts_with("0/1 hosts: 1 insufficient")
+                    })
+                    .count();
+                (placed + full == vms.len() && placed == 64).then_some((placed, full))
+            }
+        },
+    )
+    .await;
+    println!(
+        "after the restart: {placed} placed (the host is full), {full} pending with the reason"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_hosts_vms_move_only_after_the_fencing_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let timing = Timing {
+        lease_ttl: 2.0,
+        heartbeat_interval: 0.5,
+        fencing_margin: 1.5,
+    };
+    let controller = Controller::start(&dir.path().join("controller"), timing);
+    let mut hosts: Vec<SimHost> = (0..3)
+        .map(|i| {
+            SimHost::start(
+                &dir.path().join(format!("h{i}")),
+                &format!("h{i}"),
+                &controller.address(),
+                i,
+                i,
+            )
+        })
+        .collect();
+    let mut c = controller.compute().await;
+    let host_ids: HashMap<String, String> =
+        eventually(Duration::from_secs(30), "3 hosts ready", || {
+            let mut c = c.clone();
+            async move {
+                let hosts = c
+                    .list_hosts(ListHostsRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .hosts;
+                (hosts.len() == 3 && hosts.iter().all(|h| h.state() == HostState::Ready))
+                    .then(|| hosts.into_iter().map(|h| (h.name.clone(), h.id)).collect())
+            }
+        })
+        .await;
+    // An availability set of 3 spreads over the 3 fault domains: one VM per host.
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let vm = c
+            .create_vm(CreateVmRequest {
+                spec: Some(spec(&format!("web-{i}"), "web")),
+                desired_state: 0,
+            })
+            .await
+            .expect("create")
+            .into_inner();
+        ids.push(vm.id);
+    }
+    let placement: HashMap<String, String> =
+        eventually(Duration::from_secs(30), "3 VMs running", || {
+            let mut c = c.clone();
+            let ids = ids.clone();
+            async move {
+                let mut placed = HashMap::new();
+                for id in ids {
+                    let vm = c
+                        .get_vm(GetVmRequest { id: id.clone() })
+                        .await
+                        .ok()?
+                        .into_inner();
+                    let status = vm.status.unwrap_or_default();
+                    if status.phase() != VmPhase::Running {
+                        return None;
+                    }
+                    placed.insert(id, status.host_id);
+                }
+                Some(placed)
+            }
+        })
+        .await;
+    let distinct: std::collections::HashSet<_> = placement.values().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "the availability set was not spread: {placement:?}"
+    );
+
+    // Kill host h0's agent: its heartbeats stop.
+    let dead_id = host_ids["h0"].clone();
+    let victim = placement
+        .iter()
+        .find(|(_, h)| **h == dead_id)
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    let mut events = c
+        .watch_events(WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    hosts[0].process.kill9();
+    let killed = Instant::now();
+
+    // Collect events until the victim runs elsewhere.
+    let mut seen = Vec::new();
+    let mut suspect_at = None;
+    let mut dead_at = None;
+    let mut scheduled_at = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.message()).await;
+        let Ok(Ok(Some(event))) = event else { continue };
+        let at = killed.elapsed();
+        if event.host_id == dead_id && event.kind() == EventKind::HostStateChanged {
+            match event.host_state() {
+                HostState::Suspect => suspect_at = suspect_at.or(Some(at)),
+                HostState::Dead => dead_at = dead_at.or(Some(at)),
+                _ => {}
+            }
+        }
+        if event.vm_id == victim
+            && event.kind() == EventKind::VmScheduled
+            && event.host_id != dead_id
+        {
+            scheduled_at = Some(at);
+        }
+        seen.push(format!(
+            "{:>6.2}s {:?} vm={} host={} {}",
+            at.as_secs_f64(),
+            event.kind(),
+            event.vm_id,
+            event.host_id,
+            event.message
+        ));
+        if event.vm_id == victim
+            && event.kind() == EventKind::VmPhaseChanged
+            && event.vm_phase() == VmPhase::Running
+            && scheduled_at.is_some()
+        {
+            break;
+        }
+    }
+    let log = seen.join("\n");
+    println!("events after the kill:\n{log}");
+    let suspect_at = suspect_at.unwrap_or_else(|| panic!("no SUSPECT event:\n{log}"));
+    let dead_at = dead_at.unwrap_or_else(|| panic!("no DEAD event:\n{log}"));
+    let scheduled_at =
+        scheduled_at.unwrap_or_else(|| panic!("the VM was not placed elsewhere:\n{log}"));
+    assert!(suspect_at < dead_at, "{log}");
+    // The last heartbeat was at most one interval before the kill: the lease (from then)
+    // plus the margin must have passed before the VM moved.
+    let window = Duration::from_secs_f64(
+        timing.lease_ttl + timing.fencing_margin - timing.heartbeat_interval,
+    );
+    assert!(
+        scheduled_at >= window,
+        "the VM was placed elsewhere {scheduled_at:?} after the kill, inside the fencing window {window:?}:\n{log}"
+    );
+    assert!(
+        dead_at >= window,
+        "host declared dead too early ({dead_at:?}):\n{log}"
+    );
+    assert!(
+        log.contains("VmEvicted") && log.contains("declared dead"),
+        "{log}"
+    );
+    println!(
+        "suspect after {:.2}s, dead after {:.2}s, placed elsewhere after {:.2}s (fencing window {:.2}s)",
+        suspect_at.as_secs_f64(),
+        dead_at.as_secs_f64(),
+        scheduled_at.as_secs_f64(),
+        window.as_secs_f64()
+    );
+    let vm = c
+        .get_vm(GetVmRequest { id: victim.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = vm.status.unwrap();
+    assert_ne!(status.host_id, dead_id);
+    assert_eq!(status.phase(), VmPhase::Running);
+    hosts.clear();
+}
