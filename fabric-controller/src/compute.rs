@@ -89,7 +89,9 @@ impl Compute for ComputeService {
     }
 
     async fn get_vm(&self, request: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
-        Ok(Response::new(self.controller.get_vm(&request.into_inner().id)?))
+        Ok(Response::new(
+            self.controller.get_vm(&request.into_inner().id)?,
+        ))
     }
 
     async fn list_vms(
@@ -146,14 +148,18 @@ impl Compute for ComputeService {
     async fn start_vm(&self, request: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {
         let id = request.into_inner().id;
         Ok(Response::new(
-            self.controller.set_desired(&id, DesiredState::Running).await?,
+            self.controller
+                .set_desired(&id, DesiredState::Running)
+                .await?,
         ))
     }
 
     async fn stop_vm(&self, request: Request<StopVmRequest>) -> Result<Response<Vm>, Status> {
         let id = request.into_inner().id;
         Ok(Response::new(
-            self.controller.set_desired(&id, DesiredState::Stopped).await?,
+            self.controller
+                .set_desired(&id, DesiredState::Stopped)
+                .await?,
         ))
     }
 
@@ -245,7 +251,11 @@ impl Compute for ComputeService {
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let req = request.into_inner();
-        let (past, mut live) = self.controller.events.subscribe(req.since_sequence);
+        // since_sequence 0: only what happens from now on.
+        let (mut past, mut live) = self.controller.events.subscribe(req.since_sequence);
+        if req.since_sequence == 0 {
+            past.clear();
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let wanted = move |e: &Event| {
             (req.vm_id.is_empty() || e.vm_id == req.vm_id)

@@ -89,6 +89,8 @@ pub struct Controller {
     pub events: Events,
     /// Wakes the reconciler.
     pub(crate) kick: tokio::sync::Notify,
+    /// The state last announced per host, so each change is one event.
+    announced: Mutex<HashMap<String, HostState>>,
     generation: AtomicU64,
 }
 
@@ -139,8 +141,7 @@ impl Controller {
         let (hosts, _) = store.list("hosts/").map_err(|e| e.to_string())?;
         let now = Instant::now();
         for kv in hosts {
-            let host = Host::decode(kv.value.as_slice())
-                .map_err(|e| format!("{}: {e}", kv.key))?;
+            let host = Host::decode(kv.value.as_slice()).map_err(|e| format!("{}: {e}", kv.key))?;
             model.hosts.insert(
                 host.id.clone(),
                 HostEntry {
@@ -185,7 +186,12 @@ impl Controller {
             placer.sync_host(&entry.host, effective_state(&settings, entry));
         }
         for entry in model.vms.values() {
-            let host = &entry.vm.status.as_ref().map(|s| s.host_id.clone()).unwrap_or_default();
+            let host = &entry
+                .vm
+                .status
+                .as_ref()
+                .map(|s| s.host_id.clone())
+                .unwrap_or_default();
             if !host.is_empty() {
                 placer.assign(&entry.vm, host);
             }
@@ -208,6 +214,7 @@ impl Controller {
             placer: Mutex::new(placer),
             events: Events::new(),
             kick: tokio::sync::Notify::new(),
+            announced: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(start_generation),
         }))
     }
@@ -245,7 +252,13 @@ impl Controller {
             TxnOutcome::Committed(rev) => {
                 let mut model = self.model();
                 model.names.insert(name.clone(), vm.id.clone());
-                model.vms.insert(vm.id.clone(), VmEntry { vm: vm.clone(), rev });
+                model.vms.insert(
+                    vm.id.clone(),
+                    VmEntry {
+                        vm: vm.clone(),
+                        rev,
+                    },
+                );
                 drop(model);
                 self.events.vm(
                     EventKind::VmCreated,
@@ -316,7 +329,9 @@ impl Controller {
                 TxnOutcome::Failed(_) => tokio::task::yield_now().await,
             }
         }
-        Err(Status::aborted(format!("VM {id}: too many concurrent updates")))
+        Err(Status::aborted(format!(
+            "VM {id}: too many concurrent updates"
+        )))
     }
 
     /// Puts a committed VM into memory and tells whoever cares.
@@ -360,7 +375,11 @@ impl Controller {
                 if new_status.reason.is_empty() {
                     format!("phase {}", short_phase(new_status.phase()))
                 } else {
-                    format!("phase {}: {}", short_phase(new_status.phase()), new_status.reason)
+                    format!(
+                        "phase {}: {}",
+                        short_phase(new_status.phase()),
+                        new_status.reason
+                    )
                 },
             );
         }
@@ -384,7 +403,11 @@ impl Controller {
                 .delete(name_key(&name));
             match self.commit(txn).await? {
                 TxnOutcome::Committed(_) => {
-                    let host_id = vm.status.as_ref().map(|s| s.host_id.clone()).unwrap_or_default();
+                    let host_id = vm
+                        .status
+                        .as_ref()
+                        .map(|s| s.host_id.clone())
+                        .unwrap_or_default();
                     let mut model = self.model();
                     model.vms.remove(id);
                     if model.names.get(&name).map(String::as_str) == Some(id) {
@@ -417,7 +440,9 @@ impl Controller {
             .update_vm(id, |vm| {
                 let status = vm.status.get_or_insert_with(VmStatus::default);
                 let failed = status.phase() == VmPhase::Failed;
-                if status.desired_state() == desired && !(failed && desired == DesiredState::Running) {
+                if status.desired_state() == desired
+                    && !(failed && desired == DesiredState::Running)
+                {
                     return Ok(false);
                 }
                 status.desired_state = desired as i32;
@@ -435,7 +460,13 @@ impl Controller {
             id,
             vm.status.as_ref().map(|s| s.host_id.as_str()).unwrap_or(""),
             "",
-            format!("desired state {}", desired.as_str_name()),
+            format!(
+                "desired state {}",
+                match desired {
+                    DesiredState::Stopped => "stopped",
+                    _ => "running",
+                }
+            ),
         );
         self.kick.notify_one();
         self.get_vm(id)
@@ -475,12 +506,18 @@ impl Controller {
     }
 
     /// Commits a host.
-    pub(crate) async fn put_host(&self, host: Host, rev: Option<Revision>) -> Result<Revision, Status> {
+    pub(crate) async fn put_host(
+        &self,
+        host: Host,
+        rev: Option<Revision>,
+    ) -> Result<Revision, Status> {
         let compare = match rev {
             Some(rev) => Compare::ModRevision(host_key(&host.id), rev),
             None => Compare::Absent(host_key(&host.id)),
         };
-        let txn = Txn::new().when(compare).put(host_key(&host.id), host.encode_to_vec());
+        let txn = Txn::new()
+            .when(compare)
+            .put(host_key(&host.id), host.encode_to_vec());
         match self.commit(txn).await? {
             TxnOutcome::Committed(rev) => Ok(rev),
             TxnOutcome::Failed(_) => Err(Status::aborted("host changed concurrently; retry")),
@@ -504,7 +541,10 @@ impl Controller {
         host.state = effective_state(&self.settings, entry) as i32;
         host.usage = entry.live.usage;
         host.last_heartbeat_at = Some(prost_types::Timestamp::from(entry.live.last_heartbeat_wall));
-        let left = entry.live.lease_expires.saturating_duration_since(Instant::now());
+        let left = entry
+            .live
+            .lease_expires
+            .saturating_duration_since(Instant::now());
         host.lease_expires_at = Some(prost_types::Timestamp::from(SystemTime::now() + left));
         let mut allocated = Resources::default();
         for e in model.vms.values() {
@@ -514,7 +554,8 @@ impl Controller {
             }
             if let Some(spec) = &e.vm.spec {
                 allocated.cpus += spec.vcpus;
-                let (_, minimum, _) = crate::validate::memory_sizes(&spec.memory.unwrap_or_default());
+                let (_, minimum, _) =
+                    crate::validate::memory_sizes(&spec.memory.unwrap_or_default());
                 allocated.memory_mib += minimum;
             }
         }
@@ -545,7 +586,11 @@ impl Controller {
                     .hosts
                     .get(id)
                     .ok_or_else(|| Status::not_found(format!("no host with id {id:?}")))?;
-                (entry.host.clone(), entry.rev, effective_state(&self.settings, entry))
+                (
+                    entry.host.clone(),
+                    entry.rev,
+                    effective_state(&self.settings, entry),
+                )
             };
             if state == HostState::Ready && effective == HostState::Dead {
                 return Err(Status::failed_precondition(format!(
@@ -558,7 +603,11 @@ impl Controller {
             }
             host.state = state as i32;
             host.cordoned = cordoned;
-            host.cordon_reason = if cordoned { reason.to_string() } else { String::new() };
+            host.cordon_reason = if cordoned {
+                reason.to_string()
+            } else {
+                String::new()
+            };
             match self.put_host(host.clone(), Some(rev)).await {
                 Ok(new_rev) => {
                     let mut model = self.model();
@@ -567,9 +616,12 @@ impl Controller {
                         entry.rev = new_rev;
                         let state = effective_state(&self.settings, entry);
                         self.placer().sync_host(&entry.host, state);
-                        self.events.host_state(id, state, reason, format!("host {} is {}", entry.host.name, short_host_state(state)));
+                        let name = entry.host.name.clone();
+                        drop(model);
+                        self.announce_host_state(id, &name, state, reason);
+                    } else {
+                        drop(model);
                     }
-                    drop(model);
                     self.kick.notify_one();
                     return self.get_host(id);
                 }
@@ -577,6 +629,32 @@ impl Controller {
                 Err(s) => return Err(s),
             }
         }
+    }
+}
+
+impl Controller {
+    /// Emits a HOST_STATE_CHANGED event if `state` differs from the last one announced for
+    /// the host. Returns whether it did.
+    pub fn announce_host_state(
+        &self,
+        id: &str,
+        name: &str,
+        state: HostState,
+        reason: &str,
+    ) -> bool {
+        let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        if announced.get(id) == Some(&state) {
+            return false;
+        }
+        announced.insert(id.to_string(), state);
+        drop(announced);
+        self.events.host_state(
+            id,
+            state,
+            reason,
+            format!("host {name} is {}", short_host_state(state)),
+        );
+        true
     }
 }
 
@@ -600,12 +678,18 @@ pub(crate) fn effective_state(settings: &Settings, entry: &HostEntry) -> HostSta
 }
 
 /// The controller's phase for a VM on a host, from what the agent observes.
-pub(crate) fn derived_phase(observed: Option<&ObservedVm>, host_state: HostState) -> (VmPhase, String) {
+pub(crate) fn derived_phase(
+    observed: Option<&ObservedVm>,
+    host_state: HostState,
+) -> (VmPhase, String) {
     if matches!(host_state, HostState::Suspect | HostState::Dead) {
         return (VmPhase::Lost, "the host stopped heartbeating".to_string());
     }
     let Some(observed) = observed else {
-        return (VmPhase::Scheduled, "waiting for the host's agent".to_string());
+        return (
+            VmPhase::Scheduled,
+            "waiting for the host's agent".to_string(),
+        );
     };
     let phase = match observed.phase() {
         ObservedPhase::Unspecified => VmPhase::Scheduled,

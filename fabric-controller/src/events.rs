@@ -89,7 +89,12 @@ impl Events {
     pub fn subscribe(&self, since: u64) -> (Vec<Event>, broadcast::Receiver<Event>) {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.live.subscribe();
-        let past = log.1.iter().filter(|e| e.sequence > since).cloned().collect();
+        let past = log
+            .1
+            .iter()
+            .filter(|e| e.sequence > since)
+            .cloned()
+            .collect();
         (past, rx)
     }
 }

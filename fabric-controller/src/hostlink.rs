@@ -8,16 +8,14 @@ use std::time::{Instant, SystemTime};
 
 use fabric_proto::v1::host_link_server::HostLink;
 use fabric_proto::v1::{
-    AssignmentUpdate, DesiredState, EventKind, HeartbeatRequest, HeartbeatResponse, Host, HostState,
-    RegisterHostRequest, RegisterHostResponse, VmPhase, WatchAssignmentsRequest,
+    AssignmentUpdate, DesiredState, EventKind, HeartbeatRequest, HeartbeatResponse, Host,
+    HostState, RegisterHostRequest, RegisterHostResponse, VmPhase, WatchAssignmentsRequest,
 };
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::controller::{
-    derived_phase, effective_state, new_id, Controller, HostEntry, HostLive,
-};
+use crate::controller::{derived_phase, effective_state, new_id, Controller, HostEntry, HostLive};
 
 pub struct HostLinkService {
     controller: Arc<Controller>,
@@ -74,7 +72,9 @@ impl HostLink for HostLinkService {
             None => {
                 let id = new_id("host");
                 c.put_machine(&req.machine_id, &id).await?;
-                c.model().machines.insert(req.machine_id.clone(), id.clone());
+                c.model()
+                    .machines
+                    .insert(req.machine_id.clone(), id.clone());
                 id
             }
         };
@@ -161,7 +161,11 @@ impl HostLink for HostLinkService {
                     req.name,
                     req.allocatable.map(|r| r.cpus).unwrap_or(0),
                     req.allocatable.map(|r| r.memory_mib).unwrap_or(0),
-                    if was == Some(HostState::Dead) { " after being declared dead" } else { "" }
+                    if was == Some(HostState::Dead) {
+                        " after being declared dead"
+                    } else {
+                        ""
+                    }
                 ),
                 ..Default::default()
             });
@@ -189,10 +193,9 @@ impl HostLink for HostLinkService {
         let mut phase_updates = Vec::new();
         {
             let mut model = c.model();
-            let entry = model
-                .hosts
-                .get_mut(&req.host_id)
-                .ok_or_else(|| Status::not_found(format!("unknown host id {:?}: register", req.host_id)))?;
+            let entry = model.hosts.get_mut(&req.host_id).ok_or_else(|| {
+                Status::not_found(format!("unknown host id {:?}: register", req.host_id))
+            })?;
             if effective_state(settings, entry) == HostState::Dead {
                 return Err(Status::failed_precondition(format!(
                     "host {} was declared dead and its VMs were moved: stop every VM and register again",
@@ -215,14 +218,17 @@ impl HostLink for HostLinkService {
             let observed = entry.live.observed.clone();
             let host_id = req.host_id.clone();
             for vm in model.vms.values() {
-                let Some(status) = &vm.vm.status else { continue };
+                let Some(status) = &vm.vm.status else {
+                    continue;
+                };
                 if status.host_id != host_id {
                     continue;
                 }
                 let seen = observed.get(&vm.vm.id);
                 // Only what the agent reports for the VM's current generation counts.
                 let (phase, reason) = derived_phase(seen, state);
-                if phase != status.phase() || (phase == VmPhase::Failed && reason != status.reason) {
+                if phase != status.phase() || (phase == VmPhase::Failed && reason != status.reason)
+                {
                     phase_updates.push((vm.vm.id.clone(), phase, reason));
                 }
                 if let (Some(now_seen), Some(before)) = (seen, previous.get(&vm.vm.id)) {
@@ -300,7 +306,10 @@ impl HostLink for HostLinkService {
                 let now = c.assignments(&host_id);
                 let update = if first {
                     first = false;
-                    sent = now.iter().map(|a| (a.vm_id.clone(), (a.generation, a.desired_state))).collect();
+                    sent = now
+                        .iter()
+                        .map(|a| (a.vm_id.clone(), (a.generation, a.desired_state)))
+                        .collect();
                     Some(AssignmentUpdate {
                         generation: c.next_generation(),
                         full: true,
@@ -317,8 +326,11 @@ impl HostLink for HostLinkService {
                             upserts.push(a);
                         }
                     }
-                    let removed: Vec<String> =
-                        sent.keys().filter(|id| !current.contains_key(*id)).cloned().collect();
+                    let removed: Vec<String> = sent
+                        .keys()
+                        .filter(|id| !current.contains_key(*id))
+                        .cloned()
+                        .collect();
                     sent = current;
                     (!upserts.is_empty() || !removed.is_empty()).then(|| AssignmentUpdate {
                         generation: c.next_generation(),
@@ -333,7 +345,9 @@ impl HostLink for HostLinkService {
                         if let Some(host) = model.hosts.get_mut(&host_id) {
                             for a in &update.upserts {
                                 if a.desired_state() == DesiredState::Stopped {
-                                    host.live.stop_sent.insert(a.vm_id.clone(), update.generation);
+                                    host.live
+                                        .stop_sent
+                                        .insert(a.vm_id.clone(), update.generation);
                                 }
                             }
                         }

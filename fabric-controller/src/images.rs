@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use fabric_proto::v1::images_server::Images;
-use fabric_proto::v1::push_image_request::Part as PushPart;
 use fabric_proto::v1::pull_image_response::Part as PullPart;
+use fabric_proto::v1::push_image_request::Part as PushPart;
 use fabric_proto::v1::{
     BootImage, Image, ImageFile, ImageFileRole, ListImagesRequest, ListImagesResponse,
     PullImageHeader, PullImageRequest, PullImageResponse, PushImageRequest, PushImageResponse,
@@ -152,7 +152,11 @@ impl Images for ImagesService {
             Some(PushImageRequest {
                 part: Some(PushPart::Header(header)),
             }) => header,
-            _ => return Err(Status::invalid_argument("the first message must be the header")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be the header",
+                ))
+            }
         };
         check_image_name(&header.image_name).map_err(Status::invalid_argument)?;
         check_sha256("sha256", &header.sha256).map_err(Status::invalid_argument)?;
@@ -281,7 +285,10 @@ impl Images for ImagesService {
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Status::not_found(format!("no image file with sha256 {}", req.sha256)))
+                return Err(Status::not_found(format!(
+                    "no image file with sha256 {}",
+                    req.sha256
+                )))
             }
             Err(e) => return Err(Status::internal(format!("cannot read: {e}"))),
         };

@@ -68,13 +68,9 @@ impl Reconciler {
                 HostState::Dead => "lease expired beyond the fencing margin",
                 _ => "",
             };
-            c.events.host_state(
-                &id,
-                state,
-                reason,
-                format!("host {} is {}", host.name, short_host_state(state)),
-            );
-            if state == HostState::Dead || state == HostState::Suspect {
+            if c.announce_host_state(&id, &host.name, state, reason)
+                && matches!(state, HostState::Dead | HostState::Suspect)
+            {
                 tracing::warn!(host = %id, name = %host.name, state = short_host_state(state), "{reason}");
             }
         }
@@ -87,12 +83,16 @@ impl Reconciler {
         {
             let model = c.model();
             for entry in model.vms.values() {
-                let Some(status) = &entry.vm.status else { continue };
+                let Some(status) = &entry.vm.status else {
+                    continue;
+                };
                 if status.host_id.is_empty() {
                     continue;
                 }
                 match self.host_states.get(&status.host_id) {
-                    Some(HostState::Dead) => evict.push((entry.vm.id.clone(), status.host_id.clone())),
+                    Some(HostState::Dead) => {
+                        evict.push((entry.vm.id.clone(), status.host_id.clone()))
+                    }
                     Some(HostState::Suspect) if status.phase() != VmPhase::Lost => {
                         lost.push((entry.vm.id.clone(), status.host_id.clone()))
                     }
@@ -176,7 +176,9 @@ impl Reconciler {
             let active: Vec<String> = draining.into_values().next().unwrap_or_default();
             let mut evicting = std::collections::HashSet::new();
             for entry in model.vms.values() {
-                let Some(status) = &entry.vm.status else { continue };
+                let Some(status) = &entry.vm.status else {
+                    continue;
+                };
                 if active.contains(&status.host_id) {
                     evicting.insert(entry.vm.id.clone());
                 }
@@ -195,7 +197,9 @@ impl Reconciler {
                 model.evicting = evicting;
             }
             for entry in model.vms.values() {
-                let Some(status) = &entry.vm.status else { continue };
+                let Some(status) = &entry.vm.status else {
+                    continue;
+                };
                 if status.host_id.is_empty() {
                     continue;
                 }
@@ -204,7 +208,9 @@ impl Reconciler {
                 if !wants_stopped && !moving {
                     continue;
                 }
-                let Some(host) = model.hosts.get(&status.host_id) else { continue };
+                let Some(host) = model.hosts.get(&status.host_id) else {
+                    continue;
+                };
                 let observed = host.live.observed.get(&entry.vm.id);
                 // Stopped there, or absent from the agent's report although the agent has
                 // applied the update that told it to stop the VM.

@@ -47,10 +47,16 @@ pub fn check_image_name(name: &str) -> Result<(), String> {
 
 /// A sha256 as fabric.v1 writes it.
 pub fn check_sha256(field: &str, digest: &str) -> Result<(), String> {
-    if digest.len() == 64 && digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         Ok(())
     } else {
-        Err(format!("{field} {digest:?}: a sha256 is 64 lowercase hex characters"))
+        Err(format!(
+            "{field} {digest:?}: a sha256 is 64 lowercase hex characters"
+        ))
     }
 }
 
@@ -76,8 +82,16 @@ fn check_label(field: &str, key: &str, value: &str) -> Result<(), String> {
 /// The memory sizes with zeros resolved: (startup, minimum, maximum).
 pub fn memory_sizes(memory: &MemorySpec) -> (u64, u64, u64) {
     let startup = memory.startup_mib;
-    let minimum = if memory.minimum_mib == 0 { startup } else { memory.minimum_mib };
-    let maximum = if memory.maximum_mib == 0 { startup } else { memory.maximum_mib };
+    let minimum = if memory.minimum_mib == 0 {
+        startup
+    } else {
+        memory.minimum_mib
+    };
+    let maximum = if memory.maximum_mib == 0 {
+        startup
+    } else {
+        memory.maximum_mib
+    };
     (startup, minimum, maximum)
 }
 
@@ -85,7 +99,10 @@ pub fn memory_sizes(memory: &MemorySpec) -> (u64, u64, u64) {
 pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
     check_vm_name(&spec.name)?;
     if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
-        return Err(format!("spec.vcpus {}: must be 1..={MAX_VCPUS}", spec.vcpus));
+        return Err(format!(
+            "spec.vcpus {}: must be 1..={MAX_VCPUS}",
+            spec.vcpus
+        ));
     }
     let memory = spec
         .memory
@@ -111,7 +128,10 @@ pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
         ));
     }
     if memory.weight > 10000 {
-        return Err(format!("spec.memory.weight {}: must be 0..=10000", memory.weight));
+        return Err(format!(
+            "spec.memory.weight {}: must be 0..=10000",
+            memory.weight
+        ));
     }
     let image = spec
         .image
@@ -158,7 +178,9 @@ pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
             }
             Some(disk_spec::Source::SizeMib(size)) => {
                 if *size == 0 || *size > 64 << 20 {
-                    return Err(format!("spec.disks[{i}].size_mib {size}: must be 1..=67108864"));
+                    return Err(format!(
+                        "spec.disks[{i}].size_mib {size}: must be 1..=67108864"
+                    ));
                 }
             }
             None => return Err(format!("spec.disks[{i}]: give image_sha256 or size_mib")),
@@ -179,7 +201,10 @@ pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
         }
     }
     if !(0..=3).contains(&spec.restart_policy) {
-        return Err(format!("spec.restart_policy {}: unknown", spec.restart_policy));
+        return Err(format!(
+            "spec.restart_policy {}: unknown",
+            spec.restart_policy
+        ));
     }
     Ok(())
 }
@@ -252,18 +277,39 @@ mod tests {
             (Box::new(|s| s.name = String::new()), "spec.name"),
             (Box::new(|s| s.vcpus = 0), "spec.vcpus"),
             (Box::new(|s| s.memory = None), "spec.memory"),
-            (Box::new(|s| s.memory.as_mut().unwrap().startup_mib = 0), "spec.memory.startup_mib"),
-            (Box::new(|s| s.memory.as_mut().unwrap().minimum_mib = 1024), "spec.memory"),
-            (Box::new(|s| s.memory.as_mut().unwrap().buffer_percent = 5000), "buffer_percent"),
+            (
+                Box::new(|s| s.memory.as_mut().unwrap().startup_mib = 0),
+                "spec.memory.startup_mib",
+            ),
+            (
+                Box::new(|s| s.memory.as_mut().unwrap().minimum_mib = 1024),
+                "spec.memory",
+            ),
+            (
+                Box::new(|s| s.memory.as_mut().unwrap().buffer_percent = 5000),
+                "buffer_percent",
+            ),
             (Box::new(|s| s.image = None), "spec.image"),
-            (Box::new(|s| s.image.as_mut().unwrap().name = "A B".into()), "spec.image.name"),
+            (
+                Box::new(|s| s.image.as_mut().unwrap().name = "A B".into()),
+                "spec.image.name",
+            ),
             (
                 Box::new(|s| s.image.as_mut().unwrap().kernel_sha256 = "abc".into()),
                 "spec.image.kernel_sha256",
             ),
-            (Box::new(|s| s.nics[0].network = String::new()), "spec.nics[0].network"),
-            (Box::new(|s| s.nics[0].mac = "01:00:00:00:00:00".into()), "spec.nics[0].mac"),
-            (Box::new(|s| s.disks = vec![DiskSpec::default()]), "spec.disks[0]"),
+            (
+                Box::new(|s| s.nics[0].network = String::new()),
+                "spec.nics[0].network",
+            ),
+            (
+                Box::new(|s| s.nics[0].mac = "01:00:00:00:00:00".into()),
+                "spec.nics[0].mac",
+            ),
+            (
+                Box::new(|s| s.disks = vec![DiskSpec::default()]),
+                "spec.disks[0]",
+            ),
             (
                 Box::new(|s| {
                     s.placement = Some(Placement {
@@ -274,7 +320,10 @@ mod tests {
                 "spec.placement.labels",
             ),
             (Box::new(|s| s.restart_policy = 9), "spec.restart_policy"),
-            (Box::new(|s| s.kernel_cmdline = "a\nb".into()), "spec.kernel_cmdline"),
+            (
+                Box::new(|s| s.kernel_cmdline = "a\nb".into()),
+                "spec.kernel_cmdline",
+            ),
         ];
         for (change, field) in cases {
             let mut spec = good();

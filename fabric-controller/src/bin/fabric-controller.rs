@@ -106,12 +106,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let router = tonic::transport::Server::builder()
         .add_service(services.health)
         .add_service(services.reflection)
-        .add_service(ComputeServer::new(ComputeService::new(controller.clone(), images.clone())))
-        .add_service(HostLinkServer::new(HostLinkService::new(controller.clone())))
-        .add_service(
-            ImagesServer::new(ImagesService(images))
-                .max_decoding_message_size(4 << 20),
-        );
+        .add_service(ComputeServer::new(ComputeService::new(
+            controller.clone(),
+            images.clone(),
+        )))
+        .add_service(HostLinkServer::new(HostLinkService::new(
+            controller.clone(),
+        )))
+        .add_service(ImagesServer::new(ImagesService(images)).max_decoding_message_size(4 << 20));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let shutdown = async move {
