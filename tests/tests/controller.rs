@@ -362,3 +362,155 @@ async fn a_dead_hosts_vms_move_only_after_the_fencing_window() {
     assert_eq!(status.phase(), VmPhase::Running);
     hosts.clear();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_moves_every_vm_one_update_domain_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&dir.path().join("controller"), Timing::default());
+    // h0, h1 in update domain 0; h2, h3 in update domain 1.
+    let _hosts: Vec<SimHost> = (0..4)
+        .map(|i| {
+            SimHost::start(
+                &dir.path().join(format!("h{i}")),
+                &format!("h{i}"),
+                &controller.address(),
+                i,
+                i / 2,
+            )
+        })
+        .collect();
+    let mut c = controller.compute().await;
+    let host_ids: HashMap<String, String> =
+        eventually(Duration::from_secs(30), "4 hosts ready", || {
+            let mut c = c.clone();
+            async move {
+                let hosts = c
+                    .list_hosts(ListHostsRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .hosts;
+                (hosts.len() == 4 && hosts.iter().all(|h| h.state() == HostState::Ready))
+                    .then(|| hosts.into_iter().map(|h| (h.name.clone(), h.id)).collect())
+            }
+        })
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let mut s = spec(&format!("app-{i}"), "");
+        s.placement
+            .as_mut()
+            .unwrap()
+            .labels
+            .insert("fabric.placement/strategy".into(), "spread".into());
+        ids.push(
+            c.create_vm(CreateVmRequest {
+                spec: Some(s),
+                desired_state: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id,
+        );
+    }
+    let running =
+        |c: &fabric_proto::v1::compute_client::ComputeClient<tonic::transport::Channel>,
+         ids: Vec<String>| {
+            let mut c = c.clone();
+            async move {
+                let mut on = HashMap::new();
+                for id in ids {
+                    let s = c
+                        .get_vm(GetVmRequest { id: id.clone() })
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .status
+                        .unwrap_or_default();
+                    if s.phase() != VmPhase::Running {
+                        return None;
+                    }
+                    on.insert(id, s.host_id);
+                }
+                Some(on)
+            }
+        };
+    let before = eventually(Duration::from_secs(30), "8 VMs running", || {
+        running(&c, ids.clone())
+    })
+    .await;
+    let (h0, h2) = (host_ids["h0"].clone(), host_ids["h2"].clone());
+    let on_h0 = before.values().filter(|h| **h == h0).count();
+    let on_h2 = before.values().filter(|h| **h == h2).count();
+    assert!(
+        on_h0 > 0 && on_h2 > 0,
+        "spread placement left a drained host empty: {before:?}"
+    );
+
+    let mut events = c
+        .watch_events(WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    use fabric_proto::v1::DrainHostRequest;
+    c.drain_host(DrainHostRequest {
+        id: h2.clone(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    c.drain_host(DrainHostRequest {
+        id: h0.clone(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    let after = eventually(
+        Duration::from_secs(60),
+        "all VMs running off the drained hosts",
+        || {
+            let c = c.clone();
+            let ids = ids.clone();
+            let (h0, h2) = (h0.clone(), h2.clone());
+            async move {
+                let on = running(&c, ids).await?;
+                on.values().all(|h| *h != h0 && *h != h2).then_some(on)
+            }
+        },
+    )
+    .await;
+    assert_eq!(after.len(), 8, "a VM was lost");
+    // The order of evictions: every VM of update domain 0's host before any of domain 1's.
+    let mut order = Vec::new();
+    while let Ok(Ok(Some(e))) =
+        tokio::time::timeout(Duration::from_millis(500), events.message()).await
+    {
+        if e.kind() == EventKind::VmEvicted {
+            order.push(e.host_id.clone());
+        }
+    }
+    assert_eq!(order.len(), on_h0 + on_h2, "evictions: {order:?}");
+    let first_h2 = order.iter().position(|h| *h == h2).unwrap();
+    let last_h0 = order.iter().rposition(|h| *h == h0).unwrap();
+    assert!(
+        last_h0 < first_h2,
+        "update domains were drained together: {order:?}"
+    );
+    for id in [&h0, &h2] {
+        let host = eventually(Duration::from_secs(10), "drained host cordoned", || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move {
+                let h = c
+                    .get_host(fabric_proto::v1::GetHostRequest { id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (h.state() == HostState::Cordoned).then_some(h)
+            }
+        })
+        .await;
+        assert_eq!(host.allocated.unwrap_or_default().cpus, 0);
+    }
+}
