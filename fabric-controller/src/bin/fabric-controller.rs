@@ -24,9 +24,10 @@ use tokio::signal::unix::{signal, SignalKind};
 #[derive(Debug, Parser)]
 #[command(name = "fabric-controller", version, about = "The Fabric controller")]
 struct Args {
-    /// Where to serve: HOST:PORT or unix:/PATH.
-    #[arg(long, default_value = "0.0.0.0:7070")]
-    listen: String,
+    /// Where to serve: HOST:PORT or unix:/PATH. Repeatable (e.g. a TCP address for agents
+    /// and a Unix socket for local operators).
+    #[arg(long, default_values_t = ["0.0.0.0:7070".to_string()])]
+    listen: Vec<String>,
     /// The store file and image blobs live here.
     #[arg(long, default_value = "/var/lib/fabric-controller")]
     data_dir: PathBuf,
@@ -116,36 +117,47 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .add_service(ImagesServer::new(ImagesService(images)).max_decoding_message_size(4 << 20));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-        tracing::info!("shutting down");
-    };
-    tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), store = %store_path.display(), "fabric-controller serving");
-    if let Some(path) = args.listen.strip_prefix("unix:") {
-        let path = PathBuf::from(path.strip_prefix("//").unwrap_or(path));
-        let _ = std::fs::remove_file(&path);
-        let listener = tokio::net::UnixListener::bind(&path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        router
-            .serve_with_incoming_shutdown(
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    for listen in &args.listen {
+        let router = router.clone();
+        let mut stop = stop_rx.clone();
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Some(path) = listen.strip_prefix("unix:") {
+            let path = PathBuf::from(path.strip_prefix("//").unwrap_or(path));
+            let _ = std::fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            tracing::info!(address = %listen, "listening");
+            servers.spawn(router.serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 shutdown,
-            )
-            .await?;
-    } else {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        tracing::info!(address = %listener.local_addr()?, "listening");
-        router
-            .serve_with_incoming_shutdown(
+            ));
+        } else {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            tracing::info!(address = %listener.local_addr()?, "listening");
+            servers.spawn(router.serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 shutdown,
-            )
-            .await?;
+            ));
+        }
+    }
+    tracing::info!(data_dir = %args.data_dir.display(), store = %store_path.display(), "fabric-controller serving");
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+        Some(result) = servers.join_next() => {
+            result.context("server task")?.context("server")?;
+        }
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    while let Some(result) = servers.join_next().await {
+        result.context("server task")?.context("server")?;
     }
     Ok(())
 }
