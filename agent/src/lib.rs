@@ -6,4 +6,5 @@
 //!   host's lease, and runs the VMs assigned to the host as `fabric-vmm` processes.
 
 pub mod host;
+pub mod lease;
 pub mod vmm;

@@ -98,6 +98,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let lease = Arc::new(link::Lease::new(previous_lease));
     tokio::spawn(link::run_fence(host.clone(), lease.clone()));
     tokio::spawn(link::run(host.clone(), lease, channel));
+    tokio::spawn(host.clone().run_memory_balancer());
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

@@ -5,15 +5,16 @@
 //! while running (e.g. an instruction KVM could not emulate).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use fabric_agent::lease::LeaseFile;
 use fabric_agent::vmm::builder::{build_vm, open_kvm};
 use fabric_agent::vmm::config::{ConsoleOutput, VmRequest};
 use fabric_agent::vmm::control::ControlServer;
-use fabric_agent::vmm::runner::{control_channel, run_vm, VmInfo};
+use fabric_agent::vmm::runner::{control_channel, run_vm, Command, ControlSender, VmInfo};
 use fabric_agent::vmm::vcpu::ExitReason;
 
 /// Runs one virtual machine on KVM.
@@ -44,10 +45,17 @@ struct Args {
     /// The VM's id, reported by GetState.
     #[arg(long, default_value = "")]
     vm_id: String,
-    /// A virtio-blk disk over a raw image file: `PATH`, or `PATH,ro` to open it read-only
-    /// (the guest sees a read-only disk). Repeatable; the guest names them vda, vdb, ... in
-    /// this order.
-    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    /// The host's lease file (written by fabric-agent): the guest is stopped when the lease
+    /// runs out, even if the agent is gone, so a VM the controller moves elsewhere never runs
+    /// twice. Without it the VM runs until it is stopped.
+    #[arg(long, value_name = "PATH")]
+    lease_file: Option<PathBuf>,
+    /// A virtio-blk disk over a raw image file: `PATH`, with `,ro` to open it read-only (the
+    /// guest sees a read-only disk) and `,cache=none` (default: O_DIRECT, the host page cache
+    /// is used only where the filesystem has no direct I/O or a request is not aligned for it)
+    /// or `,cache=writeback` (through the host page cache). Repeatable; the guest names them
+    /// vda, vdb, ... in this order.
+    #[arg(long = "disk", value_name = "PATH[,ro][,cache=none|writeback]")]
     disks: Vec<String>,
     /// A virtio-net NIC over an existing tap device, opened by name (create it first, e.g.
     /// `ip tuntap add dev NAME mode tap`). Without `mac=` the guest gets a locally administered
@@ -80,6 +88,28 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("fabric-vmm: {}", one_line(&err));
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Stops the guest once the lease in `path` runs out. The agent renews the file; a file that
+/// cannot be read keeps the last lease seen.
+fn enforce_lease(path: &Path, mut lease: LeaseFile, control: &ControlSender) {
+    loop {
+        let left = lease.remaining();
+        if left.is_zero() {
+            tracing::warn!(lease = %path.display(), "the host's lease expired: stopping the guest (fenced)");
+            if let Err(err) = control.call(Command::ForceStop) {
+                tracing::debug!(error = %err, "stop after the lease expired");
+            }
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(200)));
+        match LeaseFile::read(path) {
+            Ok(renewed) => lease = renewed,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot read the lease; keeping the last one")
+            }
         }
     }
 }
@@ -119,6 +149,19 @@ fn run(args: Args, start: Instant) -> anyhow::Result<ExitCode> {
     }
     .validate(kvm.get_max_vcpus() as u32)?;
 
+    let lease = match &args.lease_file {
+        Some(path) => {
+            let lease = LeaseFile::read(path).map_err(anyhow::Error::msg)?;
+            if lease.remaining().is_zero() {
+                anyhow::bail!(
+                    "the host's lease in {} has expired: not starting the guest",
+                    path.display()
+                );
+            }
+            Some((path.clone(), lease))
+        }
+        None => None,
+    };
     let vm = build_vm(&kvm, &config, start)?;
     tracing::info!(
         vcpus = config.vcpus,
@@ -132,6 +175,12 @@ fn run(args: Args, start: Instant) -> anyhow::Result<ExitCode> {
     );
     let info = VmInfo::new(config.vcpus, config.memory_mib, start, vm.boot_time.clone());
     let (control_tx, control_rx) = control_channel()?;
+    if let Some((path, lease)) = lease {
+        let control = control_tx.clone();
+        std::thread::Builder::new()
+            .name("lease".into())
+            .spawn(move || enforce_lease(&path, lease, &control))?;
+    }
     let control = match &config.control_socket {
         Some(path) => Some(ControlServer::start(
             path,

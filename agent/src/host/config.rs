@@ -56,6 +56,28 @@ impl Default for SimConfig {
     }
 }
 
+/// The memory balancer (`[memory]`): see `host::balancer`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Balance memory between the VMs with their balloons every second.
+    pub balancer: bool,
+    /// How fast memory is taken from a guest, MiB per second (given back at once).
+    pub rate_mib_per_s: u64,
+    /// Memory the VMs may use in all, MiB; 0: the host's memory less `[reserve]`.
+    pub budget_mib: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            balancer: true,
+            rate_mib_per_s: 256,
+            budget_mib: 0,
+        }
+    }
+}
+
 /// The file format: every key optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +101,7 @@ struct FileConfig {
     reserve: Option<Reserve>,
     labels: Option<BTreeMap<String, String>>,
     sim: Option<SimConfig>,
+    memory: Option<MemoryConfig>,
 }
 
 /// Command-line flags; each overrides the file's key of the same name.
@@ -138,6 +161,7 @@ pub struct Config {
     pub reserve: Reserve,
     pub labels: BTreeMap<String, String>,
     pub sim: SimConfig,
+    pub memory: MemoryConfig,
 }
 
 /// A configuration that cannot be used, with what to fix.
@@ -245,6 +269,12 @@ impl Config {
         if sim.memory_used_percent > 100 {
             return Err(invalid("sim.memory_used_percent must be 0..=100"));
         }
+        let memory = file.memory.unwrap_or_default();
+        if memory.rate_mib_per_s == 0 {
+            return Err(invalid(
+                "memory.rate_mib_per_s must be at least 1 (MiB per second)",
+            ));
+        }
         Ok(Config {
             controller,
             listen,
@@ -271,6 +301,7 @@ impl Config {
             reserve: file.reserve.unwrap_or_default(),
             labels: file.labels.unwrap_or_default(),
             sim,
+            memory,
         })
     }
 
@@ -324,6 +355,10 @@ mod tests {
             rack = "r7"
             [sim]
             start_delay_ms = 10
+            [memory]
+            balancer = false
+            rate_mib_per_s = 64
+            budget_mib = 4096
         "#;
         let file = Config::parse_file(text).expect("parses");
         let flags = Flags {
@@ -339,6 +374,28 @@ mod tests {
         assert_eq!(config.sim.start_delay_ms, 10);
         assert_eq!(config.gateway(), Ipv4Addr::new(10, 9, 0, 1));
         assert_eq!(config.stop_timeout, Duration::from_secs(5));
+        assert_eq!(
+            config.memory,
+            MemoryConfig {
+                balancer: false,
+                rate_mib_per_s: 64,
+                budget_mib: 4096,
+            }
+        );
+    }
+
+    #[test]
+    fn the_memory_balancer_is_on_by_default() {
+        let config =
+            Config::from_toml("controller = \"unix:/c\"\nmachine_id = \"m\"\nname = \"n\"")
+                .expect("valid");
+        assert_eq!(config.memory, MemoryConfig::default());
+        assert!(config.memory.balancer);
+        assert_eq!(config.memory.rate_mib_per_s, 256);
+        assert_eq!(
+            config.memory.budget_mib, 0,
+            "0: the host's allocatable memory"
+        );
     }
 
     #[test]
@@ -363,6 +420,14 @@ mod tests {
                 "cgroup_parent",
             ),
             ("controller = \"unix:/c\"\nhypervisor = \"xen\"", "hypervisor"),
+            (
+                "controller = \"unix:/c\"\nmachine_id = \"m\"\nname = \"n\"\n[memory]\nrate_mib_per_s = 0",
+                "rate_mib_per_s",
+            ),
+            (
+                "controller = \"unix:/c\"\nmachine_id = \"m\"\nname = \"n\"\n[memory]\nrate = 1",
+                "unknown field",
+            ),
         ];
         for (text, want) in cases {
             let err = Config::from_toml(text).expect_err(text).to_string();

@@ -42,6 +42,8 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const VMM_LOG: &str = "vmm.log";
 const ROOTFS_FILE: &str = "rootfs.img";
+/// The lease file in the data directory.
+pub const LEASE_FILE: &str = "lease.json";
 
 /// The KVM backend.
 pub struct Kvm {
@@ -54,6 +56,8 @@ pub struct Kvm {
     /// VM addresses in use on this host.
     ips: Mutex<BTreeSet<Ipv4Addr>>,
     bridge_ready: tokio::sync::Mutex<bool>,
+    /// The host's lease, which each fabric-vmm enforces on its own.
+    lease_file: PathBuf,
 }
 
 impl Kvm {
@@ -67,6 +71,7 @@ impl Kvm {
             subnet: config.vm_subnet,
             ips: Mutex::new(BTreeSet::new()),
             bridge_ready: tokio::sync::Mutex::new(false),
+            lease_file: config.data_dir.join(LEASE_FILE),
         }
     }
 
@@ -217,9 +222,11 @@ impl Kvm {
             socket.clone().into(),
             "--vm-id".into(),
             record.vm_id.clone().into(),
+            "--lease-file".into(),
+            self.lease_file.clone().into(),
             "--rng".into(),
             "--balloon".into(),
-            "deflate-on-oom=on,free-page-reporting=on".into(),
+            "deflate-on-oom=on,free-page-reporting=on,stats-period=1".into(),
         ];
         if let Some(initrd) = initrd {
             args.push("--initrd".into());

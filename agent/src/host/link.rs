@@ -17,62 +17,30 @@ use fabric_proto::v1::{
     HeartbeatRequest, HostUsage, MemoryPressure, ObservedPhase, RegisterHostRequest,
     WatchAssignmentsRequest,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::record::write_atomic;
 use super::Host;
+use crate::lease::LeaseFile;
 
 /// Retry delays when the controller cannot be reached.
 const MIN_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
-/// The lease as persisted.
-#[derive(Debug, Serialize, Deserialize)]
-struct LeaseFile {
-    boot_id: String,
-    /// Expiry on CLOCK_BOOTTIME, nanoseconds.
-    expires_boottime_ns: u64,
-}
-
-fn boottime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// Where the lease is kept (and where each fabric-vmm reads it).
+pub fn lease_path(host: &Host) -> std::path::PathBuf {
+    host.config.data_dir.join(super::kvm::LEASE_FILE)
 }
 
 /// The lease a previous agent process left: its expiry as an Instant, if still valid.
 pub fn load_lease(host: &Host) -> Option<Instant> {
-    let path = host.config.data_dir.join("lease.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let lease: LeaseFile = serde_json::from_str(&text).ok()?;
-    if lease.boot_id != boot_id() {
-        return None;
-    }
-    let now = boottime_ns();
-    (lease.expires_boottime_ns > now)
-        .then(|| Instant::now() + Duration::from_nanos(lease.expires_boottime_ns - now))
+    let left = LeaseFile::read(&lease_path(host)).ok()?.remaining();
+    (!left.is_zero()).then(|| Instant::now() + left)
 }
 
 fn save_lease(host: &Host, expires: Instant) {
-    let left = expires.saturating_duration_since(Instant::now());
-    let lease = LeaseFile {
-        boot_id: boot_id(),
-        expires_boottime_ns: boottime_ns() + left.as_nanos() as u64,
-    };
-    let path = host.config.data_dir.join("lease.json");
-    if let Err(err) = write_atomic(&path, &serde_json::to_vec(&lease).unwrap_or_default()) {
+    let lease = LeaseFile::expiring_in(expires.saturating_duration_since(Instant::now()));
+    if let Err(err) = lease.write(&lease_path(host)) {
         tracing::error!(error = %err, "cannot persist the lease");
     }
 }
@@ -98,6 +66,7 @@ impl Lease {
     /// The controller disowned the host: fence now.
     fn revoke(&self, host: &Host, why: &str) {
         tracing::warn!("{why}: fencing now");
+        save_lease(host, Instant::now());
         self.expiry.send_replace(None);
         host.update_fence(|s| {
             s.lease_valid = false;

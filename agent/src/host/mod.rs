@@ -3,6 +3,8 @@
 //!
 //! - [`link`]: the controller connection: registration, heartbeats, the lease and its fence,
 //!   the assignment stream.
+//! - [`balancer`]: the memory balancer's decisions (pure logic), applied every second by
+//!   [`Host::run_memory_balancer`].
 //! - [`vm`]: one supervising task per VM: prepare, start, watch, restart by policy, stop,
 //!   clean up; every transition reported.
 //! - [`backend`]: the [`backend::Hypervisor`] trait, implemented by [`kvm`] (fabric-vmm
@@ -18,6 +20,7 @@
 //! the running VMMs and carries on; SIGTERM ends only the agent.
 
 pub mod backend;
+pub mod balancer;
 pub mod cgroup;
 pub mod config;
 pub mod connect;
@@ -389,6 +392,122 @@ impl Host {
         }
     }
 }
+
+impl Host {
+    /// The memory balancer's loop ([`balancer`]): every second, the running KVM VMs' memory
+    /// specs and latest guest statistics in, balloon targets out through each VMM's control
+    /// socket. Every change is logged with its reason. Returns at once when `[memory]
+    /// balancer` is off or the VMs are simulated.
+    pub async fn run_memory_balancer(self: Arc<Self>) {
+        use fabric_proto::v1::SetBalloonTargetRequest;
+
+        let memory = &self.config.memory;
+        if !memory.balancer || self.config.hypervisor == HypervisorKind::Sim {
+            tracing::info!("memory balancer off");
+            return;
+        }
+        let budget_mib = match memory.budget_mib {
+            0 => self.allocatable().memory_mib,
+            configured => configured,
+        };
+        let mut balancer = balancer::Balancer::new(balancer::Params {
+            budget_mib,
+            rate_mib_per_s: memory.rate_mib_per_s,
+            ..Default::default()
+        });
+        tracing::info!(
+            budget_mib,
+            rate_mib_per_s = memory.rate_mib_per_s,
+            "memory balancer on"
+        );
+        let mut clients: BTreeMap<String, VmmClient> = BTreeMap::new();
+        let mut was_short = false;
+        let mut ticker = tokio::time::interval(balancer::NOMINAL_STEP);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let mut sockets = BTreeMap::new();
+            let inputs: Vec<balancer::VmInput> = self
+                .views()
+                .into_iter()
+                .filter(|v| v.observed.phase() == ObservedPhase::Running)
+                .filter_map(|v| {
+                    let spec = v.assignment.as_ref()?.spec.as_ref()?.memory?;
+                    sockets.insert(v.observed.vm_id.clone(), v.socket?);
+                    Some(balancer::VmInput {
+                        vm_id: v.observed.vm_id,
+                        spec,
+                        stats: v.observed.memory,
+                    })
+                })
+                .collect();
+            clients.retain(|vm_id, _| sockets.contains_key(vm_id));
+            let plan = balancer.step(std::time::SystemTime::now(), &inputs);
+            let host = &plan.host;
+            if host.short != was_short {
+                was_short = host.short;
+                tracing::info!(
+                    budget_mib = host.budget_mib,
+                    wanted_mib = host.wanted_mib,
+                    demand_mib = host.demand_mib,
+                    minimum_mib = host.minimum_mib,
+                    overcommitted = host.overcommitted,
+                    "{}",
+                    if host.short {
+                        "host short of memory: sharing by weight"
+                    } else {
+                        "host memory suffices for every VM's target"
+                    }
+                );
+            }
+            for decision in plan.vms.iter().filter(|d| d.changed) {
+                let Some(socket) = sockets.get(&decision.vm_id) else {
+                    continue;
+                };
+                let vm_id = &decision.vm_id;
+                let request = SetBalloonTargetRequest {
+                    balloon_target_mib: decision.balloon_target_mib,
+                };
+                let sent = async {
+                    if !clients.contains_key(vm_id) {
+                        let client = crate::vmm::client::connect(socket)
+                            .await
+                            .map_err(|e| format!("control socket: {e}"))?;
+                        clients.insert(vm_id.clone(), client);
+                    }
+                    let client = clients
+                        .get_mut(vm_id)
+                        .ok_or_else(|| "control socket: not connected".to_string())?;
+                    client
+                        .set_balloon_target(request)
+                        .await
+                        .map_err(|s| format!("SetBalloonTarget: {}", s.message()))
+                };
+                match tokio::time::timeout(std::time::Duration::from_secs(2), sent).await {
+                    Ok(Ok(_)) => tracing::info!(
+                        vm = %vm_id,
+                        balloon_mib = decision.balloon_target_mib,
+                        from_mib = decision.previous_target_mib,
+                        target_mib = decision.target_mib,
+                        demand_mib = ?decision.demand_mib,
+                        "balloon: {}",
+                        decision.reason
+                    ),
+                    Ok(Err(error)) => {
+                        clients.remove(vm_id);
+                        tracing::warn!(vm = %vm_id, %error, "balloon target not set");
+                    }
+                    Err(_) => {
+                        clients.remove(vm_id);
+                        tracing::warn!(vm = %vm_id, "balloon target not set: timed out");
+                    }
+                }
+            }
+        }
+    }
+}
+
+type VmmClient = fabric_proto::v1::vmm_client::VmmClient<tonic::transport::Channel>;
 
 /// A `/proc/meminfo` field in KiB.
 pub fn meminfo_kib(field: &str) -> Option<u64> {

@@ -200,7 +200,12 @@ mod tests {
         let pidfd = PidFd::open(child.id()).unwrap();
         assert!(start_ticks(child.id()).is_some());
         assert!(start_time(child.id()).unwrap() <= SystemTime::now());
-        assert!(cmdline(child.id()).unwrap().contains("sleep 30"));
+        // Right after fork the child may not have exec'd yet.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !cmdline(child.id()).unwrap_or_default().contains("sleep 30") {
+            assert!(std::time::Instant::now() < deadline, "{:?}", cmdline(child.id()));
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(!pidfd.has_exited());
         pidfd.signal(libc::SIGKILL).unwrap();
         pidfd.wait().await;
