@@ -434,4 +434,17 @@ mod tests {
             assert!(err.contains(want), "{text:?}: {err}");
         }
     }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let text = include_str!("../../dist/fabric-agent.toml");
+        let file = Config::parse_file(text).expect("agent/dist/fabric-agent.toml parses");
+        let flags = Flags {
+            name: Some("h".into()),
+            machine_id: Some("m".into()),
+            ..Flags::default()
+        };
+        let config = Config::merge(file, flags).expect("and is valid");
+        assert_eq!(config.controller, "http://10.0.0.1:7070");
+    }
 }
