@@ -203,7 +203,11 @@ mod tests {
         // Right after fork the child may not have exec'd yet.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !cmdline(child.id()).unwrap_or_default().contains("sleep 30") {
-            assert!(std::time::Instant::now() < deadline, "{:?}", cmdline(child.id()));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                cmdline(child.id())
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(!pidfd.has_exited());
