@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use fabric_agent::vmm::devices::bus::BusDevice;
 use fabric_agent::vmm::devices::virtio::balloon::{Balloon, BalloonConfig};
-use fabric_agent::vmm::devices::virtio::blk::Block;
+use fabric_agent::vmm::devices::virtio::blk::{Block, CacheMode};
 use fabric_agent::vmm::devices::virtio::fuzzing::{TestDriver, DATA_AREA, MEM_SIZE, R, W};
 use fabric_agent::vmm::devices::virtio::net::{FrameIo, Net, TX_QUEUE};
 use fabric_agent::vmm::devices::virtio::rng::Rng;
@@ -52,7 +52,9 @@ fn device(choice: u8) -> Box<dyn VirtioDevice> {
         0 => Box::new(Rng::new()),
         1 => {
             let image = IMAGE.get_or_init(DiskImage::new);
-            Box::new(Block::open(&image.path(), true).expect("fuzz disk image opens"))
+            Box::new(
+                Block::open(&image.path(), true, CacheMode::None).expect("fuzz disk image opens"),
+            )
         }
         2 => {
             let sink = Sink(EventFd::new(0).expect("eventfd"));

@@ -624,7 +624,7 @@ impl MmioOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fabric_agent::vmm::devices::virtio::blk::Block;
+    use fabric_agent::vmm::devices::virtio::blk::{Block, CacheMode};
     use fabric_agent::vmm::devices::virtio::rng::Rng;
 
     #[test]
@@ -649,7 +649,7 @@ mod tests {
     #[test]
     fn a_blk_read_round_reads_the_image() {
         let image = DiskImage::new();
-        let block = Block::open(&image.path(), true).expect("open");
+        let block = Block::open(&image.path(), true, CacheMode::None).expect("open");
         let mut h = Harness::new(Box::new(block), &[true]);
         let mut header = vec![0u8; 16]; // IN
         header[8] = 5; // sector 5

@@ -254,10 +254,12 @@ fn add_virtio_device(
 ) -> Result<Arc<Mutex<MmioTransport>>, BuildError> {
     let virtio: Box<dyn VirtioDevice> = match device {
         VirtioDeviceConfig::Disk(disk) => {
-            let block = Block::open(&disk.path, disk.read_only)?;
+            let block = Block::open(&disk.path, disk.read_only, disk.cache)?;
             tracing::info!(
                 path = %disk.path.display(),
                 read_only = disk.read_only,
+                cache = disk.cache.as_str(),
+                direct_io = block.direct_io(),
                 sectors = block.capacity(),
                 mmio_base = format_args!("{:#x}", slot.base),
                 gsi = slot.gsi,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use crate::vmm::boot::kernel::{detect_kernel_format, KernelFormat};
 use crate::vmm::devices::virtio::balloon::{BalloonConfig, BalloonOptionError};
-use crate::vmm::devices::virtio::blk::open_disk;
+use crate::vmm::devices::virtio::blk::{open_disk, CacheMode};
 use crate::vmm::devices::virtio::net::{derived_mac, format_mac, parse_mac};
 use crate::vmm::devices::virtio::tap::{check_tap_name, Tap};
 use crate::vmm::devices::virtio::{MmioSlot, MAX_VIRTIO_DEVICES};
@@ -69,11 +69,13 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
 }
 
-/// One `--disk`: a raw image file, opened read-only if `read_only`.
+/// One `--disk`: a raw image file, opened read-only if `read_only`, with direct I/O or
+/// through the host page cache as `cache` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
+    pub cache: CacheMode,
 }
 
 /// One `--net`: a tap opened by name, and the guest's MAC (given, or derived from the name).
@@ -142,7 +144,7 @@ pub struct VmRequest {
     pub memory_mib: u64,
     pub console: ConsoleOutput,
     pub control_socket: Option<PathBuf>,
-    /// `--disk PATH[,ro]` values as given.
+    /// `--disk PATH[,ro][,cache=...]` values as given.
     pub disks: Vec<String>,
     /// `--net tap=NAME[,mac=MAC]` values as given.
     pub nets: Vec<String>,
@@ -151,29 +153,39 @@ pub struct VmRequest {
     pub balloon: Option<String>,
 }
 
-/// Parses one `--disk` value: `PATH` or `PATH,ro`.
+/// Parses one `--disk` value: `PATH[,ro|rw][,cache=none|writeback]`, options in any order. A
+/// comma inside the path stays part of it: only trailing parts without a `/` are options.
 pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
-    let (path, read_only) = match spec.rsplit_once(',') {
-        Some((path, "ro")) => (path, true),
-        Some((path, "rw")) => (path, false),
-        Some((_, option)) if !option.contains('/') => {
-            return Err(ConfigError::DiskOption {
-                spec: spec.to_string(),
-                option: option.to_string(),
-            })
-        }
-        // A comma inside the path itself.
-        _ => (spec, false),
+    let bad = |option: &str| ConfigError::DiskOption {
+        spec: spec.to_string(),
+        option: option.to_string(),
     };
+    let twice = |option: &str| ConfigError::DiskOptionTwice {
+        spec: spec.to_string(),
+        option: option.to_string(),
+    };
+    let mut path = spec;
+    let (mut read_only, mut cache) = (None, None);
+    while let Some((rest, option)) = path.rsplit_once(',') {
+        if option.contains('/') {
+            break;
+        }
+        match (option, option.strip_prefix("cache=")) {
+            ("ro" | "rw", _) if read_only.is_some() => return Err(twice(option)),
+            ("ro" | "rw", _) => read_only = Some(option == "ro"),
+            (_, Some(_)) if cache.is_some() => return Err(twice(option)),
+            (_, Some(mode)) => cache = Some(CacheMode::parse(mode).ok_or_else(|| bad(option))?),
+            _ => return Err(bad(option)),
+        }
+        path = rest;
+    }
     if path.is_empty() {
-        return Err(ConfigError::DiskOption {
-            spec: spec.to_string(),
-            option: "(no path)".to_string(),
-        });
+        return Err(bad("(no path)"));
     }
     Ok(DiskConfig {
         path: PathBuf::from(path),
-        read_only,
+        read_only: read_only.unwrap_or(false),
+        cache: cache.unwrap_or_default(),
     })
 }
 
@@ -251,8 +263,12 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize },
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
-    #[error("--disk {spec}: unknown option {option:?} (expected PATH or PATH,ro)")]
+    #[error(
+        "--disk {spec}: unknown option {option:?} (expected PATH[,ro][,cache=none|writeback])"
+    )]
     DiskOption { spec: String, option: String },
+    #[error("--disk {spec}: option {option:?} repeats one given already")]
+    DiskOptionTwice { spec: String, option: String },
     #[error(transparent)]
     Disk(#[from] crate::vmm::devices::virtio::blk::BlockError),
     #[error(transparent)]
@@ -524,20 +540,50 @@ mod tests {
             parse_disk("/x/a.img,ro").expect("ro"),
             DiskConfig {
                 path: "/x/a.img".into(),
-                read_only: true
+                read_only: true,
+                cache: CacheMode::None,
             }
         );
-        assert!(!parse_disk("/x/a.img").expect("rw").read_only);
+        let rw = parse_disk("/x/a.img").expect("rw");
+        assert!(!rw.read_only);
+        assert_eq!(rw.cache, CacheMode::None, "direct I/O by default");
         assert_eq!(
             parse_disk("/x/a,b/c.img").expect("comma").path,
             Path::new("/x/a,b/c.img")
         );
+        for spec in ["/x/a.img,cache=writeback,ro", "/x/a.img,ro,cache=writeback"] {
+            assert_eq!(
+                parse_disk(spec).expect(spec),
+                DiskConfig {
+                    path: "/x/a.img".into(),
+                    read_only: true,
+                    cache: CacheMode::Writeback,
+                }
+            );
+        }
+        assert_eq!(
+            parse_disk("/x/a.img,cache=none").expect("none").cache,
+            CacheMode::None
+        );
         let err = parse_disk("/x/a.img,readonly").expect_err("bad option");
         assert_eq!(
             err.to_string(),
-            "--disk /x/a.img,readonly: unknown option \"readonly\" (expected PATH or PATH,ro)"
+            "--disk /x/a.img,readonly: unknown option \"readonly\" \
+             (expected PATH[,ro][,cache=none|writeback])"
         );
+        let err = parse_disk("/x/a.img,cache=unsafe").expect_err("bad mode");
+        assert!(
+            err.to_string().contains("unknown option \"cache=unsafe\""),
+            "{err}"
+        );
+        let err = parse_disk("/x/a.img,ro,rw").expect_err("ro and rw");
+        assert_eq!(
+            err.to_string(),
+            "--disk /x/a.img,ro,rw: option \"ro\" repeats one given already"
+        );
+        assert!(parse_disk("/x/a.img,cache=none,cache=writeback").is_err());
         assert!(parse_disk(",ro").is_err());
+        assert!(parse_disk("cache=none").is_ok(), "a file named cache=none");
     }
 
     #[test]

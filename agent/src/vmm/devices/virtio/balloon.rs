@@ -38,7 +38,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::queue::{
-    check_in_memory, read_from_guest, serve_queue, Chain, ChainError, CHAINS_PER_TURN,
+    check_in_memory, needs_interrupt, read_from_guest, serve_queue, Chain, ChainError,
+    CHAINS_PER_TURN,
 };
 use super::{read_config_bytes, ActivateError, DeviceError, Interrupt, VirtioDevice};
 use crate::vmm::devices::bus::lock;
@@ -472,7 +473,7 @@ impl Balloon {
             source,
         };
         queue.add_used(&active.mem, head, 0).map_err(broken)?;
-        if queue.needs_notification(&active.mem).map_err(broken)? {
+        if needs_interrupt(queue, &active.mem).map_err(broken)? {
             active.interrupt.signal_used_queue();
         }
         Ok(())
@@ -735,7 +736,7 @@ fn serve_stats(
         }
     }
     shared.set_stats_buffer_held(held_stats.is_some());
-    if returned && queue.needs_notification(&*mem).map_err(broken)? {
+    if returned && needs_interrupt(queue, mem).map_err(broken)? {
         interrupt.signal_used_queue();
     }
     Ok(more)

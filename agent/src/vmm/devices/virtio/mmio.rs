@@ -238,6 +238,16 @@ impl MmioTransport {
         self.device.name()
     }
 
+    /// Requests the running device will still return used (see
+    /// [`VirtioDevice::requests_in_flight`]); 0 while it is not running.
+    pub fn requests_in_flight(&self) -> usize {
+        if self.active && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
+            self.device.requests_in_flight()
+        } else {
+            0
+        }
+    }
+
     /// How many driver accesses were refused so far.
     pub fn refusals(&self) -> u64 {
         self.refusals

@@ -221,6 +221,12 @@ pub trait VirtioDevice: Send {
     fn handle_fd_event(&mut self, _fd: RawFd) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// Requests taken from the queues that the device has not returned used yet, because
+    /// host-side work for them is still running (virtio-blk's I/O threads); 0 for devices
+    /// that answer every request before `queue_notified` returns.
+    fn requests_in_flight(&self) -> usize {
+        0
+    }
 }
 
 /// Copies configuration bytes `config[offset..]` into `data`; bytes past the end read as zero.

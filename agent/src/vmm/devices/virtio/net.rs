@@ -32,8 +32,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{
-    check_in_memory, read_from_guest, serve_queue, write_to_guest, Chain, ChainError,
-    CHAINS_PER_TURN,
+    check_in_memory, needs_interrupt, read_from_guest, serve_queue, write_to_guest, Chain,
+    ChainError, CHAINS_PER_TURN,
 };
 use super::{read_config_bytes, ActivateError, DeviceError, Interrupt, VirtioDevice};
 
@@ -369,7 +369,7 @@ impl Net {
             }
             returned += 1;
         };
-        if returned > 0 && active.rx.needs_notification(mem).map_err(queue_err)? {
+        if returned > 0 && needs_interrupt(&mut active.rx, mem).map_err(queue_err)? {
             active.interrupt.signal_used_queue();
         }
         result

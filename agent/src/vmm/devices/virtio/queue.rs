@@ -8,6 +8,9 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -272,12 +275,35 @@ pub fn guest_to_file(
     Ok(())
 }
 
+/// Whether the driver wants an interrupt for the used entries added since the last call: with
+/// `VIRTIO_RING_F_EVENT_IDX`, as its `used_event` says (virtio-queue's
+/// `needs_notification`); without, unless the available ring's flags say
+/// `VRING_AVAIL_F_NO_INTERRUPT` (virtio 1.x, 2.7.7.2: the device should not interrupt then),
+/// which virtio-queue does not read. A poll-mode driver sets it and takes no interrupts.
+pub fn needs_interrupt(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    // Always called: it also resets virtio-queue's count of entries added.
+    let wanted = queue.needs_notification(mem)?;
+    if !wanted || queue.event_idx_enabled() {
+        return Ok(wanted);
+    }
+    // The ring was checked to be in guest memory when the queue was set up; if the flags
+    // cannot be read anyway, interrupt.
+    let flags = mem
+        .load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire)
+        .map(u16::from_le)
+        .unwrap_or(0);
+    Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+}
+
 /// What one call of [`serve_queue`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Served {
-    /// Chains returned to the used ring.
+    /// Chains taken from the available ring (returned used, or kept by the device).
     pub chains: usize,
-    /// The driver asked for an interrupt (always, without `VIRTIO_RING_F_EVENT_IDX`).
+    /// The driver asked for an interrupt ([`needs_interrupt`]).
     pub interrupt: bool,
     /// Chains are left because the per-turn budget ran out.
     pub more: bool,
@@ -298,11 +324,29 @@ pub fn serve_queue<F>(
 where
     F: FnMut(Result<Chain, ChainError>) -> u32,
 {
+    serve_queue_deferred(queue, mem, CHAINS_PER_TURN, |_, chain| Some(serve(chain)))
+}
+
+/// [`serve_queue`] for a device that may answer a chain later: `serve` gets the chain's head
+/// too and returns `None` for a chain it keeps, which the device returns used itself once done.
+/// Takes at most `budget` chains (and never more than [`CHAINS_PER_TURN`]); `more` says the
+/// budget stopped it.
+pub fn serve_queue_deferred<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    budget: usize,
+    mut serve: F,
+) -> Result<Served, virtio_queue::Error>
+where
+    F: FnMut(u16, Result<Chain, ChainError>) -> Option<u32>,
+{
+    let budget = budget.min(CHAINS_PER_TURN);
     let mut served = Served::default();
+    let mut used = 0usize;
     'turn: loop {
         queue.disable_notification(mem)?;
         loop {
-            if served.chains >= CHAINS_PER_TURN {
+            if served.chains >= budget {
                 served.more = true;
                 break 'turn;
             }
@@ -318,9 +362,11 @@ where
                 );
                 continue;
             }
-            let used_len = serve(Chain::parse(chain));
-            queue.add_used(mem, head, used_len)?;
             served.chains += 1;
+            if let Some(used_len) = serve(head, Chain::parse(chain)) {
+                queue.add_used(mem, head, used_len)?;
+                used += 1;
+            }
         }
         // Re-enable notifications, then look again: a chain made available in between would
         // otherwise wait for the next notification, which the driver will not send.
@@ -328,8 +374,8 @@ where
             break;
         }
     }
-    if served.chains > 0 {
-        served.interrupt = queue.needs_notification(mem)?;
+    if used > 0 {
+        served.interrupt = needs_interrupt(queue, mem)?;
     }
     Ok(served)
 }
@@ -377,6 +423,40 @@ mod tests {
         assert!(check_in_memory(&mem, &[buf(0x20000, 1)]).is_err());
         // An empty buffer touches nothing.
         assert!(check_in_memory(&mem, &[buf(u64::MAX, 0)]).is_ok());
+    }
+
+    #[test]
+    fn no_interrupt_flag_is_honoured_without_event_idx() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("mem");
+        let mut queue = Queue::new(16).expect("queue");
+        queue
+            .try_set_desc_table_address(GuestAddress(0x1000))
+            .expect("desc");
+        queue
+            .try_set_avail_ring_address(GuestAddress(0x2000))
+            .expect("avail");
+        queue
+            .try_set_used_ring_address(GuestAddress(0x3000))
+            .expect("used");
+        queue.set_ready(true);
+        for (flags, want) in [(VRING_AVAIL_F_NO_INTERRUPT as u16, false), (0, true)] {
+            mem.write_obj(flags.to_le(), GuestAddress(0x2000))
+                .expect("flags");
+            queue.add_used(&mem, 0, 0).expect("used");
+            assert_eq!(
+                needs_interrupt(&mut queue, &mem).expect("read"),
+                want,
+                "{flags}"
+            );
+        }
+        // With EVENT_IDX the flag means nothing: used_event decides, here "after entry 2".
+        queue.set_event_idx(true);
+        mem.write_obj(1u16.to_le(), GuestAddress(0x2000))
+            .expect("flags");
+        mem.write_obj(2u16.to_le(), GuestAddress(0x2000 + 4 + 2 * 16))
+            .expect("used_event");
+        queue.add_used(&mem, 0, 0).expect("used");
+        assert!(needs_interrupt(&mut queue, &mem).expect("read"));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! Fuzz targets (feature `fuzzing`) use it too: set-up goes through its `expect`s, which only
 //! fixed, valid values reach; the fuzz input goes only into guest memory and registers.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -26,6 +27,9 @@ pub const RING_AREA: u64 = 0x10000;
 pub const RING_STRIDE: u64 = 0x10000;
 /// Where tests put their data buffers.
 pub const DATA_AREA: u64 = 0x100000;
+
+/// How long [`TestDriver::settle`] waits for a device's background work.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A device-readable buffer.
 pub const R: u16 = 0;
@@ -249,8 +253,16 @@ impl TestDriver {
         head
     }
 
-    /// Notifies `queue` the way KVM's ioeventfd does, then lets the event loop run.
+    /// Notifies `queue` the way KVM's ioeventfd does, then lets the event loop run until the
+    /// device has returned every request it took ([`TestDriver::settle`]).
     pub fn notify(&mut self, queue: usize) {
+        self.kick(queue);
+        self.settle();
+    }
+
+    /// Notifies `queue` and lets the event loop serve the notification once, without waiting
+    /// for requests the device runs in the background.
+    pub fn kick(&mut self, queue: usize) {
         let fd = self.transport.queue_events()[queue].as_raw_fd();
         self.transport.queue_events()[queue]
             .write(1)
@@ -258,7 +270,36 @@ impl TestDriver {
         self.transport.handle_event(fd);
     }
 
-    /// Serves whatever eventfds are signalled, as one turn of the event loop would.
+    /// Serves the device's own eventfds, as the event loop would, until the device has no
+    /// request in flight (virtio-blk's I/O threads finish them in the background).
+    pub fn settle(&mut self) {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while self.transport.requests_in_flight() > 0 {
+            let queue_fds: Vec<RawFd> = self
+                .transport
+                .queue_events()
+                .iter()
+                .map(|e| e.as_raw_fd())
+                .collect();
+            for fd in self.transport.event_fds() {
+                if !queue_fds.contains(&fd) {
+                    self.transport.handle_event(fd);
+                }
+            }
+            if self.transport.requests_in_flight() == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} requests still in flight after {SETTLE_TIMEOUT:?}",
+                self.transport.requests_in_flight()
+            );
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Serves whatever queue eventfds are signalled, as one turn of the event loop would, then
+    /// settles the requests that started.
     pub fn run_event_loop_once(&mut self) {
         for fd in self.transport.event_fds() {
             let signalled = self
@@ -280,6 +321,7 @@ impl TestDriver {
                 self.transport.handle_event(fd);
             }
         }
+        self.settle();
     }
 
     /// The used index the device published.
