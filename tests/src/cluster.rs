@@ -12,13 +12,16 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
 /// A binary of this workspace, built by `cargo test --workspace` (or `cargo build`) next to
-/// the test executable.
+/// the test executable (`target/<profile>/deps/..`), or next to the running workspace binary
+/// when that is not a test (a benchmark in `target/<profile>`).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
+    let exe_dir = exe.parent().expect("target/<profile>/deps");
+    let dir = if exe_dir.file_name().is_some_and(|n| n == "deps") {
+        exe_dir.parent().expect("target/<profile>/deps")
+    } else {
+        exe_dir
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),

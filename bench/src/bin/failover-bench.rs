@@ -1,0 +1,881 @@
+//! Host failover with real guests: a controller and N hosts on this machine (the end-to-end
+//! harness `fabric_tests::netcluster`: each host a network namespace with its own agent and
+//! fabric-vmm processes), V VMs bin-packed onto one host. Each run kills the host holding the
+//! VMs (its agent and every VMM, SIGKILL: the machine died) and measures, from the kill, on
+//! the controller's event stream and on the hosts:
+//!
+//! - lease expired: the host goes SUSPECT (informational);
+//! - detection: the host is declared DEAD;
+//! - placement: the last of its VMs is scheduled on another host;
+//! - VMMs started: every victim has a fabric-vmm process on its new host;
+//! - running: every victim is RUNNING on its new host (the agent saw its new fabric-vmm run
+//!   the guest's vCPUs and reported it with a heartbeat);
+//! - ready: every victim's console on the new host shows the image's ready marker (the guest's
+//!   own boot, ~30 s of emulated kernel execution for one guest alone on kvm-pvm machines).
+//!   Awaited up to `--ready-timeout`, then the run goes on and reports how many got there:
+//!   on kvm-pvm an idle guest of the default image alone takes ~60% of a core (its periodic
+//!   timer tick is emulated), so four guests booting at once on two cores may not get there.
+//!
+//! The killed host's agent is then started again (empty) so capacity comes back, and the next
+//! run kills whichever host holds the VMs now. Everything the cluster makes is removed at the
+//! end, also on an error, Ctrl-C or a panic, and the program checks that nothing is left.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use clap::Parser;
+use fabric_proto::v1::compute_client::ComputeClient;
+use fabric_proto::v1::{
+    Event, EventKind, HostState, ListHostsRequest, ListVmsRequest, VmPhase, WatchEventsRequest,
+};
+use fabric_tests::cluster::Timing;
+use fabric_tests::image::Image;
+use fabric_tests::netcluster::NetCluster;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+#[derive(Parser, Clone)]
+#[command(about = "Host failover with real guests: kill the host holding the VMs, time each step")]
+struct Args {
+    /// Failovers to measure.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// VMs on the host that dies.
+    #[arg(long, default_value_t = 4)]
+    vms: usize,
+    /// Hosts in the cluster.
+    #[arg(long, default_value_t = 3)]
+    hosts: usize,
+    /// Agents' heartbeat interval, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    heartbeat: f64,
+    /// Lease granted by each heartbeat, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    lease_ttl: f64,
+    /// Time after the lease expired before the host is DEAD, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    fencing_margin: f64,
+    /// Memory of each VM, MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
+    /// Longest wait for the guests' ready marker, at the start and after each kill, seconds.
+    /// The benchmark goes on without it and reports how many guests got there: the failover
+    /// itself does not depend on the guests' boot.
+    #[arg(long, default_value_t = 300)]
+    ready_timeout: u64,
+    /// Longest wait, per run, for the VMs to run elsewhere, seconds.
+    #[arg(long, default_value_t = 120)]
+    failover_timeout: u64,
+}
+
+/// What a cluster made, for removing it when the program cannot unwind (the release profile
+/// aborts on panic, so `NetCluster`'s own Drop would not run).
+#[derive(Clone)]
+struct Made {
+    dir: PathBuf,
+    prefix: String,
+    namespaces: Vec<String>,
+}
+
+static MADE: Mutex<Option<Made>> = Mutex::new(None);
+
+fn made() -> Option<Made> {
+    MADE.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Processes whose command line names `dir` (the controller, agents, fabric-vmm), zombies
+/// left out.
+fn processes_under(dir: &Path) -> Vec<(u32, String)> {
+    let marker = dir.display().to_string();
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if !cmdline.contains(&marker) {
+            continue;
+        }
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rfind(')')
+                    .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if !zombie {
+            found.push((pid, cmdline.trim().to_string()));
+        }
+    }
+    found
+}
+
+/// cgroups of the cluster's hosts (cgroup v1: `<controller>/<prefix>-h<i>`).
+fn cgroups_of(prefix: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for controller in ["memory", "cpu", "cpuset", "pids"] {
+        let root = Path::new("/sys/fs/cgroup").join(controller);
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{prefix}-"))
+            {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+fn namespaces_of(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .collect()
+}
+
+/// Last-resort removal (panic, signal): processes, cgroups, namespaces, files.
+fn remove_everything(made: &Made) {
+    for (pid, _) in processes_under(&made.dir) {
+        // SAFETY: kill with a pid whose command line names this cluster's own directory.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for cgroup in cgroups_of(&made.prefix) {
+        if let Ok(children) = std::fs::read_dir(&cgroup) {
+            for child in children.flatten() {
+                if child.path().is_dir() {
+                    let _ = std::fs::remove_dir(child.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&cgroup);
+    }
+    for ns in &made.namespaces {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", ns])
+            .output();
+    }
+    let _ = std::fs::remove_dir_all(&made.dir);
+}
+
+/// What is left of a dropped cluster (should be nothing).
+fn leftovers(made: &Made) -> Vec<String> {
+    let mut left = Vec::new();
+    for (pid, cmdline) in processes_under(&made.dir) {
+        left.push(format!("process {pid}: {cmdline}"));
+    }
+    for ns in namespaces_of(&made.prefix) {
+        left.push(format!("network namespace {ns}"));
+    }
+    for cgroup in cgroups_of(&made.prefix) {
+        left.push(format!("cgroup {}", cgroup.display()));
+    }
+    if made.dir.exists() {
+        left.push(format!("directory {}", made.dir.display()));
+    }
+    left
+}
+
+/// Forwards every controller event, stamped with the time it arrived, reconnecting (and
+/// resuming after the last sequence) if the stream breaks.
+async fn watch_events(mut c: ComputeClient<Channel>, tx: mpsc::UnboundedSender<(Instant, Event)>) {
+    let mut since = 0;
+    loop {
+        if let Ok(response) = c
+            .watch_events(WatchEventsRequest {
+                since_sequence: since,
+                ..Default::default()
+            })
+            .await
+        {
+            let mut stream = response.into_inner();
+            while let Ok(Some(event)) = stream.message().await {
+                since = event.sequence;
+                if tx.send((Instant::now(), event)).is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// host id → cluster index, by name.
+async fn host_ids(
+    c: &mut ComputeClient<Channel>,
+    cluster: &NetCluster,
+) -> Result<HashMap<String, usize>> {
+    let hosts = c
+        .list_hosts(ListHostsRequest::default())
+        .await
+        .context("ListHosts")?
+        .into_inner()
+        .hosts;
+    Ok(hosts
+        .into_iter()
+        .filter_map(|h| cluster.host_by_name(&h.name).map(|i| (h.id, i)))
+        .collect())
+}
+
+async fn host_states(c: &mut ComputeClient<Channel>) -> Result<HashMap<String, HostState>> {
+    Ok(c.list_hosts(ListHostsRequest::default())
+        .await
+        .context("ListHosts")?
+        .into_inner()
+        .hosts
+        .into_iter()
+        .map(|h| (h.id.clone(), h.state()))
+        .collect())
+}
+
+/// vm id → (phase, host id) for our VMs.
+async fn vm_states(
+    c: &mut ComputeClient<Channel>,
+    vms: &[String],
+) -> Result<HashMap<String, (VmPhase, String)>> {
+    let all = c
+        .list_vms(ListVmsRequest::default())
+        .await
+        .context("ListVms")?
+        .into_inner()
+        .vms;
+    Ok(all
+        .into_iter()
+        .filter(|v| vms.contains(&v.id))
+        .filter_map(|v| {
+            let s = v.status?;
+            Some((v.id, (s.phase(), s.host_id)))
+        })
+        .collect())
+}
+
+/// Where a console file stood before the kill: (inode, length). The new VMM appends to a
+/// fresh file, or to an old one left on a host the VM ran on before: only text after this
+/// point counts.
+fn console_mark(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.ino(), m.len()))
+}
+
+fn console_since(path: &Path, mark: Option<(u64, u64)>) -> String {
+    let Ok(data) = std::fs::read(path) else {
+        return String::new();
+    };
+    let ino = std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0);
+    let from = match mark {
+        Some((i, len)) if i == ino => (len as usize).min(data.len()),
+        _ => 0,
+    };
+    String::from_utf8_lossy(&data[from..]).into_owned()
+}
+
+fn console_path(cluster: &NetCluster, host: usize, vm: &str) -> PathBuf {
+    cluster.hosts[host].vm_dir(vm).join("console.log")
+}
+
+/// One failover, seconds from the kill.
+#[derive(Debug, Default, Clone)]
+struct Run {
+    killed: String,
+    victims: usize,
+    spread_before: usize,
+    to: BTreeMap<String, usize>,
+    suspect: f64,
+    dead: f64,
+    placed: f64,
+    vmms: f64,
+    running: f64,
+    /// All guests ready (NaN when not all got there within --ready-timeout).
+    ready: f64,
+    first_ready: f64,
+    ready_count: usize,
+    load: String,
+}
+
+/// Waits until every VM is RUNNING; returns where each runs.
+async fn wait_all_running(
+    c: &mut ComputeClient<Channel>,
+    ids: &HashMap<String, usize>,
+    vms: &[String],
+    timeout: Duration,
+) -> Result<HashMap<String, usize>> {
+    let start = Instant::now();
+    loop {
+        let states = vm_states(c, vms).await?;
+        let placed: HashMap<String, usize> = states
+            .iter()
+            .filter(|(_, (phase, _))| *phase == VmPhase::Running)
+            .filter_map(|(vm, (_, host))| ids.get(host).map(|i| (vm.clone(), *i)))
+            .collect();
+        if placed.len() == vms.len() {
+            return Ok(placed);
+        }
+        ensure!(
+            start.elapsed() < timeout,
+            "after {timeout:?} not every VM runs: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits up to `timeout` for every VM's console to show `marker`; returns how many do.
+async fn wait_ready(
+    cluster: &NetCluster,
+    placed: &HashMap<String, usize>,
+    marker: &str,
+    timeout: Duration,
+) -> usize {
+    let start = Instant::now();
+    loop {
+        let ready = placed
+            .iter()
+            .filter(|(vm, host)| cluster.hosts[**host].console(vm).contains(marker))
+            .count();
+        if ready == placed.len() || start.elapsed() >= timeout {
+            return ready;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn one_run(
+    args: &Args,
+    c: &mut ComputeClient<Channel>,
+    cluster: &mut NetCluster,
+    events: &mut mpsc::UnboundedReceiver<(Instant, Event)>,
+    vms: &[String],
+    marker: &str,
+) -> Result<(Run, usize)> {
+    let ids = host_ids(c, cluster).await?;
+    let states = vm_states(c, vms).await?;
+    let mut per_host: HashMap<String, Vec<String>> = HashMap::new();
+    for (vm, (_, host)) in &states {
+        per_host.entry(host.clone()).or_default().push(vm.clone());
+    }
+    let (dead_id, victims) = per_host
+        .iter()
+        .max_by_key(|(host, v)| (v.len(), std::cmp::Reverse((*host).clone())))
+        .map(|(h, v)| (h.clone(), v.clone()))
+        .ok_or_else(|| anyhow!("no VM placed"))?;
+    let dead = *ids
+        .get(&dead_id)
+        .ok_or_else(|| anyhow!("host {dead_id} is not one of the cluster's"))?;
+    let victims: HashSet<String> = victims.into_iter().collect();
+    let mut marks = HashMap::new();
+    for vm in &victims {
+        for host in 0..cluster.hosts.len() {
+            marks.insert(
+                (vm.clone(), host),
+                console_mark(&console_path(cluster, host, vm)),
+            );
+        }
+    }
+    while events.try_recv().is_ok() {}
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+
+    let t0 = Instant::now();
+    cluster.hosts[dead].kill();
+    let since = |t: Instant| t.saturating_duration_since(t0).as_secs_f64();
+
+    let mut run = Run {
+        killed: cluster.hosts[dead].name.clone(),
+        victims: victims.len(),
+        spread_before: per_host.len(),
+        load,
+        ..Default::default()
+    };
+    let mut suspect = None;
+    let mut declared = None;
+    let mut scheduled: HashMap<String, (Instant, String)> = HashMap::new();
+    let mut running: HashMap<String, Instant> = HashMap::new();
+    let mut vmm_seen: HashMap<String, Instant> = HashMap::new();
+    let mut ready: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let failover_deadline = t0 + Duration::from_secs(args.failover_timeout);
+    let ready_deadline = t0 + Duration::from_secs(args.ready_timeout);
+    loop {
+        let now = Instant::now();
+        let all_running = running.len() == victims.len();
+        if all_running && (ready.len() == victims.len() || now >= ready_deadline) {
+            break;
+        }
+        if !all_running && now > failover_deadline {
+            bail!(
+                "{} s after killing {}: DEAD at {declared:?}, scheduled {scheduled:?}, running {running:?}",
+                args.failover_timeout,
+                run.killed
+            );
+        }
+        tokio::select! {
+            event = events.recv() => {
+                let (at, event) = event.ok_or_else(|| anyhow!("event stream ended"))?;
+                match event.kind() {
+                    EventKind::HostStateChanged if event.host_id == dead_id => {
+                        match event.host_state() {
+                            HostState::Suspect => { suspect.get_or_insert(at); }
+                            HostState::Dead => { declared.get_or_insert(at); }
+                            _ => {}
+                        }
+                    }
+                    EventKind::VmScheduled
+                        if victims.contains(&event.vm_id) && event.host_id != dead_id =>
+                    {
+                        scheduled.insert(event.vm_id.clone(), (at, event.host_id.clone()));
+                        running.remove(&event.vm_id);
+                        vmm_seen.remove(&event.vm_id);
+                        ready.remove(&event.vm_id);
+                    }
+                    EventKind::VmPhaseChanged
+                        if victims.contains(&event.vm_id)
+                            && event.vm_phase() == VmPhase::Running
+                            && scheduled.get(&event.vm_id).is_some_and(|(_, h)| *h == event.host_id) =>
+                    {
+                        running.entry(event.vm_id.clone()).or_insert(at);
+                    }
+                    _ => {}
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let mut by_host: HashMap<usize, Vec<String>> = HashMap::new();
+                for (vm, (_, host)) in &scheduled {
+                    if let Some(i) = ids.get(host) {
+                        by_host.entry(*i).or_default().push(vm.clone());
+                    }
+                }
+                for (host, on) in by_host {
+                    let missing: Vec<&String> = on.iter().filter(|vm| !vmm_seen.contains_key(*vm)).collect();
+                    if !missing.is_empty() {
+                        let vmms = cluster.hosts[host].vmms();
+                        for vm in missing {
+                            if vmms.iter().any(|(_, v)| v == vm) {
+                                vmm_seen.insert(vm.clone(), now);
+                            }
+                        }
+                    }
+                    for vm in &on {
+                        if ready.contains_key(vm) || !vmm_seen.contains_key(vm) {
+                            continue;
+                        }
+                        let mark = marks.get(&(vm.clone(), host)).copied().flatten();
+                        if console_since(&console_path(cluster, host, vm), mark).contains(marker) {
+                            ready.insert(vm.clone(), now);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let latest =
+        |m: &HashMap<String, Instant>| m.values().max().map(|t| since(*t)).unwrap_or(f64::NAN);
+    run.suspect = suspect.map(since).unwrap_or(f64::NAN);
+    run.dead = declared.map(since).unwrap_or(f64::NAN);
+    run.placed = scheduled
+        .values()
+        .map(|(t, _)| since(*t))
+        .fold(f64::NAN, f64::max);
+    run.vmms = latest(&vmm_seen);
+    run.running = latest(&running);
+    run.ready_count = ready.len();
+    run.ready = if ready.len() == victims.len() {
+        latest(&ready)
+    } else {
+        f64::NAN
+    };
+    run.first_ready = ready.values().map(|t| since(*t)).fold(f64::NAN, f64::min);
+    for (_, host) in scheduled.values() {
+        let name = ids
+            .get(host)
+            .map(|i| cluster.hosts[*i].name.clone())
+            .unwrap_or_else(|| host.clone());
+        *run.to.entry(name).or_default() += 1;
+    }
+    ensure!(
+        cluster.hosts[dead].vmms().is_empty(),
+        "a fabric-vmm still runs on the killed host"
+    );
+    // Cross-check with the API: every VM RUNNING, none on the dead host.
+    let after = vm_states(c, vms).await?;
+    for (vm, (phase, host)) in &after {
+        ensure!(
+            *phase == VmPhase::Running && *host != dead_id,
+            "VM {vm} after the failover: {phase:?} on {host}"
+        );
+    }
+    Ok((run, dead))
+}
+
+async fn wait_host_ready(
+    c: &mut ComputeClient<Channel>,
+    cluster: &NetCluster,
+    host: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let ids = host_ids(c, cluster).await?;
+        let states = host_states(c).await?;
+        let ready = ids
+            .iter()
+            .filter(|(_, i)| **i == host)
+            .any(|(id, _)| states.get(id) == Some(&HostState::Ready));
+        if ready && cluster.hosts[host].vmms().is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < timeout,
+            "{} not READY again within {timeout:?}",
+            cluster.hosts[host].name
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One phase of a run, seconds from the kill.
+type Phase = fn(&Run) -> f64;
+
+/// Nearest-rank percentile.
+fn pct(values: &[f64], p: f64) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+fn secs(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        "–".to_string()
+    }
+}
+
+fn report(args: &Args, runs: &[Run], mode: &str, marker: &str) {
+    println!();
+    println!(
+        "Settings: {} hosts, {} VMs (1 vCPU, {} MiB, guest mode {mode}, ready marker {marker:?}); \
+         heartbeat {} s, lease TTL {} s, fencing margin {} s; {} runs; ready awaited up to {} s.",
+        args.hosts,
+        args.vms,
+        args.memory_mib,
+        args.heartbeat,
+        args.lease_ttl,
+        args.fencing_margin,
+        runs.len(),
+        args.ready_timeout
+    );
+    println!();
+    println!("| from the kill (agent + VMMs SIGKILLed) to | p50 s | max s |");
+    println!("|---|---:|---:|");
+    let rows: [(&str, Phase); 5] = [
+        ("lease expired: host SUSPECT (informational)", |r| r.suspect),
+        ("**detection**: host declared DEAD", |r| r.dead),
+        ("**placement**: last VM scheduled on another host", |r| {
+            r.placed
+        }),
+        ("new fabric-vmm processes started (all VMs)", |r| r.vmms),
+        (
+            "**running**: all VMs RUNNING on the new host (the new VMMs run the vCPUs)",
+            |r| r.running,
+        ),
+    ];
+    for (name, f) in rows {
+        let values: Vec<f64> = runs.iter().map(f).collect();
+        println!(
+            "| {name} | {} | {} |",
+            secs(pct(&values, 0.5)),
+            secs(pct(&values, 1.0))
+        );
+    }
+    let first: Vec<f64> = runs.iter().map(|r| r.first_ready).collect();
+    println!(
+        "| first guest shows the ready marker (guest boot, emulated) | {} | {} |",
+        secs(pct(&first, 0.5)),
+        secs(pct(&first, 1.0))
+    );
+    let all: Vec<f64> = runs.iter().map(|r| r.ready).collect();
+    let complete = all.iter().filter(|v| v.is_finite()).count();
+    let counts: Vec<String> = runs
+        .iter()
+        .map(|r| format!("{}/{}", r.ready_count, r.victims))
+        .collect();
+    println!(
+        "| **ready**: all guests show the ready marker (guest boot, emulated){} | {} | {} |",
+        if complete < runs.len() {
+            format!(
+                "; reached within {} s in {complete} of {} runs (guests ready per run: {})",
+                args.ready_timeout,
+                runs.len(),
+                counts.join(", ")
+            )
+        } else {
+            String::new()
+        },
+        secs(pct(&all, 0.5)),
+        secs(pct(&all, 1.0))
+    );
+    let running: Vec<f64> = runs.iter().map(|r| r.running).collect();
+    let max = pct(&running, 1.0);
+    println!();
+    println!(
+        "Target: ≤ 5 s from the host's death to its guests running elsewhere: {} \
+         (p50 {} s, max {} s). The guest's own boot to its ready marker is reported \
+         separately (~30 s of emulated kernel execution for one guest alone on these kvm-pvm \
+         machines; here {} guests boot at once).",
+        if max <= 5.0 { "met" } else { "NOT met" },
+        secs(pct(&running, 0.5)),
+        secs(max),
+        args.vms
+    );
+    println!(
+        "References: Kubernetes' defaults evict a dead node's pods after ~5 min 50 s \
+         (40 s node-monitor-grace-period + 300 s not-ready toleration, plus pod start); \
+         vSphere HA declares a host failed after ~15 s; Azure service healing: minutes."
+    );
+    println!();
+    println!("Runs:");
+    for (i, r) in runs.iter().enumerate() {
+        println!("  {}. {}", i + 1, describe(r));
+    }
+}
+
+fn describe(r: &Run) -> String {
+    let to: Vec<String> = r.to.iter().map(|(h, n)| format!("{n} → {h}")).collect();
+    format!(
+        "load {}; killed {} ({} VMs{}): SUSPECT {} s, DEAD {} s, placed {} s, VMMs {} s, \
+         RUNNING {} s, first ready {} s, ready {}/{} {} s; moved {}",
+        r.load,
+        r.killed,
+        r.victims,
+        if r.spread_before > 1 {
+            format!(", VMs were on {} hosts", r.spread_before)
+        } else {
+            String::new()
+        },
+        secs(r.suspect),
+        secs(r.dead),
+        secs(r.placed),
+        secs(r.vmms),
+        secs(r.running),
+        secs(r.first_ready),
+        r.ready_count,
+        r.victims,
+        secs(r.ready),
+        to.join(", ")
+    )
+}
+
+async fn bench(args: &Args, cluster: &mut NetCluster) -> Result<Vec<Run>> {
+    let image = Image::load()?;
+    let mode = image.manifest.mode().clone();
+    let mut c = cluster.compute().await;
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let watcher = tokio::spawn(watch_events(c.clone(), tx));
+
+    let start = Instant::now();
+    loop {
+        let states = host_states(&mut c).await.unwrap_or_default();
+        if states.len() == args.hosts && states.values().all(|s| *s == HostState::Ready) {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} hosts not READY within 60 s: {states:?}",
+            args.hosts
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let kernel = image.path("vmlinuz");
+    let kernel = kernel.to_str().context("image path")?;
+    cluster.fabricctl(&[
+        "image", "push", kernel, "--name", "default", "--role", "kernel",
+    ]);
+    if image.manifest.use_initramfs {
+        let initramfs = image.path("initramfs.cpio.gz");
+        cluster.fabricctl(&[
+            "image",
+            "push",
+            initramfs.to_str().context("image path")?,
+            "--name",
+            "default",
+            "--role",
+            "initramfs",
+        ]);
+    }
+    let mut vms = Vec::new();
+    let memory = args.memory_mib.to_string();
+    for i in 0..args.vms {
+        let out = cluster.fabricctl(&[
+            "vm",
+            "create",
+            "--name",
+            &format!("failover-{i}"),
+            "--vcpus",
+            "1",
+            "--memory",
+            &memory,
+            "--image",
+            "default",
+            "--cmdline",
+            &mode.cmdline,
+            "--nic",
+            "default",
+            "-o",
+            "json",
+        ]);
+        let json: serde_json::Value = serde_json::from_str(&out).context("vm create -o json")?;
+        vms.push(json["id"].as_str().context("vm create: no id")?.to_string());
+    }
+    let ids = host_ids(&mut c, cluster).await?;
+    let t = Instant::now();
+    let placed = wait_all_running(
+        &mut c,
+        &ids,
+        &vms,
+        Duration::from_secs(args.failover_timeout),
+    )
+    .await?;
+    let running_after = t.elapsed();
+    let ready = wait_ready(
+        cluster,
+        &placed,
+        &mode.ready_marker,
+        Duration::from_secs(args.ready_timeout),
+    )
+    .await;
+    let hosts_used: HashSet<usize> = placed.values().copied().collect();
+    eprintln!(
+        "failover-bench: {} VMs running after {:.1} s on {}; {ready} showed the ready marker after {:.1} s",
+        vms.len(),
+        running_after.as_secs_f64(),
+        hosts_used
+            .iter()
+            .map(|h| cluster.hosts[*h].name.clone())
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.elapsed().as_secs_f64(),
+    );
+    if hosts_used.len() > 1 {
+        eprintln!(
+            "failover-bench: the VMs are on {} hosts; each run kills the host holding most",
+            hosts_used.len()
+        );
+    }
+
+    let mut runs = Vec::new();
+    for n in 1..=args.runs {
+        let (run, dead) =
+            one_run(args, &mut c, cluster, &mut events, &vms, &mode.ready_marker).await?;
+        eprintln!("failover-bench: run {n}/{}: {}", args.runs, describe(&run));
+        runs.push(run);
+        cluster.start_agent(dead);
+        wait_host_ready(&mut c, cluster, dead, Duration::from_secs(60)).await?;
+        // Let the restarted agent settle (a heartbeat or two) before the next death.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    watcher.abort();
+    report(
+        args,
+        &runs,
+        match image.manifest.guest_mode {
+            fabric_tests::image::GuestMode::KernelOnly => "kernel-only",
+            fabric_tests::image::GuestMode::Userspace => "userspace",
+        },
+        &mode.ready_marker,
+    );
+    Ok(runs)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure!(args.hosts >= 2, "--hosts: at least 2");
+    ensure!(args.vms >= 1, "--vms: at least 1");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .context("/dev/kvm is not usable; this benchmark boots real guests")?;
+
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        if let Some(made) = made() {
+            remove_everything(&made);
+        }
+    }));
+
+    let timing = Timing {
+        lease_ttl: args.lease_ttl,
+        heartbeat_interval: args.heartbeat,
+        fencing_margin: args.fencing_margin,
+    };
+    let mut cluster = NetCluster::start(args.hosts, args.hosts as u32, args.hosts as u32, timing);
+    let made = Made {
+        dir: cluster.path().to_path_buf(),
+        prefix: cluster.prefix.clone(),
+        namespaces: std::iter::once(cluster.net_ns.clone())
+            .chain(cluster.hosts.iter().map(|h| h.ns.clone()))
+            .collect(),
+    };
+    *MADE.lock().unwrap_or_else(|e| e.into_inner()) = Some(made.clone());
+    eprintln!(
+        "failover-bench: cluster {} ({} hosts) in {}",
+        made.prefix,
+        args.hosts,
+        made.dir.display()
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        r = bench(&args, &mut cluster) => r.map(|_| ()),
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        _ = sigterm.recv() => Err(anyhow!("terminated")),
+    };
+    if result.is_err() {
+        eprintln!("failover-bench: stopping; logs in {}", made.dir.display());
+        for host in &cluster.hosts {
+            if let Some(agent) = &host.agent {
+                eprintln!(
+                    "--- {} agent log tail ---\n{}",
+                    host.name,
+                    agent.log_tail(15)
+                );
+            }
+        }
+    }
+    drop(cluster);
+    *MADE.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    let left = leftovers(&made);
+    if left.is_empty() {
+        eprintln!("failover-bench: cleaned up (no process, namespace, cgroup or file left)");
+    } else {
+        eprintln!("failover-bench: LEFT BEHIND:\n  {}", left.join("\n  "));
+        remove_everything(&made);
+    }
+    result
+}
