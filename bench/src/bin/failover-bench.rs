@@ -265,23 +265,52 @@ async fn vm_states(
         .collect())
 }
 
-/// Where a console file stood before the kill: (inode, length). The new VMM appends to a
-/// fresh file, or to an old one left on a host the VM ran on before: only text after this
-/// point counts.
-fn console_mark(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.ino(), m.len()))
+/// A console file's identity (inode and birth time: ext4 reuses inode numbers) and length.
+type Mark = (u64, Option<std::time::SystemTime>, u64);
+
+/// Where a console file stood before the kill. The new VMM appends to a fresh file, or to an
+/// old one left on a host the VM ran on before (the agent removes those when it starts
+/// again, so normally there is none): only text after this point counts.
+fn console_mark(path: &Path) -> Option<Mark> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.created().ok(), m.len()))
 }
 
-fn console_since(path: &Path, mark: Option<(u64, u64)>) -> String {
+fn console_since(path: &Path, mark: Option<Mark>) -> String {
     let Ok(data) = std::fs::read(path) else {
         return String::new();
     };
-    let ino = std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0);
-    let from = match mark {
-        Some((i, len)) if i == ino => (len as usize).min(data.len()),
+    let from = match (mark, console_mark(path)) {
+        (Some((ino, born, len)), Some((now_ino, now_born, _)))
+            if ino == now_ino && born == now_born =>
+        {
+            (len as usize).min(data.len())
+        }
         _ => 0,
     };
     String::from_utf8_lossy(&data[from..]).into_owned()
+}
+
+/// CPU time (user + system) of a process as a fraction of the wall time since it started.
+fn cpu_share(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    // After the command: state is field 3, utime 14, stime 15, starttime 22 (1-based).
+    let ticks = |i: usize| fields.get(i - 3)?.parse::<f64>().ok();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let alive = uptime - ticks(22)? / hz;
+    if alive <= 0.0 {
+        return None;
+    }
+    Some((ticks(14)? + ticks(15)?) / hz / alive)
 }
 
 fn console_path(cluster: &NetCluster, host: usize, vm: &str) -> PathBuf {
@@ -305,6 +334,10 @@ struct Run {
     first_ready: f64,
     ready_count: usize,
     load: String,
+    /// Mean CPU share of the new fabric-vmm processes from their start to the end of the run.
+    guest_cpu: f64,
+    /// Last console line of the guests that did not get to the ready marker, with counts.
+    stalled_at: BTreeMap<String, usize>,
 }
 
 /// Waits until every VM is RUNNING; returns where each runs.
@@ -497,6 +530,25 @@ async fn one_run(
         .fold(f64::NAN, f64::max);
     run.vmms = latest(&vmm_seen);
     run.running = latest(&running);
+    let mut shares = Vec::new();
+    for (vm, (_, host)) in &scheduled {
+        let Some(&i) = ids.get(host) else { continue };
+        if let Some((pid, _)) = cluster.hosts[i].vmms().into_iter().find(|(_, v)| v == vm) {
+            shares.extend(cpu_share(pid));
+        }
+        if !ready.contains_key(vm) {
+            let mark = marks.get(&(vm.clone(), i)).copied().flatten();
+            let text = console_since(&console_path(cluster, i, vm), mark);
+            let last = text
+                .lines()
+                .last()
+                .unwrap_or("(nothing)")
+                .trim()
+                .to_string();
+            *run.stalled_at.entry(last).or_default() += 1;
+        }
+    }
+    run.guest_cpu = shares.iter().sum::<f64>() / shares.len().max(1) as f64;
     run.ready_count = ready.len();
     run.ready = if ready.len() == victims.len() {
         latest(&ready)
@@ -540,7 +592,12 @@ async fn wait_host_ready(
             .iter()
             .filter(|(_, i)| **i == host)
             .any(|(id, _)| states.get(id) == Some(&HostState::Ready));
-        if ready && cluster.hosts[host].vmms().is_empty() {
+        // Its agent removed what the killed one left (VM directories), so no old console
+        // can be mistaken for a new one.
+        let empty = std::fs::read_dir(cluster.hosts[host].data_dir().join("vms"))
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        if ready && empty && cluster.hosts[host].vmms().is_empty() {
             return Ok(());
         }
         ensure!(
@@ -667,7 +724,8 @@ fn describe(r: &Run) -> String {
     let to: Vec<String> = r.to.iter().map(|(h, n)| format!("{n} → {h}")).collect();
     format!(
         "load {}; killed {} ({} VMs{}): SUSPECT {} s, DEAD {} s, placed {} s, VMMs {} s, \
-         RUNNING {} s, first ready {} s, ready {}/{} {} s; moved {}",
+         RUNNING {} s, first ready {} s, ready {}/{} {} s{}; moved {}; new VMMs' mean CPU \
+         share {:.0}% of a core",
         r.load,
         r.killed,
         r.victims,
@@ -685,7 +743,12 @@ fn describe(r: &Run) -> String {
         r.ready_count,
         r.victims,
         secs(r.ready),
-        to.join(", ")
+        r.stalled_at
+            .iter()
+            .map(|(line, n)| format!(" ({n} stopped at {line:?})"))
+            .collect::<String>(),
+        to.join(", "),
+        r.guest_cpu * 100.0
     )
 }
 
