@@ -11,22 +11,26 @@
 //! at once too.
 //!
 //! Reads, writes and flushes go to the disk's I/O threads ([`io`]) as jobs: neighbouring
-//! requests of one turn (same direction, contiguous sectors) are merged into one job of up to
+//! requests (same direction, contiguous sectors) are merged into one job of up to
 //! [`MAX_JOB_BYTES`], which a worker runs as one `preadv`/`pwritev` straight between the image
-//! and guest memory (no bounce buffer). When jobs finish, the event loop, woken through an
-//! eventfd, writes their status bytes, returns the chains used (in completion order) and
-//! interrupts the driver if it asked for it (`VIRTIO_RING_F_EVENT_IDX`). Only the event loop
-//! touches the rings. At most [`MAX_IN_FLIGHT`] requests are in flight: a correct driver never
-//! has more, and a hostile one that recycles descriptors cannot make the VMM queue more work.
-//! A reset drops queued jobs and waits for running ones, so nothing reaches guest memory or the
-//! used ring for a request of the earlier incarnation.
+//! and guest memory (no bounce buffer). A job that continues one still running waits for it,
+//! taking in the requests that continue it meanwhile, so a sequential stream reaches the file
+//! as large calls even when the driver submits it in small batches. When jobs finish, the
+//! event loop, woken through an eventfd, writes their status bytes, returns the chains used
+//! (in completion order) and interrupts the driver if it wants that (`used_event` with
+//! `VIRTIO_RING_F_EVENT_IDX`, else the `NO_INTERRUPT` flag). Only the event loop touches the
+//! rings. At most [`MAX_IN_FLIGHT`] requests are in flight: a correct driver never has more,
+//! and a hostile one that recycles descriptors cannot make the VMM queue more work. A reset
+//! drops queued jobs and waits for running ones, so nothing reaches guest memory or the used
+//! ring for a request of the earlier incarnation.
 //!
 //! Why threads and not io_uring: the pool is the path that must exist anyway (io_uring is
 //! switched off on many hosts, `kernel.io_uring_disabled`, and by container seccomp profiles),
-//! it needs no new dependency, and it is what QEMU's `aio=threads` does. What costs here is per
+//! it needs no new dependency, and it is what QEMU's `aio=threads` does. What costs is per
 //! request, not per system call: merging turns a sequential stream of 32 × 128 KiB requests
-//! into a few large calls, and on ext4 direct writes that allocate blocks hold the inode lock,
-//! so a deeper kernel queue would not run them in parallel anyway.
+//! into a few large calls. Measured with fio on this project's ext4 hosts, 4 MiB direct writes
+//! reach the same throughput from one synchronous writer as from io_uring at depth 8 (the disk
+//! is the limit, and ext4 holds the inode lock while it allocates blocks for a direct write).
 //!
 //! `cache=none` (the default) opens the image with `O_DIRECT`, so guest data is not cached a
 //! second time in the host's page cache; requests whose buffers are not aligned for direct I/O
@@ -149,6 +153,11 @@ struct Active {
     /// and loses nothing by waiting where the filesystem runs one write at a time anyway
     /// (ext4 holds the inode lock through a direct write that allocates blocks).
     held: Option<Job>,
+    /// Chains were left in the queue at [`MAX_IN_FLIGHT`]: the next completion event serves it.
+    /// (Otherwise completion events leave the queue to notifications: a driver that resubmits
+    /// as requests complete then has its whole batch there when its notification is served,
+    /// instead of one job per completion.)
+    resume: bool,
 }
 
 /// A virtio block device.
@@ -401,7 +410,7 @@ impl Block {
         };
         let budget = MAX_IN_FLIGHT.saturating_sub(active.in_flight);
         if budget == 0 {
-            // Completions are due, and each completion event serves the queue again.
+            active.resume = true;
             return Ok(false);
         }
         let disk = &mut self.disk;
@@ -433,7 +442,8 @@ impl Block {
             active.interrupt.signal_used_queue();
         }
         // At the in-flight limit, completions come back for the rest.
-        Ok(served.more && active.in_flight < MAX_IN_FLIGHT)
+        active.resume = served.more && active.in_flight >= MAX_IN_FLIGHT;
+        Ok(served.more && !active.resume)
     }
 
     /// Returns the requests of the jobs the I/O threads finished.
@@ -738,6 +748,7 @@ impl VirtioDevice for Block {
             in_flight: 0,
             running: Vec::new(),
             held: None,
+            resume: false,
         });
         Ok(())
     }
@@ -765,9 +776,12 @@ impl VirtioDevice for Block {
             return Ok(());
         }
         self.complete()?;
-        // Chains left at the in-flight limit (or by a full turn) wait for this.
-        if self.serve()? {
+        let resume = self.active.as_ref().is_some_and(|active| active.resume);
+        if resume && self.serve()? {
             // More than one turn's worth waits: come back through the eventfd.
+            if let Some(active) = self.active.as_mut() {
+                active.resume = true;
+            }
             self.pool.wake_event_loop();
         }
         Ok(())
@@ -1254,6 +1268,31 @@ mod tests {
             (OK, 1)
         );
         assert_eq!(counters.jobs(), 3);
+    }
+
+    #[test]
+    fn recycled_descriptors_stop_at_the_in_flight_limit_and_then_drain() {
+        let mut f = fixture(false);
+        // One flush chain, made available 300 times without waiting for it to come back: a
+        // driver bug (or attack) the device cannot tell from a full queue.
+        f.header(VIRTIO_BLK_T_FLUSH, 0);
+        let head = f.d.add_chain(0, &[(HDR, 16, R), (STATUS, 1, W)]);
+        for _ in 1..200 {
+            f.d.push_avail(0, head);
+        }
+        f.d.kick(0);
+        assert_eq!(f.d.transport.requests_in_flight(), 200);
+        for _ in 0..100 {
+            f.d.push_avail(0, head);
+        }
+        f.d.kick(0);
+        assert_eq!(f.d.transport.requests_in_flight(), MAX_IN_FLIGHT);
+        // Completions make room; the rest is taken then, without another notification.
+        f.d.settle();
+        assert_eq!(f.d.used_idx(0), 300);
+        assert_eq!(f.d.status() & 0x40, 0, "no NEEDS_RESET");
+        f.served = 300;
+        f.assert_still_serves();
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, Thread};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -273,10 +273,10 @@ struct State {
     finished: Vec<Job>,
     /// Jobs a worker has taken and not yet finished.
     running: usize,
-    /// Workers waiting for work that nobody has woken yet.
-    idle: usize,
-    /// Wake-ups sent and not yet taken by a worker.
-    wakeups: usize,
+    /// Parked workers that nobody has woken yet, the most recently parked last: the next job
+    /// goes to the worker that ran the last one, whose memory and CPU are still warm, so a
+    /// stream of jobs keeps to one thread (and the scheduler's placement of it).
+    idle: Vec<Thread>,
     /// [`IoPool::cancel`] waits on `drained`.
     cancelling: bool,
     shutdown: bool,
@@ -284,8 +284,6 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    /// A job was queued, or the pool shuts down.
-    work: Condvar,
     /// `running` dropped to 0.
     drained: Condvar,
     /// Signalled when `finished` goes from empty to not empty.
@@ -310,12 +308,10 @@ impl IoPool {
                     queued: VecDeque::new(),
                     finished: Vec::new(),
                     running: 0,
-                    idle: 0,
-                    wakeups: 0,
+                    idle: Vec::new(),
                     cancelling: false,
                     shutdown: false,
                 }),
-                work: Condvar::new(),
                 drained: Condvar::new(),
                 done: EventFd::new(libc::EFD_NONBLOCK)?,
                 files,
@@ -352,11 +348,9 @@ impl IoPool {
     pub fn submit(&mut self, job: Job) {
         let mut state = lock(&self.shared.state);
         state.queued.push_back(job);
-        if state.idle > 0 {
-            state.idle -= 1;
-            state.wakeups += 1;
+        if let Some(worker) = state.idle.pop() {
             drop(state);
-            self.shared.work.notify_one();
+            worker.unpark();
             return;
         }
         drop(state);
@@ -417,12 +411,15 @@ impl IoPool {
 
 impl Drop for IoPool {
     fn drop(&mut self) {
-        {
+        let idle = {
             let mut state = lock(&self.shared.state);
             state.queued.clear();
             state.shutdown = true;
+            std::mem::take(&mut state.idle)
+        };
+        for worker in idle {
+            worker.unpark();
         }
-        self.shared.work.notify_all();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -442,16 +439,15 @@ fn worker(shared: &Shared) {
                 if state.shutdown {
                     return;
                 }
-                state.idle += 1;
-                state = shared
-                    .work
-                    .wait(state)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let me = std::thread::current();
+                state.idle.push(me.clone());
+                drop(state);
+                // An unpark between the unlock and here makes this return at once.
+                std::thread::park();
+                state = lock(&shared.state);
                 // Whoever woke us took us off `idle`; a spurious wake-up did not.
-                if state.wakeups > 0 {
-                    state.wakeups -= 1;
-                } else {
-                    state.idle -= 1;
+                if let Some(at) = state.idle.iter().position(|t| t.id() == me.id()) {
+                    state.idle.remove(at);
                 }
             }
         };
