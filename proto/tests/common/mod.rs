@@ -106,6 +106,12 @@ pub fn observed_vm(vm_id: &str) -> ObservedVm {
         restart_count: 1,
         memory: Some(memory_stats()),
         generation: 3,
+        memory_balance: Some(VmMemoryBalance {
+            target_mib: 1500,
+            demand_mib: Some(1100),
+            reason: "host short: shared by weight".to_owned(),
+            pressured: true,
+        }),
     }
 }
 
@@ -119,6 +125,15 @@ pub fn host_usage() -> HostUsage {
         memory_pressure: Some(MemoryPressure {
             some_avg10_percent: 1.5,
             full_avg10_percent: 0.25,
+        }),
+        memory_balance: Some(HostMemoryBalance {
+            budget_mib: 8192,
+            demand_mib: 7000,
+            wanted_mib: 9000,
+            assigned_mib: 8192,
+            minimum_mib: 4096,
+            short: true,
+            pressured_vms: 2,
         }),
     }
 }
