@@ -83,6 +83,20 @@ fn two_vcpus_256mib_boot_pause_resume_and_graceful_shutdown() {
         assert!(ready.contains("cpus=2"), "{}", common::tail(&ready));
     }
 
+    // SIGUSR2: each vCPU logs where it is, and the guest keeps running.
+    // SAFETY: kill(2) on the test's own child process, not yet reaped.
+    unsafe { libc::kill(guest.pid() as libc::pid_t, libc::SIGUSR2) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let dumped = |log: &str, vcpu: u32| log.contains(&format!("vCPU state vcpu={vcpu} rip=0x"));
+    while !(dumped(&guest.stderr_text(), 0) && dumped(&guest.stderr_text(), 1)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no state from both vCPUs after SIGUSR2:\n{}",
+            guest.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     let rt = runtime();
     rt.block_on(async {
         let mut vmm = fabric_agent::vmm::client::connect(&guest.socket)

@@ -3,6 +3,9 @@
 //! Exit status: 0 when the guest stopped (reset, poweroff, or a Shutdown request),
 //! 1 when the configuration is bad or the VM could not be built, 2 when the guest failed
 //! while running (e.g. an instruction KVM could not emulate).
+//!
+//! SIGUSR2 makes every vCPU log its registers on stderr (the guest keeps running): where a
+//! guest that stopped making progress is.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -14,7 +17,9 @@ use fabric_agent::lease::LeaseFile;
 use fabric_agent::vmm::builder::{build_vm, open_kvm};
 use fabric_agent::vmm::config::{ConsoleOutput, VmRequest};
 use fabric_agent::vmm::control::ControlServer;
-use fabric_agent::vmm::runner::{control_channel, run_vm, Command, ControlSender, VmInfo};
+use fabric_agent::vmm::runner::{
+    block_dump_signal, control_channel, run_vm, Command, ControlSender, VmInfo,
+};
 use fabric_agent::vmm::vcpu::ExitReason;
 
 /// Runs one virtual machine on KVM.
@@ -74,6 +79,12 @@ struct Args {
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // Before any thread exists, so that SIGUSR2 (log every vCPU's state) reaches the event
+    // loop in every thread instead of ending the process.
+    if let Err(err) = block_dump_signal() {
+        eprintln!("fabric-vmm: cannot block SIGUSR2: {err}");
+        return ExitCode::from(1);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FABRIC_LOG")

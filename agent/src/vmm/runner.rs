@@ -1,6 +1,10 @@
 //! Runs a built VM: starts the vCPU threads and serves one epoll loop for everything that is
 //! not a vCPU exit — guest reset, control requests, console input, device work (virtio queue
 //! notifications, through each device's [`EventSubscriber`] fds) — until the VM ends.
+//!
+//! SIGUSR2 asks every vCPU to log its state ([`VcpuThreads::dump_state`]); it arrives through
+//! a signalfd, so the process must keep SIGUSR2 blocked in every thread ([`block_dump_signal`]
+//! before any thread starts).
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
@@ -139,9 +143,65 @@ const TOKEN_EXIT: u64 = 1;
 const TOKEN_RESET: u64 = 2;
 const TOKEN_CONTROL: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
+const TOKEN_DUMP: u64 = 5;
 /// Device fds get tokens from here up: token `TOKEN_DEVICES + i` is entry `i` of the table of
 /// (fd, subscriber) pairs built when the loop starts.
 const TOKEN_DEVICES: u64 = 100;
+
+/// The signal that asks for a vCPU state dump.
+pub const DUMP_SIGNAL: libc::c_int = libc::SIGUSR2;
+
+fn dump_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before sigaddset reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, DUMP_SIGNAL);
+        set
+    }
+}
+
+/// Blocks [`DUMP_SIGNAL`] in the calling thread and the threads it starts later, so that it
+/// reaches the event loop's signalfd instead of ending the process. Call first thing in main.
+pub fn block_dump_signal() -> std::io::Result<()> {
+    let set = dump_sigset();
+    // SAFETY: `set` is a valid, initialised signal set; the old mask is not asked for.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// A signalfd for [`DUMP_SIGNAL`].
+struct DumpSignal(std::os::fd::OwnedFd);
+
+impl DumpSignal {
+    fn new() -> std::io::Result<DumpSignal> {
+        let set = dump_sigset();
+        // SAFETY: `set` is a valid signal set; -1 asks for a new descriptor.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: signalfd returned a new descriptor that nothing else owns.
+        Ok(DumpSignal(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
+
+    /// Takes every pending signal off the descriptor.
+    fn drain(&self) {
+        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+        loop {
+            // SAFETY: reads at most `info.len()` bytes into the buffer from our own descriptor.
+            let n = unsafe { libc::read(self.0.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+            if n <= 0 {
+                return;
+            }
+        }
+    }
+}
 
 /// How long vCPUs get to park when pausing or stopping.
 const PARK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -168,6 +228,8 @@ pub fn run_vm(
     add(exit_event.as_raw_fd(), TOKEN_EXIT).map_err(RunError::EventLoop)?;
     add(vm.reset_event.as_raw_fd(), TOKEN_RESET).map_err(RunError::EventLoop)?;
     add(control_rx.wake.as_raw_fd(), TOKEN_CONTROL).map_err(RunError::EventLoop)?;
+    let dump_signal = DumpSignal::new().map_err(RunError::EventLoop)?;
+    add(dump_signal.0.as_raw_fd(), TOKEN_DUMP).map_err(RunError::EventLoop)?;
     let mut stdin_open = console_input && add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
     let mut device_fds: Vec<(RawFd, Arc<Mutex<dyn EventSubscriber>>)> = Vec::new();
     for subscriber in &vm.event_subscribers {
@@ -247,6 +309,11 @@ pub fn run_vm(
                         };
                         let _ = request.reply.send(result);
                     }
+                }
+                TOKEN_DUMP => {
+                    dump_signal.drain();
+                    tracing::warn!("SIGUSR2: every vCPU logs its state");
+                    threads.dump_state();
                 }
                 TOKEN_STDIN if stdin_open => {
                     let mut buf = [0u8; 64];

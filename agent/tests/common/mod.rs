@@ -202,6 +202,10 @@ impl Guest {
                 );
             }
             if Instant::now() >= deadline {
+                // Where the guest is: fabric-vmm logs every vCPU's registers on SIGUSR2.
+                // SAFETY: kill(2) on our own child's pid, which has not been reaped.
+                unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGUSR2) };
+                std::thread::sleep(Duration::from_secs(1));
                 panic!(
                     "no {needle:?} on the console after {timeout:?}\n--- console ---\n{}\n--- vmm log ---\n{}",
                     tail(&text),

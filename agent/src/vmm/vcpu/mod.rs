@@ -4,7 +4,12 @@
 //! Pausing and stopping: the controller of the threads sets the wanted [`RunState`] and kicks
 //! each thread with a real-time signal until it acknowledges, so a vCPU blocked in `KVM_RUN`
 //! (a halted guest never exits to user space) still comes back promptly.
+//!
+//! Diagnosis: [`VcpuThreads::dump_state`] kicks every thread out of `KVM_RUN` once; each logs
+//! where its guest is (registers, control registers, run state) and carries on. fabric-vmm does
+//! this on SIGUSR2, so a guest that stopped making progress can be located without stopping it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,6 +51,8 @@ pub struct VcpuControl {
     changed: Condvar,
     exit_reason: Mutex<Option<ExitReason>>,
     exit_event: EventFd,
+    /// Bumped by each state dump request; each vCPU dumps once per new value.
+    dump_generation: AtomicU64,
 }
 
 impl VcpuControl {
@@ -58,6 +65,7 @@ impl VcpuControl {
             changed: Condvar::new(),
             exit_reason: Mutex::new(None),
             exit_event,
+            dump_generation: AtomicU64::new(0),
         })
     }
 
@@ -118,6 +126,17 @@ impl VcpuThreads {
             handles.push(handle);
         }
         Ok(VcpuThreads { handles, control })
+    }
+
+    /// Asks every vCPU to log its state once (registers, control registers, run state),
+    /// without stopping the guest.
+    pub fn dump_state(&self) {
+        self.control.dump_generation.fetch_add(1, Ordering::SeqCst);
+        for handle in &self.handles {
+            if !handle.is_finished() {
+                let _ = handle.kill(kick_signal());
+            }
+        }
     }
 
     /// Moves every vCPU to `state` and waits until all have parked (for Paused/Stopped).
@@ -189,9 +208,15 @@ fn wait_while_parked(control: &VcpuControl) -> bool {
 
 fn run_vcpu(mut vcpu: Vcpu, control: Arc<VcpuControl>) {
     let id = vcpu.id;
+    let mut dumped = 0;
     loop {
         if !wait_while_parked(&control) {
             return;
+        }
+        let wanted_dump = control.dump_generation.load(Ordering::SeqCst);
+        if wanted_dump != dumped {
+            dumped = wanted_dump;
+            log_state(id, &vcpu.fd);
         }
         match vcpu.fd.run() {
             Ok(exit) => match exit {
@@ -255,6 +280,34 @@ fn run_vcpu(mut vcpu: Vcpu, control: Arc<VcpuControl>) {
                 control.request_exit(ExitReason::Failed(format!("vCPU {id}: KVM_RUN: {err}")));
                 return;
             }
+        }
+    }
+}
+
+/// Logs where the vCPU is: enough to find the guest function it runs (or halts in) with the
+/// guest kernel's symbol table.
+fn log_state(id: u32, fd: &VcpuFd) {
+    let regs = fd.get_regs();
+    let sregs = fd.get_sregs();
+    let mp_state = fd.get_mp_state();
+    match (regs, sregs) {
+        (Ok(r), Ok(s)) => tracing::warn!(
+            vcpu = id,
+            rip = format_args!("{:#x}", r.rip),
+            rsp = format_args!("{:#x}", r.rsp),
+            rflags = format_args!("{:#x}", r.rflags),
+            rax = format_args!("{:#x}", r.rax),
+            rdi = format_args!("{:#x}", r.rdi),
+            cs = format_args!("{:#x}", s.cs.selector),
+            cr0 = format_args!("{:#x}", s.cr0),
+            cr3 = format_args!("{:#x}", s.cr3),
+            cr4 = format_args!("{:#x}", s.cr4),
+            mp_state = mp_state.map(|m| m.mp_state).unwrap_or(u32::MAX),
+            interrupt_bitmap = ?s.interrupt_bitmap,
+            "vCPU state"
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(vcpu = id, error = %e, "vCPU state: cannot read registers")
         }
     }
 }
