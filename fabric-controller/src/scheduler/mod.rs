@@ -81,6 +81,13 @@
 //! Only when nothing fits does [`Scheduler::place`] scan every host, to count
 //! the reasons.
 //!
+//! # Memory relief
+//!
+//! [`memory_relief`] answers the other question the controller asks of this
+//! snapshot: which VM to move off a host that has stayed short of memory,
+//! and where to (through [`Scheduler::explain_move`], the filters as if the
+//! VM had already left its host).
+//!
 //! # Inputs that could be nonsense
 //!
 //! Nothing panics on any input: no hosts, zero allocatable resources, a
@@ -89,6 +96,7 @@
 
 mod cluster;
 mod index;
+pub mod memory_relief;
 mod model;
 mod place;
 mod reasons;

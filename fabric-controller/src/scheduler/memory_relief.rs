@@ -1,0 +1,993 @@
+//! Memory relief: which VM to move off a host that has stayed over-committed, and where to.
+//!
+//! Every agent's memory balancer reports, each heartbeat, its host's memory *budget* and what
+//! its VMs *want* (the sum of their targets: demand plus buffer, within minimum and maximum).
+//! A host is *short* while they want more than its budget; its balancer then shares the
+//! memory above the minimums by weight, which carries a burst but squeezes every guest. A host
+//! that stays short for longer than the relief window is relieved by moving one of its VMs to
+//! another host. This module decides which VM and where, from a snapshot, without I/O or a
+//! clock of its own (the caller passes `now`); the reconciler carries a move out (stop on the
+//! source, start on the destination) and calls [`plan_relief`] again on later passes.
+//!
+//! # Figures
+//!
+//! - A host's **excess** is `wanted − budget` from its latest report (at least 1 MiB while it
+//!   reports itself short).
+//! - A VM's **want** ([`MovableVm::wanted_mib`]) is what leaves the host with it: the target the
+//!   balancer would give it without sharing, `demand × (1 + buffer%)` within `[minimum,
+//!   maximum]`, or the target it reported when that is larger (the agent adds the guest
+//!   kernel's own overhead, which the controller does not see). Without a reported demand it is
+//!   the reported target.
+//! - A destination's **room** is `budget − wanted` from its latest report, less the want of VMs
+//!   already moving to it that the report does not count yet (`incoming_mib`).
+//!
+//! # Which VM
+//!
+//! Among the VMs of the host that may move (the caller lists the running ones with a memory
+//! report), candidates are ordered:
+//!
+//! 1. VMs whose want covers the excess, **smallest want first**: one move ends the shortage,
+//!    and the smallest such VM is the least disruption (least memory to re-create elsewhere,
+//!    the most room left on the destination);
+//! 2. then, if none covers it, the others **largest want first**: the move that relieves most;
+//!    the host stays short and the next move comes after another window.
+//!
+//! Equal wants go to the smaller VM id. The first candidate in this order that has a
+//! destination moves; later candidates are tried only when the earlier ones fit nowhere.
+//!
+//! # Where
+//!
+//! A destination is any other host on which the VM passes the scheduler's hard filters as if it
+//! had already left its source ([`Scheduler::explain_move`]: host state, zone, CPU and memory
+//! capacity by minimum, anti-affinity, availability-set spread over fault and update domains)
+//! and whose room holds the VM's want. Of those, the host with the **most room** wins; equal
+//! room goes to the smaller host id. Hosts without a memory report have unknown room and are
+//! not destinations. The source itself counts as a host the VM could be on when the spread
+//! filters pick the least-used domains, so a relief move never worsens an availability set's
+//! spread; the fallback when a chosen destination no longer fits at commit
+//! ([`Scheduler::place_elsewhere`]) is ordinary placement without the source, where spreading,
+//! as always, only chooses among the hosts left.
+//!
+//! # When
+//!
+//! Only Ready or Cordoned hosts are relieved (a draining host is being emptied anyway; a
+//! suspect or dead one is the failover's business). A host is due once it has been short for
+//! the window without a break, with no move off it in flight, and, after its last move
+//! completed, short for another full window: the balancer gets time to settle on the new
+//! figures before the next VM is disturbed. Several hosts may be relieved in one plan, the
+//! longest-short first; a move counts against its destination's room at once, so two moves
+//! never overfill one host.
+//!
+//! A due host without any possible move gets a [`ReliefDecision::NoDestination`] with the
+//! reason (`web-1 (wants 600 MiB) fits none of 3 other hosts: 2 too little memory room (most
+//! 300 MiB), 1 cordoned`), not a move.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use super::cluster::Scheduler;
+use super::model::{Decision, Demand, HostState};
+use super::place::HostVerdict;
+use super::reasons::{FilterReason, Unplaceable};
+
+/// The buffer when a memory spec gives 0 (the agent's balancer uses the same default).
+pub const DEFAULT_BUFFER_PERCENT: u64 = 20;
+
+/// A host's latest memory-balancer report (`HostMemoryBalance`), the figures relief reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryReport {
+    /// Memory the VMs may use in all, MiB.
+    pub budget_mib: u64,
+    /// The sum of the VMs' targets before sharing, MiB.
+    pub wanted_mib: u64,
+    /// The host says its VMs want more than its budget.
+    pub short: bool,
+}
+
+impl MemoryReport {
+    /// `wanted − budget` while short (at least 1 MiB), else 0.
+    pub fn excess_mib(&self) -> u64 {
+        if self.short {
+            self.wanted_mib.saturating_sub(self.budget_mib).max(1)
+        } else {
+            0
+        }
+    }
+
+    /// `budget − wanted`: what the host could still give.
+    pub fn room_mib(&self) -> u64 {
+        self.budget_mib.saturating_sub(self.wanted_mib)
+    }
+}
+
+/// A VM that relief may move: running on its host, with the balancer's latest decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovableVm {
+    pub vm_id: String,
+    /// What it asks of a host (the scheduler's view: vCPUs, minimum and maximum memory,
+    /// placement rules).
+    pub demand: Demand,
+    /// Its memory spec's buffer percentage (0: the default, 20).
+    pub buffer_percent: u64,
+    /// The balancer's latest target for it, MiB (after sharing).
+    pub target_mib: u64,
+    /// Memory in use in its guest, MiB, when the guest reported it.
+    pub demand_mib: Option<u64>,
+}
+
+impl MovableVm {
+    /// The memory that leaves its host with it, MiB (see the module docs).
+    pub fn wanted_mib(&self) -> u64 {
+        let Some(demand) = self.demand_mib else {
+            return self.target_mib;
+        };
+        let buffer = match self.buffer_percent {
+            0 => DEFAULT_BUFFER_PERCENT,
+            b => b,
+        };
+        let with_buffer = (u128::from(demand) * u128::from(100 + buffer)).div_ceil(100);
+        let with_buffer = u64::try_from(with_buffer).unwrap_or(u64::MAX);
+        let maximum = self.demand.memory_maximum_mib;
+        let minimum = self.demand.memory_minimum_mib.min(maximum);
+        with_buffer.clamp(minimum, maximum).max(self.target_mib)
+    }
+}
+
+/// One host as relief sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostMemory {
+    pub host_id: String,
+    /// Its effective state (leases and cordons applied).
+    pub state: HostState,
+    /// Its latest balancer report; None when it sends none.
+    pub report: Option<MemoryReport>,
+    /// Since when its reports say short without a break; None while it is not short.
+    pub short_since: Option<Instant>,
+    /// When the last relief move off this host completed.
+    pub last_relief_done: Option<Instant>,
+    /// A relief move off this host is under way.
+    pub relief_in_flight: bool,
+    /// The want of VMs moving to this host that its report does not count yet, MiB.
+    pub incoming_mib: u64,
+    /// Its VMs that may move.
+    pub vms: Vec<MovableVm>,
+}
+
+/// A decided move.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReliefMove {
+    pub vm_id: String,
+    pub source: String,
+    pub destination: String,
+    /// The VM's want, MiB.
+    pub vm_wanted_mib: u64,
+    /// The source's budget and wanted when decided, MiB.
+    pub source_budget_mib: u64,
+    pub source_wanted_mib: u64,
+    /// The source's excess, MiB.
+    pub excess_mib: u64,
+    /// The destination's room before the move, MiB.
+    pub destination_room_mib: u64,
+    /// How long the source had been short (since the later of its turning short and its last
+    /// move completing).
+    pub short_for: Duration,
+}
+
+impl ReliefMove {
+    /// The move ends the source's shortage (on the reported figures).
+    pub fn covers_excess(&self) -> bool {
+        self.vm_wanted_mib >= self.excess_mib
+    }
+}
+
+/// What relief decided for one due host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReliefDecision {
+    Move(ReliefMove),
+    /// The host is due but no VM of it can go anywhere.
+    NoDestination {
+        host_id: String,
+        short_for: Duration,
+        reason: String,
+    },
+}
+
+/// Why a host is not a destination for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Refusal {
+    Filter(FilterReason),
+    NoReport,
+    TooLittleRoom,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Filter(reason) => reason.fmt(f),
+            Refusal::NoReport => f.write_str("no memory report"),
+            Refusal::TooLittleRoom => f.write_str("too little memory room"),
+        }
+    }
+}
+
+/// The hosts a VM could go to, or why none.
+struct Destinations {
+    /// `(room, host id)` of every acceptable host.
+    fitting: Vec<(u64, String)>,
+    refusals: BTreeMap<Refusal, usize>,
+    /// The most room among hosts that pass the filters but have too little.
+    most_room_short: u64,
+    /// Hosts other than the source.
+    considered: usize,
+}
+
+impl Scheduler {
+    /// Every host's verdict for a VM as if it had left the host it is assigned to (its own
+    /// labels and availability-set count no longer there): the question "where could this VM
+    /// move?". The snapshot is unchanged afterwards. O(hosts).
+    pub fn explain_move(&mut self, vm_id: &str, demand: &Demand) -> Vec<HostVerdict> {
+        let assigned_to = self.release(vm_id).ok();
+        let verdicts = self.explain(demand);
+        self.restore(vm_id, assigned_to, demand);
+        verdicts
+    }
+
+    /// Places a VM anywhere but `avoid` (the host it is moving off), as if it had left the
+    /// host it is assigned to. The snapshot is unchanged afterwards.
+    pub fn place_elsewhere(
+        &mut self,
+        vm_id: &str,
+        demand: &Demand,
+        avoid: &str,
+    ) -> Result<Decision, Unplaceable> {
+        let assigned_to = self.release(vm_id).ok();
+        // The avoided host takes no VM while cordoned; its real state comes back below.
+        let avoided_state = self.host(avoid).map(|h| h.state);
+        if avoided_state.is_some() {
+            let _ = self.set_host_state(avoid, HostState::Cordoned);
+        }
+        let decision = self.place(demand).map_err(|_| {
+            // Explained while the avoided host is cordoned (as placement saw it), without
+            // counting it.
+            let others: Vec<HostVerdict> = self
+                .explain(demand)
+                .into_iter()
+                .filter(|v| v.host_id != avoid)
+                .collect();
+            Unplaceable::new(
+                others.len(),
+                others.iter().filter_map(|v| v.rejected_by).map(|r| (r, 1)),
+            )
+        });
+        if let Some(state) = avoided_state {
+            let _ = self.set_host_state(avoid, state);
+        }
+        self.restore(vm_id, assigned_to, demand);
+        decision
+    }
+
+    fn restore(&mut self, vm_id: &str, assigned_to: Option<String>, demand: &Demand) {
+        if let Some(host_id) = assigned_to {
+            if let Err(e) = self.assign(vm_id, &host_id, demand) {
+                // Cannot happen: the host was there a moment ago.
+                tracing::warn!(vm = %vm_id, host = %host_id, error = %e, "scheduler bookkeeping");
+            }
+        }
+    }
+}
+
+/// Where `vm` (on `source`) could go, over `hosts` with their room now.
+fn destinations(
+    scheduler: &mut Scheduler,
+    vm: &MovableVm,
+    source: &str,
+    room: &BTreeMap<String, Option<u64>>,
+) -> Destinations {
+    let want = vm.wanted_mib();
+    let mut result = Destinations {
+        fitting: Vec::new(),
+        refusals: BTreeMap::new(),
+        most_room_short: 0,
+        considered: 0,
+    };
+    for verdict in scheduler.explain_move(&vm.vm_id, &vm.demand) {
+        if verdict.host_id == source {
+            continue;
+        }
+        result.considered += 1;
+        let refusal = match (
+            verdict.rejected_by,
+            room.get(&verdict.host_id).copied().flatten(),
+        ) {
+            (Some(reason), _) => Some(Refusal::Filter(reason)),
+            (None, None) => Some(Refusal::NoReport),
+            (None, Some(room)) if room < want => {
+                result.most_room_short = result.most_room_short.max(room);
+                Some(Refusal::TooLittleRoom)
+            }
+            (None, Some(room)) => {
+                result.fitting.push((room, verdict.host_id));
+                None
+            }
+        };
+        if let Some(refusal) = refusal {
+            *result.refusals.entry(refusal).or_default() += 1;
+        }
+    }
+    result
+}
+
+/// `web-1 (wants 600 MiB) fits none of 3 other hosts: 2 too little memory room (most
+/// 300 MiB), 1 cordoned`.
+fn refusal_text(vm: &MovableVm, found: &Destinations) -> String {
+    let mut text = format!(
+        "{} (wants {} MiB) fits none of {} other hosts",
+        vm.vm_id,
+        vm.wanted_mib(),
+        found.considered
+    );
+    let mut counts: Vec<(Refusal, usize)> = found.refusals.iter().map(|(r, n)| (*r, *n)).collect();
+    counts.sort_by_key(|(refusal, count)| (Reverse(*count), *refusal));
+    for (i, (refusal, count)) in counts.iter().enumerate() {
+        text.push_str(if i == 0 { ": " } else { ", " });
+        text.push_str(&format!("{count} {refusal}"));
+        if *refusal == Refusal::TooLittleRoom {
+            text.push_str(&format!(" (most {} MiB)", found.most_room_short));
+        }
+    }
+    text
+}
+
+/// The candidates of a host in the order they are tried (see the module docs).
+fn candidate_order(vms: &[MovableVm], excess_mib: u64) -> Vec<&MovableVm> {
+    let mut covering: Vec<&MovableVm> = vms
+        .iter()
+        .filter(|v| v.wanted_mib() >= excess_mib)
+        .collect();
+    let mut others: Vec<&MovableVm> = vms.iter().filter(|v| v.wanted_mib() < excess_mib).collect();
+    covering.sort_by(|a, b| {
+        a.wanted_mib()
+            .cmp(&b.wanted_mib())
+            .then_with(|| a.vm_id.cmp(&b.vm_id))
+    });
+    others.sort_by(|a, b| {
+        b.wanted_mib()
+            .cmp(&a.wanted_mib())
+            .then_with(|| a.vm_id.cmp(&b.vm_id))
+    });
+    covering.extend(others);
+    covering
+}
+
+/// How long `host` has counted as short for relief at `now`, if it is a relief source at all.
+fn short_for(host: &HostMemory, now: Instant) -> Option<Duration> {
+    if !matches!(host.state, HostState::Ready | HostState::Cordoned) || host.relief_in_flight {
+        return None;
+    }
+    let report = host.report?;
+    if !report.short {
+        return None;
+    }
+    let since = host.short_since?;
+    let since = match host.last_relief_done {
+        Some(done) => since.max(done),
+        None => since,
+    };
+    Some(now.saturating_duration_since(since))
+}
+
+/// The relief due at `now`: one decision per host that has stayed short for `window` (see the
+/// module docs). `scheduler` is the placement snapshot, with every VM of `hosts` assigned
+/// where it runs; it is the same afterwards.
+pub fn plan_relief(
+    hosts: &[HostMemory],
+    window: Duration,
+    now: Instant,
+    scheduler: &mut Scheduler,
+) -> Vec<ReliefDecision> {
+    let mut due: Vec<(&HostMemory, Duration)> = hosts
+        .iter()
+        .filter_map(|h| short_for(h, now).map(|d| (h, d)))
+        .filter(|(_, short_for)| *short_for >= window)
+        .collect();
+    if due.is_empty() {
+        return Vec::new();
+    }
+    // Longest short first; then by id.
+    due.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.host_id.cmp(&b.0.host_id)));
+    let mut room: BTreeMap<String, Option<u64>> = hosts
+        .iter()
+        .map(|h| {
+            let room = h
+                .report
+                .map(|r| r.room_mib().saturating_sub(h.incoming_mib));
+            (h.host_id.clone(), room)
+        })
+        .collect();
+
+    let mut decisions = Vec::new();
+    for (host, short_for) in due {
+        let Some(report) = host.report else { continue };
+        let excess = report.excess_mib();
+        let candidates = candidate_order(&host.vms, excess);
+        let mut first_refusal: Option<String> = None;
+        let mut chosen: Option<(&MovableVm, u64, String)> = None;
+        for vm in &candidates {
+            let found = destinations(scheduler, vm, &host.host_id, &room);
+            // Most room; equal room to the smaller id.
+            let best = found
+                .fitting
+                .iter()
+                .min_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+            if let Some((best_room, best_host)) = best {
+                chosen = Some((vm, *best_room, best_host.clone()));
+                break;
+            }
+            if first_refusal.is_none() {
+                first_refusal = Some(refusal_text(vm, &found));
+            }
+        }
+        match chosen {
+            Some((vm, destination_room, destination)) => {
+                let want = vm.wanted_mib();
+                if let Some(Some(room)) = room.get_mut(&destination) {
+                    *room = room.saturating_sub(want);
+                }
+                decisions.push(ReliefDecision::Move(ReliefMove {
+                    vm_id: vm.vm_id.clone(),
+                    source: host.host_id.clone(),
+                    destination,
+                    vm_wanted_mib: want,
+                    source_budget_mib: report.budget_mib,
+                    source_wanted_mib: report.wanted_mib,
+                    excess_mib: excess,
+                    destination_room_mib: destination_room,
+                    short_for,
+                }));
+            }
+            None => {
+                let reason = match (first_refusal, candidates.len()) {
+                    (None, _) => {
+                        "no VM that can move (none running with a memory report)".to_string()
+                    }
+                    (Some(first), 1) => first,
+                    (Some(first), n) => {
+                        format!("{first}; none of its {} other VMs fits either", n - 1)
+                    }
+                };
+                decisions.push(ReliefDecision::NoDestination {
+                    host_id: host.host_id.clone(),
+                    short_for,
+                    reason,
+                });
+            }
+        }
+    }
+    decisions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::model::{HostSpec, Labels, SchedulerConfig};
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(30);
+
+    fn spec(id: &str, fault_domain: u32, state: HostState) -> HostSpec {
+        HostSpec {
+            id: id.to_owned(),
+            zone: "z1".to_owned(),
+            fault_domain,
+            update_domain: fault_domain,
+            allocatable_cpus: 16,
+            allocatable_memory_mib: 16_384,
+            labels: Labels::new(),
+            state,
+        }
+    }
+
+    /// A VM of `minimum..=maximum` MiB whose balancer reported `target` and `demand`.
+    fn vm(id: &str, minimum: u64, maximum: u64, target: u64, demand: Option<u64>) -> MovableVm {
+        MovableVm {
+            vm_id: id.to_owned(),
+            demand: Demand {
+                vcpus: 1,
+                ..Demand::default()
+            }
+            .with_memory_spec(minimum, minimum, maximum),
+            buffer_percent: 0,
+            target_mib: target,
+            demand_mib: demand,
+        }
+    }
+
+    /// A host reporting `budget` and `wanted`, short (when wanted > budget) for `short_for`
+    /// seconds before `now`.
+    struct HostCase {
+        id: &'static str,
+        fault_domain: u32,
+        state: HostState,
+        report: Option<(u64, u64)>,
+        short_for_s: Option<u64>,
+        relief_done_s_ago: Option<u64>,
+        in_flight: bool,
+        incoming: u64,
+        vms: Vec<MovableVm>,
+    }
+
+    fn h(id: &'static str, budget: u64, wanted: u64, vms: Vec<MovableVm>) -> HostCase {
+        HostCase {
+            id,
+            fault_domain: 0,
+            state: HostState::Ready,
+            report: Some((budget, wanted)),
+            short_for_s: (wanted > budget).then_some(60),
+            relief_done_s_ago: None,
+            in_flight: false,
+            incoming: 0,
+            vms,
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        hosts: Vec<HostCase>,
+        /// Change to the snapshot before planning (extra VMs, other demands).
+        setup: fn(&mut Scheduler),
+        /// Decisions as text: `move VM SOURCE->DEST` or `none HOST: reason`.
+        expected: Vec<&'static str>,
+    }
+
+    fn no_setup(_: &mut Scheduler) {}
+
+    fn plan(case: &Case, now: Instant) -> Vec<String> {
+        let mut scheduler = Scheduler::new(SchedulerConfig::default());
+        for host in &case.hosts {
+            scheduler
+                .add_host(spec(host.id, host.fault_domain, host.state))
+                .expect("add host");
+            for vm in &host.vms {
+                scheduler
+                    .assign(&vm.vm_id, host.id, &vm.demand)
+                    .expect("assign");
+            }
+        }
+        (case.setup)(&mut scheduler);
+        let before = scheduler.fingerprint();
+        let hosts: Vec<HostMemory> = case
+            .hosts
+            .iter()
+            .map(|c| HostMemory {
+                host_id: c.id.to_owned(),
+                state: c.state,
+                report: c.report.map(|(budget, wanted)| MemoryReport {
+                    budget_mib: budget,
+                    wanted_mib: wanted,
+                    short: wanted > budget,
+                }),
+                short_since: c.short_for_s.map(|s| now - Duration::from_secs(s)),
+                last_relief_done: c.relief_done_s_ago.map(|s| now - Duration::from_secs(s)),
+                relief_in_flight: c.in_flight,
+                incoming_mib: c.incoming,
+                vms: c.vms.clone(),
+            })
+            .collect();
+        let decisions = plan_relief(&hosts, WINDOW, now, &mut scheduler);
+        assert_eq!(
+            before,
+            scheduler.fingerprint(),
+            "case {}: the snapshot changed",
+            case.name
+        );
+        decisions
+            .into_iter()
+            .map(|d| match d {
+                ReliefDecision::Move(m) => {
+                    format!("move {} {}->{}", m.vm_id, m.source, m.destination)
+                }
+                ReliefDecision::NoDestination {
+                    host_id, reason, ..
+                } => format!("none {host_id}: {reason}"),
+            })
+            .collect()
+    }
+
+    fn run(cases: Vec<Case>) {
+        let now = Instant::now() + Duration::from_secs(3600);
+        for case in &cases {
+            assert_eq!(plan(case, now), case.expected, "case: {}", case.name);
+        }
+    }
+
+    /// A source `s` (budget 2000, wanting 2600: excess 600) and the VMs given; two
+    /// destinations with room 1000 (`a`) and 3000 (`b`).
+    fn short_source(vms: Vec<MovableVm>) -> Vec<HostCase> {
+        vec![
+            h("s", 2000, 2600, vms),
+            h("a", 4000, 3000, vec![]),
+            h("b", 4000, 1000, vec![]),
+        ]
+    }
+
+    #[test]
+    fn when_a_host_is_due() {
+        let one = || vec![vm("v1", 256, 2048, 800, Some(700))];
+        let with = |f: fn(&mut HostCase)| {
+            let mut hosts = short_source(one());
+            f(&mut hosts[0]);
+            hosts
+        };
+        run(vec![
+            Case {
+                name: "short for longer than the window: a move",
+                hosts: short_source(one()),
+                setup: no_setup,
+                expected: vec!["move v1 s->b"],
+            },
+            Case {
+                name: "not short: nothing",
+                hosts: with(|s| {
+                    s.report = Some((2000, 1900));
+                    s.short_for_s = None;
+                }),
+                setup: no_setup,
+                expected: vec![],
+            },
+            Case {
+                name: "short for less than the window: nothing yet",
+                hosts: with(|s| s.short_for_s = Some(29)),
+                setup: no_setup,
+                expected: vec![],
+            },
+            Case {
+                name: "short for exactly the window: due",
+                hosts: with(|s| s.short_for_s = Some(30)),
+                setup: no_setup,
+                expected: vec!["move v1 s->b"],
+            },
+            Case {
+                name: "a move off it in flight: nothing",
+                hosts: with(|s| s.in_flight = true),
+                setup: no_setup,
+                expected: vec![],
+            },
+            Case {
+                name: "last move completed less than a window ago: nothing",
+                hosts: with(|s| s.relief_done_s_ago = Some(10)),
+                setup: no_setup,
+                expected: vec![],
+            },
+            Case {
+                name: "last move completed a window ago and still short: the next",
+                hosts: with(|s| s.relief_done_s_ago = Some(31)),
+                setup: no_setup,
+                expected: vec!["move v1 s->b"],
+            },
+            Case {
+                name: "no report: nothing",
+                hosts: with(|s| s.report = None),
+                setup: no_setup,
+                expected: vec![],
+            },
+            Case {
+                name: "a cordoned host is relieved",
+                hosts: with(|s| s.state = HostState::Cordoned),
+                setup: no_setup,
+                expected: vec!["move v1 s->b"],
+            },
+            Case {
+                name: "a draining host is left to the drain",
+                hosts: with(|s| s.state = HostState::Draining),
+                setup: no_setup,
+                expected: vec![],
+            },
+            Case {
+                name: "a suspect host is left to failover",
+                hosts: with(|s| s.state = HostState::Suspect),
+                setup: no_setup,
+                expected: vec![],
+            },
+        ]);
+    }
+
+    #[test]
+    fn which_vm_moves() {
+        run(vec![
+            Case {
+                name: "the smallest VM whose want covers the excess (600)",
+                hosts: short_source(vec![
+                    vm("big", 256, 4096, 1400, Some(1300)),
+                    vm("fits", 256, 2048, 650, Some(600)),
+                    vm("small", 256, 2048, 300, Some(250)),
+                ]),
+                setup: no_setup,
+                expected: vec!["move fits s->b"],
+            },
+            Case {
+                name: "none covers the excess: the largest",
+                hosts: short_source(vec![
+                    vm("a1", 256, 2048, 300, Some(250)),
+                    vm("a2", 256, 2048, 500, Some(400)),
+                    vm("a3", 256, 2048, 200, Some(100)),
+                ]),
+                setup: no_setup,
+                expected: vec!["move a2 s->b"],
+            },
+            Case {
+                name: "equal wants: the smaller VM id",
+                hosts: short_source(vec![
+                    vm("v2", 256, 2048, 700, None),
+                    vm("v1", 256, 2048, 700, None),
+                ]),
+                setup: no_setup,
+                expected: vec!["move v1 s->b"],
+            },
+            Case {
+                // Shared down to 400 MiB, but its demand (500) plus the 20 % buffer is 600:
+                // it covers the excess, the one reporting a 550 target and no demand does not.
+                name: "want is demand plus buffer, not the shared target",
+                hosts: short_source(vec![
+                    vm("shared", 256, 2048, 400, Some(500)),
+                    vm("unknown", 256, 2048, 550, None),
+                ]),
+                setup: no_setup,
+                expected: vec!["move shared s->b"],
+            },
+            Case {
+                // Neither covers the excess (600), so the larger want moves: demand 100 + 20 %
+                // is 120, but the minimum (580) is what the VM holds on to.
+                name: "want is at least the minimum",
+                hosts: short_source(vec![
+                    vm("idle", 580, 2048, 300, Some(100)),
+                    vm("other", 256, 2048, 500, None),
+                ]),
+                setup: no_setup,
+                expected: vec!["move idle s->b"],
+            },
+            Case {
+                name: "the preferred VM fits nowhere: the next one moves",
+                hosts: short_source(vec![
+                    // Wants 3500: more than any room.
+                    vm("huge", 256, 4096, 3500, None),
+                    vm("mid", 256, 2048, 500, None),
+                ]),
+                setup: no_setup,
+                expected: vec!["move mid s->b"],
+            },
+        ]);
+    }
+
+    #[test]
+    fn where_it_goes() {
+        let mover = || vec![vm("v", 1024, 4096, 700, None)];
+        let hosts_with = |f: fn(&mut Vec<HostCase>)| {
+            let mut hosts = short_source(mover());
+            f(&mut hosts);
+            hosts
+        };
+        run(vec![
+            Case {
+                name: "the host with the most room",
+                hosts: short_source(mover()),
+                setup: no_setup,
+                expected: vec!["move v s->b"],
+            },
+            Case {
+                name: "equal room: the smaller host id",
+                hosts: hosts_with(|hs| hs[1].report = Some((4000, 1000))),
+                setup: no_setup,
+                expected: vec!["move v s->a"],
+            },
+            Case {
+                name: "room already promised to VMs moving there counts",
+                hosts: hosts_with(|hs| hs[2].incoming = 2500),
+                setup: no_setup,
+                expected: vec!["move v s->a"],
+            },
+            Case {
+                name: "a cordoned host is no destination",
+                hosts: hosts_with(|hs| hs[2].state = HostState::Cordoned),
+                setup: no_setup,
+                expected: vec!["move v s->a"],
+            },
+            Case {
+                name: "a host without a report is no destination",
+                hosts: hosts_with(|hs| hs[2].report = None),
+                setup: no_setup,
+                expected: vec!["move v s->a"],
+            },
+            Case {
+                name: "capacity by minimum: the roomiest host has no minimum left",
+                hosts: short_source(mover()),
+                setup: |s| {
+                    s.assign("filler", "b", &Demand::default().with_memory_spec(16_000, 16_000, 16_000))
+                        .expect("assign");
+                },
+                expected: vec!["move v s->a"],
+            },
+            Case {
+                name: "zone: the VM stays in its zone",
+                hosts: hosts_with(|hs| hs[0].vms[0].demand.zone = "z1".to_owned()),
+                setup: |s| {
+                    let mut b = s.host("b").expect("b").clone();
+                    b.zone = "z2".to_owned();
+                    s.update_host(b).expect("update");
+                },
+                expected: vec!["move v s->a"],
+            },
+            Case {
+                name: "anti-affinity: not next to a VM it avoids",
+                hosts: short_source(vec![MovableVm {
+                    demand: Demand {
+                        anti_affinity_labels: [("app".to_owned(), "db".to_owned())].into(),
+                        ..mover()[0].demand.clone()
+                    },
+                    ..mover()[0].clone()
+                }]),
+                setup: |s| {
+                    let db = Demand {
+                        labels: [("app".to_owned(), "db".to_owned())].into(),
+                        ..Demand::default()
+                    };
+                    s.assign("db", "b", &db).expect("assign");
+                },
+                expected: vec!["move v s->a"],
+            },
+            Case {
+                // Set "web" has a VM in fault domain 1 (host b's) and the mover in fault domain
+                // 0 (s's); a (fault domain 2) keeps the set spread, b would double it up.
+                name: "availability set: to an unused fault domain",
+                hosts: hosts_with(|hs| {
+                    hs[0].vms[0].demand.availability_set = "web".to_owned();
+                    hs[1].fault_domain = 2;
+                    hs[2].fault_domain = 1;
+                }),
+                setup: |s| {
+                    let web = Demand {
+                        availability_set: "web".to_owned(),
+                        ..Demand::default()
+                    };
+                    s.assign("web-other", "b", &web).expect("assign");
+                },
+                expected: vec!["move v s->a"],
+            },
+            Case {
+                name: "no destination: a reason, not a move",
+                hosts: hosts_with(|hs| {
+                    hs[1].state = HostState::Cordoned;
+                    hs[2].report = Some((4000, 3500));
+                }),
+                setup: no_setup,
+                expected: vec![
+                    "none s: v (wants 700 MiB) fits none of 2 other hosts: 1 cordoned, 1 too little memory room (most 500 MiB)",
+                ],
+            },
+            Case {
+                name: "no destination for any VM: the preferred one's reason",
+                hosts: vec![
+                    h("s", 2000, 2600, vec![vm("v1", 256, 2048, 700, None), vm("v2", 256, 2048, 900, None)]),
+                    h("a", 4000, 3800, vec![]),
+                ],
+                setup: no_setup,
+                expected: vec![
+                    "none s: v1 (wants 700 MiB) fits none of 1 other hosts: 1 too little memory room (most 200 MiB); none of its 1 other VMs fits either",
+                ],
+            },
+            Case {
+                name: "no VM to move",
+                hosts: vec![h("s", 2000, 2600, vec![]), h("a", 4000, 0, vec![])],
+                setup: no_setup,
+                expected: vec!["none s: no VM that can move (none running with a memory report)"],
+            },
+        ]);
+    }
+
+    #[test]
+    fn several_short_hosts_do_not_overfill_one_destination() {
+        // s1 has been short longer than s2, so it chooses first and takes b's room (1200 of
+        // it, 700 used); s2's VM then goes to a (1000). The third short host finds 300 and
+        // 500 MiB left: a reason.
+        let mut s1 = h("s1", 2000, 2600, vec![vm("v1", 256, 2048, 700, None)]);
+        s1.short_for_s = Some(90);
+        let s2 = h("s2", 2000, 2600, vec![vm("v2", 256, 2048, 700, None)]);
+        let mut s3 = h("s3", 2000, 2600, vec![vm("v3", 256, 2048, 700, None)]);
+        s3.short_for_s = Some(31);
+        run(vec![Case {
+            name: "two moves, one reason",
+            hosts: vec![
+                s1,
+                s2,
+                s3,
+                h("a", 4000, 3000, vec![]),
+                h("b", 4000, 2800, vec![]),
+            ],
+            setup: no_setup,
+            expected: vec![
+                "move v1 s1->b",
+                "move v2 s2->a",
+                "none s3: v3 (wants 700 MiB) fits none of 4 other hosts: 4 too little memory room (most 500 MiB)",
+            ],
+        }]);
+    }
+
+    #[test]
+    fn wants_and_figures() {
+        let mut v = vm("v", 256, 1024, 300, Some(500));
+        assert_eq!(v.wanted_mib(), 600, "demand 500 + 20 %");
+        v.buffer_percent = 50;
+        assert_eq!(v.wanted_mib(), 750);
+        v.demand_mib = Some(2000);
+        assert_eq!(v.wanted_mib(), 1024, "at most the maximum");
+        v.demand_mib = None;
+        assert_eq!(v.wanted_mib(), 300, "no demand: the reported target");
+        v.demand_mib = Some(u64::MAX);
+        assert_eq!(v.wanted_mib(), 1024, "no overflow");
+        let report = MemoryReport {
+            budget_mib: 1000,
+            wanted_mib: 1000,
+            short: true,
+        };
+        assert_eq!(
+            report.excess_mib(),
+            1,
+            "short by the report: at least 1 MiB"
+        );
+        assert_eq!(report.room_mib(), 0);
+        let fits = MemoryReport {
+            short: false,
+            wanted_mib: 400,
+            ..report
+        };
+        assert_eq!((fits.excess_mib(), fits.room_mib()), (0, 600));
+    }
+
+    #[test]
+    fn moving_and_placing_elsewhere_leave_the_snapshot_as_it_was() {
+        let mut s = Scheduler::new(SchedulerConfig::default());
+        for (id, fd) in [("s", 0), ("a", 1), ("b", 2)] {
+            s.add_host(spec(id, fd, HostState::Ready)).expect("add");
+        }
+        let web = Demand {
+            vcpus: 2,
+            availability_set: "web".to_owned(),
+            ..Demand::default()
+        }
+        .with_memory_spec(1024, 1024, 1024);
+        s.assign("w1", "s", &web).expect("assign");
+        s.assign("w2", "a", &web).expect("assign");
+        let before = s.fingerprint();
+        // As if w1 had left s: b (an unused fault domain) is the only host that keeps the set
+        // spread; s itself would too, but a does not.
+        let verdicts = s.explain_move("w1", &web);
+        let ok: Vec<&str> = verdicts
+            .iter()
+            .filter(|v| v.rejected_by.is_none())
+            .map(|v| v.host_id.as_str())
+            .collect();
+        assert_eq!(ok, ["b", "s"]);
+        assert_eq!(s.fingerprint(), before);
+        assert_eq!(
+            s.place_elsewhere("w1", &web, "s").map(|d| d.host_id),
+            Ok("b".to_owned())
+        );
+        assert_eq!(s.fingerprint(), before);
+        assert_eq!(s.host("s").map(|h| h.state), Some(HostState::Ready));
+        // Placement proper, with s out of the picture: spreading only chooses among the
+        // hosts left, so with b cordoned the set doubles up in a's fault domain.
+        s.set_host_state("b", HostState::Cordoned).expect("cordon");
+        assert_eq!(
+            s.place_elsewhere("w1", &web, "s").map(|d| d.host_id),
+            Ok("a".to_owned())
+        );
+        s.set_host_state("a", HostState::Draining).expect("drain");
+        let before = s.fingerprint();
+        let unplaceable = s
+            .place_elsewhere("w1", &web, "s")
+            .expect_err("only the avoided host is left");
+        assert_eq!(unplaceable.to_string(), "0/2 hosts: 1 cordoned, 1 draining");
+        assert_eq!(s.fingerprint(), before);
+        assert_eq!(s.vm_host("w1"), Some("s"));
+    }
+}
