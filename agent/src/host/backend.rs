@@ -1,8 +1,10 @@
 //! The seam between the agent's control logic and what actually runs a VM: the
 //! [`Hypervisor`] trait, implemented by the KVM backend ([`super::kvm`], real fabric-vmm
-//! processes) and the simulated one ([`super::sim`], records for scale tests).
+//! processes) and the simulated one ([`super::sim`], records for scale tests), and the
+//! [`Balloon`] handle through which the memory balancer sizes a running VM's balloon.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fabric_proto::v1::{MemoryStats, VmSpec};
@@ -59,6 +61,19 @@ pub trait Instance: Send {
     fn stop(&mut self, timeout: Duration) -> BoxFuture<'_, Exit>;
     /// Looks at the instance (state, memory statistics).
     fn probe(&mut self) -> BoxFuture<'_, Probe>;
+    /// The handle that sizes the instance's balloon; None when it has none. The memory
+    /// balancer holds it apart from the instance (which its supervisor owns), so it must stay
+    /// usable, or fail cleanly, after the instance has ended.
+    fn balloon(&self) -> Option<Arc<dyn Balloon>>;
+}
+
+/// Sets the balloon target of one running instance: the KVM backend through its VMM's
+/// control socket (`SetBalloonTarget`), the simulated one in its model of the guest.
+pub trait Balloon: Send + Sync + std::fmt::Debug {
+    /// Asks for a balloon of `balloon_target_mib` MiB: guest memory the guest gives back to
+    /// the host. Resolves once the request is delivered (the guest follows at its own pace);
+    /// errors say what failed.
+    fn set_target(&self, balloon_target_mib: u64) -> BoxFuture<'_, Result<(), String>>;
 }
 
 /// A way of running VMs on this host.

@@ -37,7 +37,9 @@ pub struct Reserve {
 pub struct SimConfig {
     /// Time from an assignment to the simulated VM running.
     pub start_delay_ms: u64,
-    /// Share of its memory a simulated guest reports as in use (0..=100).
+    /// A simulated guest's demand (memory in use) as a share of its startup memory
+    /// (0..=100), unless its placement label `fabric.sim/memory-demand-mib` gives it in MiB
+    /// (see `host::sim`).
     pub memory_used_percent: u8,
     /// The capacity a hollow host announces (CPUs); 0: the real machine's.
     pub cpus: u32,

@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tonic::transport::Channel;
 
-use super::backend::{Exit, Hypervisor, Instance, Probe, StartRequest};
+use super::backend::{Balloon, Exit, Hypervisor, Instance, Probe, StartRequest};
 use super::cgroup::{Cgroups, Limits};
 use super::config::Config;
 use super::images::{check_sha256, ImageCache};
@@ -293,6 +293,7 @@ impl Kvm {
         Ok(Box::new(KvmInstance {
             pidfd,
             started_at,
+            balloon: Arc::new(KvmBalloon::new(socket.clone())),
             socket,
             log: log_path,
             exit: None,
@@ -413,6 +414,7 @@ impl Hypervisor for Kvm {
         Some(Box::new(KvmInstance {
             pidfd,
             started_at,
+            balloon: Arc::new(KvmBalloon::new(socket.clone())),
             socket,
             log: dir.join(VMM_LOG),
             exit: None,
@@ -455,6 +457,74 @@ struct KvmInstance {
     client: Option<VmmClient<Channel>>,
     /// Balloon target to set once the VMM answers (memory maximum above startup).
     initial_balloon_mib: Option<u64>,
+    /// The memory balancer's way to the VMM's balloon (its own connection).
+    balloon: Arc<KvmBalloon>,
+}
+
+/// Sets a fabric-vmm's balloon target over its control socket. It keeps one connection,
+/// opened at the first request and again after a failure (a restarted VMM has a new socket
+/// at the same path), apart from the instance's own (probes, shutdown) so that the balancer
+/// never waits behind a slow probe.
+struct KvmBalloon {
+    socket: PathBuf,
+    client: tokio::sync::Mutex<Option<VmmClient<Channel>>>,
+}
+
+/// How long a balloon request (connect and call) may take.
+const BALLOON_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl KvmBalloon {
+    fn new(socket: PathBuf) -> KvmBalloon {
+        KvmBalloon {
+            socket,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn send(&self, balloon_target_mib: u64) -> Result<(), String> {
+        let mut client = self.client.lock().await;
+        let sent = async {
+            if client.is_none() {
+                let connected = crate::vmm::client::connect(&self.socket)
+                    .await
+                    .map_err(|e| format!("control socket {}: {e}", self.socket.display()))?;
+                *client = Some(connected);
+            }
+            let connected = client
+                .as_mut()
+                .ok_or_else(|| "control socket: not connected".to_string())?;
+            connected
+                .set_balloon_target(SetBalloonTargetRequest { balloon_target_mib })
+                .await
+                .map_err(|s| format!("SetBalloonTarget: {}", s.message()))?;
+            Ok::<(), String>(())
+        };
+        let result = match tokio::time::timeout(BALLOON_REQUEST_TIMEOUT, sent).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "SetBalloonTarget: no answer within {BALLOON_REQUEST_TIMEOUT:?}"
+            )),
+        };
+        if result.is_err() {
+            // The next request connects again.
+            *client = None;
+        }
+        result
+    }
+}
+
+impl std::fmt::Debug for KvmBalloon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmBalloon")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Balloon for KvmBalloon {
+    fn set_target(&self, balloon_target_mib: u64) -> BoxFuture<'_, Result<(), String>> {
+        self.send(balloon_target_mib).boxed()
+    }
 }
 
 impl KvmInstance {
@@ -641,6 +711,10 @@ impl Instance for KvmInstance {
 
     fn probe(&mut self) -> BoxFuture<'_, Probe> {
         self.do_probe().boxed()
+    }
+
+    fn balloon(&self) -> Option<Arc<dyn Balloon>> {
+        Some(self.balloon.clone())
     }
 }
 

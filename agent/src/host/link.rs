@@ -173,6 +173,7 @@ fn heartbeat_request(host: &Host, host_id: &str) -> HeartbeatRequest {
     usage.memory_used_mib = total.saturating_sub(available);
     usage.memory_available_mib = available;
     usage.memory_pressure = memory_pressure();
+    usage.memory_balance = host.memory_balance();
     HeartbeatRequest {
         host_id: host_id.to_string(),
         capacity: Some(host.capacity()),

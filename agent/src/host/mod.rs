@@ -4,7 +4,8 @@
 //! - [`link`]: the controller connection: registration, heartbeats, the lease and its fence,
 //!   the assignment stream.
 //! - [`balancer`]: the memory balancer's decisions (pure logic), applied every second by
-//!   [`Host::run_memory_balancer`].
+//!   [`Host::run_memory_balancer`] through each instance's [`backend::Balloon`] (real and
+//!   simulated VMs alike) and reported in heartbeats.
 //! - [`vm`]: one supervising task per VM: prepare, start, watch, restart by policy, stop,
 //!   clean up; every transition reported.
 //! - [`backend`]: the [`backend::Hypervisor`] trait, implemented by [`kvm`] (fabric-vmm
@@ -39,7 +40,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use fabric_proto::v1::{Assignment, AssignmentUpdate, ObservedPhase, ObservedVm, Resources};
+use fabric_proto::v1::{
+    Assignment, AssignmentUpdate, HostMemoryBalance, ObservedPhase, ObservedVm, Resources,
+    VmMemoryBalance,
+};
 use tokio::sync::watch;
 
 use backend::Hypervisor;
@@ -90,6 +94,9 @@ pub struct Host {
     fence_state: Mutex<FenceState>,
     fence: watch::Sender<bool>,
     generation: Mutex<u64>,
+    /// The memory balancer's latest step over the host; None while it is off or before its
+    /// first step. (Its decisions per VM are in each VM's view.)
+    memory_balance: Mutex<Option<HostMemoryBalance>>,
 }
 
 impl Host {
@@ -108,6 +115,7 @@ impl Host {
             fence_state: Mutex::new(state),
             fence,
             generation: Mutex::new(0),
+            memory_balance: Mutex::new(None),
         })
     }
 
@@ -208,6 +216,7 @@ impl Host {
             },
             socket: None,
             console: (self.config.hypervisor == HypervisorKind::Kvm).then_some(console),
+            balloon: None,
         }));
         if record.pid.is_some() && instance.is_none() {
             record.pid = None;
@@ -394,15 +403,15 @@ impl Host {
 }
 
 impl Host {
-    /// The memory balancer's loop ([`balancer`]): every second, the running KVM VMs' memory
-    /// specs and latest guest statistics in, balloon targets out through each VMM's control
-    /// socket. Every change is logged with its reason. Returns at once when `[memory]
-    /// balancer` is off or the VMs are simulated.
+    /// The memory balancer's loop ([`balancer`]): every second, the running VMs' memory specs
+    /// and latest guest statistics in, balloon targets out through each instance's
+    /// [`backend::Balloon`] (a fabric-vmm's control socket, or a simulated guest). Every
+    /// change is logged with its reason, and the step's summary and decisions are kept for
+    /// heartbeats ([`Host::memory_balance`], `ObservedVm.memory_balance`). Returns at once
+    /// when `[memory] balancer` is off.
     pub async fn run_memory_balancer(self: Arc<Self>) {
-        use fabric_proto::v1::SetBalloonTargetRequest;
-
         let memory = &self.config.memory;
-        if !memory.balancer || self.config.hypervisor == HypervisorKind::Sim {
+        if !memory.balancer {
             tracing::info!("memory balancer off");
             return;
         }
@@ -418,22 +427,22 @@ impl Host {
         tracing::info!(
             budget_mib,
             rate_mib_per_s = memory.rate_mib_per_s,
+            hypervisor = self.backend.name(),
             "memory balancer on"
         );
-        let mut clients: BTreeMap<String, VmmClient> = BTreeMap::new();
         let mut was_short = false;
         let mut ticker = tokio::time::interval(balancer::NOMINAL_STEP);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let mut sockets = BTreeMap::new();
+            let mut balloons = BTreeMap::new();
             let inputs: Vec<balancer::VmInput> = self
                 .views()
                 .into_iter()
                 .filter(|v| v.observed.phase() == ObservedPhase::Running)
                 .filter_map(|v| {
                     let spec = v.assignment.as_ref()?.spec.as_ref()?.memory?;
-                    sockets.insert(v.observed.vm_id.clone(), v.socket?);
+                    balloons.insert(v.observed.vm_id.clone(), v.balloon?);
                     Some(balancer::VmInput {
                         vm_id: v.observed.vm_id,
                         spec,
@@ -441,8 +450,8 @@ impl Host {
                     })
                 })
                 .collect();
-            clients.retain(|vm_id, _| sockets.contains_key(vm_id));
             let plan = balancer.step(std::time::SystemTime::now(), &inputs);
+            self.publish_memory_balance(&plan);
             let host = &plan.host;
             if host.short != was_short {
                 was_short = host.short;
@@ -461,30 +470,12 @@ impl Host {
                 );
             }
             for decision in plan.vms.iter().filter(|d| d.changed) {
-                let Some(socket) = sockets.get(&decision.vm_id) else {
+                let Some(balloon) = balloons.get(&decision.vm_id) else {
                     continue;
                 };
                 let vm_id = &decision.vm_id;
-                let request = SetBalloonTargetRequest {
-                    balloon_target_mib: decision.balloon_target_mib,
-                };
-                let sent = async {
-                    if !clients.contains_key(vm_id) {
-                        let client = crate::vmm::client::connect(socket)
-                            .await
-                            .map_err(|e| format!("control socket: {e}"))?;
-                        clients.insert(vm_id.clone(), client);
-                    }
-                    let client = clients
-                        .get_mut(vm_id)
-                        .ok_or_else(|| "control socket: not connected".to_string())?;
-                    client
-                        .set_balloon_target(request)
-                        .await
-                        .map_err(|s| format!("SetBalloonTarget: {}", s.message()))
-                };
-                match tokio::time::timeout(std::time::Duration::from_secs(2), sent).await {
-                    Ok(Ok(_)) => tracing::info!(
+                match balloon.set_target(decision.balloon_target_mib).await {
+                    Ok(()) => tracing::info!(
                         vm = %vm_id,
                         balloon_mib = decision.balloon_target_mib,
                         from_mib = decision.previous_target_mib,
@@ -493,21 +484,64 @@ impl Host {
                         "balloon: {}",
                         decision.reason
                     ),
-                    Ok(Err(error)) => {
-                        clients.remove(vm_id);
-                        tracing::warn!(vm = %vm_id, %error, "balloon target not set");
-                    }
-                    Err(_) => {
-                        clients.remove(vm_id);
-                        tracing::warn!(vm = %vm_id, "balloon target not set: timed out");
+                    Err(error) => {
+                        tracing::warn!(vm = %vm_id, %error, "balloon target not set")
                     }
                 }
             }
         }
     }
+
+    /// Keeps a balancer step for heartbeats: the host's summary, and each VM's decision in
+    /// its view while it runs (a VM that stopped meanwhile reports none).
+    fn publish_memory_balance(&self, plan: &balancer::Plan) {
+        let decisions: BTreeMap<&str, &balancer::Decision> =
+            plan.vms.iter().map(|d| (d.vm_id.as_str(), d)).collect();
+        {
+            let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+            for (vm_id, entry) in vms.iter() {
+                let mut view = entry.view.lock().unwrap_or_else(|e| e.into_inner());
+                let running = view.observed.phase() == ObservedPhase::Running;
+                view.observed.memory_balance = decisions
+                    .get(vm_id.as_str())
+                    .filter(|_| running)
+                    .map(|d| vm_memory_balance(d));
+            }
+        }
+        let host = &plan.host;
+        *self
+            .memory_balance
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(HostMemoryBalance {
+            budget_mib: host.budget_mib,
+            demand_mib: host.demand_mib,
+            wanted_mib: host.wanted_mib,
+            assigned_mib: host.assigned_mib,
+            minimum_mib: host.minimum_mib,
+            short: host.short,
+            pressured_vms: u32::try_from(host.pressured_vms).unwrap_or(u32::MAX),
+        });
+    }
+
+    /// The memory balancer's latest summary of the host; None while it is off or before its
+    /// first step.
+    pub fn memory_balance(&self) -> Option<HostMemoryBalance> {
+        *self
+            .memory_balance
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
 }
 
-type VmmClient = fabric_proto::v1::vmm_client::VmmClient<tonic::transport::Channel>;
+/// A balancer decision as heartbeats report it.
+fn vm_memory_balance(decision: &balancer::Decision) -> VmMemoryBalance {
+    VmMemoryBalance {
+        target_mib: decision.target_mib,
+        demand_mib: decision.demand_mib,
+        reason: decision.reason.as_str().to_string(),
+        pressured: decision.reason.pressured(),
+    }
+}
 
 /// A `/proc/meminfo` field in KiB.
 pub fn meminfo_kib(field: &str) -> Option<u64> {

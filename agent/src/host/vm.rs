@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use fabric_proto::v1::{Assignment, DesiredState, ObservedPhase, ObservedVm, RestartPolicy};
 use tokio::sync::watch;
 
-use super::backend::{Instance, StartRequest};
+use super::backend::{Balloon, Instance, StartRequest};
 use super::record::VmRecord;
 use super::Host;
 
@@ -31,6 +31,8 @@ pub struct VmView {
     pub observed: ObservedVm,
     pub socket: Option<PathBuf>,
     pub console: Option<PathBuf>,
+    /// The running instance's balloon, for the memory balancer.
+    pub balloon: Option<Arc<dyn Balloon>>,
 }
 
 /// The wait before restart attempt `failures` (1, 2, ...): 0.5 s doubling up to 30 s.
@@ -99,9 +101,12 @@ impl Supervisor {
             o.pid = 0;
             o.started_at = None;
             o.memory = None;
+            // The balancer's decision was for the instance that ended.
+            o.memory_balance = None;
         });
         let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
         view.socket = None;
+        view.balloon = None;
     }
 
     fn instance_started(&mut self) {
@@ -111,12 +116,15 @@ impl Supervisor {
         let pid = instance.pid();
         let started = instance.started_at();
         let socket = instance.socket_path();
+        let balloon = instance.balloon();
         self.observe(|o| {
             o.pid = pid;
             o.started_at = Some(prost_types::Timestamp::from(started));
+            o.memory_balance = None;
         });
         let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
         view.socket = socket;
+        view.balloon = balloon;
     }
 
     /// Waits for the assignment or the fence to change (or for `deadline`).
