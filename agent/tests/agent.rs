@@ -13,6 +13,10 @@
 //! - bad inputs (no controller yet, digest mismatch, missing image, tap name taken) each show
 //!   a clear error and the agent keeps serving;
 //! - the simulated backend runs 200 hollow VMs without processes;
+//! - the memory balancer over simulated guests: a host whose budget is below what its VMs
+//!   want reports itself short and shares by weight, a VM that wants more than its share shows
+//!   pressure; with room, idle VMs shrink to demand plus buffer and a hungry one grows; with
+//!   the balancer off, heartbeats carry no balancer figures;
 //! - a controller that forgot the host (NOT_FOUND) makes the agent stop its VMs and register
 //!   again.
 
@@ -28,9 +32,9 @@ use std::time::{Duration, Instant};
 use common::{kvm_available, Image, BOOT_TIMEOUT};
 use fabric_proto::v1::agent_client::AgentClient;
 use fabric_proto::v1::{
-    Assignment, BootImage, DesiredState, GetLocalVmRequest, GetStateRequest, ListLocalVmsRequest,
-    LocalVm, MemorySpec, NicSpec, ObservedPhase, ObservedVm, RestartPolicy, StreamConsoleRequest,
-    VmSpec,
+    Assignment, BootImage, DesiredState, GetLocalVmRequest, GetStateRequest, HeartbeatRequest,
+    ListLocalVmsRequest, LocalVm, MemorySpec, NicSpec, ObservedPhase, ObservedVm, Placement,
+    RestartPolicy, StreamConsoleRequest, VmSpec,
 };
 use host::{HostOptions, Proc, TestHost, AGENT_TIMEOUT, BRIDGE, GATEWAY, NETWORK};
 use hostlink::{sha256_hex, FakeController};
@@ -962,5 +966,319 @@ fn a_controller_that_forgot_the_host_makes_the_agent_stop_its_vms_and_register_a
             .any(|(_, o)| phase(o) != ObservedPhase::Running),
         "no report of {vm_id} out of RUNNING after the NOT_FOUND: {history:#?}"
     );
+    host.assert_agent_running();
+}
+
+/// The simulated guests' demand label (`host::sim`).
+const DEMAND_LABEL: &str = "fabric.sim/memory-demand-mib";
+
+/// A simulated VM of startup 512, minimum 128 and maximum 1024 MiB (buffer 20 %, equal
+/// weights), with a demand label when given. Without one, its guest uses 40 % of its startup
+/// memory (`[sim] memory_used_percent`): 204 MiB, so its target is 204 × 1.2 = 245 MiB
+/// (balloon 1024 − 245 = 779).
+fn dynamic_memory_assignment(vm_id: &str, kernel_sha256: &str, demand: Option<&str>) -> Assignment {
+    let mut spec = vm_spec(vm_id, kernel_sha256, RestartPolicy::Always);
+    spec.memory = Some(MemorySpec {
+        startup_mib: 512,
+        minimum_mib: 128,
+        maximum_mib: 1024,
+        ..Default::default()
+    });
+    spec.placement = Some(Placement {
+        labels: demand
+            .map(|d| (DEMAND_LABEL.to_string(), d.to_string()))
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    });
+    assignment(vm_id, spec)
+}
+
+/// A simulated host with `options`, its controller, and the VMs of `demands` (id, demand
+/// label) assigned.
+fn sim_host_with_vms(
+    options: HostOptions,
+    demands: &[(&str, Option<&str>)],
+) -> (TestHost, FakeController) {
+    let mut host = TestHost::new(options);
+    let controller = FakeController::start(&host.controller_socket);
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let kernel = b"a kernel the simulated backend never runs".to_vec();
+    let kernel_sha256 = sha256_hex(&kernel);
+    controller.add_image_bytes(&kernel_sha256, kernel);
+    controller.set_assignments(
+        demands
+            .iter()
+            .map(|(id, demand)| dynamic_memory_assignment(id, &kernel_sha256, *demand))
+            .collect(),
+    );
+    (host, controller)
+}
+
+fn reported<'a>(hb: &'a HeartbeatRequest, vm_id: &str) -> Option<&'a ObservedVm> {
+    hb.vms.iter().find(|vm| vm.vm_id == vm_id)
+}
+
+/// The balloon the guest of `vm_id` has, as the heartbeat reports it.
+fn balloon_actual(hb: &HeartbeatRequest, vm_id: &str) -> Option<u64> {
+    reported(hb, vm_id)?
+        .memory
+        .as_ref()
+        .map(|m| m.balloon_actual_mib)
+}
+
+fn balance_target(hb: &HeartbeatRequest, vm_id: &str) -> Option<u64> {
+    reported(hb, vm_id)?
+        .memory_balance
+        .as_ref()
+        .map(|b| b.target_mib)
+}
+
+/// Budget 1000 MiB for three VMs of minimum 128: two idle ones want 245 MiB each, the third's
+/// guest wants 900 MiB and has its startup 512, all in use, so the balancer sees demand 512
+/// and pressure, and wants 512 × 1.2 = 615 for it. Wanted 1105 > 1000: above the minimums
+/// (384), 616 MiB are shared by weight; the idle ones need 117 each, less than their share,
+/// and get it; the hungry one gets the remaining 382: target 510, below its demand, so it stays
+/// under pressure (paging) and the host stays short, which is what the controller acts on.
+#[test]
+fn a_short_simulated_host_shares_its_budget_by_weight_and_reports_the_pressure() {
+    let (mut host, controller) = sim_host_with_vms(
+        HostOptions {
+            memory_budget_mib: 1000,
+            ..HostOptions::sim()
+        },
+        &[("idle-a", None), ("idle-b", None), ("hungry", Some("900"))],
+    );
+    let ids = ["idle-a", "idle-b", "hungry"];
+    let record = controller.wait_heartbeat(
+        0,
+        Duration::from_secs(60),
+        "the idle VMs shrunk to 245 MiB on a short host",
+        |hb| {
+            hb.usage
+                .as_ref()
+                .and_then(|u| u.memory_balance.as_ref())
+                .is_some_and(|b| b.short)
+                && ids.iter().all(|id| {
+                    reported(hb, id).is_some_and(|vm| {
+                        phase(vm) == ObservedPhase::Running && vm.memory_balance.is_some()
+                    })
+                })
+                && ["idle-a", "idle-b"].iter().all(|id| {
+                    balloon_actual(hb, id) == Some(779) && balance_target(hb, id) == Some(245)
+                })
+        },
+    );
+    let hb = &record.request;
+    let balance = hb
+        .usage
+        .as_ref()
+        .and_then(|u| u.memory_balance)
+        .expect("host memory balance");
+    assert_eq!(
+        (
+            balance.budget_mib,
+            balance.demand_mib,
+            balance.wanted_mib,
+            balance.assigned_mib,
+            balance.minimum_mib,
+            balance.short,
+            balance.pressured_vms
+        ),
+        (1000, 204 + 204 + 512, 245 + 245 + 615, 1000, 384, true, 1),
+        "{balance:?}"
+    );
+    let decisions: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            reported(hb, id)
+                .and_then(|vm| vm.memory_balance.clone())
+                .expect("decision")
+        })
+        .collect();
+    let targets: u64 = decisions.iter().map(|d| d.target_mib).sum();
+    assert!(
+        targets <= 1000,
+        "targets {targets} MiB above the budget: {decisions:?}"
+    );
+    assert!(
+        decisions.iter().all(|d| d.target_mib >= 128),
+        "a VM below its minimum: {decisions:?}"
+    );
+    for idle in &decisions[..2] {
+        assert_eq!(
+            (idle.target_mib, idle.demand_mib, idle.pressured),
+            (245, Some(204), false),
+            "{idle:?}"
+        );
+    }
+    let hungry = &decisions[2];
+    assert!(
+        hungry.pressured && hungry.reason.starts_with("pressure"),
+        "{hungry:?}"
+    );
+    assert_eq!(
+        (hungry.target_mib, hungry.demand_mib),
+        (510, Some(512)),
+        "{hungry:?}"
+    );
+
+    // The hungry guest keeps paging: its major faults grow between reports, by far more than
+    // the balancer's threshold of 20 a second.
+    let faults = |hb: &HeartbeatRequest| {
+        reported(hb, "hungry")
+            .and_then(|vm| vm.memory.as_ref())
+            .and_then(|m| m.major_faults)
+            .expect("major faults")
+    };
+    let before = faults(hb);
+    let later = controller.wait_heartbeat(
+        record.seq + 1,
+        Duration::from_secs(10),
+        "a later report",
+        |_| true,
+    );
+    let grown = faults(&later.request) - before;
+    let secs = later.at.duration_since(record.at).as_secs_f64();
+    assert!(
+        grown as f64 > 20.0 * secs.max(1.0) * 10.0,
+        "major faults grew by {grown} in {secs:.1} s"
+    );
+    let still = later
+        .request
+        .usage
+        .as_ref()
+        .and_then(|u| u.memory_balance.as_ref());
+    assert!(still.is_some_and(|b| b.short), "{still:?}");
+    host.assert_agent_running();
+}
+
+/// Budget 8000 MiB: everything fits. The idle VMs shrink from their startup 512 to 245 MiB;
+/// the hungry one (700 MiB wanted, 512 at start) is seen under pressure, grows at once and ends
+/// with at least 700 × 1.2 = 840 MiB, no longer pressured.
+#[test]
+fn a_simulated_host_with_room_shrinks_idle_vms_and_grows_a_hungry_one() {
+    let (mut host, controller) = sim_host_with_vms(
+        HostOptions {
+            memory_budget_mib: 8000,
+            ..HostOptions::sim()
+        },
+        &[("idle-a", None), ("idle-b", None), ("hungry", Some("700"))],
+    );
+    let record = controller.wait_heartbeat(
+        0,
+        Duration::from_secs(60),
+        "idle VMs at demand plus buffer and the hungry one relieved",
+        |hb| {
+            let host_calm = hb
+                .usage
+                .as_ref()
+                .and_then(|u| u.memory_balance.as_ref())
+                .is_some_and(|b| !b.short && b.pressured_vms == 0);
+            let hungry_fed = reported(hb, "hungry").is_some_and(|vm| {
+                vm.memory_balance.as_ref().is_some_and(|b| !b.pressured)
+                    && vm
+                        .memory
+                        .as_ref()
+                        .is_some_and(|m| m.balloon_actual_mib <= 1024 - 840)
+            });
+            host_calm
+                && hungry_fed
+                && ["idle-a", "idle-b"]
+                    .iter()
+                    .all(|id| balloon_actual(hb, id) == Some(779))
+        },
+    );
+    let hb = &record.request;
+    let balance = hb
+        .usage
+        .as_ref()
+        .and_then(|u| u.memory_balance)
+        .expect("host memory balance");
+    for id in ["idle-a", "idle-b"] {
+        let decision = reported(hb, id)
+            .and_then(|vm| vm.memory_balance.clone())
+            .expect("decision");
+        assert_eq!(
+            (decision.target_mib, decision.demand_mib, decision.pressured),
+            (245, Some(204), false),
+            "{id}: {decision:?}"
+        );
+    }
+    let hungry = reported(hb, "hungry")
+        .and_then(|vm| vm.memory_balance.clone())
+        .expect("decision");
+    assert_eq!(hungry.demand_mib, Some(700), "{hungry:?}");
+    assert!(hungry.target_mib >= 840, "{hungry:?}");
+    assert_eq!(
+        (
+            balance.budget_mib,
+            balance.demand_mib,
+            balance.minimum_mib,
+            balance.short
+        ),
+        (8000, 204 + 204 + 700, 384, false),
+        "{balance:?}"
+    );
+    assert_eq!(
+        (balance.wanted_mib, balance.assigned_mib),
+        (245 + 245 + hungry.target_mib, 245 + 245 + hungry.target_mib),
+        "{balance:?}"
+    );
+    // On its way there the hungry VM was reported under pressure.
+    let history = controller.observed_history("hungry", 0);
+    assert!(
+        history.iter().any(|(_, vm)| vm
+            .memory_balance
+            .as_ref()
+            .is_some_and(|b| b.pressured && b.reason.starts_with("pressure"))),
+        "hungry never reported under pressure: {:#?}",
+        history
+            .iter()
+            .map(|(_, vm)| &vm.memory_balance)
+            .collect::<Vec<_>>()
+    );
+    host.assert_agent_running();
+}
+
+/// With `[memory] balancer = false` heartbeats carry no balancer figures, balloons stay at
+/// their startup size, and a bad demand label shows on the VM's status message.
+#[test]
+fn without_the_balancer_heartbeats_carry_no_balancer_figures() {
+    let (mut host, controller) = sim_host_with_vms(
+        HostOptions {
+            memory_balancer: false,
+            ..HostOptions::sim()
+        },
+        &[("plain", None), ("bad-label", Some("lots"))],
+    );
+    let first = controller.wait_heartbeat(0, Duration::from_secs(60), "both VMs running", |hb| {
+        ["plain", "bad-label"].iter().all(|id| {
+            reported(hb, id)
+                .is_some_and(|vm| phase(vm) == ObservedPhase::Running && vm.memory.is_some())
+        })
+    });
+    // A few steps' worth of time for a balancer that should not be there.
+    let later =
+        controller.wait_heartbeat(first.seq + 3, Duration::from_secs(20), "3 more", |_| true);
+    for record in [&first, &later] {
+        let hb = &record.request;
+        assert_eq!(hb.usage.as_ref().and_then(|u| u.memory_balance), None);
+        for vm in &hb.vms {
+            assert_eq!(vm.memory_balance, None, "{}", vm.vm_id);
+            assert_eq!(balloon_actual(hb, &vm.vm_id), Some(512), "{}", vm.vm_id);
+        }
+    }
+    let bad = reported(&later.request, "bad-label").expect("reported");
+    assert!(
+        bad.message.contains(DEMAND_LABEL) && bad.message.contains("lots"),
+        "{:?}",
+        bad.message
+    );
+    // The default demand (40 % of 512) is what its guest uses.
+    let memory = bad.memory.as_ref().expect("memory");
+    let used = memory.total_bytes.unwrap_or(0) - memory.available_bytes.unwrap_or(0);
+    assert_eq!(used >> 20, 204, "{memory:?}");
     host.assert_agent_running();
 }

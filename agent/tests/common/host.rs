@@ -63,6 +63,10 @@ pub struct HostOptions {
     pub stop_timeout_secs: u64,
     /// The simulated backend's start delay.
     pub sim_start_delay_ms: u64,
+    /// `[memory] balancer`: the memory balancer runs.
+    pub memory_balancer: bool,
+    /// `[memory] budget_mib`; 0: the host's memory less its reserve.
+    pub memory_budget_mib: u64,
 }
 
 impl HostOptions {
@@ -71,6 +75,8 @@ impl HostOptions {
             hypervisor: "kvm",
             stop_timeout_secs: 5,
             sim_start_delay_ms: 100,
+            memory_balancer: true,
+            memory_budget_mib: 0,
         }
     }
 
@@ -284,6 +290,10 @@ rack = "r1"
 
 [sim]
 start_delay_ms = {sim_delay}
+
+[memory]
+balancer = {balancer}
+budget_mib = {budget_mib}
 "#,
             controller = self.controller_socket.display(),
             listen = self.agent_socket.display(),
@@ -295,6 +305,8 @@ start_delay_ms = {sim_delay}
             cgroup_parent = self.cgroup_parent,
             stop_timeout = self.options.stop_timeout_secs,
             sim_delay = self.options.sim_start_delay_ms,
+            balancer = self.options.memory_balancer,
+            budget_mib = self.options.memory_budget_mib,
         );
         std::fs::write(&self.config_path, config).expect("write agent.toml");
     }
