@@ -36,6 +36,9 @@ pub struct Settings {
     pub fencing_margin: Duration,
     /// vCPUs placed per host CPU.
     pub cpu_overcommit: f64,
+    /// How long a host must stay short of memory before a VM is moved off it (and, after a
+    /// move, before the next one); zero turns memory relief off.
+    pub memory_relief_window: Duration,
 }
 
 impl Settings {
@@ -63,6 +66,38 @@ pub(crate) struct HostLive {
     pub acked_generation: u64,
     /// Per VM, the generation of the update that last told the agent to stop it.
     pub stop_sent: HashMap<String, u64>,
+    /// Since when the host's memory balancer has reported it short, without a break.
+    pub memory_short_since: Option<Instant>,
+}
+
+impl HostLive {
+    pub(crate) fn new(now: Instant, lease_ttl: Duration) -> HostLive {
+        HostLive {
+            lease_expires: now + lease_ttl,
+            last_heartbeat: now,
+            last_heartbeat_wall: SystemTime::now(),
+            observed: HashMap::new(),
+            usage: None,
+            assignments: watch::channel(0).0,
+            acked_generation: 0,
+            stop_sent: HashMap::new(),
+            memory_short_since: None,
+        }
+    }
+}
+
+/// A VM being moved off a host that stayed short of memory: stopped on `source`, then placed
+/// on `destination` (or elsewhere if that no longer fits), until it runs there.
+#[derive(Debug, Clone)]
+pub(crate) struct ReliefInFlight {
+    pub source: String,
+    /// Where the relief policy chose to put it.
+    pub destination: String,
+    /// Where it was placed once stopped on the source (None: not yet).
+    pub placed_on: Option<String>,
+    /// Its want (demand plus buffer), counted against the destination's room until the
+    /// destination reports it.
+    pub wanted_mib: u64,
 }
 
 pub(crate) struct HostEntry {
@@ -79,6 +114,8 @@ pub(crate) struct Model {
     pub machines: HashMap<String, String>,
     /// VMs being moved off draining hosts (asked to stop there first).
     pub evicting: HashSet<String>,
+    /// VMs being moved off hosts short of memory, by VM id.
+    pub relieving: HashMap<String, ReliefInFlight>,
 }
 
 pub struct Controller {
@@ -147,16 +184,7 @@ impl Controller {
                 HostEntry {
                     host,
                     rev: kv.mod_revision,
-                    live: HostLive {
-                        lease_expires: now + settings.lease_ttl,
-                        last_heartbeat: now,
-                        last_heartbeat_wall: SystemTime::now(),
-                        observed: HashMap::new(),
-                        usage: None,
-                        assignments: watch::channel(0).0,
-                        acked_generation: 0,
-                        stop_sent: HashMap::new(),
-                    },
+                    live: HostLive::new(now, settings.lease_ttl),
                 },
             );
         }
@@ -414,6 +442,7 @@ impl Controller {
                         model.names.remove(&name);
                     }
                     model.evicting.remove(id);
+                    model.relieving.remove(id);
                     if let Some(host) = model.hosts.get(&host_id) {
                         host.live.assignments.send_modify(|v| *v += 1);
                     }
@@ -481,8 +510,13 @@ impl Controller {
             .filter(|e| e.vm.status.as_ref().is_some_and(|s| s.host_id == host_id))
             .map(|e| {
                 let status = e.vm.status.clone().unwrap_or_default();
+                let relieved_here = model
+                    .relieving
+                    .get(&e.vm.id)
+                    .is_some_and(|r| r.source == host_id);
                 let run = status.desired_state() != DesiredState::Stopped
-                    && !model.evicting.contains(&e.vm.id);
+                    && !model.evicting.contains(&e.vm.id)
+                    && !relieved_here;
                 Assignment {
                     vm_id: e.vm.id.clone(),
                     spec: e.vm.spec.clone(),

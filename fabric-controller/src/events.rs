@@ -84,6 +84,18 @@ impl Events {
         });
     }
 
+    /// A HOST_MEMORY event: the host became short of memory, fits again, or cannot be
+    /// relieved (`reason`), with the figures in `message`.
+    pub fn host_memory(&self, host_id: &str, reason: &str, message: String) {
+        self.emit(Event {
+            kind: EventKind::HostMemory as i32,
+            host_id: host_id.to_string(),
+            reason: reason.to_string(),
+            message,
+            ..Default::default()
+        });
+    }
+
     /// The retained events after `since`, and a receiver for what follows (subscribed before
     /// the copy, so nothing falls between; duplicates are skipped by sequence).
     pub fn subscribe(&self, since: u64) -> (Vec<Event>, broadcast::Receiver<Event>) {

@@ -11,7 +11,6 @@ use fabric_proto::v1::{
     AssignmentUpdate, DesiredState, EventKind, HeartbeatRequest, HeartbeatResponse, Host,
     HostState, RegisterHostRequest, RegisterHostResponse, VmPhase, WatchAssignmentsRequest,
 };
-use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -133,16 +132,7 @@ impl HostLink for HostLinkService {
                             HostEntry {
                                 host: host.clone(),
                                 rev: new_rev,
-                                live: HostLive {
-                                    lease_expires: live_lease,
-                                    last_heartbeat: now,
-                                    last_heartbeat_wall: SystemTime::now(),
-                                    observed: HashMap::new(),
-                                    usage: None,
-                                    assignments: watch::channel(0).0,
-                                    acked_generation: 0,
-                                    stop_sent: HashMap::new(),
-                                },
+                                live: HostLive::new(now, settings.lease_ttl),
                             },
                         );
                     }
@@ -191,6 +181,8 @@ impl HostLink for HostLinkService {
         let settings = &c.settings;
         let now = Instant::now();
         let mut phase_updates = Vec::new();
+        let memory_change;
+        let host_name;
         {
             let mut model = c.model();
             let entry = model.hosts.get_mut(&req.host_id).ok_or_else(|| {
@@ -206,6 +198,8 @@ impl HostLink for HostLinkService {
             entry.live.last_heartbeat = now;
             entry.live.last_heartbeat_wall = SystemTime::now();
             entry.live.usage = req.usage;
+            memory_change = note_memory_balance(&mut entry.live, now);
+            host_name = entry.host.name.clone();
             entry.live.acked_generation = req.assignments_generation;
             let previous = std::mem::take(&mut entry.live.observed);
             entry.live.observed = req
@@ -246,6 +240,12 @@ impl HostLink for HostLinkService {
                     }
                 }
             }
+        }
+        if let Some((reason, message)) = memory_change {
+            tracing::info!(host = %req.host_id, name = %host_name, reason, "{message}");
+            c.events
+                .host_memory(&req.host_id, reason, format!("host {host_name} {message}"));
+            c.kick.notify_one();
         }
         if !phase_updates.is_empty() {
             let controller = c.clone();
@@ -365,5 +365,37 @@ impl HostLink for HostLinkService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// Follows the host's memory balance from its latest heartbeat: when it turns short (reason
+/// `MemoryShort`) and when it fits again (`MemoryFits`), with the figures. A host that stops
+/// reporting a balance (its balancer is off) is no longer short, without an event: nothing is
+/// known about it.
+fn note_memory_balance(live: &mut HostLive, now: Instant) -> Option<(&'static str, String)> {
+    let balance = live.usage.and_then(|u| u.memory_balance);
+    let Some(balance) = balance else {
+        live.memory_short_since = None;
+        return None;
+    };
+    let figures = format!(
+        "its VMs want {} MiB of a {} MiB budget (demand {} MiB, assigned {} MiB, minimums {} MiB, {} VMs pressured)",
+        balance.wanted_mib,
+        balance.budget_mib,
+        balance.demand_mib,
+        balance.assigned_mib,
+        balance.minimum_mib,
+        balance.pressured_vms
+    );
+    match (live.memory_short_since.is_some(), balance.short) {
+        (false, true) => {
+            live.memory_short_since = Some(now);
+            Some(("MemoryShort", format!("is short of memory: {figures}")))
+        }
+        (true, false) => {
+            live.memory_short_since = None;
+            Some(("MemoryFits", format!("fits its memory again: {figures}")))
+        }
+        _ => None,
     }
 }

@@ -12,7 +12,8 @@ pub struct Placer {
     scheduler: scheduler::Scheduler,
 }
 
-fn host_state(state: HostState) -> scheduler::HostState {
+/// A host's state as the scheduler knows it.
+pub fn host_state(state: HostState) -> scheduler::HostState {
     match state {
         HostState::Ready | HostState::Unspecified => scheduler::HostState::Ready,
         HostState::Suspect => scheduler::HostState::Suspect,
@@ -88,6 +89,11 @@ impl Placer {
     pub fn release(&mut self, vm_id: &str) {
         // Releasing a VM the scheduler does not count is a no-op.
         let _ = self.scheduler.release(vm_id);
+    }
+
+    /// The snapshot itself, for the questions beyond `place` (memory relief).
+    pub fn scheduler_mut(&mut self) -> &mut scheduler::Scheduler {
+        &mut self.scheduler
     }
 
     /// The host for a VM, or why none fits.

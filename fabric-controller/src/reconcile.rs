@@ -5,7 +5,8 @@
 //! Per pass: host states from leases (READY → SUSPECT → DEAD, with events); VMs of DEAD hosts
 //! back to PENDING (their agent has fenced itself); stopped VMs released from their host;
 //! draining hosts emptied one update domain at a time (each VM stopped there first, then
-//! placed elsewhere); pending VMs placed.
+//! placed elsewhere); hosts that stayed short of memory relieved one VM at a time
+//! ([`memory_relief`]); pending VMs placed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use std::time::{Duration, SystemTime};
 use fabric_proto::v1::{DesiredState, EventKind, HostState, ObservedPhase, VmPhase};
 
 use crate::controller::{effective_state, short_host_state, Controller};
+
+mod memory_relief;
 
 /// Longest time between passes.
 const PERIOD: Duration = Duration::from_millis(250);
@@ -25,6 +28,7 @@ pub struct Reconciler {
     host_states: HashMap<String, HostState>,
     /// The unplaceable reason last announced per VM (to announce changes only).
     unplaceable: HashMap<String, String>,
+    relief: memory_relief::ReliefMemory,
 }
 
 fn ts() -> prost_types::Timestamp {
@@ -46,6 +50,8 @@ impl Reconciler {
         self.host_states(c);
         self.dead_and_lost(c).await;
         self.stopped_and_evicted(c).await;
+        self.finish_relief_moves(c);
+        self.relieve_memory(c).await;
         self.place(c).await;
     }
 
@@ -144,9 +150,11 @@ impl Reconciler {
         futures::future::join_all(losses).await;
     }
 
-    /// Releases VMs that stopped as wanted, and moves VMs off draining hosts.
+    /// Releases VMs that stopped as wanted, and moves VMs off draining hosts and off hosts
+    /// short of memory.
     async fn stopped_and_evicted(&mut self, c: &Arc<Controller>) {
         let mut release = Vec::new();
+        let mut relieved = Vec::new();
         let mut drained_hosts = Vec::new();
         {
             let mut model = c.model();
@@ -204,8 +212,15 @@ impl Reconciler {
                     continue;
                 }
                 let wants_stopped = status.desired_state() == DesiredState::Stopped;
-                let moving = model.evicting.contains(&entry.vm.id);
-                if !wants_stopped && !moving {
+                // A memory-relief move has its destination chosen: it goes there rather than
+                // back to placement, even off a host that has started draining since.
+                let relief = !wants_stopped
+                    && model
+                        .relieving
+                        .get(&entry.vm.id)
+                        .is_some_and(|r| r.source == status.host_id);
+                let moving = model.evicting.contains(&entry.vm.id) && !relief;
+                if !wants_stopped && !moving && !relief {
                     continue;
                 }
                 let Some(host) = model.hosts.get(&status.host_id) else {
@@ -222,7 +237,9 @@ impl Reconciler {
                         .get(&entry.vm.id)
                         .is_some_and(|g| host.live.acked_generation >= *g),
                 };
-                if stopped {
+                if stopped && relief {
+                    relieved.push((entry.vm.id.clone(), status.host_id.clone()));
+                } else if stopped {
                     release.push((entry.vm.id.clone(), status.host_id.clone(), moving));
                 }
             }
@@ -260,6 +277,7 @@ impl Reconciler {
             }
         });
         futures::future::join_all(releases).await;
+        memory_relief::place_relieved(c, relieved).await;
         for host_id in drained_hosts {
             if let Err(e) = c
                 .set_host_admin(&host_id, HostState::Cordoned, "drained")

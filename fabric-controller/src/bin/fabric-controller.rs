@@ -44,6 +44,14 @@ struct Args {
     /// vCPUs placed per host CPU.
     #[arg(long, default_value_t = 4.0)]
     cpu_overcommit: f64,
+    /// Memory relief: a host whose VMs have wanted more memory than its budget for this long
+    /// (its balancer reports it short) has one VM moved to the host with the most room (stopped
+    /// there and started on the other host); after a move, the host must stay short for this
+    /// long again before the next. Seconds; 0 turns memory relief off. The default, 30 s, is
+    /// three times the balancer's 10 s pressure hold: a burst that sharing by weight carries
+    /// moves nothing, a lasting over-commitment is relieved within a minute.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    memory_relief_window: f64,
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
@@ -86,6 +94,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         heartbeat_interval: seconds("heartbeat-interval", args.heartbeat_interval)?,
         fencing_margin: seconds("fencing-margin", args.fencing_margin)?,
         cpu_overcommit: args.cpu_overcommit,
+        memory_relief_window: Duration::try_from_secs_f64(args.memory_relief_window)
+            .ok()
+            .with_context(|| {
+                format!(
+                    "--memory-relief-window {}: a number of seconds, 0 or more",
+                    args.memory_relief_window
+                )
+            })?,
     };
     if settings.heartbeat_interval * 2 > settings.lease_ttl {
         anyhow::bail!("--heartbeat-interval must be at most half of --lease-ttl");
@@ -94,6 +110,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let store_path = args.data_dir.join("store.redb");
     let store = Arc::new(RedbStore::open(&store_path)?);
+    if settings.memory_relief_window.is_zero() {
+        tracing::info!("memory relief off (--memory-relief-window 0)");
+    } else {
+        tracing::info!(
+            window_s = settings.memory_relief_window.as_secs_f64(),
+            "memory relief on"
+        );
+    }
     let controller = Controller::load(settings, store.clone()).map_err(anyhow::Error::msg)?;
     let images = Arc::new(ImageStore::new(&args.data_dir, store)?);
     tokio::spawn(Reconciler::default().run(controller.clone()));
