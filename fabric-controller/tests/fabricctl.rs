@@ -561,3 +561,277 @@ fn an_unreachable_controller_is_one_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn top_shows_memory_per_host_and_vm() {
+    use fabric_proto::v1::{
+        HeartbeatRequest, HostMemoryBalance, HostUsage, MemoryStats, ObservedPhase, ObservedVm,
+        RegisterHostRequest, Resources, VmMemoryBalance,
+    };
+
+    // A long lease (the fake hosts heartbeat only when told) and no relief: this is about
+    // what fabricctl shows.
+    let controller = Controller::start(&[
+        "--lease-ttl",
+        "120",
+        "--heartbeat-interval",
+        "1",
+        "--memory-relief-window",
+        "0",
+    ]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut link = runtime.block_on(async {
+        let channel = fabric_controller::cli::connect(&controller.address())
+            .await
+            .expect("connect");
+        fabric_proto::v1::host_link_client::HostLinkClient::new(channel)
+    });
+    let register = |link: &mut fabric_proto::v1::host_link_client::HostLinkClient<_>,
+                    name: &str| {
+        runtime
+            .block_on(link.register_host(RegisterHostRequest {
+                machine_id: format!("machine-{name}"),
+                name: name.into(),
+                zone: "z1".into(),
+                capacity: Some(Resources {
+                    cpus: 8,
+                    memory_mib: 8192,
+                }),
+                allocatable: Some(Resources {
+                    cpus: 8,
+                    memory_mib: 8192,
+                }),
+                ..Default::default()
+            }))
+            .expect("register")
+            .into_inner()
+            .host_id
+    };
+    let host_a = register(&mut link, "node-a");
+    let host_b = register(&mut link, "node-b");
+
+    // Two dynamic-memory VMs; bin-packing puts them on one host.
+    for (name, minimum, maximum) in [("small", "256", "1024"), ("big", "512", "2048")] {
+        controller.ok(&[
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--vcpus",
+            "1",
+            "--memory",
+            minimum,
+            "--memory-min",
+            minimum,
+            "--memory-max",
+            maximum,
+            "--kernel",
+            &"ab".repeat(32),
+        ]);
+    }
+    let small = controller.wait_vm("small", "placed", |vm| vm["status"]["host_id"] != "");
+    let big = controller.wait_vm("big", "placed", |vm| vm["status"]["host_id"] != "");
+    let busy = small["status"]["host_id"]
+        .as_str()
+        .expect("a host")
+        .to_string();
+    assert_eq!(big["status"]["host_id"], busy.as_str(), "bin-packed");
+    let (busy_name, idle_id, idle_name) = if busy == host_a {
+        ("node-a", host_b.clone(), "node-b")
+    } else {
+        ("node-b", host_a.clone(), "node-a")
+    };
+    let id = |vm: &Value| vm["id"].as_str().expect("an id").to_string();
+    let observed =
+        |vm_id: String, target: u64, demand: Option<u64>, balloon: u64, pressured| ObservedVm {
+            vm_id,
+            phase: ObservedPhase::Running as i32,
+            memory: Some(MemoryStats {
+                balloon_actual_mib: balloon,
+                balloon_target_mib: balloon,
+                ..Default::default()
+            }),
+            memory_balance: Some(VmMemoryBalance {
+                target_mib: target,
+                demand_mib: demand,
+                reason: if pressured {
+                    "pressure: major faults".into()
+                } else {
+                    "host short: shared by weight".into()
+                },
+                pressured,
+            }),
+            ..Default::default()
+        };
+    let heartbeat = |link: &mut fabric_proto::v1::host_link_client::HostLinkClient<_>,
+                     short: bool| {
+        runtime
+            .block_on(link.heartbeat(HeartbeatRequest {
+                host_id: busy.clone(),
+                usage: Some(HostUsage {
+                    running_vms: 2,
+                    memory_balance: Some(HostMemoryBalance {
+                        budget_mib: 1536,
+                        demand_mib: 1300,
+                        wanted_mib: if short { 1700 } else { 1500 },
+                        assigned_mib: 1536,
+                        minimum_mib: 768,
+                        short,
+                        pressured_vms: 1,
+                    }),
+                    ..Default::default()
+                }),
+                vms: vec![
+                    observed(id(&small), 480, Some(400), 544, false),
+                    observed(id(&big), 1056, Some(900), 992, true),
+                ],
+                ..Default::default()
+            }))
+            .expect("heartbeat");
+    };
+    heartbeat(&mut link, true);
+
+    let text = controller.ok(&["top"]);
+    println!("{text}");
+    let mut blocks = text.split("\n\n");
+    let hosts = blocks.next().expect("the hosts table");
+    let vms = blocks.next().expect("the VMs table");
+    assert_eq!(
+        table_row(hosts, "HOST"),
+        [
+            "HOST",
+            "STATE",
+            "BUDGET(MiB)",
+            "ASSIGNED",
+            "WANTED",
+            "DEMAND",
+            "SHORT",
+            "PRESSURED"
+        ]
+    );
+    assert_eq!(
+        table_row(hosts, busy_name)[1..],
+        ["ready", "1536", "1536", "1700", "1300", "yes", "1"],
+        "{text}"
+    );
+    assert_eq!(
+        table_row(hosts, idle_name)[1..],
+        ["ready", "-", "-", "-", "-", "-", "-"],
+        "a host without a balance: {text}"
+    );
+    assert_eq!(
+        table_row(vms, "VM"),
+        [
+            "VM",
+            "HOST",
+            "MIN-MAX(MiB)",
+            "TARGET",
+            "DEMAND",
+            "BALLOON",
+            "PRESSURE",
+            "REASON"
+        ]
+    );
+    // VMs by host, then name: big before small.
+    let vm_rows: Vec<&str> = vms.lines().skip(1).collect();
+    assert_eq!(vm_rows.len(), 2, "{text}");
+    assert!(vm_rows[0].starts_with("big "), "{text}");
+    assert_eq!(
+        table_row(vms, "big")[1..],
+        [
+            busy_name,
+            "512-2048",
+            "1056",
+            "900",
+            "992",
+            "yes",
+            "pressure:",
+            "major",
+            "faults"
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        table_row(vms, "small")[1..7],
+        [busy_name, "256-1024", "480", "400", "544", "no"],
+        "{text}"
+    );
+
+    let top = controller.json(&["top"]);
+    let json_hosts = top["hosts"].as_array().expect("hosts");
+    assert_eq!(json_hosts.len(), 2, "{top:#}");
+    let busy_json = json_hosts
+        .iter()
+        .find(|h| h["id"] == busy.as_str())
+        .expect("the busy host");
+    assert_eq!(busy_json["name"], busy_name);
+    assert_eq!(busy_json["memory_balance"]["budget_mib"], 1536);
+    assert_eq!(busy_json["memory_balance"]["wanted_mib"], 1700);
+    assert_eq!(busy_json["memory_balance"]["short"], true);
+    assert_eq!(busy_json["memory_balance"]["pressured_vms"], 1);
+    let idle_json = json_hosts
+        .iter()
+        .find(|h| h["id"] == idle_id.as_str())
+        .expect("the idle host");
+    assert_eq!(idle_json["memory_balance"], Value::Null);
+    let small_json = top["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .find(|v| v["name"] == "small")
+        .expect("small");
+    assert_eq!(small_json["host"], busy_name);
+    assert_eq!(small_json["host_id"], busy.as_str());
+    assert_eq!(small_json["minimum_mib"], 256);
+    assert_eq!(small_json["maximum_mib"], 1024);
+    assert_eq!(small_json["memory_balance"]["target_mib"], 480);
+    assert_eq!(small_json["memory_balance"]["demand_mib"], 400);
+    assert_eq!(small_json["memory_balance"]["pressured"], false);
+    assert_eq!(small_json["balloon_actual_mib"], 544);
+
+    // --host: that host and its VMs only.
+    let only_idle = controller.json(&["top", "--host", idle_name]);
+    assert_eq!(only_idle["hosts"].as_array().map(Vec::len), Some(1));
+    assert_eq!(only_idle["vms"], Value::Array(Vec::new()), "{only_idle:#}");
+    let only_busy = controller.ok(&["top", "--host", busy_name]);
+    assert!(
+        !only_busy.contains(idle_name) && only_busy.contains("small"),
+        "{only_busy}"
+    );
+    let error = controller.fails(&["top", "--host", "node-z"]);
+    assert_eq!(error, r#"fabricctl: NOT_FOUND: no host named "node-z""#);
+
+    // The host's memory story is in its events: short, then fits again, with the figures.
+    heartbeat(&mut link, false);
+    let events = controller.json(&["events", "--host", busy_name]);
+    let memory: Vec<(&str, &str)> = events
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter(|e| e["kind"] == "host_memory")
+        .map(|e| {
+            (
+                e["reason"].as_str().expect("a reason"),
+                e["message"].as_str().expect("a message"),
+            )
+        })
+        .collect();
+    assert_eq!(memory.len(), 2, "{events:#}");
+    assert_eq!(memory[0].0, "MemoryShort");
+    assert!(
+        memory[0].1.contains(busy_name)
+            && memory[0].1.contains("want 1700 MiB of a 1536 MiB budget"),
+        "{}",
+        memory[0].1
+    );
+    assert_eq!(memory[1].0, "MemoryFits");
+    assert!(memory[1].1.contains("want 1500 MiB"), "{}", memory[1].1);
+    let details = controller.ok(&["host", "get", busy_name]);
+    assert!(
+        details.contains("budget 1536 MiB, wanted 1500 MiB") && details.contains("fits"),
+        "{details}"
+    );
+}

@@ -77,6 +77,9 @@ pub enum Command {
     Host(HostCommand),
     /// Show the cluster's event feed (VM and host changes).
     Events(EventsArgs),
+    /// Show memory per host and per VM: budgets, targets, demand, balloons, pressure.
+    #[command(long_about = TOP_HELP)]
+    Top(TopArgs),
     /// Push and list images (kernels, initramfs, disk images).
     #[command(subcommand)]
     Image(ImageCommand),
@@ -174,6 +177,29 @@ pub struct EventsArgs {
     #[arg(long)]
     pub vm: Option<String>,
     /// Only events about this host and its VMs (id or name).
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+/// `fabricctl top --help`.
+const TOP_HELP: &str = "Show memory per host and per VM, as each host's memory balancer last \
+reported it (every heartbeat).
+
+Hosts: BUDGET is the memory the host's VMs may use in all; ASSIGNED what the balancer gives \
+them (the sum of their targets); WANTED what they would take without sharing (demand plus \
+buffer, within minimum and maximum); DEMAND the memory in use in the guests; SHORT whether \
+WANTED exceeds BUDGET (then memory above the minimums is shared by weight, and a host short \
+for longer than the controller's --memory-relief-window has a VM moved to the host with the \
+most room); PRESSURED the VMs under memory pressure. All in MiB; - where the host reports no \
+balance.
+
+VMs (those placed on a host): MIN-MAX from the spec, TARGET the memory the balancer gives the \
+guest, DEMAND its memory in use, BALLOON what the balloon holds back now, PRESSURE whether it \
+is under memory pressure, REASON why its balloon is where it is.";
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Only this host and its VMs (id or name).
     #[arg(long)]
     pub host: Option<String>,
 }
@@ -492,6 +518,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(command) => vm(&mut clients, command, create, output).await,
         Command::Host(command) => host(&mut clients, command, output).await,
         Command::Events(args) => events(&mut clients, args, output).await,
+        Command::Top(args) => top(&mut clients, args, output).await,
         Command::Image(ImageCommand::Push { name, .. }) => {
             let files = push.unwrap_or_default();
             let (image, pushed) = image::push(&mut clients.images, &name, &files).await?;
@@ -649,6 +676,28 @@ async fn host(clients: &mut Clients, command: HostCommand, output: Output) -> an
         }
     };
     print_hosts(&[host], true, output)
+}
+
+async fn top(clients: &mut Clients, args: TopArgs, output: Output) -> anyhow::Result<()> {
+    let hosts = match &args.host {
+        Some(host) => vec![clients.find_host(host).await?],
+        None => clients.list_hosts(ListHostsRequest::default()).await?,
+    };
+    let host_id = match (&args.host, hosts.first()) {
+        (Some(_), Some(host)) => host.id.clone(),
+        _ => String::new(),
+    };
+    let vms = clients
+        .list_vms(ListVmsRequest {
+            host_id,
+            ..Default::default()
+        })
+        .await?;
+    let top = render::Top::new(&hosts, &vms);
+    match output {
+        Output::Json => print_json(&top.json()),
+        Output::Table => print(&top.to_string()),
+    }
 }
 
 async fn events(clients: &mut Clients, args: EventsArgs, output: Output) -> anyhow::Result<()> {

@@ -8,8 +8,9 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use fabric_proto::v1::{
-    disk_spec, DesiredState, Event, EventKind, Host, HostState, Image, ImageFile, ImageFileRole,
-    ObservedPhase, ObservedVm, PushImageResponse, Resources, RestartPolicy, Vm, VmPhase, VmSpec,
+    disk_spec, DesiredState, Event, EventKind, Host, HostMemoryBalance, HostState, Image,
+    ImageFile, ImageFileRole, ObservedPhase, ObservedVm, PushImageResponse, Resources,
+    RestartPolicy, Vm, VmMemoryBalance, VmPhase, VmSpec,
 };
 use prost_types::Timestamp;
 use serde_json::{json, Value};
@@ -190,6 +191,27 @@ fn or_dash(text: &str) -> String {
     }
 }
 
+fn host_balance_json(b: &HostMemoryBalance) -> Value {
+    json!({
+        "budget_mib": b.budget_mib,
+        "demand_mib": b.demand_mib,
+        "wanted_mib": b.wanted_mib,
+        "assigned_mib": b.assigned_mib,
+        "minimum_mib": b.minimum_mib,
+        "short": b.short,
+        "pressured_vms": b.pressured_vms,
+    })
+}
+
+fn vm_balance_json(b: &VmMemoryBalance) -> Value {
+    json!({
+        "target_mib": b.target_mib,
+        "demand_mib": b.demand_mib,
+        "reason": b.reason,
+        "pressured": b.pressured,
+    })
+}
+
 fn resources_json(resources: &Option<Resources>) -> Value {
     resources.map_or(
         Value::Null,
@@ -269,6 +291,7 @@ fn observed_json(observed: &ObservedVm) -> Value {
         "restart_count": observed.restart_count,
         "memory": memory,
         "generation": observed.generation,
+        "memory_balance": observed.memory_balance.as_ref().map_or(Value::Null, vm_balance_json),
     })
 }
 
@@ -306,6 +329,7 @@ pub fn host_json(host: &Host) -> Value {
             "memory_available_mib": u.memory_available_mib,
             "vm_memory_mib": u.vm_memory_mib,
             "memory_pressure": pressure,
+            "memory_balance": u.memory_balance.as_ref().map_or(Value::Null, host_balance_json),
         })
     });
     let labels: std::collections::BTreeMap<_, _> = host.labels.iter().collect();
@@ -520,6 +544,23 @@ pub fn vm_details(vm: &Vm) -> String {
                 ),
             ));
         }
+        if let Some(b) = &observed.memory_balance {
+            lines.push((
+                "Memory target",
+                format!(
+                    "{} MiB, demand {}, {}: {}",
+                    b.target_mib,
+                    b.demand_mib
+                        .map_or("unknown".to_string(), |d| format!("{d} MiB")),
+                    if b.pressured {
+                        "pressured"
+                    } else {
+                        "no pressure"
+                    },
+                    or_dash(&b.reason)
+                ),
+            ));
+        }
     }
     details(&lines)
 }
@@ -611,6 +652,21 @@ pub fn host_details(host: &Host) -> String {
                 usage.running_vms, usage.vcpus, usage.memory_used_mib, usage.memory_available_mib
             ),
         ));
+        if let Some(b) = usage.memory_balance {
+            lines.push((
+                "Memory balance",
+                format!(
+                    "budget {} MiB, wanted {} MiB, assigned {} MiB, demand {} MiB, minimums {} MiB, {}, {} VMs pressured",
+                    b.budget_mib,
+                    b.wanted_mib,
+                    b.assigned_mib,
+                    b.demand_mib,
+                    b.minimum_mib,
+                    if b.short { "short" } else { "fits" },
+                    b.pressured_vms
+                ),
+            ));
+        }
         if let Some(p) = usage.memory_pressure {
             lines.push((
                 "Memory pressure",
@@ -622,6 +678,163 @@ pub fn host_details(host: &Host) -> String {
         }
     }
     details(&lines)
+}
+
+/// `fabricctl top`: each host's memory balance and each placed VM's, as the hosts' balancers
+/// last reported them. Hosts by name, VMs by host name then name.
+pub struct Top<'a> {
+    hosts: Vec<&'a Host>,
+    /// `(host name, VM)` of every VM placed on one of `hosts`.
+    vms: Vec<(String, &'a Vm)>,
+}
+
+impl<'a> Top<'a> {
+    pub fn new(hosts: &'a [Host], vms: &'a [Vm]) -> Top<'a> {
+        let mut hosts: Vec<&Host> = hosts.iter().collect();
+        hosts.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+        let names: std::collections::HashMap<&str, &str> = hosts
+            .iter()
+            .map(|h| (h.id.as_str(), h.name.as_str()))
+            .collect();
+        let mut vms: Vec<(String, &Vm)> = vms
+            .iter()
+            .filter_map(|vm| {
+                let host_id = vm.status.as_ref()?.host_id.as_str();
+                Some((names.get(host_id)?.to_string(), vm))
+            })
+            .collect();
+        vms.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| vm_spec_name(a.1).cmp(vm_spec_name(b.1)))
+                .then_with(|| a.1.id.cmp(&b.1.id))
+        });
+        Top { hosts, vms }
+    }
+
+    pub fn hosts_table(&self) -> Table {
+        let mut table = Table::new(&[
+            "HOST",
+            "STATE",
+            "BUDGET(MiB)",
+            "ASSIGNED",
+            "WANTED",
+            "DEMAND",
+            "SHORT",
+            "PRESSURED",
+        ]);
+        for host in &self.hosts {
+            let balance = host.usage.and_then(|u| u.memory_balance);
+            let figure = |f: fn(&HostMemoryBalance) -> u64| {
+                balance
+                    .as_ref()
+                    .map_or("-".to_string(), |b| f(b).to_string())
+            };
+            table.row(vec![
+                host.name.clone(),
+                host_state(host.state),
+                figure(|b| b.budget_mib),
+                figure(|b| b.assigned_mib),
+                figure(|b| b.wanted_mib),
+                figure(|b| b.demand_mib),
+                balance.map_or("-".to_string(), |b| yes_no(b.short)),
+                figure(|b| u64::from(b.pressured_vms)),
+            ]);
+        }
+        table
+    }
+
+    pub fn vms_table(&self) -> Table {
+        let mut table = Table::new(&[
+            "VM",
+            "HOST",
+            "MIN-MAX(MiB)",
+            "TARGET",
+            "DEMAND",
+            "BALLOON",
+            "PRESSURE",
+            "REASON",
+        ]);
+        for (host, vm) in &self.vms {
+            let (minimum, maximum) = vm_memory_range(vm);
+            let observed = vm.status.as_ref().and_then(|s| s.observed.as_ref());
+            let balance = observed.and_then(|o| o.memory_balance.as_ref());
+            let balloon = observed.and_then(|o| o.memory.as_ref());
+            table.row(vec![
+                vm_spec_name(vm).to_string(),
+                host.clone(),
+                format!("{minimum}-{maximum}"),
+                balance.map_or("-".to_string(), |b| b.target_mib.to_string()),
+                balance
+                    .and_then(|b| b.demand_mib)
+                    .map_or("-".to_string(), |d| d.to_string()),
+                balloon.map_or("-".to_string(), |m| m.balloon_actual_mib.to_string()),
+                balance.map_or("-".to_string(), |b| yes_no(b.pressured)),
+                balance.map_or("-".to_string(), |b| or_dash(&b.reason)),
+            ]);
+        }
+        table
+    }
+
+    pub fn json(&self) -> Value {
+        let hosts: Vec<Value> = self
+            .hosts
+            .iter()
+            .map(|host| {
+                let balance = host.usage.and_then(|u| u.memory_balance);
+                json!({
+                    "id": host.id,
+                    "name": host.name,
+                    "state": host_state(host.state),
+                    "memory_balance": balance.as_ref().map_or(Value::Null, host_balance_json),
+                })
+            })
+            .collect();
+        let vms: Vec<Value> = self
+            .vms
+            .iter()
+            .map(|(host, vm)| {
+                let (minimum, maximum) = vm_memory_range(vm);
+                let status = vm.status.clone().unwrap_or_default();
+                let observed = status.observed.as_ref();
+                let balloon = observed.and_then(|o| o.memory.as_ref());
+                json!({
+                    "id": vm.id,
+                    "name": vm_spec_name(vm),
+                    "host_id": status.host_id,
+                    "host": host,
+                    "minimum_mib": minimum,
+                    "maximum_mib": maximum,
+                    "memory_balance": observed
+                        .and_then(|o| o.memory_balance.as_ref())
+                        .map_or(Value::Null, vm_balance_json),
+                    "balloon_actual_mib": balloon.map(|m| m.balloon_actual_mib),
+                    "balloon_target_mib": balloon.map(|m| m.balloon_target_mib),
+                })
+            })
+            .collect();
+        json!({"hosts": hosts, "vms": vms})
+    }
+}
+
+impl fmt::Display for Top<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\n{}", self.hosts_table(), self.vms_table())
+    }
+}
+
+fn vm_spec_name(vm: &Vm) -> &str {
+    vm.spec.as_ref().map_or("", |s| s.name.as_str())
+}
+
+/// A VM's minimum and maximum memory with the spec's defaults applied, MiB.
+fn vm_memory_range(vm: &Vm) -> (u64, u64) {
+    let memory = vm.spec.as_ref().and_then(|s| s.memory).unwrap_or_default();
+    let (_, minimum, maximum) = crate::validate::memory_sizes(&memory);
+    (minimum, maximum)
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.to_string()
 }
 
 const EVENT_HEADER: [&str; 6] = ["SEQ", "TIME", "KIND", "VM", "HOST", "MESSAGE"];
