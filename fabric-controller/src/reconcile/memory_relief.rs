@@ -189,6 +189,7 @@ impl Reconciler {
                     .unwrap_or_default();
                 list.push(MovableVm {
                     vm_id: entry.vm.id.clone(),
+                    name: vm_name(&entry.vm),
                     demand: placement::demand(&entry.vm),
                     buffer_percent: u64::from(memory.buffer_percent),
                     target_mib: balance.target_mib,

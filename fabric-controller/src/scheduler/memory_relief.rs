@@ -106,6 +106,8 @@ impl MemoryReport {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MovableVm {
     pub vm_id: String,
+    /// Its name, for messages (the id when empty).
+    pub name: String,
     /// What it asks of a host (the scheduler's view: vCPUs, minimum and maximum memory,
     /// placement rules).
     pub demand: Demand,
@@ -118,6 +120,14 @@ pub struct MovableVm {
 }
 
 impl MovableVm {
+    fn label(&self) -> &str {
+        if self.name.is_empty() {
+            &self.vm_id
+        } else {
+            &self.name
+        }
+    }
+
     /// The memory that leaves its host with it, MiB (see the module docs).
     pub fn wanted_mib(&self) -> u64 {
         let Some(demand) = self.demand_mib else {
@@ -324,7 +334,7 @@ fn destinations(
 fn refusal_text(vm: &MovableVm, found: &Destinations) -> String {
     let mut text = format!(
         "{} (wants {} MiB) fits none of {} other hosts",
-        vm.vm_id,
+        vm.label(),
         vm.wanted_mib(),
         found.considered
     );
@@ -492,6 +502,7 @@ mod tests {
     fn vm(id: &str, minimum: u64, maximum: u64, target: u64, demand: Option<u64>) -> MovableVm {
         MovableVm {
             vm_id: id.to_owned(),
+            name: String::new(),
             demand: Demand {
                 vcpus: 1,
                 ..Demand::default()
@@ -854,14 +865,15 @@ mod tests {
                 expected: vec!["move v s->a"],
             },
             Case {
-                name: "no destination: a reason, not a move",
+                name: "no destination: a reason (naming the VM), not a move",
                 hosts: hosts_with(|hs| {
+                    hs[0].vms[0].name = "web-1".to_owned();
                     hs[1].state = HostState::Cordoned;
                     hs[2].report = Some((4000, 3500));
                 }),
                 setup: no_setup,
                 expected: vec![
-                    "none s: v (wants 700 MiB) fits none of 2 other hosts: 1 cordoned, 1 too little memory room (most 500 MiB)",
+                    "none s: web-1 (wants 700 MiB) fits none of 2 other hosts: 1 cordoned, 1 too little memory room (most 500 MiB)",
                 ],
             },
             Case {
