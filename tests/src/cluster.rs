@@ -138,23 +138,32 @@ pub struct Controller {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub timing: Timing,
+    /// More flags, kept across restarts (e.g. `--memory-relief-window 4`).
+    pub extra_args: Vec<String>,
     pub process: Process,
 }
 
 impl Controller {
     pub fn start(dir: &Path, timing: Timing) -> Controller {
+        Self::start_with_args(dir, timing, &[])
+    }
+
+    /// A controller with more flags than the timing.
+    pub fn start_with_args(dir: &Path, timing: Timing, extra_args: &[&str]) -> Controller {
         std::fs::create_dir_all(dir).expect("controller dir");
         let socket = dir.join("controller.sock");
-        let process = Self::spawn(dir, &socket, timing);
+        let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
+        let process = Self::spawn(dir, &socket, timing, &extra_args);
         Controller {
             dir: dir.to_owned(),
             socket,
             timing,
+            extra_args,
             process,
         }
     }
 
-    fn spawn(dir: &Path, socket: &Path, timing: Timing) -> Process {
+    fn spawn(dir: &Path, socket: &Path, timing: Timing, extra_args: &[String]) -> Process {
         let _ = std::fs::remove_file(socket);
         let mut command = Command::new(workspace_bin("fabric-controller"));
         command
@@ -168,6 +177,7 @@ impl Controller {
             .arg(timing.heartbeat_interval.to_string())
             .arg("--fencing-margin")
             .arg(timing.fencing_margin.to_string())
+            .args(extra_args)
             .env("FABRIC_LOG", "info");
         let log = dir.join(format!(
             "controller-{}.log",
@@ -184,7 +194,7 @@ impl Controller {
     /// SIGKILL, then start again on the same data.
     pub fn kill9_and_restart(&mut self) {
         self.process.kill9();
-        self.process = Self::spawn(&self.dir, &self.socket, self.timing);
+        self.process = Self::spawn(&self.dir, &self.socket, self.timing, &self.extra_args);
     }
 
     pub async fn compute(&self) -> ComputeClient<Channel> {
@@ -211,6 +221,20 @@ impl SimHost {
         fault_domain: u32,
         update_domain: u32,
     ) -> SimHost {
+        Self::start_with_memory_budget(dir, name, controller, fault_domain, update_domain, 0)
+    }
+
+    /// A simulated host whose memory balancer shares `memory_budget_mib` among its VMs
+    /// (`[memory] budget_mib`; 0: its 64 GiB) while the scheduler still sees 64 GiB: a host
+    /// that over-commits memory.
+    pub fn start_with_memory_budget(
+        dir: &Path,
+        name: &str,
+        controller: &str,
+        fault_domain: u32,
+        update_domain: u32,
+        memory_budget_mib: u64,
+    ) -> SimHost {
         std::fs::create_dir_all(dir).expect("host dir");
         let config = format!(
             r#"controller = "{controller}"
@@ -229,6 +253,8 @@ memory_mib = 0
 start_delay_ms = 100
 cpus = 16
 memory_mib = 65536
+[memory]
+budget_mib = {memory_budget_mib}
 "#,
             listen = dir.join("agent.sock").display(),
             data = dir.join("data").display(),
