@@ -6,7 +6,8 @@
 //! back to PENDING (their agent has fenced itself); stopped VMs released from their host;
 //! draining hosts emptied one update domain at a time (each VM stopped there first, then
 //! placed elsewhere); hosts that stayed short of memory relieved one VM at a time
-//! ([`memory_relief`]); pending VMs placed.
+//! ([`crate::scheduler::memory_relief`] decides, `reconcile/memory_relief.rs` acts); pending VMs
+//! placed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -11,12 +11,13 @@
 //!
 //! Events: VM_EVICTED (reason `MemoryRelief`) when a move starts, naming the source, the
 //! destination and the figures; VM_SCHEDULED when the VM is placed; HOST_MEMORY (reason
-//! `MemoryReliefBlocked`) when a due host has no possible move, once per distinct reason.
+//! `MemoryReliefBlocked`) when a due host has no possible move, once per distinct reason (such
+//! a host is searched again every [`BLOCKED_RETRY`], or every window if that is shorter).
 //! HOST_MEMORY `MemoryShort` / `MemoryFits` come from the heartbeats (`crate::hostlink`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fabric_proto::v1::{DesiredState, EventKind, ObservedPhase, Vm, VmPhase};
 
@@ -27,13 +28,17 @@ use crate::scheduler::memory_relief::{
     plan_relief, HostMemory, MemoryReport, MovableVm, ReliefDecision, ReliefMove,
 };
 
+/// A host for which relief found no move is searched again after this long (or the window,
+/// if shorter): the search walks every host for each of its VMs, too much for every pass.
+const BLOCKED_RETRY: Duration = Duration::from_secs(5);
+
 /// What the reconciler remembers about relief between passes.
 #[derive(Default)]
 pub(super) struct ReliefMemory {
     /// When the last move off each host completed.
     done: HashMap<String, Instant>,
-    /// The no-destination reason last announced per host.
-    blocked: HashMap<String, String>,
+    /// Per host without a possible move: the reason last announced, and when to search again.
+    blocked: HashMap<String, (String, Instant)>,
 }
 
 fn ts() -> prost_types::Timestamp {
@@ -214,6 +219,7 @@ impl Reconciler {
                     short_since: h.live.memory_short_since,
                     last_relief_done: self.relief.done.get(id).copied(),
                     relief_in_flight: model.relieving.values().any(|m| m.source == *id),
+                    retry_at: self.relief.blocked.get(id).map(|(_, at)| *at),
                     incoming_mib: incoming_mib(&model, id, None),
                     vms: movable.remove(id.as_str()).unwrap_or_default(),
                 })
@@ -231,10 +237,14 @@ impl Reconciler {
                     short_for,
                     reason,
                 } => {
-                    if self.relief.blocked.get(&host_id) == Some(&reason) {
+                    let retry_at = now + BLOCKED_RETRY.min(window);
+                    let announced = self
+                        .relief
+                        .blocked
+                        .insert(host_id.clone(), (reason.clone(), retry_at));
+                    if announced.is_some_and(|(before, _)| before == reason) {
                         continue;
                     }
-                    self.relief.blocked.insert(host_id.clone(), reason.clone());
                     let host = host_label(&c.model(), &host_id);
                     tracing::warn!(host = %host_id, %reason, "memory relief: no VM can move");
                     c.events.host_memory(

@@ -159,6 +159,9 @@ pub struct HostMemory {
     pub last_relief_done: Option<Instant>,
     /// A relief move off this host is under way.
     pub relief_in_flight: bool,
+    /// Not relieved before this instant (the caller's back-off after a plan found no move for
+    /// the host, so that a blocked host is not searched again at every pass).
+    pub retry_at: Option<Instant>,
     /// The want of VMs moving to this host that its report does not count yet, MiB.
     pub incoming_mib: u64,
     /// Its VMs that may move.
@@ -373,7 +376,10 @@ fn candidate_order(vms: &[MovableVm], excess_mib: u64) -> Vec<&MovableVm> {
 
 /// How long `host` has counted as short for relief at `now`, if it is a relief source at all.
 fn short_for(host: &HostMemory, now: Instant) -> Option<Duration> {
-    if !matches!(host.state, HostState::Ready | HostState::Cordoned) || host.relief_in_flight {
+    if !matches!(host.state, HostState::Ready | HostState::Cordoned)
+        || host.relief_in_flight
+        || host.retry_at.is_some_and(|at| now < at)
+    {
         return None;
     }
     let report = host.report?;
@@ -524,6 +530,7 @@ mod tests {
         short_for_s: Option<u64>,
         relief_done_s_ago: Option<u64>,
         in_flight: bool,
+        retry_in_s: Option<u64>,
         incoming: u64,
         vms: Vec<MovableVm>,
     }
@@ -537,6 +544,7 @@ mod tests {
             short_for_s: (wanted > budget).then_some(60),
             relief_done_s_ago: None,
             in_flight: false,
+            retry_in_s: None,
             incoming: 0,
             vms,
         }
@@ -581,6 +589,7 @@ mod tests {
                 short_since: c.short_for_s.map(|s| now - Duration::from_secs(s)),
                 last_relief_done: c.relief_done_s_ago.map(|s| now - Duration::from_secs(s)),
                 relief_in_flight: c.in_flight,
+                retry_at: c.retry_in_s.map(|s| now + Duration::from_secs(s)),
                 incoming_mib: c.incoming,
                 vms: c.vms.clone(),
             })
@@ -663,6 +672,18 @@ mod tests {
                 hosts: with(|s| s.in_flight = true),
                 setup: no_setup,
                 expected: vec![],
+            },
+            Case {
+                name: "blocked earlier, retry not yet due: nothing",
+                hosts: with(|s| s.retry_in_s = Some(1)),
+                setup: no_setup,
+                expected: vec![],
+            },
+            Case {
+                name: "blocked earlier, retry due: a move",
+                hosts: with(|s| s.retry_in_s = Some(0)),
+                setup: no_setup,
+                expected: vec!["move v1 s->b"],
             },
             Case {
                 name: "last move completed less than a window ago: nothing",
