@@ -17,7 +17,7 @@
 //!   balancer would give it without sharing, `demand × (1 + buffer%)` within `[minimum,
 //!   maximum]`, or the target it reported when that is larger (the agent adds the guest
 //!   kernel's own overhead, which the controller does not see). Without a reported demand it is
-//!   the reported target.
+//!   the reported target. Never more than the maximum, whatever the host reports.
 //! - A destination's **room** is `budget − wanted` from its latest report, less the want of VMs
 //!   already moving to it that the report does not count yet (`incoming_mib`).
 //!
@@ -130,8 +130,11 @@ impl MovableVm {
 
     /// The memory that leaves its host with it, MiB (see the module docs).
     pub fn wanted_mib(&self) -> u64 {
+        // The reported target comes from the host: whatever it says, a VM takes no more than
+        // its maximum with it (and the wants summed per destination cannot overflow).
+        let maximum = self.demand.memory_maximum_mib;
         let Some(demand) = self.demand_mib else {
-            return self.target_mib;
+            return self.target_mib.min(maximum);
         };
         let buffer = match self.buffer_percent {
             0 => DEFAULT_BUFFER_PERCENT,
@@ -139,9 +142,8 @@ impl MovableVm {
         };
         let with_buffer = (u128::from(demand) * u128::from(100 + buffer)).div_ceil(100);
         let with_buffer = u64::try_from(with_buffer).unwrap_or(u64::MAX);
-        let maximum = self.demand.memory_maximum_mib;
         let minimum = self.demand.memory_minimum_mib.min(maximum);
-        with_buffer.clamp(minimum, maximum).max(self.target_mib)
+        with_buffer.max(self.target_mib).clamp(minimum, maximum)
     }
 }
 
@@ -957,6 +959,16 @@ mod tests {
         assert_eq!(v.wanted_mib(), 300, "no demand: the reported target");
         v.demand_mib = Some(u64::MAX);
         assert_eq!(v.wanted_mib(), 1024, "no overflow");
+        // A target beyond the maximum is nonsense from the host (its balancer never gives
+        // more than the maximum): the want stays within the VM's range all the same.
+        v.target_mib = u64::MAX;
+        assert_eq!(v.wanted_mib(), 1024, "a reported target above the maximum");
+        v.demand_mib = None;
+        assert_eq!(
+            v.wanted_mib(),
+            1024,
+            "no demand, a target above the maximum"
+        );
         let report = MemoryReport {
             budget_mib: 1000,
             wanted_mib: 1000,
