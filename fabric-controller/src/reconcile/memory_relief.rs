@@ -83,7 +83,7 @@ fn incoming_mib(model: &Model, host_id: &str, except_vm: Option<&str>) -> u64 {
         .filter(|(vm_id, _)| Some(vm_id.as_str()) != except_vm)
         .filter(|(_, m)| m.placed_on.as_deref().unwrap_or(&m.destination) == host_id)
         .map(|(_, m)| m.wanted_mib)
-        .sum()
+        .fold(0, u64::saturating_add)
 }
 
 fn room_mib(model: &Model, host_id: &str) -> Option<u64> {
@@ -414,5 +414,34 @@ async fn place_one(c: &Arc<Controller>, vm_id: &str, source: &str) {
     if let Some(host) = placed {
         c.events
             .vm(EventKind::VmScheduled, vm_id, &host, "MemoryRelief", reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_promised_to_a_host_adds_up_without_overflow() {
+        let mut model = Model::default();
+        for (vm, destination, placed_on) in [
+            ("a", "d", None),
+            ("b", "other", Some("d")),
+            ("c", "d", Some("other")),
+        ] {
+            model.relieving.insert(
+                vm.to_string(),
+                ReliefInFlight {
+                    source: "s".to_string(),
+                    destination: destination.to_string(),
+                    placed_on: placed_on.map(str::to_string),
+                    wanted_mib: u64::MAX / 2 + 1,
+                },
+            );
+        }
+        // a is headed for d, b was placed there; c was placed elsewhere after all.
+        assert_eq!(incoming_mib(&model, "d", None), u64::MAX);
+        assert_eq!(incoming_mib(&model, "d", Some("a")), u64::MAX / 2 + 1);
+        assert_eq!(incoming_mib(&model, "nowhere", None), 0);
     }
 }
