@@ -124,6 +124,11 @@ impl HostLink for HostLinkService {
                         entry.live.last_heartbeat = now;
                         entry.live.last_heartbeat_wall = SystemTime::now();
                         entry.live.observed.clear();
+                        // Stops acknowledged in an earlier session say nothing about what this
+                        // one runs (a restarted agent re-adopts VMMs that were still stopping):
+                        // a VM absent from its reports counts as stopped only once this
+                        // session has been sent the stop and acknowledged it.
+                        entry.live.stop_sent.clear();
                         entry.live.assignments.send_modify(|v| *v += 1);
                     }
                     None => {

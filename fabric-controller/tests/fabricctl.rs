@@ -835,3 +835,155 @@ fn top_shows_memory_per_host_and_vm() {
         "{details}"
     );
 }
+
+/// An agent that restarts while one of its VMs is being stopped for a move (here a drain;
+/// memory relief takes the same path) must not have that VM placed elsewhere before it has
+/// reported it stopped: the restarted agent re-adopts the still running VMM, and the stop it
+/// acknowledged before the restart says nothing about what the new session has seen. Only
+/// once the new session has acknowledged the stop and reports the VM stopped does it move.
+#[test]
+fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
+    use fabric_proto::v1::host_link_client::HostLinkClient;
+    use fabric_proto::v1::{
+        AssignmentUpdate, DesiredState, HeartbeatRequest, ObservedPhase, ObservedVm,
+        RegisterHostRequest, Resources, WatchAssignmentsRequest,
+    };
+
+    let controller = Controller::start(&[
+        "--lease-ttl",
+        "120",
+        "--heartbeat-interval",
+        "1",
+        "--memory-relief-window",
+        "0",
+    ]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut link = runtime.block_on(async {
+        let channel = fabric_controller::cli::connect(&controller.address())
+            .await
+            .expect("connect");
+        HostLinkClient::new(channel)
+    });
+    let register = |link: &mut HostLinkClient<_>, name: &str| {
+        runtime
+            .block_on(link.register_host(RegisterHostRequest {
+                machine_id: format!("machine-{name}"),
+                name: name.into(),
+                zone: "z1".into(),
+                capacity: Some(Resources {
+                    cpus: 8,
+                    memory_mib: 8192,
+                }),
+                allocatable: Some(Resources {
+                    cpus: 8,
+                    memory_mib: 8192,
+                }),
+                ..Default::default()
+            }))
+            .expect("register")
+            .into_inner()
+            .host_id
+    };
+    let source = register(&mut link, "node-a");
+    register(&mut link, "node-b");
+    controller.ok(&["host", "cordon", "node-b"]);
+    controller.ok(&[
+        "vm",
+        "create",
+        "--name",
+        "mover",
+        "--vcpus",
+        "1",
+        "--memory",
+        "256",
+        "--kernel",
+        &"ab".repeat(32),
+    ]);
+    let vm = controller.wait_vm("mover", "placed on node-a", |vm| {
+        vm["status"]["host_id"] == source.as_str()
+    });
+    let vm_id = vm["id"].as_str().expect("an id").to_string();
+
+    // The agent's session: its assignments, up to the one that says how `vm_id` should be.
+    let watch = |link: &mut HostLinkClient<_>| {
+        runtime
+            .block_on(link.watch_assignments(WatchAssignmentsRequest {
+                host_id: source.clone(),
+            }))
+            .expect("watch")
+            .into_inner()
+    };
+    let next_for = |stream: &mut tonic::Streaming<AssignmentUpdate>, desired: DesiredState| {
+        runtime.block_on(async {
+            loop {
+                let update = tokio::time::timeout(Duration::from_secs(20), stream.message())
+                    .await
+                    .expect("an assignment update in time")
+                    .expect("the stream")
+                    .expect("an update");
+                let wanted = update
+                    .upserts
+                    .iter()
+                    .any(|a| a.vm_id == vm_id && a.desired_state() == desired);
+                if wanted {
+                    return update.generation;
+                }
+            }
+        })
+    };
+    let heartbeat = |link: &mut HostLinkClient<_>, phase: ObservedPhase, acked: u64| {
+        runtime
+            .block_on(link.heartbeat(HeartbeatRequest {
+                host_id: source.clone(),
+                vms: vec![ObservedVm {
+                    vm_id: vm_id.clone(),
+                    phase: phase as i32,
+                    generation: vm["generation"].as_u64().unwrap_or(0),
+                    ..Default::default()
+                }],
+                assignments_generation: acked,
+                ..Default::default()
+            }))
+            .expect("heartbeat");
+    };
+    let host_of = || {
+        let vm = controller.json(&["vm", "get", "mover"]);
+        vm["status"]["host_id"].as_str().unwrap_or("").to_string()
+    };
+
+    let mut stream = watch(&mut link);
+    let running_at = next_for(&mut stream, DesiredState::Running);
+    heartbeat(&mut link, ObservedPhase::Running, running_at);
+
+    // Drain node-a: the agent acknowledges the stop; the guest takes its time to shut down.
+    controller.ok(&["host", "uncordon", "node-b"]);
+    controller.ok(&["host", "drain", "node-a"]);
+    let stop_at = next_for(&mut stream, DesiredState::Stopped);
+    heartbeat(&mut link, ObservedPhase::Stopping, stop_at);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(host_of(), source, "moved while still stopping");
+
+    // The agent restarts: a new registration, the VMM still running (it re-adopts it).
+    drop(stream);
+    register(&mut link, "node-a");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        host_of(),
+        source,
+        "moved before the restarted agent said anything about it:\n{}",
+        controller.log()
+    );
+
+    // The new session: the stop again, acknowledged, and the VM reported stopped: now it
+    // moves to node-b.
+    let mut stream = watch(&mut link);
+    let stop_again_at = next_for(&mut stream, DesiredState::Stopped);
+    heartbeat(&mut link, ObservedPhase::Stopped, stop_again_at);
+    controller.wait_vm("mover", "moved to node-b", |vm| {
+        let host = vm["status"]["host_id"].as_str().unwrap_or("");
+        !host.is_empty() && host != source
+    });
+}
