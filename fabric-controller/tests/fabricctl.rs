@@ -562,56 +562,76 @@ fn an_unreachable_controller_is_one_line() {
     );
 }
 
-#[test]
-fn top_shows_memory_per_host_and_vm() {
-    use fabric_proto::v1::{
-        HeartbeatRequest, HostMemoryBalance, HostUsage, MemoryStats, ObservedPhase, ObservedVm,
-        RegisterHostRequest, Resources, VmMemoryBalance,
-    };
-
-    // A long lease (the fake hosts heartbeat only when told) and no relief: this is about
-    // what fabricctl shows.
-    let controller = Controller::start(&[
+/// A controller for hosts that a test plays itself over HostLink: a long lease (they
+/// heartbeat only when told) and no memory relief.
+fn controller_for_fake_hosts() -> Controller {
+    Controller::start(&[
         "--lease-ttl",
         "120",
         "--heartbeat-interval",
         "1",
         "--memory-relief-window",
         "0",
-    ]);
+    ])
+}
+
+/// A runtime and a HostLink client to `controller`, to play agents with.
+fn fake_agent_link(
+    controller: &Controller,
+) -> (
+    tokio::runtime::Runtime,
+    fabric_proto::v1::host_link_client::HostLinkClient<tonic::transport::Channel>,
+) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let mut link = runtime.block_on(async {
+    let link = runtime.block_on(async {
         let channel = fabric_controller::cli::connect(&controller.address())
             .await
             .expect("connect");
         fabric_proto::v1::host_link_client::HostLinkClient::new(channel)
     });
-    let register = |link: &mut fabric_proto::v1::host_link_client::HostLinkClient<_>,
-                    name: &str| {
-        runtime
-            .block_on(link.register_host(RegisterHostRequest {
-                machine_id: format!("machine-{name}"),
-                name: name.into(),
-                zone: "z1".into(),
-                capacity: Some(Resources {
-                    cpus: 8,
-                    memory_mib: 8192,
-                }),
-                allocatable: Some(Resources {
-                    cpus: 8,
-                    memory_mib: 8192,
-                }),
-                ..Default::default()
-            }))
-            .expect("register")
-            .into_inner()
-            .host_id
+    (runtime, link)
+}
+
+/// Registers (again) the host `name` (machine `machine-NAME`, 8 CPUs, 8 GiB); its id.
+fn register_fake_host(
+    runtime: &tokio::runtime::Runtime,
+    link: &mut fabric_proto::v1::host_link_client::HostLinkClient<tonic::transport::Channel>,
+    name: &str,
+) -> String {
+    use fabric_proto::v1::{RegisterHostRequest, Resources};
+    let resources = Resources {
+        cpus: 8,
+        memory_mib: 8192,
     };
-    let host_a = register(&mut link, "node-a");
-    let host_b = register(&mut link, "node-b");
+    runtime
+        .block_on(link.register_host(RegisterHostRequest {
+            machine_id: format!("machine-{name}"),
+            name: name.into(),
+            zone: "z1".into(),
+            capacity: Some(resources),
+            allocatable: Some(resources),
+            ..Default::default()
+        }))
+        .expect("register")
+        .into_inner()
+        .host_id
+}
+
+#[test]
+fn top_shows_memory_per_host_and_vm() {
+    use fabric_proto::v1::{
+        HeartbeatRequest, HostMemoryBalance, HostUsage, MemoryStats, ObservedPhase, ObservedVm,
+        VmMemoryBalance,
+    };
+
+    // This is about what fabricctl shows: the hosts report only when told, nothing moves.
+    let controller = controller_for_fake_hosts();
+    let (runtime, mut link) = fake_agent_link(&controller);
+    let host_a = register_fake_host(&runtime, &mut link, "node-a");
+    let host_b = register_fake_host(&runtime, &mut link, "node-b");
 
     // Two dynamic-memory VMs; bin-packing puts them on one host.
     for (name, minimum, maximum) in [("small", "256", "1024"), ("big", "512", "2048")] {
@@ -846,49 +866,13 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
     use fabric_proto::v1::host_link_client::HostLinkClient;
     use fabric_proto::v1::{
         AssignmentUpdate, DesiredState, HeartbeatRequest, ObservedPhase, ObservedVm,
-        RegisterHostRequest, Resources, WatchAssignmentsRequest,
+        WatchAssignmentsRequest,
     };
 
-    let controller = Controller::start(&[
-        "--lease-ttl",
-        "120",
-        "--heartbeat-interval",
-        "1",
-        "--memory-relief-window",
-        "0",
-    ]);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let mut link = runtime.block_on(async {
-        let channel = fabric_controller::cli::connect(&controller.address())
-            .await
-            .expect("connect");
-        HostLinkClient::new(channel)
-    });
-    let register = |link: &mut HostLinkClient<_>, name: &str| {
-        runtime
-            .block_on(link.register_host(RegisterHostRequest {
-                machine_id: format!("machine-{name}"),
-                name: name.into(),
-                zone: "z1".into(),
-                capacity: Some(Resources {
-                    cpus: 8,
-                    memory_mib: 8192,
-                }),
-                allocatable: Some(Resources {
-                    cpus: 8,
-                    memory_mib: 8192,
-                }),
-                ..Default::default()
-            }))
-            .expect("register")
-            .into_inner()
-            .host_id
-    };
-    let source = register(&mut link, "node-a");
-    register(&mut link, "node-b");
+    let controller = controller_for_fake_hosts();
+    let (runtime, mut link) = fake_agent_link(&controller);
+    let source = register_fake_host(&runtime, &mut link, "node-a");
+    register_fake_host(&runtime, &mut link, "node-b");
     controller.ok(&["host", "cordon", "node-b"]);
     controller.ok(&[
         "vm",
@@ -968,7 +952,7 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
 
     // The agent restarts: a new registration, the VMM still running (it re-adopts it).
     drop(stream);
-    register(&mut link, "node-a");
+    register_fake_host(&runtime, &mut link, "node-a");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         host_of(),
