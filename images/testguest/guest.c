@@ -33,6 +33,7 @@ struct boot_info boot_info;
 uint64_t bench_mib;
 static const char *scenario_name = "hello";
 static char name_buf[64];
+static const char *command_line = "";
 
 static int hello(struct result *r)
 {
@@ -52,6 +53,8 @@ static const struct {
     {"hostile-blk", scenario_hostile_blk},
     {"net", scenario_net},
     {"balloon", scenario_balloon},
+    {"clock", scenario_clock},
+    {"memload", scenario_memload},
     {"blk-bench-write", scenario_blk_bench_write},
     {"blk-bench-read", scenario_blk_bench_read},
     {"net-bench-tx", scenario_net_bench_tx},
@@ -110,9 +113,31 @@ static void read_memmap(const uint8_t *table, unsigned n, unsigned entry_size)
     }
 }
 
+const char *cmdline_value(const char *key)
+{
+    size_t key_len = strlen(key);
+    for (const char *p = command_line; *p;) {
+        while (*p == ' ')
+            p++;
+        const char *word = p;
+        while (*p && *p != ' ')
+            p++;
+        if ((size_t)(p - word) > key_len && word[key_len] == '=' && !strncmp(word, key, key_len))
+            return word + key_len + 1;
+    }
+    return NULL;
+}
+
+uint64_t cmdline_u64(const char *key, uint64_t fallback)
+{
+    const char *v = cmdline_value(key);
+    return v && *v >= '0' && *v <= '9' ? parse_u64(&v) : fallback;
+}
+
 /* Picks out fabric.test=NAME and every virtio_mmio.device=SPEC. */
 static void read_cmdline(const char *p)
 {
+    command_line = p;
     static const char test_key[] = "fabric.test=", dev_key[] = "virtio_mmio.device=", mib_key[] = "fabric.mib=";
     while (*p) {
         while (*p == ' ')

@@ -237,19 +237,43 @@ void paging_init(void)
 #define RFLAGS_IOPL3 0x3000
 #define RFLAGS_RESERVED 0x2
 
-/* null, kernel code (0x08), kernel data (0x10), user data (0x18), user code (0x20). */
-static const uint64_t user_gdt[5] ALIGNED(16) = {
-    0, 0x00af9a000000ffffull, 0x00cf92000000ffffull, 0x00cff2000000ffffull, 0x00affa000000ffffull,
+/* null, kernel code (0x08), kernel data (0x10), user data (0x18), user code (0x20), and the
+ * TSS (0x28, two entries), whose RSP0 is the stack traps from ring 3 run on (trap.c). */
+static uint64_t user_gdt[7] ALIGNED(16) = {
+    0, 0x00af9a000000ffffull, 0x00cf92000000ffffull, 0x00cff2000000ffffull, 0x00affa000000ffffull, 0, 0,
 };
 #define USER_DS (0x18 | 3)
 #define USER_CS (0x20 | 3)
+#define TSS_SELECTOR 0x28
+#define TSS_AVAILABLE_64 0x89 /* present, DPL 0, available 64-bit TSS */
+
+/* With a TSS loaded, ring-3 port I/O is checked against its I/O permission bitmap where KVM
+ * emulates it (kvm-pvm does, whatever IOPL says): the bitmap allows every port (all zeros,
+ * then the 0xff byte that ends it). */
+static struct {
+    uint32_t reserved0;
+    uint64_t rsp0, rsp1, rsp2, reserved1, ist[7], reserved2;
+    uint16_t reserved3, iomap_base;
+    uint8_t iomap[65536 / 8];
+    uint8_t iomap_end;
+} __attribute__((packed)) tss ALIGNED(16);
+static uint8_t trap_stack[8192] ALIGNED(16);
 
 void enter_user_mode(void)
 {
-    static const struct {
+    static struct {
         uint16_t limit;
         uint64_t base;
-    } __attribute__((packed)) gdtr = {sizeof(user_gdt) - 1, (uint64_t)user_gdt};
+    } __attribute__((packed)) gdtr;
+    gdtr.limit = sizeof(user_gdt) - 1;
+    gdtr.base = (uint64_t)user_gdt;
+    tss.rsp0 = (uint64_t)(trap_stack + sizeof(trap_stack));
+    tss.iomap_base = (uint16_t)((uint64_t)tss.iomap - (uint64_t)&tss);
+    tss.iomap_end = 0xff;
+    uint64_t base = (uint64_t)&tss, limit = sizeof(tss) - 1;
+    user_gdt[5] = (limit & 0xffff) | (base & 0xffffff) << 16 | (uint64_t)TSS_AVAILABLE_64 << 40 |
+                  ((limit >> 16) & 0xf) << 48 | ((base >> 24) & 0xff) << 56;
+    user_gdt[6] = base >> 32;
     /* Every page user-accessible, and the kernel allowed to touch them (no SMEP/SMAP). */
     uint64_t cr4;
     __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
@@ -264,17 +288,19 @@ void enter_user_mode(void)
     /* An iretq to the next instruction, same stack, CPL 3, IOPL 3 (port I/O stays allowed),
      * interrupts off. */
     __asm__ volatile("lgdt %0\n\t"
+                     "ltr %w1\n\t"
                      "mov %%rsp, %%rax\n\t"
-                     "pushq %1\n\t"
-                     "pushq %%rax\n\t"
                      "pushq %2\n\t"
+                     "pushq %%rax\n\t"
                      "pushq %3\n\t"
+                     "pushq %4\n\t"
                      "lea 1f(%%rip), %%rax\n\t"
                      "pushq %%rax\n\t"
                      "iretq\n"
                      "1:"
                      :
-                     : "m"(gdtr), "i"(USER_DS), "i"(RFLAGS_IOPL3 | RFLAGS_RESERVED), "i"(USER_CS)
+                     : "m"(gdtr), "r"((uint16_t)TSS_SELECTOR), "i"(USER_DS), "i"(RFLAGS_IOPL3 | RFLAGS_RESERVED),
+                       "i"(USER_CS)
                      : "rax", "memory");
 }
 

@@ -61,6 +61,20 @@ void paging_init(void);
  * runs natively: the throughput scenarios run their loops up here. */
 void enter_user_mode(void);
 
+/* kvmclock (clock.c). clock_init runs in ring 0 (it writes MSRs); NULL or why there is no
+ * clock. The readers work in either ring and return 0 without a clock. */
+const char *clock_init(void);
+uint64_t clock_ns(void);      /* since the VM's clock started */
+uint64_t clock_unix_ms(void); /* the host's real time */
+uint64_t clock_tsc_khz(void);
+
+/* Traps and sleeping (trap.c). trap_init runs in ring 0, after clock_init: an IDT (an
+ * unexpected exception is printed, then the machine exits) and the local APIC timer. Then
+ * idle_until halts the vCPU until the TSC passes the deadline, in ring 0 or ring 3 (where it
+ * spins instead without trap_init or a clock). */
+void trap_init(void);
+void idle_until(uint64_t deadline_tsc);
+
 /* Tells the VMM the guest is done (boot-complete port), then resets through the i8042; where
  * there is none, exits through isa-debug-exit or a triple fault. */
 void __attribute__((noreturn)) machine_exit(void);

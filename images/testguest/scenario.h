@@ -14,6 +14,11 @@ extern struct boot_info boot_info;
 /* fabric.mib=N on the command line: how much a throughput scenario moves (0: its default). */
 extern uint64_t bench_mib;
 
+/* The value of KEY=VALUE on the command line (up to the next space), or NULL. */
+const char *cmdline_value(const char *key);
+/* The same as a number (C notation), or `fallback` when absent or not a number. */
+uint64_t cmdline_u64(const char *key, uint64_t fallback);
+
 /* The verdict of a scenario: its message follows "PASS " or "FAIL ". */
 struct result {
     char msg[256];
@@ -34,6 +39,10 @@ int scenario_blk_id(struct result *r);
 int scenario_hostile_blk(struct result *r);
 int scenario_net(struct result *r);
 int scenario_balloon(struct result *r);
+/* kvmclock and sleeping in ring 3 (memload.c). */
+int scenario_clock(struct result *r);
+/* A balloon driver with a memory workload, the guest side of bench/memory (memload.c). */
+int scenario_memload(struct result *r);
 /* Throughput (bench.c): console lines `testguest: bench start` and `testguest: bench end bytes=N`
  * bracket the timed part. */
 int scenario_blk_bench_write(struct result *r);
