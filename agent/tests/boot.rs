@@ -14,13 +14,18 @@ use fabric_proto::v1::{
     ShutdownRequest, VmmState,
 };
 
-/// "smp: Brought up 1 node, N CPUs" (or "1 CPU").
-fn assert_cpus(console: &str, cpus: u32) {
-    let want = if cpus == 1 {
+/// The kernel's line once it has brought up its CPUs.
+fn cpus_up(cpus: u32) -> String {
+    if cpus == 1 {
         "smp: Brought up 1 node, 1 CPU".to_string()
     } else {
         format!("smp: Brought up 1 node, {cpus} CPUs")
-    };
+    }
+}
+
+/// "smp: Brought up 1 node, N CPUs" (or "1 CPU").
+fn assert_cpus(console: &str, cpus: u32) {
+    let want = cpus_up(cpus);
     assert!(
         console.contains(&want),
         "console lacks {want:?}:\n{}",
@@ -173,7 +178,14 @@ fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
             ..Default::default()
         },
     );
-    let console = guest.wait_console(&image.ready_marker(), BOOT_TIMEOUT);
+    // What this test is about happens by the time the guest has brought its CPUs up: it
+    // stops there rather than at the ready marker. Four vCPUs on a two-core host whose KVM
+    // emulates guest kernel code (kvm-pvm) can stall for minutes later in the boot: in about
+    // 1 boot in 100 on a loaded host, an initcall (`chr_dev_init`) took 224 s, the vCPUs
+    // running the whole time (SIGUSR2 dumps: spinning in `queued_spin_lock_slowpath`, ticking,
+    // idling) and the boot then completed. The boot to the ready marker is covered by the
+    // other tests; here the guest only needs to be up and deaf.
+    let console = guest.wait_console(&cpus_up(4), BOOT_TIMEOUT);
     assert_cpus(&console, 4);
 
     let rt = runtime();
