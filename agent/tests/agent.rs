@@ -13,6 +13,8 @@
 //! - bad inputs (no controller yet, digest mismatch, missing image, tap name taken) each show
 //!   a clear error and the agent keeps serving;
 //! - the simulated backend runs 200 hollow VMs without processes;
+//! - a VM whose start fails is reported STARTING (with the error and when the next start is
+//!   due) while the agent retries, never FAILED;
 //! - the memory balancer over simulated guests: a host whose budget is below what its VMs
 //!   want reports itself short and shares by weight, a VM that wants more than its share shows
 //!   pressure; with room, idle VMs shrink to demand plus buffer and a hungry one grows; with
@@ -906,6 +908,68 @@ fn the_simulated_backend_runs_200_vms_without_processes() {
     });
     host.assert_agent_running();
     eprintln!("agent: 200 simulated VMs running {took:?} after the assignment");
+}
+
+/// A VM whose start fails is started again after a back-off, whatever its restart policy
+/// (that governs exits): until then it is STARTING, with the error and when the next start is
+/// due, never FAILED. The controller reads FAILED as "will not run here" and releases the VM
+/// to another host, so a FAILED report while a start is still due could run it twice.
+#[test]
+fn a_simulated_vm_that_cannot_start_is_reported_starting_while_the_agent_retries() {
+    let mut host = TestHost::new(HostOptions::sim());
+    let controller = FakeController::start(&host.controller_socket);
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let kernel = b"a kernel the simulated backend never runs".to_vec();
+    let kernel_sha256 = sha256_hex(&kernel);
+    controller.add_image_bytes(&kernel_sha256, kernel);
+    let vm_id = "cannot-start";
+    // The simulated backend refuses 0 vCPUs at every start.
+    let mut spec = vm_spec(vm_id, &kernel_sha256, RestartPolicy::Never);
+    spec.vcpus = 0;
+    let mark = controller.mark();
+    controller.set_assignments(vec![assignment(vm_id, spec.clone())]);
+
+    // Three starts have failed (back-off 0.5 s, then 1 s, then 2 s).
+    controller.wait_observed_after(mark, vm_id, Duration::from_secs(30), |o| {
+        o.message.contains("starting again in 2.0 s")
+    });
+    let history = controller.observed_history(vm_id, mark);
+    let failing: Vec<&ObservedVm> = history
+        .iter()
+        .map(|(_, o)| o)
+        .filter(|o| o.last_error.contains("vcpus 0"))
+        .collect();
+    assert!(failing.len() >= 2, "{history:#?}");
+    for o in &failing {
+        assert_eq!(phase(o), ObservedPhase::Starting, "{o:?}");
+        assert_eq!(o.pid, 0, "{o:?}");
+    }
+    assert!(
+        history
+            .iter()
+            .all(|(_, o)| phase(o) != ObservedPhase::Failed),
+        "reported FAILED although the agent retries: {history:#?}"
+    );
+    let latest = failing.last().expect("a report");
+    assert!(
+        latest.message.starts_with("start failed: vcpus 0")
+            && latest.message.contains("starting again in ")
+            && latest.message.contains(" (at 20"),
+        "the message does not say a start is due and when: {:?}",
+        latest.message
+    );
+
+    // The retries are real: once the assignment is fixed, the next one runs it.
+    spec.vcpus = 1;
+    let mut fixed = assignment(vm_id, spec);
+    fixed.generation = 2;
+    controller.upsert_assignment(fixed);
+    let started = controller.wait_observed(vm_id, Duration::from_secs(60), |o| {
+        phase(o) == ObservedPhase::Running
+    });
+    assert_eq!(started.generation, 2, "{started:?}");
+    host.assert_agent_running();
 }
 
 #[test]

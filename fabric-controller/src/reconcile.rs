@@ -18,6 +18,8 @@ use fabric_proto::v1::{DesiredState, EventKind, HostState, ObservedPhase, VmPhas
 use crate::controller::{effective_state, short_host_state, Controller};
 
 mod memory_relief;
+#[cfg(test)]
+mod tests;
 
 /// Longest time between passes.
 const PERIOD: Duration = Duration::from_millis(250);

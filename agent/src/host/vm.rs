@@ -41,6 +41,16 @@ pub fn backoff(failures: u32) -> Duration {
     (Duration::from_millis(500) * (1u32 << exp)).min(MAX_BACKOFF)
 }
 
+/// The status message while a start is pending after `what` happened: it says when, as a
+/// delay and as a time (heartbeats repeat the message long after it was written).
+pub fn retry_message(what: &str, wait: Duration, now: SystemTime) -> String {
+    let at = prost_types::Timestamp::from(now + wait);
+    format!(
+        "{what}; starting again in {:.1} s (at {at})",
+        wait.as_secs_f64()
+    )
+}
+
 /// Whether an exit is followed by a restart under `policy`.
 pub fn restarts(policy: RestartPolicy, clean: bool) -> bool {
     match policy {
@@ -251,9 +261,13 @@ impl Supervisor {
                         retry_at = Some(Instant::now() + wait);
                         self.set_error(&err);
                         self.save();
+                        // STARTING, not FAILED: the agent starts it again by itself, and the
+                        // controller takes FAILED as "will not run here" (a VM being moved or
+                        // stopped is released on it). A FAILED report here could let the VM
+                        // start elsewhere while this retry is still due.
                         self.set_phase(
-                            ObservedPhase::Failed,
-                            format!("start failed; retrying in {:.1} s", wait.as_secs_f64()),
+                            ObservedPhase::Starting,
+                            retry_message(&format!("start failed: {err}"), wait, SystemTime::now()),
                         );
                         continue;
                     }
@@ -286,7 +300,11 @@ impl Supervisor {
                         restarting = true;
                         self.set_phase(
                             ObservedPhase::Starting,
-                            format!("{}; restarting in {:.1} s (policy {})", exit.description, wait.as_secs_f64(), policy.as_str_name()),
+                            retry_message(
+                                &format!("{} (policy {})", exit.description, policy.as_str_name()),
+                                wait,
+                                SystemTime::now(),
+                            ),
                         );
                     } else {
                         held = Some(assignment.generation);
@@ -392,6 +410,15 @@ mod tests {
         assert_eq!(backoff(4), Duration::from_secs(4));
         assert_eq!(backoff(10), MAX_BACKOFF);
         assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_pending_retry_says_when() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(
+            retry_message("start failed: no kernel", Duration::from_millis(2500), now),
+            "start failed: no kernel; starting again in 2.5 s (at 2027-01-15T08:00:02.500Z)"
+        );
     }
 
     #[test]

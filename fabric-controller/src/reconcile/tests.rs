@@ -1,0 +1,214 @@
+//! The reconciler against a real [`Controller`] (its redb store in a temp dir), with the test
+//! playing the agents through the HostLink service itself: registrations and heartbeats take
+//! the same path as over gRPC, and each reconciler pass is run by hand, so a test decides
+//! exactly what every host reports between two passes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fabric_proto::v1::host_link_server::HostLink;
+use fabric_proto::v1::{
+    BootImage, DesiredState, HeartbeatRequest, HostMemoryBalance, HostState, HostUsage, MemorySpec,
+    ObservedPhase, ObservedVm, RegisterHostRequest, Resources, Vm, VmPhase, VmSpec, VmStatus,
+};
+use tonic::Request;
+
+use super::Reconciler;
+use crate::controller::{Controller, Settings};
+use crate::hostlink::HostLinkService;
+use crate::store::redb::RedbStore;
+
+/// A controller, its reconciler (run by hand) and the hosts the test plays.
+pub(crate) struct Harness {
+    pub c: Arc<Controller>,
+    pub reconciler: Reconciler,
+    hostlink: HostLinkService,
+    _dir: tempfile::TempDir,
+}
+
+/// One VM as a heartbeat reports it: running with a memory decision, or in `phase`.
+pub(crate) fn observed(vm: &Vm, phase: ObservedPhase) -> ObservedVm {
+    ObservedVm {
+        vm_id: vm.id.clone(),
+        phase: phase as i32,
+        generation: vm.generation,
+        ..Default::default()
+    }
+}
+
+impl Harness {
+    /// Leases long enough that no host turns suspect while a test thinks; relief after
+    /// `memory_relief_window` (zero: off).
+    pub async fn new(memory_relief_window: Duration) -> Harness {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = RedbStore::open(&dir.path().join("store.redb")).expect("store");
+        let settings = Settings {
+            data_dir: dir.path().to_owned(),
+            lease_ttl: Duration::from_secs(600),
+            heartbeat_interval: Duration::from_secs(1),
+            fencing_margin: Duration::from_secs(5),
+            cpu_overcommit: 4.0,
+            memory_relief_window,
+        };
+        let c = Controller::load(settings, Arc::new(store)).expect("controller");
+        Harness {
+            hostlink: HostLinkService::new(c.clone()),
+            c,
+            reconciler: Reconciler::default(),
+            _dir: dir,
+        }
+    }
+
+    /// Registers host `name` (8 CPUs, 16 GiB, zone z1) in `fault_domain`; its id.
+    pub async fn add_host(&self, name: &str, fault_domain: u32) -> String {
+        let resources = Resources {
+            cpus: 8,
+            memory_mib: 16_384,
+        };
+        self.hostlink
+            .register_host(Request::new(RegisterHostRequest {
+                machine_id: format!("machine-{name}"),
+                name: name.to_string(),
+                zone: "z1".to_string(),
+                fault_domain,
+                update_domain: fault_domain,
+                capacity: Some(resources),
+                allocatable: Some(resources),
+                ..Default::default()
+            }))
+            .await
+            .expect("register")
+            .into_inner()
+            .host_id
+    }
+
+    /// Creates a running VM of 1 vCPU and `memory`, pending placement; its id.
+    pub async fn create_vm(&self, name: &str, memory: MemorySpec) -> String {
+        let id = format!("vm-{name}");
+        let vm = Vm {
+            id: id.clone(),
+            spec: Some(VmSpec {
+                name: name.to_string(),
+                vcpus: 1,
+                memory: Some(memory),
+                image: Some(BootImage {
+                    kernel_sha256: "0".repeat(64),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            status: Some(VmStatus {
+                desired_state: DesiredState::Running as i32,
+                phase: VmPhase::Pending as i32,
+                ..Default::default()
+            }),
+            generation: 1,
+            ..Default::default()
+        };
+        self.c.create_vm(vm).await.expect("create");
+        id
+    }
+
+    /// Cordons, drains or opens (`Ready`) a host.
+    pub async fn set_host(&self, host_id: &str, state: HostState) {
+        self.c
+            .set_host_admin(host_id, state, "test")
+            .await
+            .expect("host state");
+    }
+
+    /// A heartbeat of `host_id` reporting `vms` and, when given, its memory balance.
+    pub async fn heartbeat(
+        &self,
+        host_id: &str,
+        vms: Vec<ObservedVm>,
+        memory: Option<HostMemoryBalance>,
+    ) {
+        self.hostlink
+            .heartbeat(Request::new(HeartbeatRequest {
+                host_id: host_id.to_string(),
+                vms,
+                usage: Some(HostUsage {
+                    memory_balance: memory,
+                    ..Default::default()
+                }),
+                assignments_generation: self.c.next_generation(),
+                ..Default::default()
+            }))
+            .await
+            .expect("heartbeat");
+    }
+
+    pub async fn pass(&mut self) {
+        self.reconciler.pass(&self.c).await;
+    }
+
+    pub fn vm(&self, vm_id: &str) -> Vm {
+        self.c.get_vm(vm_id).expect("the VM")
+    }
+
+    /// The host the VM is assigned to ("" when none).
+    pub fn host_of(&self, vm_id: &str) -> String {
+        self.vm(vm_id).status.unwrap_or_default().host_id
+    }
+}
+
+/// A VM of 512 MiB startup (no dynamic memory range beyond it).
+fn plain() -> MemorySpec {
+    MemorySpec {
+        startup_mib: 512,
+        ..Default::default()
+    }
+}
+
+/// The agent reports FAILED only when it will not start the VM again by itself; a VM being
+/// stopped or moved is released on it. STARTING (a start failed and is due again) keeps the
+/// VM where it is: releasing it then could run it on two hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_reported_failed_is_released_one_still_starting_is_not() {
+    let mut h = Harness::new(Duration::ZERO).await;
+    let a = h.add_host("node-a", 0).await;
+    let b = h.add_host("node-b", 1).await;
+    h.set_host(&b, HostState::Cordoned).await;
+    let stopping = h.create_vm("stopping", plain()).await;
+    let moving = h.create_vm("moving", plain()).await;
+    h.pass().await;
+    assert_eq!(h.host_of(&stopping), a);
+    assert_eq!(h.host_of(&moving), a);
+    h.set_host(&b, HostState::Ready).await;
+
+    // One is stopped by its operator, the other's host drains; both are still retrying a
+    // failed start.
+    h.c.set_desired(&stopping, DesiredState::Stopped)
+        .await
+        .expect("stop");
+    h.set_host(&a, HostState::Draining).await;
+    let report = |h: &Harness, phase| {
+        vec![
+            observed(&h.vm(&stopping), phase),
+            observed(&h.vm(&moving), phase),
+        ]
+    };
+    h.heartbeat(&a, report(&h, ObservedPhase::Starting), None)
+        .await;
+    for _ in 0..3 {
+        h.pass().await;
+    }
+    assert_eq!(h.host_of(&stopping), a, "released while a start is due");
+    assert_eq!(
+        h.host_of(&moving),
+        a,
+        "moved while a start is due on node-a"
+    );
+
+    // Now the agent has given up on both: they are released, one stopped, one placed on b.
+    h.heartbeat(&a, report(&h, ObservedPhase::Failed), None)
+        .await;
+    h.pass().await;
+    let status = h.vm(&stopping).status.unwrap_or_default();
+    assert_eq!(
+        (status.host_id.as_str(), status.phase()),
+        ("", VmPhase::Stopped)
+    );
+    assert_eq!(h.host_of(&moving), b);
+}
