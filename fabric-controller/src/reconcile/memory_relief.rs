@@ -260,14 +260,28 @@ impl Reconciler {
         }
     }
 
-    /// Marks the VM as moving (its source's assignments now say stop) and says why.
+    /// Marks the VM as moving (its source's assignments now say stop) and says why, if it is
+    /// still what the plan saw: on the source, wanted and observed running there, and not
+    /// already leaving (a drain, another move). The plan was made from a snapshot; a StopVm or
+    /// a drain may have committed since, and such a VM must get no relief move or event.
     fn start_move(&mut self, c: &Controller, m: ReliefMove) {
         let mut model = c.model();
         let Some(vm) = model.vms.get(&m.vm_id).map(|e| e.vm.clone()) else {
             return;
         };
-        let on_source = vm.status.as_ref().is_some_and(|s| s.host_id == m.source);
-        if !on_source {
+        let status = vm.status.clone().unwrap_or_default();
+        let running_on_source = model
+            .hosts
+            .get(&m.source)
+            .and_then(|h| h.live.observed.get(&m.vm_id))
+            .is_some_and(|o| o.phase() == ObservedPhase::Running);
+        let movable = status.host_id == m.source
+            && status.desired_state() == DesiredState::Running
+            && running_on_source
+            && !model.evicting.contains(&m.vm_id)
+            && !model.relieving.contains_key(&m.vm_id);
+        if !movable {
+            tracing::debug!(vm = %m.vm_id, source = %m.source, "memory relief: the VM changed since the plan; not moved");
             return;
         }
         model.relieving.insert(
@@ -419,7 +433,86 @@ async fn place_one(c: &Arc<Controller>, vm_id: &str, source: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{observed, plain, Harness};
     use super::*;
+
+    /// A move of `vm_id` from `source` to `destination` as a plan would decide it.
+    fn planned(vm_id: &str, source: &str, destination: &str) -> ReliefMove {
+        ReliefMove {
+            vm_id: vm_id.to_string(),
+            source: source.to_string(),
+            destination: destination.to_string(),
+            vm_wanted_mib: 600,
+            source_budget_mib: 2000,
+            source_wanted_mib: 2400,
+            excess_mib: 400,
+            destination_room_mib: 3000,
+            short_for: Duration::from_secs(30),
+        }
+    }
+
+    /// The plan is made from a snapshot; by the time a move starts, the VM may have been
+    /// stopped, caught by a drain or be running no longer: such a VM gets no move and no
+    /// event, and its host's assignments stay as they were.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_move_starts_only_for_a_vm_still_wanted_and_running_on_its_source() {
+        let mut h = Harness::new(Duration::from_secs(30)).await;
+        let source = h.add_host("source", 0).await;
+        let destination = h.add_host("destination", 1).await;
+        let names = ["moves", "stopped", "drained", "rebooting", "moved-already"];
+        let mut ids = Vec::new();
+        for name in names {
+            ids.push(h.create_vm(name, plain()).await);
+        }
+        h.place_on(&source).await;
+        let vms: Vec<Vm> = ids.iter().map(|id| h.vm(id)).collect();
+        let mut report: Vec<_> = vms
+            .iter()
+            .map(|vm| observed(vm, ObservedPhase::Running))
+            .collect();
+        report[3].phase = ObservedPhase::Starting as i32;
+        h.heartbeat(&source, report, None).await;
+        // Meanwhile: a StopVm, a drain's mark, and a move already under way.
+        h.c.set_desired(&ids[1], DesiredState::Stopped)
+            .await
+            .expect("stop");
+        h.c.model().evicting.insert(ids[2].clone());
+        h.reconciler
+            .start_move(&h.c, planned(&ids[4], &source, &destination));
+        let before = h.events().len();
+
+        for id in &ids[1..] {
+            h.reconciler
+                .start_move(&h.c, planned(id, &source, &destination));
+        }
+        let after_refused = h.events();
+        assert_eq!(
+            after_refused.len(),
+            before,
+            "events for VMs that must not move: {:?}",
+            &after_refused[before..]
+        );
+        h.reconciler
+            .start_move(&h.c, planned(&ids[0], &source, &destination));
+
+        let relieving: Vec<String> = {
+            let model = h.c.model();
+            let mut ids: Vec<String> = model.relieving.keys().cloned().collect();
+            ids.sort();
+            ids
+        };
+        let mut expected = vec![ids[0].clone(), ids[4].clone()];
+        expected.sort();
+        assert_eq!(relieving, expected);
+        let evicted: Vec<String> = h.events()[before..]
+            .iter()
+            .filter(|e| e.kind() == EventKind::VmEvicted)
+            .map(|e| e.vm_id.clone())
+            .collect();
+        assert_eq!(evicted, [ids[0].clone()]);
+        assert!(!h.told_to_run(&ids[0]), "the mover is told to stop");
+        assert!(h.told_to_run(&ids[3]), "the rebooting VM was told to stop");
+    }
 
     #[test]
     fn memory_promised_to_a_host_adds_up_without_overflow() {

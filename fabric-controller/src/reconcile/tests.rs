@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use fabric_proto::v1::host_link_server::HostLink;
 use fabric_proto::v1::{
-    BootImage, DesiredState, HeartbeatRequest, HostMemoryBalance, HostState, HostUsage, MemorySpec,
-    ObservedPhase, ObservedVm, RegisterHostRequest, Resources, Vm, VmPhase, VmSpec, VmStatus,
+    BootImage, DesiredState, Event, HeartbeatRequest, HostMemoryBalance, HostState, HostUsage,
+    MemorySpec, ObservedPhase, ObservedVm, RegisterHostRequest, Resources, Vm, VmPhase, VmSpec,
+    VmStatus,
 };
 use tonic::Request;
 
@@ -151,10 +152,43 @@ impl Harness {
     pub fn host_of(&self, vm_id: &str) -> String {
         self.vm(vm_id).status.unwrap_or_default().host_id
     }
+
+    /// Whether the VM's host is told to run it (rather than stop it).
+    pub fn told_to_run(&self, vm_id: &str) -> bool {
+        let host = self.host_of(vm_id);
+        self.c
+            .assignments(&host)
+            .iter()
+            .any(|a| a.vm_id == vm_id && a.desired_state() == DesiredState::Running)
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.c.events.subscribe(0).0
+    }
+
+    /// Places the pending VMs on `host_id`: every other host is cordoned for the pass.
+    pub async fn place_on(&mut self, host_id: &str) {
+        let others: Vec<String> = self
+            .c
+            .model()
+            .hosts
+            .keys()
+            .filter(|id| *id != host_id)
+            .cloned()
+            .collect();
+        for other in &others {
+            self.set_host(other, HostState::Cordoned).await;
+        }
+        self.pass().await;
+        for other in &others {
+            self.set_host(other, HostState::Ready).await;
+        }
+    }
 }
 
 /// A VM of 512 MiB startup (no dynamic memory range beyond it).
-fn plain() -> MemorySpec {
+pub(crate) fn plain() -> MemorySpec {
     MemorySpec {
         startup_mib: 512,
         ..Default::default()
