@@ -29,7 +29,8 @@ use crate::scheduler::memory_relief::{
 };
 
 /// A host for which relief found no move is searched again after this long (or the window,
-/// if shorter): the search walks every host for each of its VMs, too much for every pass.
+/// if shorter): the search is cheap when room is what blocks it, but a host blocked by the
+/// filters (zones, spread, cordons) has its VMs judged on every host with room each time.
 const BLOCKED_RETRY: Duration = Duration::from_secs(5);
 
 /// What the reconciler remembers about relief between passes.
@@ -225,11 +226,16 @@ impl Reconciler {
                 })
                 .collect::<Vec<_>>()
         };
-        let decisions = {
+        let plan = {
             let mut placer = c.placer();
             plan_relief(&hosts, window, now, placer.scheduler_mut())
         };
-        for decision in decisions {
+        tracing::debug!(
+            decisions = plan.decisions.len(),
+            hosts_judged = plan.hosts_judged,
+            "memory relief planned"
+        );
+        for decision in plan.decisions {
             match decision {
                 ReliefDecision::Move(m) => self.start_move(c, m),
                 ReliefDecision::NoDestination {
@@ -348,8 +354,9 @@ async fn place_one(c: &Arc<Controller>, vm_id: &str, source: &str) {
         let mut placer = c.placer();
         let scheduler = placer.scheduler_mut();
         let demand = placement::demand(&vm);
+        // Judged as the plan judged it: among the source and the chosen host.
         let verdict = scheduler
-            .explain_move(vm_id, &demand)
+            .explain_move_among(vm_id, &demand, [planned.as_str(), source])
             .into_iter()
             .find(|v| v.host_id == planned)
             .map(|v| v.rejected_by);

@@ -225,6 +225,11 @@ impl Scheduler {
         self.host_at(slot).map(|h| &h.spec)
     }
 
+    /// A registered host with its running totals.
+    pub(super) fn host_by_id(&self, host_id: &str) -> Option<&Host> {
+        self.host_at(*self.host_slots.get(host_id)?)
+    }
+
     /// What the VMs assigned to a host reserve on it (for `Host.allocated`).
     pub fn allocation(&self, host_id: &str) -> Option<Allocation> {
         let slot = *self.host_slots.get(host_id)?;

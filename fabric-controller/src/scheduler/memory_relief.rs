@@ -37,16 +37,25 @@
 //!
 //! # Where
 //!
-//! A destination is any other host on which the VM passes the scheduler's hard filters as if it
-//! had already left its source ([`Scheduler::explain_move`]: host state, zone, CPU and memory
-//! capacity by minimum, anti-affinity, availability-set spread over fault and update domains)
-//! and whose room holds the VM's want. Of those, the host with the **most room** wins; equal
-//! room goes to the smaller host id. Hosts without a memory report have unknown room and are
-//! not destinations. The source itself counts as a host the VM could be on when the spread
-//! filters pick the least-used domains, so a relief move never worsens an availability set's
-//! spread; the fallback when a chosen destination no longer fits at commit
+//! A destination is any other host whose room holds the VM's want and on which the VM passes
+//! the scheduler's hard filters as if it had already left its source
+//! ([`Scheduler::explain_move_among`]: host state, zone, CPU and memory capacity by minimum,
+//! anti-affinity, availability-set spread over fault and update domains). Of those, the host
+//! with the **most room** wins; equal room goes to the smaller host id. Hosts without a memory
+//! report have unknown room and are not destinations. The spread filters pick the least-used
+//! domains among the source and the hosts with the room (the others could not take the VM
+//! anyway); the source counting there means a relief move never worsens an availability set's
+//! spread. The fallback when a chosen destination no longer fits at commit
 //! ([`Scheduler::place_elsewhere`]) is ordinary placement without the source, where spreading,
 //! as always, only chooses among the hosts left.
+//!
+//! # Cost
+//!
+//! The plan runs with the placement snapshot locked, over clusters of 10,000 hosts. Hosts are
+//! kept sorted by room, so the filters judge, for each VM tried, only the hosts with room for
+//! its want (and the source); a VM whose want exceeds the largest room anywhere costs no
+//! filter at all, and neither does a host blocked for want of room.
+//! [`ReliefPlan::hosts_judged`] counts the hosts the filters judged.
 //!
 //! # When
 //!
@@ -63,7 +72,7 @@
 //! 300 MiB), 1 cordoned`), not a move.
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -209,6 +218,14 @@ pub enum ReliefDecision {
     },
 }
 
+/// What [`plan_relief`] decided, and what it cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReliefPlan {
+    pub decisions: Vec<ReliefDecision>,
+    /// Host verdicts the filters computed (one host judged for one VM): the search's cost.
+    pub hosts_judged: usize,
+}
+
 /// Why a host is not a destination for a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Refusal {
@@ -232,7 +249,7 @@ struct Destinations {
     /// `(room, host id)` of every acceptable host.
     fitting: Vec<(u64, String)>,
     refusals: BTreeMap<Refusal, usize>,
-    /// The most room among hosts that pass the filters but have too little.
+    /// The most room among hosts with too little for the want.
     most_room_short: u64,
     /// Hosts other than the source.
     considered: usize,
@@ -245,6 +262,20 @@ impl Scheduler {
     pub fn explain_move(&mut self, vm_id: &str, demand: &Demand) -> Vec<HostVerdict> {
         let assigned_to = self.release(vm_id).ok();
         let verdicts = self.explain(demand);
+        self.restore(vm_id, assigned_to, demand);
+        verdicts
+    }
+
+    /// [`Self::explain_move`] for the hosts `host_ids` only, in that order
+    /// ([`Scheduler::explain_among`]). O(hosts given).
+    pub fn explain_move_among<'h>(
+        &mut self,
+        vm_id: &str,
+        demand: &Demand,
+        host_ids: impl IntoIterator<Item = &'h str>,
+    ) -> Vec<HostVerdict> {
+        let assigned_to = self.release(vm_id).ok();
+        let verdicts = self.explain_among(demand, host_ids);
         self.restore(vm_id, assigned_to, demand);
         verdicts
     }
@@ -293,12 +324,66 @@ impl Scheduler {
     }
 }
 
-/// Where `vm` (on `source`) could go, over `hosts` with their room now.
+/// Every host's room now (`budget − wanted − incoming`), largest first, so that a search
+/// looks only at the hosts that could take a want.
+struct Rooms {
+    /// `(room, host id)` of the hosts with a report: largest room first, equal room by id.
+    by_room: BTreeSet<(Reverse<u64>, String)>,
+    room_of: HashMap<String, u64>,
+    /// Hosts without a memory report.
+    unreported: BTreeSet<String>,
+}
+
+impl Rooms {
+    fn new(hosts: &[HostMemory]) -> Rooms {
+        let mut rooms = Rooms {
+            by_room: BTreeSet::new(),
+            room_of: HashMap::new(),
+            unreported: BTreeSet::new(),
+        };
+        for host in hosts {
+            match host.report {
+                Some(report) => {
+                    let room = report.room_mib().saturating_sub(host.incoming_mib);
+                    rooms.by_room.insert((Reverse(room), host.host_id.clone()));
+                    rooms.room_of.insert(host.host_id.clone(), room);
+                }
+                None => {
+                    rooms.unreported.insert(host.host_id.clone());
+                }
+            }
+        }
+        rooms
+    }
+
+    /// The largest room of any host but `source`.
+    fn largest_except(&self, source: &str) -> u64 {
+        self.by_room
+            .iter()
+            .find(|(_, id)| id != source)
+            .map_or(0, |(Reverse(room), _)| *room)
+    }
+
+    /// `host_id` takes `want_mib` more.
+    fn take(&mut self, host_id: &str, want_mib: u64) {
+        let Some(room) = self.room_of.get_mut(host_id) else {
+            return;
+        };
+        self.by_room.remove(&(Reverse(*room), host_id.to_string()));
+        *room = room.saturating_sub(want_mib);
+        self.by_room.insert((Reverse(*room), host_id.to_string()));
+    }
+}
+
+/// Where `vm` (on `source`) could go with the hosts' room now. Only hosts with room for its
+/// want are judged by the filters (with the source, for the spread filters: see the module
+/// docs); `judged` counts them.
 fn destinations(
     scheduler: &mut Scheduler,
     vm: &MovableVm,
     source: &str,
-    room: &BTreeMap<String, Option<u64>>,
+    rooms: &Rooms,
+    judged: &mut usize,
 ) -> Destinations {
     let want = vm.wanted_mib();
     let mut result = Destinations {
@@ -307,28 +392,46 @@ fn destinations(
         most_room_short: 0,
         considered: 0,
     };
-    for verdict in scheduler.explain_move(&vm.vm_id, &vm.demand) {
+    // Largest room first: the hosts with room for the want are a prefix, and the first host
+    // after it has the most room of those without enough.
+    let mut roomy: Vec<&str> = Vec::new();
+    for (Reverse(room), host_id) in &rooms.by_room {
+        if host_id == source {
+            continue;
+        }
+        if *room < want {
+            result.most_room_short = *room;
+            break;
+        }
+        roomy.push(host_id);
+    }
+    let reported_others = rooms.by_room.len() - usize::from(rooms.room_of.contains_key(source));
+    let unreported = rooms.unreported.len() - usize::from(rooms.unreported.contains(source));
+    result.considered = reported_others + unreported;
+    for (refusal, count) in [
+        (Refusal::NoReport, unreported),
+        (Refusal::TooLittleRoom, reported_others - roomy.len()),
+    ] {
+        if count > 0 {
+            result.refusals.insert(refusal, count);
+        }
+    }
+    if roomy.is_empty() {
+        return result;
+    }
+    let candidates = roomy.iter().copied().chain(std::iter::once(source));
+    let verdicts = scheduler.explain_move_among(&vm.vm_id, &vm.demand, candidates);
+    *judged += verdicts.len();
+    for verdict in verdicts {
         if verdict.host_id == source {
             continue;
         }
-        result.considered += 1;
-        let refusal = match (
-            verdict.rejected_by,
-            room.get(&verdict.host_id).copied().flatten(),
-        ) {
-            (Some(reason), _) => Some(Refusal::Filter(reason)),
-            (None, None) => Some(Refusal::NoReport),
-            (None, Some(room)) if room < want => {
-                result.most_room_short = result.most_room_short.max(room);
-                Some(Refusal::TooLittleRoom)
-            }
-            (None, Some(room)) => {
+        match verdict.rejected_by {
+            Some(reason) => *result.refusals.entry(Refusal::Filter(reason)).or_default() += 1,
+            None => {
+                let room = rooms.room_of.get(&verdict.host_id).copied().unwrap_or(0);
                 result.fitting.push((room, verdict.host_id));
-                None
             }
-        };
-        if let Some(refusal) = refusal {
-            *result.refusals.entry(refusal).or_default() += 1;
         }
     }
     result
@@ -404,36 +507,38 @@ pub fn plan_relief(
     window: Duration,
     now: Instant,
     scheduler: &mut Scheduler,
-) -> Vec<ReliefDecision> {
+) -> ReliefPlan {
+    let mut plan = ReliefPlan {
+        decisions: Vec::new(),
+        hosts_judged: 0,
+    };
     let mut due: Vec<(&HostMemory, Duration)> = hosts
         .iter()
         .filter_map(|h| short_for(h, now).map(|d| (h, d)))
         .filter(|(_, short_for)| *short_for >= window)
         .collect();
     if due.is_empty() {
-        return Vec::new();
+        return plan;
     }
     // Longest short first; then by id.
     due.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.host_id.cmp(&b.0.host_id)));
-    let mut room: BTreeMap<String, Option<u64>> = hosts
-        .iter()
-        .map(|h| {
-            let room = h
-                .report
-                .map(|r| r.room_mib().saturating_sub(h.incoming_mib));
-            (h.host_id.clone(), room)
-        })
-        .collect();
+    let mut rooms = Rooms::new(hosts);
 
-    let mut decisions = Vec::new();
+    let decisions = &mut plan.decisions;
     for (host, short_for) in due {
         let Some(report) = host.report else { continue };
         let excess = report.excess_mib();
         let candidates = candidate_order(&host.vms, excess);
+        let largest_room = rooms.largest_except(&host.host_id);
         let mut first_refusal: Option<String> = None;
         let mut chosen: Option<(&MovableVm, u64, String)> = None;
         for vm in &candidates {
-            let found = destinations(scheduler, vm, &host.host_id, &room);
+            if first_refusal.is_some() && vm.wanted_mib() > largest_room {
+                // Fits nowhere, whatever the filters would say (and its reason is not the
+                // one reported): no search.
+                continue;
+            }
+            let found = destinations(scheduler, vm, &host.host_id, &rooms, &mut plan.hosts_judged);
             // Most room; equal room to the smaller id.
             let best = found
                 .fitting
@@ -450,9 +555,7 @@ pub fn plan_relief(
         match chosen {
             Some((vm, destination_room, destination)) => {
                 let want = vm.wanted_mib();
-                if let Some(Some(room)) = room.get_mut(&destination) {
-                    *room = room.saturating_sub(want);
-                }
+                rooms.take(&destination, want);
                 decisions.push(ReliefDecision::Move(ReliefMove {
                     vm_id: vm.vm_id.clone(),
                     source: host.host_id.clone(),
@@ -483,7 +586,7 @@ pub fn plan_relief(
             }
         }
     }
-    decisions
+    plan
 }
 
 #[cfg(test)]
@@ -596,7 +699,7 @@ mod tests {
                 vms: c.vms.clone(),
             })
             .collect();
-        let decisions = plan_relief(&hosts, WINDOW, now, &mut scheduler);
+        let decisions = plan_relief(&hosts, WINDOW, now, &mut scheduler).decisions;
         assert_eq!(
             before,
             scheduler.fingerprint(),
@@ -917,6 +1020,107 @@ mod tests {
                 expected: vec!["none s: no VM that can move (none running with a memory report)"],
             },
         ]);
+    }
+
+    /// 10,000 hosts, nearly all with 100 MiB of room: a short host's search has the filters
+    /// judge only the few hosts with room for a want (and the source), and none at all when
+    /// every want exceeds the largest room. The count is the cost, whatever the machine.
+    #[test]
+    fn the_search_judges_only_the_hosts_with_room() {
+        const HOSTS: usize = 10_000;
+        let plan_over = |vms: Vec<MovableVm>| {
+            let mut scheduler = Scheduler::new(SchedulerConfig::default());
+            let mut hosts = Vec::with_capacity(HOSTS + 1);
+            let mut add = |id: String, state, budget, wanted, vms: Vec<MovableVm>| {
+                scheduler
+                    .add_host(spec(&id, (hosts.len() % 10) as u32, state))
+                    .expect("add");
+                for vm in &vms {
+                    scheduler
+                        .assign(&vm.vm_id, &id, &vm.demand)
+                        .expect("assign");
+                }
+                hosts.push(HostMemory {
+                    host_id: id,
+                    state,
+                    report: Some(MemoryReport {
+                        budget_mib: budget,
+                        wanted_mib: wanted,
+                        short: wanted > budget,
+                    }),
+                    short_since: None,
+                    last_relief_done: None,
+                    relief_in_flight: false,
+                    retry_at: None,
+                    incoming_mib: 0,
+                    vms,
+                });
+            };
+            add("s".to_owned(), HostState::Ready, 2000, 2600, vms);
+            // Room 2000 (cordoned), 1500 and 1200; everyone else 100.
+            add(
+                "roomy-1".to_owned(),
+                HostState::Cordoned,
+                4000,
+                2000,
+                vec![],
+            );
+            add("roomy-2".to_owned(), HostState::Ready, 4000, 2500, vec![]);
+            add("roomy-3".to_owned(), HostState::Ready, 4000, 2800, vec![]);
+            for i in 3..HOSTS {
+                add(format!("h{i:05}"), HostState::Ready, 4000, 3900, vec![]);
+            }
+            let now = Instant::now() + Duration::from_secs(3600);
+            hosts[0].short_since = Some(now - 2 * WINDOW);
+            let plan = plan_relief(&hosts, WINDOW, now, &mut scheduler);
+            let decisions: Vec<String> = plan
+                .decisions
+                .into_iter()
+                .map(|d| match d {
+                    ReliefDecision::Move(m) => format!("move {} -> {}", m.vm_id, m.destination),
+                    ReliefDecision::NoDestination { reason, .. } => format!("none: {reason}"),
+                })
+                .collect();
+            (decisions, plan.hosts_judged)
+        };
+
+        // Excess 600: "small" (wants 700) is tried first. Three hosts have room for it and are
+        // judged with the source; roomy-1 is cordoned, roomy-2 has the most room left.
+        let (decisions, judged) = plan_over(vec![
+            vm("huge", 256, 4096, 3000, None),
+            vm("mid", 256, 2048, 1500, None),
+            vm("small", 256, 2048, 700, None),
+        ]);
+        assert_eq!(decisions, ["move small -> roomy-2"]);
+        assert_eq!(judged, 4, "3 hosts with room and the source");
+
+        // Every want exceeds the largest room (2000): a reason, without judging any host.
+        let (decisions, judged) = plan_over(vec![
+            vm("big", 256, 4096, 2500, None),
+            vm("bigger", 256, 4096, 3000, None),
+        ]);
+        assert_eq!(
+            decisions,
+            ["none: big (wants 2500 MiB) fits none of 10000 other hosts: 10000 too little memory room (most 2000 MiB); none of its 1 other VMs fits either"]
+        );
+        assert_eq!(judged, 0);
+
+        // "small" is tried first but asks for a zone no host is in: its 3 hosts with room and
+        // the source are judged and refuse it. Then "mid" (1500): roomy-1 and roomy-2 have the
+        // room, and are judged with the source.
+        let small = vm("small", 256, 2048, 700, None);
+        let (decisions, judged) = plan_over(vec![
+            vm("mid", 256, 2048, 1500, None),
+            MovableVm {
+                demand: Demand {
+                    zone: "elsewhere".to_owned(),
+                    ..small.demand.clone()
+                },
+                ..small
+            },
+        ]);
+        assert_eq!(decisions, ["move mid -> roomy-2"]);
+        assert_eq!(judged, 4 + 3);
     }
 
     #[test]

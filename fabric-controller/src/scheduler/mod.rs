@@ -85,8 +85,9 @@
 //!
 //! [`memory_relief`] answers the other question the controller asks of this
 //! snapshot: which VM to move off a host that has stayed short of memory,
-//! and where to (through [`Scheduler::explain_move`], the filters as if the
-//! VM had already left its host).
+//! and where to (through [`Scheduler::explain_move_among`], the filters as if
+//! the VM had already left its host, judged only on the hosts with the
+//! memory room to take it).
 //!
 //! # Inputs that could be nonsense
 //!

@@ -87,6 +87,26 @@ impl Scheduler {
         verdicts
     }
 
+    /// The verdicts of the hosts `host_ids` only, in the order given (unknown ids left
+    /// out): the filters of [`Self::explain`], the availability-set spread judged among these
+    /// hosts (the least-used domains are those of the hosts given that pass the other
+    /// filters). O(hosts given): for callers that know most hosts cannot take the VM anyway.
+    pub fn explain_among<'h>(
+        &self,
+        demand: &Demand,
+        host_ids: impl IntoIterator<Item = &'h str>,
+    ) -> Vec<HostVerdict> {
+        let resolved = self.resolve(demand);
+        let hosts = host_ids.into_iter().filter_map(|id| self.host_by_id(id));
+        self.scan(&resolved, hosts)
+            .into_iter()
+            .map(|(host, verdict)| HostVerdict {
+                host_id: host.spec.id.clone(),
+                rejected_by: verdict.err(),
+            })
+            .collect()
+    }
+
     fn resolve<'d>(&self, demand: &'d Demand) -> Resolved<'d> {
         let zone = if demand.zone.is_empty() {
             ZoneScope::Any
@@ -282,10 +302,16 @@ impl Scheduler {
     /// it fails "update domain already used" if the set has more VMs in its
     /// update domain than the least-used update domain among them.
     fn full_scan(&self, r: &Resolved<'_>) -> Vec<(&Host, Result<(), FilterReason>)> {
-        let mut verdicts: Vec<(&Host, Result<(), FilterReason>)> = self
-            .hosts
-            .iter()
-            .flatten()
+        self.scan(r, self.hosts.iter().flatten())
+    }
+
+    /// [`Self::full_scan`] over `hosts` only.
+    fn scan<'a>(
+        &'a self,
+        r: &Resolved<'_>,
+        hosts: impl Iterator<Item = &'a Host>,
+    ) -> Vec<(&'a Host, Result<(), FilterReason>)> {
+        let mut verdicts: Vec<(&Host, Result<(), FilterReason>)> = hosts
             .map(|host| (host, self.host_filter(host, r)))
             .collect();
         let Some(set) = r.set.and_then(|s| self.sets.get(s as usize)) else {
