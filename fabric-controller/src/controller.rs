@@ -66,8 +66,12 @@ pub(crate) struct HostLive {
     pub acked_generation: u64,
     /// Per VM, the generation of the update that last told the agent to stop it.
     pub stop_sent: HashMap<String, u64>,
-    /// Since when the host's memory balancer has reported it short, without a break.
+    /// Since when the host has counted as short of memory: from its balancer's first report
+    /// saying short, until it has settled on fitting again (see `hostlink`'s
+    /// `note_memory_balance`: a host hovering at its budget stays short).
     pub memory_short_since: Option<Instant>,
+    /// While a short host reports fitting: the first of those reports in a row, and how many.
+    pub memory_fits_run: Option<(Instant, u32)>,
 }
 
 impl HostLive {
@@ -82,6 +86,7 @@ impl HostLive {
             acked_generation: 0,
             stop_sent: HashMap::new(),
             memory_short_since: None,
+            memory_fits_run: None,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fabric_proto::v1::host_link_server::HostLink;
 use fabric_proto::v1::{
@@ -203,7 +203,7 @@ impl HostLink for HostLinkService {
             entry.live.last_heartbeat = now;
             entry.live.last_heartbeat_wall = SystemTime::now();
             entry.live.usage = req.usage;
-            memory_change = note_memory_balance(&mut entry.live, now);
+            memory_change = note_memory_balance(&mut entry.live, now, settings.heartbeat_interval);
             host_name = entry.host.name.clone();
             entry.live.acked_generation = req.assignments_generation;
             let previous = std::mem::take(&mut entry.live.observed);
@@ -373,14 +373,29 @@ impl HostLink for HostLinkService {
     }
 }
 
+/// Heartbeats in a row that must report a short host fitting before it counts as fitting.
+const FITS_AFTER_REPORTS: u32 = 3;
+/// The time those reports must span, in heartbeat intervals.
+const FITS_AFTER_INTERVALS: u32 = 2;
+
 /// Follows the host's memory balance from its latest heartbeat: when it turns short (reason
-/// `MemoryShort`) and when it fits again (`MemoryFits`), with the figures. A host that stops
-/// reporting a balance (its balancer is off) is no longer short, without an event: nothing is
-/// known about it.
-fn note_memory_balance(live: &mut HostLive, now: Instant) -> Option<(&'static str, String)> {
+/// `MemoryShort`) and when it fits again (`MemoryFits`), with the figures.
+///
+/// Turning short counts at the first report saying so. Fitting again counts only once
+/// [`FITS_AFTER_REPORTS`] heartbeats in a row, spanning at least [`FITS_AFTER_INTERVALS`]
+/// heartbeat intervals, have said so: a host hovering at its budget (short, fits, short, ...)
+/// stays short, without an event per heartbeat, and its relief window runs on. A host that
+/// stops reporting a balance (its balancer is off) is no longer short, without an event:
+/// nothing is known about it.
+fn note_memory_balance(
+    live: &mut HostLive,
+    now: Instant,
+    heartbeat_interval: Duration,
+) -> Option<(&'static str, String)> {
     let balance = live.usage.and_then(|u| u.memory_balance);
     let Some(balance) = balance else {
         live.memory_short_since = None;
+        live.memory_fits_run = None;
         return None;
     };
     let figures = format!(
@@ -392,15 +407,132 @@ fn note_memory_balance(live: &mut HostLive, now: Instant) -> Option<(&'static st
         balance.minimum_mib,
         balance.pressured_vms
     );
-    match (live.memory_short_since.is_some(), balance.short) {
-        (false, true) => {
-            live.memory_short_since = Some(now);
-            Some(("MemoryShort", format!("is short of memory: {figures}")))
+    if balance.short {
+        live.memory_fits_run = None;
+        if live.memory_short_since.is_some() {
+            return None;
         }
-        (true, false) => {
-            live.memory_short_since = None;
-            Some(("MemoryFits", format!("fits its memory again: {figures}")))
+        live.memory_short_since = Some(now);
+        return Some(("MemoryShort", format!("is short of memory: {figures}")));
+    }
+    live.memory_short_since?;
+    let (first, reports) = live.memory_fits_run.get_or_insert((now, 0));
+    *reports += 1;
+    let span = now.saturating_duration_since(*first);
+    if *reports < FITS_AFTER_REPORTS || span < heartbeat_interval * FITS_AFTER_INTERVALS {
+        return None;
+    }
+    let reports = *reports;
+    live.memory_short_since = None;
+    live.memory_fits_run = None;
+    Some((
+        "MemoryFits",
+        format!(
+            "fits its memory again ({reports} reports in a row over {:.1} s): {figures}",
+            span.as_secs_f64()
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fabric_proto::v1::{HostMemoryBalance, HostUsage};
+
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Feeds heartbeats reporting `short` (true) or fitting (false), one per `step`, from
+    /// `start`; the memory events they cause, as `(heartbeat index, reason)`.
+    fn feed(
+        live: &mut HostLive,
+        start: Instant,
+        step: Duration,
+        reports: &[bool],
+    ) -> Vec<(usize, &'static str)> {
+        let mut events = Vec::new();
+        for (i, short) in reports.iter().enumerate() {
+            live.usage = Some(HostUsage {
+                memory_balance: Some(HostMemoryBalance {
+                    budget_mib: 1000,
+                    wanted_mib: if *short { 1010 } else { 990 },
+                    short: *short,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            let now = start + step * i as u32;
+            if let Some((reason, message)) = note_memory_balance(live, now, INTERVAL) {
+                assert!(message.contains("1000 MiB budget"), "{message}");
+                events.push((i, reason));
+            }
         }
-        _ => None,
+        events
+    }
+
+    #[test]
+    fn a_host_hovering_at_its_budget_stays_short_without_an_event_per_heartbeat() {
+        let start = Instant::now();
+        let mut live = HostLive::new(start, Duration::from_secs(10));
+        let hovering: Vec<bool> = (0..20).map(|i| i % 2 == 0).collect();
+        assert_eq!(
+            feed(&mut live, start, INTERVAL, &hovering),
+            [(0, "MemoryShort")]
+        );
+        assert_eq!(live.memory_short_since, Some(start), "the window runs on");
+
+        // Two reports fitting, then short again: still short, from the start.
+        let later = start + INTERVAL * 20;
+        assert_eq!(
+            feed(&mut live, later, INTERVAL, &[true, false, false, true]),
+            []
+        );
+        assert_eq!(live.memory_short_since, Some(start));
+
+        // Three in a row over two intervals: fits, once.
+        let later = start + INTERVAL * 30;
+        assert_eq!(
+            feed(&mut live, later, INTERVAL, &[false, false, false, false]),
+            [(2, "MemoryFits")]
+        );
+        assert_eq!(live.memory_short_since, None);
+        assert_eq!(
+            feed(&mut live, later + INTERVAL * 5, INTERVAL, &[true]),
+            [(0, "MemoryShort")]
+        );
+    }
+
+    #[test]
+    fn fitting_must_last_two_intervals_however_fast_the_reports_come() {
+        let start = Instant::now();
+        let mut live = HostLive::new(start, Duration::from_secs(10));
+        assert_eq!(
+            feed(&mut live, start, INTERVAL, &[true]),
+            [(0, "MemoryShort")]
+        );
+        // Ten reports 100 ms apart: 0.9 s, not yet two intervals.
+        let fast = Duration::from_millis(100);
+        assert_eq!(feed(&mut live, start + INTERVAL, fast, &[false; 10]), []);
+        assert!(live.memory_short_since.is_some());
+        // The run goes on: at 2 s after its first report, it counts.
+        assert_eq!(
+            feed(&mut live, start + INTERVAL * 3, INTERVAL, &[false]),
+            [(0, "MemoryFits")]
+        );
+    }
+
+    #[test]
+    fn a_host_whose_balancer_stops_reporting_is_no_longer_short_without_an_event() {
+        let start = Instant::now();
+        let mut live = HostLive::new(start, Duration::from_secs(10));
+        assert_eq!(
+            feed(&mut live, start, INTERVAL, &[true, false]),
+            [(0, "MemoryShort")]
+        );
+        live.usage = None;
+        assert_eq!(note_memory_balance(&mut live, start, INTERVAL), None);
+        assert_eq!(
+            (live.memory_short_since, live.memory_fits_run),
+            (None, None)
+        );
     }
 }
