@@ -100,6 +100,10 @@ pub(crate) struct ReliefInFlight {
     pub destination: String,
     /// Where it was placed once stopped on the source (None: not yet).
     pub placed_on: Option<String>,
+    /// Since when it has waited PENDING: stopped on the source, and no host but the source
+    /// would take it. Ordinary placement then places it anywhere but the source, for up to
+    /// a relief window; it is promised to no host meanwhile.
+    pub waiting_since: Option<Instant>,
     /// Its want (demand plus buffer), counted against the destination's room until the
     /// destination reports it.
     pub wanted_mib: u64,

@@ -103,4 +103,12 @@ impl Placer {
             .map(|d| d.host_id)
             .map_err(|u| u.to_string())
     }
+
+    /// The host for a VM on any host but `avoid`, or why none fits.
+    pub fn place_avoiding(&mut self, vm: &Vm, avoid: &str) -> Result<String, String> {
+        self.scheduler
+            .place_elsewhere(&vm.id, &demand(vm), avoid)
+            .map(|d| d.host_id)
+            .map_err(|u| u.to_string())
+    }
 }

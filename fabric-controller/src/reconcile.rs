@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fabric_proto::v1::{DesiredState, EventKind, HostState, ObservedPhase, VmPhase};
 
@@ -296,8 +296,11 @@ impl Reconciler {
     /// Places pending VMs: decide each against the snapshot (counting earlier decisions of
     /// the pass), then commit them all concurrently.
     async fn place(&mut self, c: &Arc<Controller>) {
-        let pending: Vec<fabric_proto::v1::Vm> = {
+        // Each pending VM with the host it must avoid: the one a memory-relief move took it
+        // off, while it waits for another (`reconcile/memory_relief.rs`).
+        let pending: Vec<(fabric_proto::v1::Vm, Option<String>)> = {
             let model = c.model();
+            let (window, now) = (c.settings.memory_relief_window, Instant::now());
             model
                 .vms
                 .values()
@@ -309,7 +312,10 @@ impl Reconciler {
                     })
                 })
                 .take(PLACEMENTS_PER_PASS)
-                .map(|e| e.vm.clone())
+                .map(|e| {
+                    let avoid = memory_relief::placement_avoids(&model, &e.vm.id, window, now);
+                    (e.vm.clone(), avoid.map(str::to_string))
+                })
                 .collect()
         };
         if pending.is_empty() {
@@ -318,18 +324,22 @@ impl Reconciler {
         let mut decisions = Vec::new();
         {
             let mut placer = c.placer();
-            for vm in pending {
-                match placer.place(&vm) {
+            for (vm, avoid) in pending {
+                let decision = match &avoid {
+                    Some(source) => placer.place_avoiding(&vm, source),
+                    None => placer.place(&vm),
+                };
+                match decision {
                     Ok(host_id) => {
                         // Counted now so the next decision sees it; undone if the commit fails.
                         placer.assign(&vm, &host_id);
                         self.unplaceable.remove(&vm.id);
-                        decisions.push((vm.id.clone(), host_id));
+                        decisions.push((vm.id.clone(), host_id, avoid.is_some()));
                     }
                     Err(reason) => {
                         if self.unplaceable.get(&vm.id) != Some(&reason) {
                             self.unplaceable.insert(vm.id.clone(), reason.clone());
-                            decisions.push((vm.id.clone(), String::new()));
+                            decisions.push((vm.id.clone(), String::new(), false));
                             c.events.vm(
                                 EventKind::VmUnplaceable,
                                 &vm.id,
@@ -358,8 +368,8 @@ impl Reconciler {
         }
         let commits = decisions
             .into_iter()
-            .filter(|(_, host)| !host.is_empty())
-            .map(|(vm_id, host_id)| {
+            .filter(|(_, host, _)| !host.is_empty())
+            .map(|(vm_id, host_id, relieved)| {
                 let c = c.clone();
                 async move {
                     let result = c
@@ -379,6 +389,9 @@ impl Reconciler {
                         .await;
                     match result {
                         Ok(vm) if vm.status.as_ref().is_some_and(|s| s.host_id == host_id) => {
+                            if relieved {
+                                memory_relief::placed_while_waiting(&c, &vm_id, &host_id);
+                            }
                             c.events.vm(
                                 EventKind::VmScheduled,
                                 &vm_id,

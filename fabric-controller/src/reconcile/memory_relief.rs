@@ -4,10 +4,13 @@
 //! A move is "stop here and start there" (live migration comes later): the VM is marked in
 //! `Model::relieving`, so its source's assignments say stop; once the source's agent reports it
 //! stopped, it is placed on the chosen destination if the VM still passes the filters there and
-//! its want still fits the destination's room, else placed as usual on any host but the source
-//! (and, if none takes it, left PENDING for ordinary placement). The move is in flight until
-//! the VM runs on its new host and that host's balancer counts it; then the source must be
-//! short for another full window before the next move.
+//! its want still fits the destination's room, else placed as usual on any host but the source.
+//! If none takes it, it waits PENDING and ordinary placement keeps it off the source
+//! ([`placement_avoids`]) until it is placed or has waited a relief window: putting it straight
+//! back on the host it was moved off for want of memory would undo the move. The move is in
+//! flight until the VM runs on its new host and that host's balancer counts it (or it has
+//! waited the window); then the source must be short for another full window before the next
+//! move.
 //!
 //! Events: VM_EVICTED (reason `MemoryRelief`) when a move starts, naming the source, the
 //! destination and the figures; VM_SCHEDULED when the VM is placed; HOST_MEMORY (reason
@@ -76,12 +79,40 @@ fn settled_on(model: &Model, vm_id: &str, host_id: &str) -> bool {
     }
 }
 
+/// The host ordinary placement must not put `vm_id` on: the source of its relief move while
+/// it waits for a host (see the module docs). `window` is the relief window.
+pub(super) fn placement_avoids<'m>(
+    model: &'m Model,
+    vm_id: &str,
+    window: Duration,
+    now: Instant,
+) -> Option<&'m str> {
+    let m = model.relieving.get(vm_id)?;
+    let waiting = m
+        .waiting_since
+        .is_some_and(|since| now.saturating_duration_since(since) < window);
+    (waiting && m.placed_on.is_none()).then_some(m.source.as_str())
+}
+
+/// Notes where ordinary placement put a VM that waited after a relief move, so that the move
+/// stays in flight until the VM runs there.
+pub(super) fn placed_while_waiting(c: &Controller, vm_id: &str, host_id: &str) {
+    if let Some(m) = c.model().relieving.get_mut(vm_id) {
+        if m.waiting_since.is_some() && m.placed_on.is_none() {
+            m.waiting_since = None;
+            m.placed_on = Some(host_id.to_string());
+        }
+    }
+}
+
 /// Memory promised to `host_id` by moves in flight that its report does not count yet.
 fn incoming_mib(model: &Model, host_id: &str, except_vm: Option<&str>) -> u64 {
     model
         .relieving
         .iter()
         .filter(|(vm_id, _)| Some(vm_id.as_str()) != except_vm)
+        // A VM waiting for any host is promised to none.
+        .filter(|(_, m)| m.waiting_since.is_none())
         .filter(|(_, m)| m.placed_on.as_deref().unwrap_or(&m.destination) == host_id)
         .map(|(_, m)| m.wanted_mib)
         .fold(0, u64::saturating_add)
@@ -94,9 +125,11 @@ fn room_mib(model: &Model, host_id: &str) -> Option<u64> {
 
 impl Reconciler {
     /// Ends the moves that are over: the VM runs on its new host (and is counted there), or
-    /// left its source some other way (deleted, stopped, its host died, nothing took it).
+    /// left its source some other way (deleted, stopped, its host died), or waited a window
+    /// without any other host taking it.
     pub(super) fn finish_relief_moves(&mut self, c: &Controller) {
         let now = Instant::now();
+        let window = c.settings.memory_relief_window;
         let mut model = c.model();
         if model.relieving.is_empty() {
             return;
@@ -105,15 +138,18 @@ impl Reconciler {
             .relieving
             .iter()
             .filter(|(vm_id, m)| {
-                let host = model
+                let status = model
                     .vms
                     .get(*vm_id)
-                    .and_then(|e| e.vm.status.as_ref())
-                    .map(|s| s.host_id.as_str())
-                    .unwrap_or("");
+                    .and_then(|e| e.vm.status.clone())
+                    .unwrap_or_default();
+                let host = status.host_id.as_str();
                 let in_flight = if host == m.source {
                     true
-                } else if !host.is_empty() && m.placed_on.as_deref() == Some(host) {
+                } else if host.is_empty() {
+                    status.desired_state() != DesiredState::Stopped
+                        && placement_avoids(&model, vm_id, window, now).is_some()
+                } else if m.placed_on.as_deref() == Some(host) {
                     !settled_on(&model, vm_id, host)
                 } else {
                     false
@@ -296,6 +332,7 @@ impl Reconciler {
                 source: m.source.clone(),
                 destination: m.destination.clone(),
                 placed_on: None,
+                waiting_since: None,
                 wanted_mib: m.vm_wanted_mib,
             },
         );
@@ -391,7 +428,7 @@ async fn place_one(c: &Arc<Controller>, vm_id: &str, source: &str) {
             "placed on host {t}: moved off host {source_label} for memory relief (host {planned_label} {why})"
         ),
         (None, Some(why)) => format!(
-            "moved off host {source_label} for memory relief; host {planned_label} {why}: waiting for placement"
+            "moved off host {source_label} for memory relief; host {planned_label} {why}: waiting for placement (not on {source_label})"
         ),
         (None, None) => format!("moved off host {source_label} for memory relief"),
     };
@@ -429,8 +466,14 @@ async fn place_one(c: &Arc<Controller>, vm_id: &str, source: &str) {
             return;
         }
     };
+    let waiting = result.as_ref().is_ok_and(|vm| {
+        vm.status
+            .as_ref()
+            .is_some_and(|s| s.host_id.is_empty() && s.desired_state() != DesiredState::Stopped)
+    });
     if let Some(m) = c.model().relieving.get_mut(vm_id) {
         m.placed_on = placed.clone();
+        m.waiting_since = waiting.then(Instant::now);
     }
     if let Some(host) = placed {
         c.events
@@ -440,7 +483,128 @@ async fn place_one(c: &Arc<Controller>, vm_id: &str, source: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{observed, plain, Harness};
+    use super::super::tests::{balance, observed, plain, running_with_memory, Harness};
+    use fabric_proto::v1::{HostState, MemorySpec};
+
+    const WINDOW: Duration = Duration::from_secs(30);
+
+    /// `host` has counted as short since `ago`.
+    fn short_since(h: &Harness, host_id: &str, ago: Duration) {
+        let since = Instant::now()
+            .checked_sub(ago)
+            .expect("the machine is up longer");
+        let mut model = h.c.model();
+        model
+            .hosts
+            .get_mut(host_id)
+            .expect("host")
+            .live
+            .memory_short_since = Some(since);
+    }
+
+    /// A source short of memory for two windows, whose one VM (wanting 600 MiB) relief moves
+    /// to the only other host; that host is cordoned before the VM has stopped, so when it
+    /// has, no host but the source would take it. Returns the harness, the source, the
+    /// destination and the VM.
+    async fn a_move_whose_destination_closed() -> (Harness, String, String, String) {
+        let mut h = Harness::new(WINDOW).await;
+        let source = h.add_host("source", 0).await;
+        let destination = h.add_host("destination", 1).await;
+        let vm = h
+            .create_vm(
+                "mover",
+                MemorySpec {
+                    startup_mib: 512,
+                    minimum_mib: 256,
+                    maximum_mib: 2048,
+                    ..Default::default()
+                },
+            )
+            .await;
+        h.place_on(&source).await;
+        let running = vec![running_with_memory(&h.vm(&vm), 600, 500)];
+        h.heartbeat(&source, running, Some(balance(1000, 1400)))
+            .await;
+        h.heartbeat(&destination, vec![], Some(balance(4000, 0)))
+            .await;
+        short_since(&h, &source, 2 * WINDOW);
+        h.pass().await;
+        assert!(
+            h.c.model().relieving.contains_key(&vm) && !h.told_to_run(&vm),
+            "the move started: {:?}",
+            h.events()
+        );
+
+        h.set_host(&destination, HostState::Cordoned).await;
+        let stopped = vec![observed(&h.vm(&vm), ObservedPhase::Stopped)];
+        h.heartbeat(&source, stopped, Some(balance(1000, 800)))
+            .await;
+        h.pass().await;
+        (h, source, destination, vm)
+    }
+
+    /// A VM moved off a short host whose destination closed waits PENDING rather than go
+    /// back to the host it was moved off; when another host opens, it goes there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_moved_vm_waits_for_another_host_rather_than_return_to_its_source() {
+        let (mut h, source, destination, vm) = a_move_whose_destination_closed().await;
+        for _ in 0..3 {
+            let status = h.vm(&vm).status.unwrap_or_default();
+            assert_eq!(
+                (status.host_id.as_str(), status.phase()),
+                ("", VmPhase::Pending),
+                "{status:?}"
+            );
+            assert!(
+                status.reason.contains("refuses it (cordoned)")
+                    && status
+                        .reason
+                        .contains("waiting for placement (not on source"),
+                "{}",
+                status.reason
+            );
+            h.pass().await;
+        }
+
+        h.set_host(&destination, HostState::Ready).await;
+        h.pass().await;
+        assert_eq!(h.host_of(&vm), destination);
+        let running = vec![running_with_memory(&h.vm(&vm), 600, 500)];
+        h.heartbeat(&destination, running, Some(balance(4000, 600)))
+            .await;
+        h.pass().await;
+        assert!(
+            h.c.model().relieving.is_empty(),
+            "the move is over once the VM runs on its new host"
+        );
+        let scheduled: Vec<String> = h
+            .events()
+            .iter()
+            .filter(|e| e.kind() == EventKind::VmScheduled && e.vm_id == vm)
+            .map(|e| e.host_id.clone())
+            .collect();
+        assert_eq!(
+            scheduled,
+            [source, destination],
+            "first placement, then the move"
+        );
+    }
+
+    /// The source is avoided for one window: a VM no other host takes in that time is placed
+    /// as usual, on its source if that is the only host left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_window_of_waiting_ordinary_placement_may_use_the_source() {
+        let (mut h, source, _destination, vm) = a_move_whose_destination_closed().await;
+        assert_eq!(h.host_of(&vm), "");
+        {
+            let mut model = h.c.model();
+            let m = model.relieving.get_mut(&vm).expect("still moving");
+            m.waiting_since = Instant::now().checked_sub(WINDOW);
+        }
+        h.pass().await;
+        assert_eq!(h.host_of(&vm), source);
+        assert!(h.c.model().relieving.is_empty());
+    }
     use super::*;
 
     /// A move of `vm_id` from `source` to `destination` as a plan would decide it.
@@ -535,6 +699,7 @@ mod tests {
                     source: "s".to_string(),
                     destination: destination.to_string(),
                     placed_on: placed_on.map(str::to_string),
+                    waiting_since: None,
                     wanted_mib: u64::MAX / 2 + 1,
                 },
             );

@@ -9,8 +9,8 @@ use std::time::Duration;
 use fabric_proto::v1::host_link_server::HostLink;
 use fabric_proto::v1::{
     BootImage, DesiredState, Event, HeartbeatRequest, HostMemoryBalance, HostState, HostUsage,
-    MemorySpec, ObservedPhase, ObservedVm, RegisterHostRequest, Resources, Vm, VmPhase, VmSpec,
-    VmStatus,
+    MemorySpec, ObservedPhase, ObservedVm, RegisterHostRequest, Resources, Vm, VmMemoryBalance,
+    VmPhase, VmSpec, VmStatus,
 };
 use tonic::Request;
 
@@ -33,6 +33,29 @@ pub(crate) fn observed(vm: &Vm, phase: ObservedPhase) -> ObservedVm {
         vm_id: vm.id.clone(),
         phase: phase as i32,
         generation: vm.generation,
+        ..Default::default()
+    }
+}
+
+/// A running VM whose host's balancer gave it `target_mib` for a guest using `demand_mib`.
+pub(crate) fn running_with_memory(vm: &Vm, target_mib: u64, demand_mib: u64) -> ObservedVm {
+    ObservedVm {
+        memory_balance: Some(VmMemoryBalance {
+            target_mib,
+            demand_mib: Some(demand_mib),
+            ..Default::default()
+        }),
+        ..observed(vm, ObservedPhase::Running)
+    }
+}
+
+/// A host balance of `budget_mib` of which its VMs want `wanted_mib` (short when more).
+pub(crate) fn balance(budget_mib: u64, wanted_mib: u64) -> HostMemoryBalance {
+    HostMemoryBalance {
+        budget_mib,
+        wanted_mib,
+        assigned_mib: budget_mib.min(wanted_mib),
+        short: wanted_mib > budget_mib,
         ..Default::default()
     }
 }
