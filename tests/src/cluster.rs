@@ -206,6 +206,42 @@ impl Controller {
     }
 }
 
+/// What a simulated host is: its name, where placement sees it, and its memory budget.
+#[derive(Debug, Clone)]
+pub struct SimHostSpec {
+    pub name: String,
+    /// Its placement zone (`z1` unless set).
+    pub zone: String,
+    pub fault_domain: u32,
+    pub update_domain: u32,
+    /// The memory its balancer shares among its VMs (`[memory] budget_mib`; 0: its 64 GiB)
+    /// while the scheduler still sees 64 GiB: less makes a host that over-commits memory.
+    pub memory_budget_mib: u64,
+}
+
+impl SimHostSpec {
+    /// Host `name` in zone `z1`, with the whole 64 GiB as its memory budget.
+    pub fn new(name: &str, fault_domain: u32, update_domain: u32) -> SimHostSpec {
+        SimHostSpec {
+            name: name.to_string(),
+            zone: "z1".to_string(),
+            fault_domain,
+            update_domain,
+            memory_budget_mib: 0,
+        }
+    }
+
+    pub fn in_zone(mut self, zone: &str) -> SimHostSpec {
+        self.zone = zone.to_string();
+        self
+    }
+
+    pub fn with_memory_budget(mut self, memory_budget_mib: u64) -> SimHostSpec {
+        self.memory_budget_mib = memory_budget_mib;
+        self
+    }
+}
+
 /// A simulated host: a fabric-agent with `hypervisor = "sim"`.
 pub struct SimHost {
     pub name: String,
@@ -221,27 +257,22 @@ impl SimHost {
         fault_domain: u32,
         update_domain: u32,
     ) -> SimHost {
-        Self::start_with_memory_budget(dir, name, controller, fault_domain, update_domain, 0)
+        Self::start_spec(
+            dir,
+            controller,
+            &SimHostSpec::new(name, fault_domain, update_domain),
+        )
     }
 
-    /// A simulated host whose memory balancer shares `memory_budget_mib` among its VMs
-    /// (`[memory] budget_mib`; 0: its 64 GiB) while the scheduler still sees 64 GiB: a host
-    /// that over-commits memory.
-    pub fn start_with_memory_budget(
-        dir: &Path,
-        name: &str,
-        controller: &str,
-        fault_domain: u32,
-        update_domain: u32,
-        memory_budget_mib: u64,
-    ) -> SimHost {
+    /// A simulated host as `spec` says, its agent talking to `controller`.
+    pub fn start_spec(dir: &Path, controller: &str, spec: &SimHostSpec) -> SimHost {
         std::fs::create_dir_all(dir).expect("host dir");
         let config = format!(
             r#"controller = "{controller}"
 listen = "unix:{listen}"
 name = "{name}"
 machine_id = "machine-{name}"
-zone = "z1"
+zone = "{zone}"
 fault_domain = {fault_domain}
 update_domain = {update_domain}
 data_dir = "{data}"
@@ -256,6 +287,11 @@ memory_mib = 65536
 [memory]
 budget_mib = {memory_budget_mib}
 "#,
+            name = spec.name,
+            zone = spec.zone,
+            fault_domain = spec.fault_domain,
+            update_domain = spec.update_domain,
+            memory_budget_mib = spec.memory_budget_mib,
             listen = dir.join("agent.sock").display(),
             data = dir.join("data").display(),
         );
@@ -264,12 +300,12 @@ budget_mib = {memory_budget_mib}
         let mut command = Command::new(workspace_bin("fabric-agent"));
         command.arg("--config").arg(&path).env("FABRIC_LOG", "info");
         let process = Process::spawn(
-            &format!("fabric-agent {name}"),
+            &format!("fabric-agent {}", spec.name),
             command,
             dir.join("agent.log"),
         );
         SimHost {
-            name: name.to_string(),
+            name: spec.name.clone(),
             dir: dir.to_owned(),
             process,
         }

@@ -14,7 +14,7 @@ use fabric_proto::v1::{
     ListHostsRequest, MemorySpec, Placement, UncordonHostRequest, VmPhase, VmSpec,
     WatchEventsRequest,
 };
-use fabric_tests::cluster::{eventually, Controller, SimHost, Timing};
+use fabric_tests::cluster::{eventually, Controller, SimHost, SimHostSpec, Timing};
 use tonic::transport::Channel;
 
 /// The relief window the controller runs with, seconds.
@@ -47,6 +47,12 @@ fn spec(name: &str, demand_mib: Option<u64>) -> VmSpec {
         }),
         ..Default::default()
     }
+}
+
+/// `spec` placed only on the hosts of `zone`.
+fn in_zone(mut spec: VmSpec, zone: &str) -> VmSpec {
+    spec.placement.get_or_insert_with(Default::default).zone = zone.to_string();
+    spec
 }
 
 /// Every event from now on, as it arrives.
@@ -176,6 +182,10 @@ async fn ready_hosts(c: &ComputeClient<Channel>, count: usize) -> HashMap<String
 /// the smallest that does; their wants are equal, so the smaller VM id moves. h1 (budget 2000,
 /// empty) has more room than h2 (budget 1500, one idle VM), so it goes to h1; then h0 fits
 /// again and nothing else moves.
+///
+/// Every host is open before h0 turns short, so nothing here races the relief window: the
+/// hungry VM and the steady one are pinned to h0 and h2 by zones only those hosts are in (the
+/// hungry one cannot move; the idle ones, placed on h0 while h1 and h2 were cordoned, can).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_over_committed_host_has_a_vm_moved_to_the_host_with_the_most_room() {
     let dir = tempfile::tempdir().unwrap();
@@ -185,18 +195,14 @@ async fn an_over_committed_host_has_a_vm_moved_to_the_host_with_the_most_room() 
         Timing::default(),
         &["--memory-relief-window", &window],
     );
-    let _hosts: Vec<SimHost> = [("h0", 1200), ("h1", 2000), ("h2", 1500)]
+    let _hosts: Vec<SimHost> = [("h0", "z0", 1200), ("h1", "z1", 2000), ("h2", "z2", 1500)]
         .iter()
         .enumerate()
-        .map(|(i, (name, budget))| {
-            SimHost::start_with_memory_budget(
-                &dir.path().join(name),
-                name,
-                &controller.address(),
-                i as u32,
-                i as u32,
-                *budget,
-            )
+        .map(|(i, (name, zone, budget))| {
+            let spec = SimHostSpec::new(name, i as u32, i as u32)
+                .in_zone(zone)
+                .with_memory_budget(*budget);
+            SimHost::start_spec(&dir.path().join(name), &controller.address(), &spec)
         })
         .collect();
     let mut c = controller.compute().await;
@@ -207,37 +213,22 @@ async fn an_over_committed_host_has_a_vm_moved_to_the_host_with_the_most_room() 
         host_ids["h2"].clone(),
     );
 
-    // Steer placement with cordons: a steady VM on h2, two idle ones on h0.
-    cordon(&mut c, &h0).await;
+    // The idle VMs on h0: the only open host while they are placed.
     cordon(&mut c, &h1).await;
-    let steady = create(&mut c, spec("steady", None)).await;
-    running_on(&c, &steady, &h2, "steady running on h2").await;
-    uncordon(&mut c, &h0).await;
     cordon(&mut c, &h2).await;
     let idle_a = create(&mut c, spec("idle-a", None)).await;
     let idle_b = create(&mut c, spec("idle-b", None)).await;
     running_on(&c, &idle_a, &h0, "idle-a running on h0").await;
     running_on(&c, &idle_b, &h0, "idle-b running on h0").await;
-
-    // The hungry VM over-commits h0; the other hosts open before h0 turns short.
-    let events = record_events(&c);
-    let hungry = create(&mut c, spec("hungry", Some(700))).await;
-    eventually(Duration::from_secs(30), "hungry placed on h0", || {
-        let mut c = c.clone();
-        let (hungry, h0) = (hungry.clone(), h0.clone());
-        async move {
-            let status = c
-                .get_vm(GetVmRequest { id: hungry })
-                .await
-                .ok()?
-                .into_inner()
-                .status?;
-            (status.host_id == h0).then_some(())
-        }
-    })
-    .await;
     uncordon(&mut c, &h1).await;
     uncordon(&mut c, &h2).await;
+    let steady = create(&mut c, in_zone(spec("steady", None), "z2")).await;
+    running_on(&c, &steady, &h2, "steady running on h2").await;
+
+    // The hungry VM over-commits h0.
+    let events = record_events(&c);
+    let hungry = create(&mut c, in_zone(spec("hungry", Some(700)), "z0")).await;
+    running_on(&c, &hungry, &h0, "hungry running on h0").await;
 
     let expected_mover = idle_a.clone().min(idle_b.clone());
     let stays_on_h0 = if expected_mover == idle_a {
@@ -411,14 +402,8 @@ async fn a_short_host_without_a_destination_gets_a_reason_not_a_move() {
         .iter()
         .enumerate()
         .map(|(i, (name, budget))| {
-            SimHost::start_with_memory_budget(
-                &dir.path().join(name),
-                name,
-                &controller.address(),
-                i as u32,
-                i as u32,
-                *budget,
-            )
+            let spec = SimHostSpec::new(name, i as u32, i as u32).with_memory_budget(*budget);
+            SimHost::start_spec(&dir.path().join(name), &controller.address(), &spec)
         })
         .collect();
     let mut c = controller.compute().await;
