@@ -32,6 +32,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{kvm_available, Image, BOOT_TIMEOUT};
+use fabric_agent::host::sim::MEMORY_DEMAND_LABEL;
 use fabric_proto::v1::agent_client::AgentClient;
 use fabric_proto::v1::{
     Assignment, BootImage, DesiredState, GetLocalVmRequest, GetStateRequest, HeartbeatRequest,
@@ -916,13 +917,7 @@ fn the_simulated_backend_runs_200_vms_without_processes() {
 /// to another host, so a FAILED report while a start is still due could run it twice.
 #[test]
 fn a_simulated_vm_that_cannot_start_is_reported_starting_while_the_agent_retries() {
-    let mut host = TestHost::new(HostOptions::sim());
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
-    let kernel = b"a kernel the simulated backend never runs".to_vec();
-    let kernel_sha256 = sha256_hex(&kernel);
-    controller.add_image_bytes(&kernel_sha256, kernel);
+    let (mut host, controller, kernel_sha256) = sim_host(HostOptions::sim());
     let vm_id = "cannot-start";
     // The simulated backend refuses 0 vCPUs at every start.
     let mut spec = vm_spec(vm_id, &kernel_sha256, RestartPolicy::Never);
@@ -1033,9 +1028,6 @@ fn a_controller_that_forgot_the_host_makes_the_agent_stop_its_vms_and_register_a
     host.assert_agent_running();
 }
 
-/// The simulated guests' demand label (`host::sim`).
-const DEMAND_LABEL: &str = "fabric.sim/memory-demand-mib";
-
 /// A simulated VM of startup 512, minimum 128 and maximum 1024 MiB (buffer 20 %, equal
 /// weights), with a demand label when given. Without one, its guest uses 40 % of its startup
 /// memory (`[sim] memory_used_percent`): 204 MiB, so its target is 204 × 1.2 = 245 MiB
@@ -1050,12 +1042,25 @@ fn dynamic_memory_assignment(vm_id: &str, kernel_sha256: &str, demand: Option<&s
     });
     spec.placement = Some(Placement {
         labels: demand
-            .map(|d| (DEMAND_LABEL.to_string(), d.to_string()))
+            .map(|d| (MEMORY_DEMAND_LABEL.to_string(), d.to_string()))
             .into_iter()
             .collect(),
         ..Default::default()
     });
     assignment(vm_id, spec)
+}
+
+/// A simulated host with `options`, registered with its controller, which serves a kernel
+/// the simulated backend never runs; that kernel's sha256.
+fn sim_host(options: HostOptions) -> (TestHost, FakeController, String) {
+    let mut host = TestHost::new(options);
+    let controller = FakeController::start(&host.controller_socket);
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let kernel = b"a kernel the simulated backend never runs".to_vec();
+    let kernel_sha256 = sha256_hex(&kernel);
+    controller.add_image_bytes(&kernel_sha256, kernel);
+    (host, controller, kernel_sha256)
 }
 
 /// A simulated host with `options`, its controller, and the VMs of `demands` (id, demand
@@ -1064,13 +1069,7 @@ fn sim_host_with_vms(
     options: HostOptions,
     demands: &[(&str, Option<&str>)],
 ) -> (TestHost, FakeController) {
-    let mut host = TestHost::new(options);
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
-    let kernel = b"a kernel the simulated backend never runs".to_vec();
-    let kernel_sha256 = sha256_hex(&kernel);
-    controller.add_image_bytes(&kernel_sha256, kernel);
+    let (host, controller, kernel_sha256) = sim_host(options);
     controller.set_assignments(
         demands
             .iter()
@@ -1336,7 +1335,7 @@ fn without_the_balancer_heartbeats_carry_no_balancer_figures() {
     }
     let bad = reported(&later.request, "bad-label").expect("reported");
     assert!(
-        bad.message.contains(DEMAND_LABEL) && bad.message.contains("lots"),
+        bad.message.contains(MEMORY_DEMAND_LABEL) && bad.message.contains("lots"),
         "{:?}",
         bad.message
     );

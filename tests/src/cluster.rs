@@ -3,11 +3,13 @@
 //! directory under one temp dir, talking over Unix sockets. Every process is killed by PID
 //! when its handle drops, also when the test fails.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::compute_client::ComputeClient;
+use fabric_proto::v1::{Host, HostState, ListHostsRequest};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
@@ -310,6 +312,43 @@ budget_mib = {memory_budget_mib}
             process,
         }
     }
+}
+
+/// Waits until exactly `count` hosts are registered and every one is READY; their ids by name.
+pub async fn ready_hosts(
+    client: &ComputeClient<Channel>,
+    count: usize,
+    timeout: Duration,
+) -> HashMap<String, String> {
+    ready_hosts_where(client, count, timeout, |_| true).await
+}
+
+/// [`ready_hosts`], every host also passing `also` (e.g. its memory balancer reports).
+pub async fn ready_hosts_where(
+    client: &ComputeClient<Channel>,
+    count: usize,
+    timeout: Duration,
+    also: impl Fn(&Host) -> bool,
+) -> HashMap<String, String> {
+    let also = &also;
+    let what = format!("{count} hosts ready");
+    eventually(timeout, &what, || {
+        let mut client = client.clone();
+        async move {
+            let hosts = client
+                .list_hosts(ListHostsRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .hosts;
+            let ready = hosts.len() == count
+                && hosts
+                    .iter()
+                    .all(|h| h.state() == HostState::Ready && also(h));
+            ready.then(|| hosts.into_iter().map(|h| (h.name, h.id)).collect())
+        }
+    })
+    .await
 }
 
 /// Polls `check` every 50 ms until it returns Some, or panics with `what` after `timeout`.

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::{
-    BootImage, CreateVmRequest, EventKind, GetVmRequest, HostState, ListHostsRequest,
-    ListVmsRequest, MemorySpec, Placement, VmPhase, VmSpec, WatchEventsRequest,
+    BootImage, CreateVmRequest, EventKind, GetVmRequest, HostState, ListVmsRequest, MemorySpec,
+    Placement, VmPhase, VmSpec, WatchEventsRequest,
 };
-use fabric_tests::cluster::{eventually, Controller, SimHost, Timing};
+use fabric_tests::cluster::{eventually, ready_hosts, Controller, SimHost, Timing};
 
 fn spec(name: &str, set: &str) -> VmSpec {
     VmSpec {
@@ -38,19 +38,7 @@ async fn acknowledged_creates_survive_sigkill_with_their_placement() {
     let mut controller = Controller::start(&dir.path().join("controller"), Timing::default());
     let _host = SimHost::start(&dir.path().join("h1"), "h1", &controller.address(), 0, 0);
     let client = controller.compute().await;
-    eventually(Duration::from_secs(30), "the host to register", || {
-        let mut c = client.clone();
-        async move {
-            let hosts = c
-                .list_hosts(ListHostsRequest::default())
-                .await
-                .ok()?
-                .into_inner()
-                .hosts;
-            (hosts.len() == 1).then_some(())
-        }
-    })
-    .await;
+    ready_hosts(&client, 1, Duration::from_secs(30)).await;
 
     // 16 clients create VMs as fast as they can; the controller is killed mid-stream.
     let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
@@ -210,21 +198,7 @@ async fn a_dead_hosts_vms_move_only_after_the_fencing_window() {
         })
         .collect();
     let mut c = controller.compute().await;
-    let host_ids: HashMap<String, String> =
-        eventually(Duration::from_secs(30), "3 hosts ready", || {
-            let mut c = c.clone();
-            async move {
-                let hosts = c
-                    .list_hosts(ListHostsRequest::default())
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .hosts;
-                (hosts.len() == 3 && hosts.iter().all(|h| h.state() == HostState::Ready))
-                    .then(|| hosts.into_iter().map(|h| (h.name.clone(), h.id)).collect())
-            }
-        })
-        .await;
+    let host_ids = ready_hosts(&c, 3, Duration::from_secs(30)).await;
     // An availability set of 3 spreads over the 3 fault domains: one VM per host.
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -380,21 +354,7 @@ async fn draining_moves_every_vm_one_update_domain_at_a_time() {
         })
         .collect();
     let mut c = controller.compute().await;
-    let host_ids: HashMap<String, String> =
-        eventually(Duration::from_secs(30), "4 hosts ready", || {
-            let mut c = c.clone();
-            async move {
-                let hosts = c
-                    .list_hosts(ListHostsRequest::default())
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .hosts;
-                (hosts.len() == 4 && hosts.iter().all(|h| h.state() == HostState::Ready))
-                    .then(|| hosts.into_iter().map(|h| (h.name.clone(), h.id)).collect())
-            }
-        })
-        .await;
+    let host_ids = ready_hosts(&c, 4, Duration::from_secs(30)).await;
     let mut ids = Vec::new();
     for i in 0..8 {
         let mut s = spec(&format!("app-{i}"), "");

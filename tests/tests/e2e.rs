@@ -19,7 +19,7 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::{
     DrainHostRequest, GetHostRequest, GetVmRequest, HostState, ListHostsRequest, VmPhase,
 };
-use fabric_tests::cluster::{eventually, Timing};
+use fabric_tests::cluster::{eventually, ready_hosts, Timing};
 use fabric_tests::image::Image;
 use fabric_tests::netcluster::NetCluster;
 use tonic::transport::Channel;
@@ -107,19 +107,7 @@ async fn a_cluster_places_heals_fences_and_drains_real_guests() {
     // Hosts 0..3 in fault domains 0..3, update domains 0,1,0,1.
     let mut cluster = NetCluster::start(4, 4, 2, timing);
     let mut c = cluster.compute().await;
-    eventually(Duration::from_secs(60), "4 ready hosts", || {
-        let mut c = c.clone();
-        async move {
-            let hosts = c
-                .list_hosts(ListHostsRequest::default())
-                .await
-                .ok()?
-                .into_inner()
-                .hosts;
-            (hosts.len() == 4 && hosts.iter().all(|h| h.state() == HostState::Ready)).then_some(())
-        }
-    })
-    .await;
+    ready_hosts(&c, 4, Duration::from_secs(60)).await;
     let kernel = image.path("vmlinuz");
     cluster.fabricctl(&[
         "image",

@@ -8,19 +8,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use fabric_agent::host::sim::MEMORY_DEMAND_LABEL;
 use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::{
-    BootImage, CordonHostRequest, CreateVmRequest, Event, EventKind, GetVmRequest, HostState,
+    BootImage, CordonHostRequest, CreateVmRequest, Event, EventKind, GetVmRequest,
     ListHostsRequest, MemorySpec, Placement, UncordonHostRequest, VmPhase, VmSpec,
     WatchEventsRequest,
 };
-use fabric_tests::cluster::{eventually, Controller, SimHost, SimHostSpec, Timing};
+use fabric_tests::cluster::{
+    eventually, ready_hosts_where, Controller, SimHost, SimHostSpec, Timing,
+};
 use tonic::transport::Channel;
 
 /// The relief window the controller runs with, seconds.
 const WINDOW_S: f64 = 4.0;
-/// The simulated guests' demand label (`agent/src/host/sim.rs`).
-const DEMAND_LABEL: &str = "fabric.sim/memory-demand-mib";
 
 /// A VM of startup 512, minimum 128, maximum 1024 MiB (buffer 20 %). Without a demand its
 /// simulated guest uses 40 % of its startup memory, 204 MiB: it wants 245 MiB.
@@ -40,7 +41,7 @@ fn spec(name: &str, demand_mib: Option<u64>) -> VmSpec {
         }),
         placement: Some(Placement {
             labels: demand_mib
-                .map(|d| (DEMAND_LABEL.to_string(), d.to_string()))
+                .map(|d| (MEMORY_DEMAND_LABEL.to_string(), d.to_string()))
                 .into_iter()
                 .collect(),
             ..Default::default()
@@ -155,26 +156,49 @@ async fn running_on(c: &ComputeClient<Channel>, vm_id: &str, host_id: &str, what
     .await;
 }
 
-async fn ready_hosts(c: &ComputeClient<Channel>, count: usize) -> HashMap<String, String> {
-    eventually(Duration::from_secs(30), "the hosts ready", || {
-        let mut c = c.clone();
-        async move {
-            let hosts = c
-                .list_hosts(ListHostsRequest::default())
-                .await
-                .ok()?
-                .into_inner()
-                .hosts;
-            let balanced = hosts
-                .iter()
-                .all(|h| h.usage.is_some_and(|u| u.memory_balance.is_some()));
-            (hosts.len() == count
-                && balanced
-                && hosts.iter().all(|h| h.state() == HostState::Ready))
-            .then(|| hosts.into_iter().map(|h| (h.name.clone(), h.id)).collect())
-        }
+/// A controller relieving memory after [`WINDOW_S`] and simulated hosts, every one ready and
+/// reporting its memory balance. Fields drop in order: processes first, the directory last.
+struct ReliefCluster {
+    _hosts: Vec<SimHost>,
+    _controller: Controller,
+    client: ComputeClient<Channel>,
+    /// Host ids by name.
+    host_ids: HashMap<String, String>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the cluster: host *i* of `hosts` (name, zone, memory budget) in fault and update
+/// domain *i*.
+async fn relief_cluster(hosts: &[(&str, &str, u64)]) -> ReliefCluster {
+    let dir = tempfile::tempdir().unwrap();
+    let window = WINDOW_S.to_string();
+    let controller = Controller::start_with_args(
+        &dir.path().join("controller"),
+        Timing::default(),
+        &["--memory-relief-window", &window],
+    );
+    let sim_hosts: Vec<SimHost> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (name, zone, budget))| {
+            let spec = SimHostSpec::new(name, i as u32, i as u32)
+                .in_zone(zone)
+                .with_memory_budget(*budget);
+            SimHost::start_spec(&dir.path().join(name), &controller.address(), &spec)
+        })
+        .collect();
+    let client = controller.compute().await;
+    let host_ids = ready_hosts_where(&client, hosts.len(), Duration::from_secs(30), |h| {
+        h.usage.is_some_and(|u| u.memory_balance.is_some())
     })
-    .await
+    .await;
+    ReliefCluster {
+        _hosts: sim_hosts,
+        _controller: controller,
+        client,
+        host_ids,
+        _dir: dir,
+    }
 }
 
 /// h0 (budget 1200 MiB) takes two idle VMs (245 MiB wanted each) and a hungry one whose guest
@@ -188,25 +212,9 @@ async fn ready_hosts(c: &ComputeClient<Channel>, count: usize) -> HashMap<String
 /// hungry one cannot move; the idle ones, placed on h0 while h1 and h2 were cordoned, can).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_over_committed_host_has_a_vm_moved_to_the_host_with_the_most_room() {
-    let dir = tempfile::tempdir().unwrap();
-    let window = WINDOW_S.to_string();
-    let controller = Controller::start_with_args(
-        &dir.path().join("controller"),
-        Timing::default(),
-        &["--memory-relief-window", &window],
-    );
-    let _hosts: Vec<SimHost> = [("h0", "z0", 1200), ("h1", "z1", 2000), ("h2", "z2", 1500)]
-        .iter()
-        .enumerate()
-        .map(|(i, (name, zone, budget))| {
-            let spec = SimHostSpec::new(name, i as u32, i as u32)
-                .in_zone(zone)
-                .with_memory_budget(*budget);
-            SimHost::start_spec(&dir.path().join(name), &controller.address(), &spec)
-        })
-        .collect();
-    let mut c = controller.compute().await;
-    let host_ids = ready_hosts(&c, 3).await;
+    let cluster =
+        relief_cluster(&[("h0", "z0", 1200), ("h1", "z1", 2000), ("h2", "z2", 1500)]).await;
+    let (mut c, host_ids) = (cluster.client.clone(), &cluster.host_ids);
     let (h0, h1, h2) = (
         host_ids["h0"].clone(),
         host_ids["h1"].clone(),
@@ -391,23 +399,8 @@ async fn an_over_committed_host_has_a_vm_moved_to_the_host_with_the_most_room() 
 /// HOST_MEMORY event says why nothing moves; once the other host opens, the VM moves there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_short_host_without_a_destination_gets_a_reason_not_a_move() {
-    let dir = tempfile::tempdir().unwrap();
-    let window = WINDOW_S.to_string();
-    let controller = Controller::start_with_args(
-        &dir.path().join("controller"),
-        Timing::default(),
-        &["--memory-relief-window", &window],
-    );
-    let _hosts: Vec<SimHost> = [("s0", 600), ("s1", 4000)]
-        .iter()
-        .enumerate()
-        .map(|(i, (name, budget))| {
-            let spec = SimHostSpec::new(name, i as u32, i as u32).with_memory_budget(*budget);
-            SimHost::start_spec(&dir.path().join(name), &controller.address(), &spec)
-        })
-        .collect();
-    let mut c = controller.compute().await;
-    let host_ids = ready_hosts(&c, 2).await;
+    let cluster = relief_cluster(&[("s0", "z1", 600), ("s1", "z1", 4000)]).await;
+    let (mut c, host_ids) = (cluster.client.clone(), &cluster.host_ids);
     let (s0, s1) = (host_ids["s0"].clone(), host_ids["s1"].clone());
     cordon(&mut c, &s1).await;
     let events = record_events(&c);

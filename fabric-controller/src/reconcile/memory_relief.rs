@@ -20,11 +20,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use fabric_proto::v1::{DesiredState, EventKind, ObservedPhase, Vm, VmPhase};
 
-use super::Reconciler;
+use super::{ts, Reconciler};
 use crate::controller::{effective_state, Controller, Model, ReliefInFlight};
 use crate::placement;
 use crate::scheduler::memory_relief::{
@@ -43,10 +43,6 @@ pub(super) struct ReliefMemory {
     done: HashMap<String, Instant>,
     /// Per host without a possible move: the reason last announced, and when to search again.
     blocked: HashMap<String, (String, Instant)>,
-}
-
-fn ts() -> prost_types::Timestamp {
-    prost_types::Timestamp::from(SystemTime::now())
 }
 
 /// `name (id)` of a host, or its id when unknown.
