@@ -1,4 +1,4 @@
-//! The memory balancer: each second, from every running VM's memory specification and the
+//! The memory balancer: every half second, from every running VM's memory specification and the
 //! latest statistics its guest reported through the balloon, the balloon size each VM should
 //! have. Pure logic: no I/O, no clock of its own; the agent's loop feeds it and applies what it
 //! decides through each instance's balloon (a VMM's control socket, `SetBalloonTarget`, or a
@@ -24,9 +24,11 @@
 //!   has (no oscillation while the balloon moves).
 //! - **Pressure**: major faults growing faster than [`Params::major_faults_per_s`], or
 //!   `available` below [`Params::low_available_percent`] of the guest's usable memory. A
-//!   pressured VM's target is at least its current usable memory plus its buffer share (at
-//!   least [`PRESSURE_GROW_MIN_MIB`]), and for [`Params::pressure_hold`] afterwards no memory is
-//!   taken from it.
+//!   pressured VM counts as wanting its usable memory plus its buffer share (at least
+//!   [`PRESSURE_GROW_MIN_MIB`]), and gets in one step, beyond that, whatever the budget can
+//!   spare after every VM's share, up to its maximum: a guest that is short cannot show how
+//!   much it lacks (its demand looks like all it has). For [`Params::pressure_hold`] afterwards
+//!   no memory is taken from it; then the surplus goes back at the bounded rate.
 //! - **Host short**: when the targets (plus the memory of VMs the balancer leaves alone) exceed
 //!   the host's budget, the budget above the minimums is shared by weight (water-filling): no
 //!   VM below its minimum, none above its target.
@@ -56,10 +58,16 @@ pub const DEFAULT_BUFFER_PERCENT: u64 = 20;
 pub const DEFAULT_WEIGHT: u64 = 5000;
 /// Weights are clamped to this range.
 pub const MAX_WEIGHT: u64 = 10_000;
-/// A pressured VM grows by its buffer share of its usable memory, and at least this much.
+/// A pressured VM is counted as wanting its usable memory plus its buffer share, at least
+/// this much more (it gets more when the budget can spare it).
 pub const PRESSURE_GROW_MIN_MIB: u64 = 32;
-/// The step length assumed for the first step and the longest one credited after a stall.
+/// The step length assumed for the first step (a second's worth of the bounded rate) and for a
+/// fault rate without sample times.
 pub const NOMINAL_STEP: Duration = Duration::from_secs(1);
+/// How often the agent steps the balancer: half the guests' statistics period (1 s), so a
+/// fresh sample is acted on within half a second. Memory is taken at the bounded rate per
+/// second whatever the interval (each step is credited the time since the previous one).
+pub const STEP_INTERVAL: Duration = Duration::from_millis(500);
 const MAX_STEP: Duration = Duration::from_secs(2);
 const MIB: u64 = 1 << 20;
 
@@ -89,7 +97,7 @@ impl Default for Params {
             rate_mib_per_s: 256,
             low_available_percent: 10,
             major_faults_per_s: 20,
-            pressure_hold: Duration::from_secs(10),
+            pressure_hold: Duration::from_secs(3),
             stale_after: Duration::from_secs(10),
             min_change_mib: 4,
         }
@@ -209,7 +217,7 @@ struct VmMemo {
     hold_left: Duration,
 }
 
-/// The balancer: call [`Balancer::step`] every second.
+/// The balancer: call [`Balancer::step`] every half second ([`STEP_INTERVAL`]).
 #[derive(Debug, Clone)]
 pub struct Balancer {
     params: Params,
@@ -439,6 +447,8 @@ impl Balancer {
         };
         w.reason = if faulting || low {
             memo.hold_left = self.params.pressure_hold;
+            // What it wants, as far as anyone can tell: what it has plus its buffer share.
+            // [`Balancer::share`] then gives it whatever else the budget can spare.
             let grow = u128::from(usable_now) * u128::from(limits.buffer_percent) / 100;
             let grow = u64::try_from(grow).unwrap_or(u64::MAX);
             let grown = usable_now.saturating_add(grow.max(PRESSURE_GROW_MIN_MIB));
@@ -538,6 +548,7 @@ impl Balancer {
                 }
             }
         }
+        Self::spare_to_pressured(work, budget.saturating_sub(fixed));
         summary.assigned_mib = work
             .iter()
             .map(|w| match w.cap {
@@ -546,6 +557,54 @@ impl Balancer {
             })
             .fold(0, u64::saturating_add);
         summary
+    }
+
+    /// Gives what the budget (less the memory of VMs left alone, `room`) can spare after every
+    /// VM got its share to the pressured VMs, by weight, up to their maximums: a guest short of
+    /// memory cannot show how much it lacks, and growing it by a buffer share per step took
+    /// seven steps to go from 128 to 476 MiB (`bench/memory`). What it does not need goes back
+    /// at the bounded rate once the pressure hold is over.
+    fn spare_to_pressured(work: &mut [Work], room: u64) {
+        let given: u64 = work
+            .iter()
+            .filter_map(|w| w.cap)
+            .fold(0, u64::saturating_add);
+        let mut spare = u128::from(room.saturating_sub(given));
+        let mut open: Vec<usize> = (0..work.len())
+            .filter(|&i| {
+                work[i].reason.pressured()
+                    && work[i]
+                        .cap
+                        .is_some_and(|cap| cap < work[i].limits.maximum_mib)
+            })
+            .collect();
+        // Each round either fills a VM to its maximum (and drops it) or spends all that is left.
+        while spare > 0 && !open.is_empty() {
+            let weights: u128 = open
+                .iter()
+                .map(|&i| u128::from(work[i].limits.weight))
+                .sum();
+            let mut spent = 0u128;
+            for &i in &open {
+                let w = &mut work[i];
+                let Some(cap) = w.cap.as_mut() else { continue };
+                let room_left = u128::from(w.limits.maximum_mib.saturating_sub(*cap));
+                // Rounding leaves shares of 0 when little is spare: then 1 MiB each in turn.
+                let share = (spare * u128::from(w.limits.weight) / weights.max(1)).max(1);
+                let add = share.min(room_left).min(spare - spent);
+                *cap += add as u64;
+                spent += add;
+            }
+            if spent == 0 {
+                break;
+            }
+            spare -= spent;
+            open.retain(|&i| {
+                work[i]
+                    .cap
+                    .is_some_and(|cap| cap < work[i].limits.maximum_mib)
+            });
+        }
     }
 
     /// Moves the balloon toward `maximum − target`: at once when giving memory, at most one
@@ -769,7 +828,7 @@ mod tests {
     }
 
     /// Demand grows: a little, and the VM gets its target at once (not at the bounded rate);
-    /// a lot, so that available memory runs low, and it grows by its buffer share at once.
+    /// a lot, so that available memory runs low, and it gets its maximum at once.
     #[test]
     fn a_vm_whose_demand_grows_gets_memory_back_within_one_step() {
         let mut balancer = Balancer::new(Params::default());
@@ -778,10 +837,10 @@ mod tests {
             ((0, 2000, 100, None, 1400, 1400), (1400, Reason::Steady)),
             // 540 in use: 540 × 1.2 + 48 = 696 → balloon 1352 in one step.
             ((1, 2000, 60, None, 1400, 1400), (1352, Reason::Growing)),
-            // 590 in use, 58 MiB available of 648: under 10 % → pressure: 696 + 20 %.
+            // 590 in use, 58 MiB available of 648: under 10 % → pressure: its maximum at once.
             (
                 (2, 2000, 58, None, 1352, 1352),
-                (2048 - 835, Reason::PressureLowAvailable),
+                (0, Reason::PressureLowAvailable),
             ),
         ];
         run_trace(&mut balancer, spec(2048, 256, 2048), &trace);
@@ -794,27 +853,83 @@ mod tests {
         let trace = [
             ((0, 1000, 132, Some(50), 768, 768), (768, Reason::Steady)),
             ((1, 1000, 132, Some(60), 768, 768), (768, Reason::Steady)),
+            // Its maximum at once.
             (
                 (2, 1000, 132, Some(3060), 768, 768),
-                (768 - 51, Reason::PressureMajorFaults),
+                (0, Reason::PressureMajorFaults),
             ),
-            // The faults stop and demand is as low as before: for the hold (10 s) nothing is
+            // The faults stop and demand is as low as before: for the hold (3 s) nothing is
             // taken back.
             (
-                (3, 1000, 183, Some(3061), 717, 717),
-                (717, Reason::RecentPressure),
+                (3, 1000, 900, Some(3061), 0, 0),
+                (0, Reason::RecentPressure),
             ),
             (
-                (11, 1000, 183, Some(3061), 717, 717),
-                (717, Reason::RecentPressure),
+                (4, 1000, 900, Some(3061), 0, 0),
+                (0, Reason::RecentPressure),
             ),
-            // Then it shrinks again.
+            // Then the surplus goes back at the bounded rate.
+            ((5, 1000, 900, Some(3061), 0, 0), (256, Reason::Shrinking)),
             (
-                (14, 1000, 183, Some(3061), 717, 717),
-                (768, Reason::Shrinking),
+                (6, 1000, 900, Some(3061), 256, 256),
+                (512, Reason::Shrinking),
             ),
         ];
         run_trace(&mut balancer, spec(1024, 256, 1024), &trace);
+    }
+
+    /// A pressured guest gets, in one step, what the budget can spare once every VM has its
+    /// share, up to its maximum; several pressured guests split the spare by weight, and a VM
+    /// that is not pressured keeps its target.
+    #[test]
+    fn pressured_guests_get_what_the_budget_can_spare_at_once() {
+        let mut balancer = Balancer::new(Params {
+            budget_mib: 2000,
+            ..Params::default()
+        });
+        let vm = |weight| MemorySpec {
+            startup_mib: 256,
+            minimum_mib: 128,
+            maximum_mib: 1024,
+            buffer_percent: 20,
+            weight,
+        };
+        // Guests count all their usable memory; `used` of `usable` in use, balloon at 1024 −
+        // usable.
+        let reading = |usable: u64, used: u64| Reading {
+            posted_ms: 0,
+            total: usable,
+            available: usable - used,
+            faults: None,
+            actual: 1024 - usable,
+            target: 1024 - usable,
+        };
+        let inputs = [
+            // 300 in use of 300: pressured. Wants 300 + 20 %; weight 3000.
+            input("a", vm(3000), Some(reading(300, 300).stats())),
+            // 200 of 200: pressured. Wants 240; weight 1000.
+            input("b", vm(1000), Some(reading(200, 200).stats())),
+            // Idle, 100 of 400 in use: wants 120, its minimum 128.
+            input("c", vm(5000), Some(reading(400, 100).stats())),
+        ];
+        let plan = balancer.step(at(500), &inputs);
+        let got: Vec<(u64, Reason)> = plan.vms.iter().map(|d| (d.target_mib, d.reason)).collect();
+        // Wanted 360 + 240 + 128 = 728; 1272 spare, 3:1. a's share (954) tops it up to its
+        // maximum (664) and b gets 318 by weight; then b takes the 290 a could not.
+        assert_eq!(
+            got,
+            [
+                (1024, Reason::PressureLowAvailable),
+                (240 + 318 + 290, Reason::PressureLowAvailable),
+                (128, Reason::Shrinking),
+            ]
+        );
+        assert_eq!(plan.host.wanted_mib, 728);
+        assert_eq!(plan.host.assigned_mib, 2000);
+        assert!(!plan.host.short);
+        // The balloons: given at once for a and b.
+        let balloons: Vec<u64> = plan.vms.iter().map(|d| d.balloon_target_mib).collect();
+        assert_eq!(balloons[..2], [0, 1024 - 848]);
     }
 
     /// The host's budget does not hold every target: minimums first, then the rest by weight,

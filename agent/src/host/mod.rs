@@ -3,7 +3,7 @@
 //!
 //! - [`link`]: the controller connection: registration, heartbeats, the lease and its fence,
 //!   the assignment stream.
-//! - [`balancer`]: the memory balancer's decisions (pure logic), applied every second by
+//! - [`balancer`]: the memory balancer's decisions (pure logic), applied every half second by
 //!   [`Host::run_memory_balancer`] through each instance's [`backend::Balloon`] (real and
 //!   simulated VMs alike) and reported in heartbeats.
 //! - [`vm`]: one supervising task per VM: prepare, start, watch, restart by policy, stop,
@@ -403,7 +403,7 @@ impl Host {
 }
 
 impl Host {
-    /// The memory balancer's loop ([`balancer`]): every second, the running VMs' memory specs
+    /// The memory balancer's loop ([`balancer`]): every half second, the running VMs' memory specs
     /// and latest guest statistics in, balloon targets out through each instance's
     /// [`backend::Balloon`] (a fabric-vmm's control socket, or a simulated guest). Every
     /// change is logged with its reason, and the step's summary and decisions are kept for
@@ -431,7 +431,7 @@ impl Host {
             "memory balancer on"
         );
         let mut was_short = false;
-        let mut ticker = tokio::time::interval(balancer::NOMINAL_STEP);
+        let mut ticker = tokio::time::interval(balancer::STEP_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;

@@ -333,7 +333,7 @@ impl Instance for SimInstance {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::balancer::{Balancer, Params, Reason, VmInput};
+    use crate::host::balancer::{Balancer, Params, VmInput};
     use fabric_proto::v1::{MemorySpec, Placement};
     use std::time::UNIX_EPOCH;
 
@@ -517,9 +517,7 @@ mod tests {
             !reasons.last().is_some_and(|r| r.pressured()),
             "{reasons:?}"
         );
-        assert!(
-            reasons.contains(&Reason::PressureMajorFaults),
-            "{reasons:?}"
-        );
+        // One step gives the pressured guest its maximum: no pressure after the first.
+        assert!(reasons[1..].iter().all(|r| !r.pressured()), "{reasons:?}");
     }
 }

@@ -14,8 +14,9 @@ use super::backend::{Balloon, Instance, StartRequest};
 use super::record::VmRecord;
 use super::Host;
 
-/// How often a running instance is looked at.
-const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a running instance is looked at: its guest's memory statistics reach the
+/// balancer within this (plus the guest's 1 s statistics period and the balancer's step).
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// An instance that ran this long before exiting resets the back-off.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// Longest wait between restarts.
