@@ -297,6 +297,8 @@ struct Work {
     demand: Option<u64>,
     /// None: left alone (fixed at its current usable memory).
     cap: Option<u64>,
+    /// In its pressure hold: the usable memory it keeps if no pressured VM needs it.
+    held_mib: Option<u64>,
     reason: Reason,
 }
 
@@ -361,6 +363,7 @@ impl Balancer {
             actual_balloon,
             demand: None,
             cap: None,
+            held_mib: None,
             reason: Reason::NoStats,
         };
         if limits.is_static() {
@@ -459,7 +462,9 @@ impl Balancer {
                 Reason::PressureLowAvailable
             }
         } else if !memo.hold_left.is_zero() && target < usable_now {
-            target = usable_now.clamp(limits.minimum_mib, max);
+            // It wants `target`; it keeps the rest only while no pressured VM needs it
+            // ([`Balancer::share`]).
+            w.held_mib = Some(usable_now.clamp(limits.minimum_mib, max));
             Reason::RecentPressure
         } else {
             Reason::Steady
@@ -548,7 +553,20 @@ impl Balancer {
                 }
             }
         }
-        Self::spare_to_pressured(work, budget.saturating_sub(fixed));
+        // What is spare goes first to the guests under pressure now, then back to those that
+        // were lately (their hold), so a hold never keeps memory from a guest that waits.
+        let room = budget.saturating_sub(fixed);
+        Self::give_spare(work, room, |w| {
+            w.reason.pressured().then_some(w.limits.maximum_mib)
+        });
+        Self::give_spare(work, room, |w| w.held_mib);
+        for w in work.iter_mut() {
+            if let (Some(held), Some(cap)) = (w.held_mib, w.cap) {
+                if cap < held {
+                    w.reason = Reason::HostShort;
+                }
+            }
+        }
         summary.assigned_mib = work
             .iter()
             .map(|w| match w.cap {
@@ -560,25 +578,21 @@ impl Balancer {
     }
 
     /// Gives what the budget (less the memory of VMs left alone, `room`) can spare after every
-    /// VM got its share to the pressured VMs, by weight, up to their maximums: a guest short of
-    /// memory cannot show how much it lacks, and growing it by a buffer share per step took
-    /// seven steps to go from 128 to 476 MiB (`bench/memory`). What it does not need goes back
-    /// at the bounded rate once the pressure hold is over.
-    fn spare_to_pressured(work: &mut [Work], room: u64) {
+    /// VM got its share to the VMs `limit` names, by weight, each up to its limit. Pressured
+    /// VMs get up to their maximums: a guest short of memory cannot show how much it lacks,
+    /// and growing it by a buffer share per step took seven steps to go from 128 to 476 MiB
+    /// (`bench/memory`). What it does not need goes back at the bounded rate once the pressure
+    /// hold is over.
+    fn give_spare(work: &mut [Work], room: u64, limit: impl Fn(&Work) -> Option<u64>) {
         let given: u64 = work
             .iter()
             .filter_map(|w| w.cap)
             .fold(0, u64::saturating_add);
         let mut spare = u128::from(room.saturating_sub(given));
-        let mut open: Vec<usize> = (0..work.len())
-            .filter(|&i| {
-                work[i].reason.pressured()
-                    && work[i]
-                        .cap
-                        .is_some_and(|cap| cap < work[i].limits.maximum_mib)
-            })
-            .collect();
-        // Each round either fills a VM to its maximum (and drops it) or spends all that is left.
+        let below_limit =
+            |w: &Work| matches!((w.cap, limit(w)), (Some(cap), Some(up_to)) if cap < up_to);
+        let mut open: Vec<usize> = (0..work.len()).filter(|&i| below_limit(&work[i])).collect();
+        // Each round either fills a VM to its limit (and drops it) or spends all that is left.
         while spare > 0 && !open.is_empty() {
             let weights: u128 = open
                 .iter()
@@ -586,9 +600,10 @@ impl Balancer {
                 .sum();
             let mut spent = 0u128;
             for &i in &open {
+                let up_to = limit(&work[i]).unwrap_or(0);
                 let w = &mut work[i];
                 let Some(cap) = w.cap.as_mut() else { continue };
-                let room_left = u128::from(w.limits.maximum_mib.saturating_sub(*cap));
+                let room_left = u128::from(up_to.saturating_sub(*cap));
                 // Rounding leaves shares of 0 when little is spare: then 1 MiB each in turn.
                 let share = (spare * u128::from(w.limits.weight) / weights.max(1)).max(1);
                 let add = share.min(room_left).min(spare - spent);
@@ -599,11 +614,7 @@ impl Balancer {
                 break;
             }
             spare -= spent;
-            open.retain(|&i| {
-                work[i]
-                    .cap
-                    .is_some_and(|cap| cap < work[i].limits.maximum_mib)
-            });
+            open.retain(|&i| below_limit(&work[i]));
         }
     }
 
@@ -930,6 +941,64 @@ mod tests {
         // The balloons: given at once for a and b.
         let balloons: Vec<u64> = plan.vms.iter().map(|d| d.balloon_target_mib).collect();
         assert_eq!(balloons[..2], [0, 1024 - 848]);
+    }
+
+    /// A VM in its pressure hold keeps its memory only while nobody waits: when another guest
+    /// comes under pressure, the held surplus goes to it (taken at the bounded rate).
+    #[test]
+    fn a_pressure_hold_yields_to_a_guest_under_pressure_now() {
+        let mut balancer = Balancer::new(Params {
+            budget_mib: 1000,
+            ..Params::default()
+        });
+        let spec = spec(256, 128, 1024);
+        let reading = |posted_ms, usable: u64, used: u64| Reading {
+            posted_ms,
+            total: usable,
+            available: usable - used,
+            faults: None,
+            actual: 1024 - usable,
+            target: 1024 - usable,
+        };
+        // a is under pressure (256 of 256 in use), b idle: a gets all b does not want.
+        let plan = balancer.step(
+            at(500),
+            &[
+                input("a", spec, Some(reading(0, 256, 256).stats())),
+                input("b", spec, Some(reading(0, 256, 50).stats())),
+            ],
+        );
+        assert_eq!(plan.vms[0].target_mib, 1000 - 128);
+        // a's peak is over (100 in use of 872): its hold keeps the memory while b is idle.
+        let plan = balancer.step(
+            at(1500),
+            &[
+                input("a", spec, Some(reading(1000, 872, 100).stats())),
+                input("b", spec, Some(reading(1000, 128, 50).stats())),
+            ],
+        );
+        let got: Vec<(u64, Reason)> = plan.vms.iter().map(|d| (d.target_mib, d.reason)).collect();
+        assert_eq!(got, [(872, Reason::RecentPressure), (128, Reason::Steady)]);
+        // Now b waits for memory: it gets a's surplus above a's own want (100 + 20 % + its
+        // overhead 0 = 120, its minimum 128), though a's hold is not over.
+        let plan = balancer.step(
+            at(2500),
+            &[
+                input("a", spec, Some(reading(2000, 872, 100).stats())),
+                input("b", spec, Some(reading(2000, 128, 128).stats())),
+            ],
+        );
+        let got: Vec<(u64, Reason)> = plan.vms.iter().map(|d| (d.target_mib, d.reason)).collect();
+        assert_eq!(
+            got,
+            [
+                (128, Reason::HostShort),
+                (872, Reason::PressureLowAvailable)
+            ]
+        );
+        // a gives it up at the bounded rate; b's balloon target is set at once.
+        assert_eq!(plan.vms[0].balloon_target_mib, (1024 - 872) + 256);
+        assert_eq!(plan.vms[1].balloon_target_mib, 1024 - 872);
     }
 
     /// The host's budget does not hold every target: minimums first, then the rest by weight,
