@@ -17,7 +17,7 @@ use fabric_agent::vmm::devices::bus::BusDevice;
 use fabric_agent::vmm::devices::virtio::balloon::{Balloon, BalloonConfig};
 use fabric_agent::vmm::devices::virtio::blk::{Block, CacheMode};
 use fabric_agent::vmm::devices::virtio::fuzzing::{TestDriver, DATA_AREA, MEM_SIZE, R, W};
-use fabric_agent::vmm::devices::virtio::net::{FrameIo, Net, TX_QUEUE};
+use fabric_agent::vmm::devices::virtio::net::{FrameIo, Net, TxFrame, TX_QUEUE};
 use fabric_agent::vmm::devices::virtio::rng::Rng;
 use fabric_agent::vmm::devices::virtio::VirtioDevice;
 use fabric_agent::vmm::devices::EventSubscriber;
@@ -36,7 +36,7 @@ static IMAGE: OnceLock<DiskImage> = OnceLock::new();
 struct Sink(EventFd);
 
 impl FrameIo for Sink {
-    fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
+    fn send(&mut self, _frame: &TxFrame<'_>) -> std::io::Result<()> {
         Ok(())
     }
     fn recv(&mut self, _buf: &mut [u8]) -> std::io::Result<usize> {

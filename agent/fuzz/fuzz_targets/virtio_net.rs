@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use fabric_agent::vmm::devices::virtio::net::{
-    FrameIo, Net, MAX_FRAME_LEN, MIN_FRAME_LEN, VNET_HDR_LEN,
+    FrameIo, Net, TxFrame, MAX_FRAME_LEN, MIN_FRAME_LEN, VNET_HDR_LEN,
 };
 use fabric_agent_fuzz::{Harness, Input, Round, MAX_ROUNDS};
 use libfuzzer_sys::fuzz_target;
@@ -30,7 +30,10 @@ struct Backend {
 }
 
 impl FrameIo for Backend {
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn send(&mut self, frame: &TxFrame<'_>) -> std::io::Result<()> {
+        let iovec_bytes: usize = frame.iovecs().iter().map(|v| v.iov_len).sum();
+        assert_eq!(iovec_bytes, frame.len_with_header(), "iovecs and length disagree");
+        let frame = frame.to_vec()?;
         assert!(
             (MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&frame.len()),
             "a frame of {} bytes reached the backend",

@@ -8,8 +8,9 @@
 //! The device zeroes it in both directions (and sets `num_buffers` to 1 on RX), so no guest
 //! value reaches the tap's offload handling and no host value reaches the guest's.
 //!
-//! TX: on a notification, each chain's device-readable buffers (header and frame) are gathered
-//! into one host buffer and written to the backend in one write. A chain with a device-writable
+//! TX: on a notification, each chain is checked, then its frame goes to the backend as a
+//! [`TxFrame`]: the device's own zeroed header followed by the frame's bytes where the guest put
+//! them, which the tap writes with one `writev` (no copy in the VMM). A chain with a device-writable
 //! buffer, a buffer outside guest memory, or a length below header + Ethernet header or above
 //! [`MAX_FRAME_LEN`] is refused: returned used, nothing sent, counted. The device goes on.
 //!
@@ -28,12 +29,12 @@ use std::sync::Arc;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{
-    check_in_memory, needs_interrupt, read_from_guest, serve_queue, write_to_guest, Chain,
-    ChainError, CHAINS_PER_TURN,
+    check_in_memory, needs_interrupt, pieces, serve_queue, write_to_guest, Chain, ChainError,
+    CHAINS_PER_TURN,
 };
 use super::{read_config_bytes, ActivateError, DeviceError, Interrupt, VirtioDevice};
 
@@ -61,12 +62,52 @@ const REFUSAL_WARNINGS: u32 = 32;
 /// 12-byte virtio-net header in front; neither call may block.
 pub trait FrameIo: Send {
     /// Sends one frame.
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    fn send(&mut self, frame: &TxFrame<'_>) -> std::io::Result<()>;
     /// Receives one frame into `buf`, returning its length (a frame longer than `buf` is cut
     /// to `buf.len()`); `WouldBlock` when none is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
     /// The fd that becomes readable when a frame is waiting.
     fn raw_fd(&self) -> RawFd;
+}
+
+/// The header the device sends in front of every frame: no offloads asked for.
+static TX_HEADER: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+
+/// A frame on its way out: [`TX_HEADER`], then the frame's bytes in guest memory (checked to
+/// lie in guest RAM). Valid for the [`FrameIo::send`] call it is given to.
+pub struct TxFrame<'a> {
+    mem: &'a GuestMemoryMmap,
+    /// The frame after the header, as guest ranges.
+    body: &'a [(GuestAddress, usize)],
+    /// The header and the body as host addresses, for one gathering write.
+    iovecs: &'a [libc::iovec],
+    len: usize,
+}
+
+impl TxFrame<'_> {
+    /// Bytes, header included.
+    pub fn len_with_header(&self) -> usize {
+        self.len
+    }
+
+    /// Header and body as host (`iovec`) ranges, for `writev`/`sendmsg`. The guest may change
+    /// the body's bytes while they are read; what it then sends is its own business.
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        self.iovecs
+    }
+
+    /// The whole frame copied out, for backends that want bytes.
+    pub fn to_vec(&self) -> std::io::Result<Vec<u8>> {
+        let mut out = vec![0u8; self.len];
+        let mut done = VNET_HDR_LEN;
+        for &(addr, len) in self.body {
+            self.mem
+                .read_slice(&mut out[done..done + len], addr)
+                .map_err(std::io::Error::other)?;
+            done += len;
+        }
+        Ok(out)
+    }
 }
 
 /// What the device did, for logs and tests. Shared with whoever created the device.
@@ -185,7 +226,6 @@ pub struct Net {
     active: Option<Active>,
     /// Frame buffers; one byte longer than [`MAX_FRAME_LEN`] to tell a cut frame.
     rx_frame: Vec<u8>,
-    tx_frame: Vec<u8>,
     /// Length of the frame in `rx_frame` that waits for a guest buffer.
     rx_pending: Option<usize>,
     counters: Arc<NetCounters>,
@@ -204,7 +244,6 @@ impl Net {
             rx_retry: EventFd::new(libc::EFD_NONBLOCK)?,
             active: None,
             rx_frame: vec![0; MAX_FRAME_LEN + 1],
-            tx_frame: vec![0; MAX_FRAME_LEN],
             rx_pending: None,
             counters: Arc::new(NetCounters::default()),
             log: RefusalLog {
@@ -228,18 +267,15 @@ impl Net {
             return Err(DeviceError::NoSuchQueue(TX_QUEUE));
         };
         let mem = &active.mem;
-        let (io, frame, counters, log) = (
-            &mut self.io,
-            &mut self.tx_frame,
-            &self.counters,
-            &mut self.log,
-        );
+        let (io, counters, log) = (&mut self.io, &self.counters, &mut self.log);
+        let (mut body, mut iovecs) = (Vec::new(), Vec::new());
         let served = serve_queue(&mut active.tx, mem, |chain| {
-            match gather_frame(mem, chain, frame) {
-                Ok(len) => match io.send(&frame[..len]) {
+            match tx_frame(mem, chain, &mut body, &mut iovecs) {
+                Ok(frame) => match io.send(&frame) {
                     Ok(()) => {
                         bump(&counters.tx_frames, 1);
-                        bump(&counters.tx_bytes, (len - VNET_HDR_LEN) as u64);
+                        let len = frame.len_with_header() - VNET_HDR_LEN;
+                        bump(&counters.tx_bytes, len as u64);
                     }
                     Err(error) => {
                         bump(&counters.tx_errors, 1);
@@ -376,27 +412,51 @@ impl Net {
     }
 }
 
-/// Gathers a TX chain into `frame` (header zeroed); returns its length.
-fn gather_frame(
-    mem: &GuestMemoryMmap,
+/// Checks a TX chain and describes its frame, behind the device's own header: `body` and
+/// `iovecs` are the caller's scratch space, reused from frame to frame.
+fn tx_frame<'a>(
+    mem: &'a GuestMemoryMmap,
     chain: Result<Chain, ChainError>,
-    frame: &mut [u8],
-) -> Result<usize, String> {
+    body: &'a mut Vec<(GuestAddress, usize)>,
+    iovecs: &'a mut Vec<libc::iovec>,
+) -> Result<TxFrame<'a>, String> {
     let chain = chain.map_err(|e| e.to_string())?;
     if !chain.writable.is_empty() {
         return Err("TX chain with a device-writable buffer".into());
     }
     let len = chain.readable_len();
-    if len < MIN_FRAME_LEN as u64 || len > MAX_FRAME_LEN.min(frame.len()) as u64 {
+    if len < MIN_FRAME_LEN as u64 || len > MAX_FRAME_LEN as u64 {
         return Err(format!(
             "TX frame of {len} bytes with its header (want {MIN_FRAME_LEN}..={MAX_FRAME_LEN})"
         ));
     }
     let len = len as usize;
     check_in_memory(mem, &chain.readable).map_err(|e| e.to_string())?;
-    read_from_guest(mem, &chain.readable, 0, &mut frame[..len]).map_err(|e| e.to_string())?;
-    frame[..VNET_HDR_LEN].fill(0);
-    Ok(len)
+    *body = pieces(
+        &chain.readable,
+        VNET_HDR_LEN as u64,
+        (len - VNET_HDR_LEN) as u64,
+    );
+    iovecs.clear();
+    iovecs.push(libc::iovec {
+        iov_base: TX_HEADER.as_ptr().cast_mut().cast(),
+        iov_len: VNET_HDR_LEN,
+    });
+    for &(addr, piece_len) in body.iter() {
+        for slice in mem.get_slices(addr, piece_len) {
+            let slice = slice.map_err(|e| e.to_string())?;
+            iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Ok(TxFrame {
+        mem,
+        body,
+        iovecs,
+        len,
+    })
 }
 
 /// An RX chain must be device-writable only, and inside guest memory.
@@ -506,8 +566,22 @@ mod tests {
     /// The test backend: one end of a datagram socket pair, which keeps frame boundaries
     /// like a tap does.
     impl FrameIo for UnixDatagram {
-        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-            UnixDatagram::send(self, frame).map(|_| ())
+        /// One `sendmsg` of the frame's iovecs, as the tap's one `writev`.
+        fn send(&mut self, frame: &TxFrame<'_>) -> std::io::Result<()> {
+            let iovecs = frame.iovecs();
+            // SAFETY: an all-zero msghdr is valid (no name, no control data).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iovecs.as_ptr().cast_mut();
+            msg.msg_iovlen = iovecs.len();
+            // SAFETY: the iovecs point into guest memory and the header, valid for this call;
+            // sendmsg only reads them.
+            let sent = unsafe { libc::sendmsg(self.as_raw_fd(), &msg, 0) };
+            if sent < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            assert_eq!(sent as usize, frame.len_with_header(), "short send");
+            assert_eq!(frame.to_vec()?.len(), frame.len_with_header());
+            Ok(())
         }
         fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
             UnixDatagram::recv(self, buf)
@@ -706,6 +780,41 @@ mod tests {
         let stats = f.stats();
         assert_eq!((stats.tx_frames, stats.rx_frames), (1, 1));
         assert_eq!(stats.rx_bytes, (inbound.len() - VNET_HDR_LEN) as u64);
+    }
+
+    #[test]
+    fn tx_frames_arrive_whole_however_the_guest_splits_them() {
+        let mut f = fixture();
+        let mut out = frame([0xaa; VNET_HDR_LEN], &[0x5a; 1000]);
+        out[VNET_HDR_LEN + ETH_HLEN..]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
+        let layouts: [&[u32]; 3] = [
+            &[out.len() as u32],   // header and frame in one buffer
+            &[5, 30, 1, 900, 90],  // cut inside the header and inside the Ethernet header
+            &[12, 14, 0, 1000, 0], // empty buffers in between
+        ];
+        for (n, layout) in layouts.iter().enumerate() {
+            let mut at = 0usize;
+            let mut chain = Vec::new();
+            for (i, &len) in layout.iter().enumerate() {
+                let addr = TX_BUF + 0x1000 * i as u64;
+                let len = len as usize;
+                f.d.mem
+                    .write_slice(&out[at..at + len], GuestAddress(addr))
+                    .expect("write");
+                chain.push((addr, len as u32, R));
+                at += len;
+            }
+            assert_eq!(at, out.len(), "layout {n} covers the frame");
+            f.transmit(&chain);
+            let sent = f.host_recv().expect("a frame reached the backend");
+            assert_eq!(sent.len(), out.len(), "layout {n}");
+            assert_eq!(sent[..VNET_HDR_LEN], [0; VNET_HDR_LEN], "layout {n}");
+            assert_eq!(sent[VNET_HDR_LEN..], out[VNET_HDR_LEN..], "layout {n}");
+        }
+        assert_eq!(f.stats().tx_bytes, 3 * (out.len() - VNET_HDR_LEN) as u64);
     }
 
     #[test]
@@ -918,7 +1027,7 @@ mod tests {
     }
 
     impl FrameIo for QueuedFrames {
-        fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
+        fn send(&mut self, _frame: &TxFrame<'_>) -> std::io::Result<()> {
             Ok(())
         }
         fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
