@@ -18,7 +18,8 @@
  * target moves the balloon, so the bench sees how fast the host gives memory back):
  *  - follows num_pages: inflates with free pages only (never the workload's; when there are
  *    none it tries again later and `actual` stays short of the target), deflates on request,
- *    256 PFNs a request, and writes `actual` after each;
+ *    256 PFNs a request, and writes `actual` after each; it negotiates MUST_TELL_HOST (it
+ *    never touches a page before its deflate request is answered);
  *  - statistics: posts them before DRIVER_OK and answers each request of the device with
  *    fresh numbers, Linux's way of counting: total = the pool outside the balloon, free and
  *    available = pages neither the workload nor the balloon holds, major faults = pages the
@@ -57,6 +58,7 @@
 #include "scenario.h"
 #include "virtio.h"
 
+#define VIRTIO_BALLOON_F_MUST_TELL_HOST (1ull << 0)
 #define VIRTIO_BALLOON_F_STATS_VQ (1ull << 1)
 #define VIRTIO_BALLOON_F_REPORTING (1ull << 5)
 #define CFG_NUM_PAGES 0
@@ -474,7 +476,9 @@ int scenario_memload(struct result *r)
     m.start_ms = cmdline_u64("memload.start", clock_unix_ms());
     /* memload.reporting=0: a guest without free page reporting (Linux without
      * CONFIG_PAGE_REPORTING), whose freed memory stays with the host. */
-    uint64_t wanted = VIRTIO_BALLOON_F_STATS_VQ;
+    /* MUST_TELL_HOST: this driver never touches a page before the device has acknowledged its
+     * deflate request, which lets the device hold pages back to keep its huge pages whole. */
+    uint64_t wanted = VIRTIO_BALLOON_F_STATS_VQ | VIRTIO_BALLOON_F_MUST_TELL_HOST;
     if (cmdline_u64("memload.reporting", 1))
         wanted |= VIRTIO_BALLOON_F_REPORTING;
     err = virtio_start(m.dev, wanted);

@@ -9,9 +9,12 @@
 //! 2 MiB pages, which saves the guest TLB misses and makes direct I/O into guest memory cheaper
 //! (virtio-blk with `cache=none` pins and maps 2 MiB at a time instead of 4 KiB; on a 2-core
 //! host that was 1.6x on sequential direct writes, `bench/README.md`). The host then commits
-//! memory in 2 MiB steps where the guest touches it. Pages the balloon gives back
-//! (`MADV_DONTNEED`) still leave the VMM's RSS at once; the kernel splits the huge page and frees
-//! its unmapped part when it needs memory (deferred split).
+//! memory in 2 MiB steps where the guest touches it. The balloon gives memory back in whole
+//! 2 MiB blocks where it can (it holds partial blocks back for a moment, see
+//! `devices::virtio::balloon`), since discarding part of a huge page splits it and the guest
+//! then faults that memory back in 4 KiB at a time. Pages it does give back singly still leave
+//! the VMM's RSS at once; the kernel frees the split huge page's unmapped part when it needs
+//! memory (deferred split).
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 

@@ -7,7 +7,10 @@
 //! device discards them from the host mapping with `madvise(MADV_DONTNEED)` (guest RAM is an
 //! anonymous private mapping: a discarded page holds no host memory and reads as zeros when the
 //! guest touches it again), and the driver writes the balloon's size to `actual`. Deflating
-//! needs nothing from the host: a page the guest takes back faults in when touched. With
+//! needs nothing from the host: a page the guest takes back faults in when touched. When the
+//! driver negotiates VIRTIO_BALLOON_F_MUST_TELL_HOST (Linux does), pages that cover only part
+//! of a 2 MiB block are held back for up to half a second until the rest of the block arrives,
+//! so that the host's huge page goes back whole instead of being split ([`held`]). With
 //! VIRTIO_BALLOON_F_REPORTING the driver also reports ranges of free guest memory, which are
 //! discarded the same way.
 //!
@@ -44,6 +47,12 @@ use super::queue::{
 use super::{read_config_bytes, ActivateError, DeviceError, Interrupt, VirtioDevice};
 use crate::vmm::devices::bus::lock;
 
+mod held;
+
+use held::{HeldBlocks, BLOCK_SIZE, HOLD_FOR, MAX_HELD_BLOCKS};
+
+/// The driver tells the device before it uses a page it takes out of the balloon.
+pub const VIRTIO_BALLOON_F_MUST_TELL_HOST: u32 = 0;
 /// The driver wants a statistics queue.
 pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
 /// The guest may deflate the balloon on its own when it runs out of memory.
@@ -354,6 +363,9 @@ struct Active {
     reporting: Option<(usize, Queue)>,
     /// Head of the statistics buffer the device keeps until it wants fresh numbers.
     held_stats: Option<u16>,
+    /// Ballooned pages not yet discarded, to keep the host's huge pages whole; `None` unless
+    /// the driver negotiated MUST_TELL_HOST ([`held`]).
+    held_pages: Option<HeldBlocks>,
 }
 
 /// Warnings about refused requests, rate-limited, and their count.
@@ -384,6 +396,9 @@ pub struct Balloon {
     shared: Arc<Shared>,
     /// Fires every stats period while a driver runs the device (non-blocking).
     timer: TimerFd,
+    /// Fires [`held::HOLD_FOR`] after pages were first held (non-blocking): they go then.
+    flush_timer: TimerFd,
+    flush_armed: bool,
     active: Option<Active>,
     log: RequestLog,
     /// Logged once each, as proof in the VMM log that the driver uses the queue.
@@ -409,7 +424,8 @@ fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
 impl Balloon {
     /// A balloon for a guest of `memory_mib` MiB.
     pub fn new(config: BalloonConfig, memory_mib: u64) -> std::io::Result<Balloon> {
-        let mut features = 1 << VIRTIO_BALLOON_F_STATS_VQ;
+        let mut features =
+            (1 << VIRTIO_BALLOON_F_MUST_TELL_HOST) | (1 << VIRTIO_BALLOON_F_STATS_VQ);
         if config.deflate_on_oom {
             features |= 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
         }
@@ -420,6 +436,8 @@ impl Balloon {
         }
         let timer = TimerFd::new()?;
         set_nonblocking(timer.as_raw_fd())?;
+        let flush_timer = TimerFd::new()?;
+        set_nonblocking(flush_timer.as_raw_fd())?;
         let ram_pages = memory_mib
             .saturating_mul(PAGES_PER_MIB)
             .min(u64::from(u32::MAX) / PAGES_PER_MIB * PAGES_PER_MIB)
@@ -442,6 +460,8 @@ impl Balloon {
             queue_sizes,
             shared: Arc::new(shared),
             timer,
+            flush_timer,
+            flush_armed: false,
             active: None,
             log: RequestLog {
                 warnings_left: REQUEST_WARNINGS,
@@ -477,6 +497,17 @@ impl Balloon {
             active.interrupt.signal_used_queue();
         }
         Ok(())
+    }
+}
+
+/// Discards every page the device holds back.
+fn flush_held(active: &mut Active, log: &mut RequestLog) {
+    let Some(held) = active.held_pages.as_mut() else {
+        return;
+    };
+    let mem = &active.mem;
+    if let Err(error) = held.flush(&mut |addr, len| discard(mem, GuestAddress(addr), len)) {
+        log.warn("inflate", &error, "virtio-balloon: held pages not returned");
     }
 }
 
@@ -541,6 +572,7 @@ fn pfn_request(
     mem: &GuestMemoryMmap,
     chain: Result<Chain, ChainError>,
     queue: PfnQueue,
+    mut held: Option<&mut HeldBlocks>,
 ) -> Result<PfnTally, String> {
     let chain = chain.map_err(|e| e.to_string())?;
     if !chain.writable.is_empty() {
@@ -588,21 +620,42 @@ fn pfn_request(
                 Some((start, run_len)) if *start + *run_len > addr => {}
                 _ => {
                     if let Some((start, run_len)) = run.take() {
-                        if queue == PfnQueue::Inflate {
-                            discard(mem, GuestAddress(start), run_len)?;
-                        }
+                        pfn_run(mem, queue, held.as_deref_mut(), start, run_len)?;
                     }
                     run = Some((addr, PAGE_SIZE));
                 }
             }
         }
         if let Some((start, run_len)) = run {
-            if queue == PfnQueue::Inflate {
-                discard(mem, GuestAddress(start), run_len)?;
-            }
+            pfn_run(mem, queue, held.as_deref_mut(), start, run_len)?;
         }
     }
     Ok(tally)
+}
+
+/// A run of neighbouring pages of a PFN request: inflated pages are discarded (or held, see
+/// [`held`]); deflated ones leave what is held.
+fn pfn_run(
+    mem: &GuestMemoryMmap,
+    queue: PfnQueue,
+    held: Option<&mut HeldBlocks>,
+    start: u64,
+    len: u64,
+) -> Result<(), String> {
+    match (queue, held) {
+        (PfnQueue::Inflate, Some(held)) => held.inflate(
+            start,
+            len,
+            |block| GuestMemoryBackend::check_range(mem, GuestAddress(block), BLOCK_SIZE as usize),
+            &mut |addr, len| discard(mem, GuestAddress(addr), len),
+        ),
+        (PfnQueue::Inflate, None) => discard(mem, GuestAddress(start), len),
+        (PfnQueue::Deflate, Some(held)) => {
+            held.deflate(start, len);
+            Ok(())
+        }
+        (PfnQueue::Deflate, None) => Ok(()),
+    }
 }
 
 /// Serves one free page report: device-writable buffers, each a page-aligned range of free
@@ -871,6 +924,8 @@ impl VirtioDevice for Balloon {
             stats,
             reporting,
             held_stats: None,
+            held_pages: (acked_features & (1 << VIRTIO_BALLOON_F_MUST_TELL_HOST) != 0)
+                .then(|| HeldBlocks::new(MAX_HELD_BLOCKS)),
         });
         if let Some(period) = self.shared.stats_period {
             if let Err(error) = self.timer.reset(period, Some(period)) {
@@ -903,8 +958,9 @@ impl VirtioDevice for Balloon {
                     (&mut active.deflate, PfnQueue::Deflate)
                 };
                 let mut total = PfnTally::default();
+                let held = &mut active.held_pages;
                 let served = serve_queue(queue, mem, |chain| {
-                    match pfn_request(mem, chain, which) {
+                    match pfn_request(mem, chain, which, held.as_mut()) {
                         Ok(tally) => {
                             total.pages += tally.pages;
                             total.invalid += tally.invalid;
@@ -930,6 +986,16 @@ impl VirtioDevice for Balloon {
                         &format!("{} PFNs outside guest RAM", total.invalid),
                         "virtio-balloon: PFNs skipped",
                     );
+                }
+                let holding = active.held_pages.as_ref().is_some_and(|h| !h.is_empty());
+                if holding && !self.flush_armed {
+                    match self.flush_timer.reset(HOLD_FOR, None) {
+                        Ok(()) => self.flush_armed = true,
+                        Err(error) => {
+                            tracing::warn!(%error, "virtio-balloon: cannot arm the flush timer");
+                            flush_held(active, log);
+                        }
+                    }
                 }
                 if which == PfnQueue::Inflate && total.pages > 0 && !self.announced_inflate {
                     self.announced_inflate = true;
@@ -978,10 +1044,15 @@ impl VirtioDevice for Balloon {
     }
 
     fn reset(&mut self) {
+        // Held pages are forgotten, not discarded: the guest owns all its memory again.
         self.active = None;
         if let Err(error) = self.timer.clear() {
             tracing::error!(%error, "virtio-balloon: cannot disarm the statistics timer");
         }
+        if let Err(error) = self.flush_timer.clear() {
+            tracing::error!(%error, "virtio-balloon: cannot disarm the flush timer");
+        }
+        self.flush_armed = false;
         let mut state = lock(&self.shared.state);
         state.interrupt = None;
         state.stats_buffer_held = false;
@@ -993,6 +1064,7 @@ impl VirtioDevice for Balloon {
         vec![
             self.shared.stats_request.as_raw_fd(),
             self.timer.as_raw_fd(),
+            self.flush_timer.as_raw_fd(),
         ]
     }
 
@@ -1003,6 +1075,14 @@ impl VirtioDevice for Balloon {
         } else if fd == self.timer.as_raw_fd() {
             // Non-blocking: a timer disarmed after it fired reads EAGAIN.
             matches!(self.timer.wait(), Ok(n) if n > 0)
+        } else if fd == self.flush_timer.as_raw_fd() {
+            if matches!(self.flush_timer.wait(), Ok(n) if n > 0) {
+                self.flush_armed = false;
+                if let Some(active) = self.active.as_mut() {
+                    flush_held(active, &mut self.log);
+                }
+            }
+            false
         } else {
             false
         };
@@ -1015,6 +1095,7 @@ impl VirtioDevice for Balloon {
 
 #[cfg(test)]
 mod tests {
+    use super::held::BLOCK_PAGES;
     use super::*;
     use crate::vmm::devices::bus::BusDevice;
     use crate::vmm::devices::virtio::test_driver::{TestDriver, DATA_AREA, MEM_SIZE, R, W};
@@ -1046,11 +1127,17 @@ mod tests {
         seen: [u16; 4],
     }
 
+    /// A driver that does not negotiate MUST_TELL_HOST: the device discards inflated pages at
+    /// once.
     fn fixture(config: BalloonConfig) -> Fixture {
+        fixture_refusing(config, 1 << VIRTIO_BALLOON_F_MUST_TELL_HOST)
+    }
+
+    fn fixture_refusing(config: BalloonConfig, refused: u64) -> Fixture {
         let balloon = Balloon::new(config, MEM_SIZE >> 20).expect("balloon");
         let handle = balloon.handle();
         Fixture {
-            d: TestDriver::running(Box::new(balloon)),
+            d: TestDriver::running_without(Box::new(balloon), refused),
             handle,
             seen: [0; 4],
         }
@@ -1185,12 +1272,16 @@ mod tests {
     #[test]
     fn features_and_queues_follow_the_options() {
         let plain = Balloon::new(BalloonConfig::default(), 256).expect("plain");
-        assert_eq!(plain.features(), 1 << VIRTIO_BALLOON_F_STATS_VQ);
+        assert_eq!(
+            plain.features(),
+            (1 << VIRTIO_BALLOON_F_MUST_TELL_HOST) | (1 << VIRTIO_BALLOON_F_STATS_VQ)
+        );
         assert_eq!(plain.queue_max_sizes().len(), 3);
         let all = Balloon::new(all_features(), 256).expect("all");
         assert_eq!(
             all.features(),
-            (1 << VIRTIO_BALLOON_F_STATS_VQ)
+            (1 << VIRTIO_BALLOON_F_MUST_TELL_HOST)
+                | (1 << VIRTIO_BALLOON_F_STATS_VQ)
                 | (1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
                 | (1 << VIRTIO_BALLOON_F_REPORTING)
         );
@@ -1251,6 +1342,61 @@ mod tests {
         f.submit(1, &[(ARRAY, len, R)]);
         assert!(!f.page_is_zero(POOL_PFN + 30), "deflate discarded a page");
         assert_eq!(f.counters().deflated_pages, 2);
+    }
+
+    #[test]
+    fn with_must_tell_host_a_huge_page_goes_back_whole() {
+        let mut f = fixture_refusing(all_features(), 0);
+        let half = (BLOCK_PAGES / 2) as u32;
+        f.fill_pages(POOL_PFN, 2 * half, 0xab);
+        // The top half of the 2 MiB block first, as a driver filling downward sends it: held.
+        let top: Vec<u32> = (POOL_PFN + half..POOL_PFN + 2 * half).rev().collect();
+        f.inflate(&top);
+        assert_eq!(f.counters().inflated_pages, u64::from(half));
+        assert!(
+            top.iter().all(|&pfn| !f.page_is_zero(pfn)),
+            "half a block was discarded, splitting the host's huge page"
+        );
+        // The bottom half completes the block: it goes in one piece.
+        let bottom: Vec<u32> = (POOL_PFN..POOL_PFN + half).rev().collect();
+        f.inflate(&bottom);
+        for pfn in POOL_PFN..POOL_PFN + 2 * half {
+            assert!(f.page_is_zero(pfn), "pfn {pfn:#x} still holds data");
+        }
+    }
+
+    #[test]
+    fn held_pages_go_after_a_moment_and_deflated_ones_never() {
+        let mut f = fixture_refusing(all_features(), 0);
+        f.fill_pages(POOL_PFN, 8, 0xab);
+        let pfns: Vec<u32> = (POOL_PFN..POOL_PFN + 8).collect();
+        f.inflate(&pfns);
+        // The guest takes two back before they were discarded, and writes to them.
+        let len = f.write_pfns(ARRAY, &[POOL_PFN + 2, POOL_PFN + 3]);
+        f.submit(1, &[(ARRAY, len, R)]);
+        f.fill_pages(POOL_PFN + 2, 2, 0xcd);
+        assert!(!f.page_is_zero(POOL_PFN), "held, not yet discarded");
+        std::thread::sleep(HOLD_FOR + Duration::from_millis(100));
+        f.run_event_loop();
+        for pfn in [0, 1, 4, 5, 6, 7].map(|i| POOL_PFN + i) {
+            assert!(f.page_is_zero(pfn), "pfn {pfn:#x} was not discarded");
+        }
+        for pfn in [POOL_PFN + 2, POOL_PFN + 3] {
+            assert!(
+                !f.page_is_zero(pfn),
+                "pfn {pfn:#x} was deflated, then discarded"
+            );
+        }
+        // A reset forgets what is held: the guest owns its memory again.
+        f.fill_pages(POOL_PFN + 8, 1, 0xef);
+        f.inflate(&[POOL_PFN + 8]);
+        f.d.restart();
+        std::thread::sleep(HOLD_FOR + Duration::from_millis(100));
+        f.run_event_loop();
+        assert!(
+            !f.page_is_zero(POOL_PFN + 8),
+            "held page discarded after a reset"
+        );
     }
 
     #[test]

@@ -76,9 +76,14 @@ impl TestDriver {
 
     /// A driver that went through the whole handshake and set up every queue at its maximum.
     pub fn running(device: Box<dyn VirtioDevice>) -> TestDriver {
+        TestDriver::running_without(device, 0)
+    }
+
+    /// [`TestDriver::running`], but refusing the feature bits in `refused`.
+    pub fn running_without(device: Box<dyn VirtioDevice>, refused: u64) -> TestDriver {
         let sizes = device.queue_max_sizes().to_vec();
         let mut driver = TestDriver::new(device);
-        driver.init();
+        driver.init_without(refused);
         for (index, size) in sizes.into_iter().enumerate() {
             driver.setup_queue(index as u32, size);
         }
@@ -123,11 +128,16 @@ impl TestDriver {
 
     /// ACKNOWLEDGE, DRIVER, acknowledge every offered feature, FEATURES_OK.
     pub fn init(&mut self) {
+        self.init_without(0);
+    }
+
+    /// [`TestDriver::init`], but refusing the feature bits in `refused`.
+    pub fn init_without(&mut self, refused: u64) {
         self.write_reg(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE);
         self.write_reg(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
         for select in 0..2 {
             self.write_reg(0x14, select);
-            let offered = self.read_reg(0x10);
+            let offered = self.read_reg(0x10) & !((refused >> (32 * select)) as u32);
             self.write_reg(0x24, select);
             self.write_reg(0x20, offered);
         }
