@@ -70,11 +70,19 @@ struct VmEntry {
 
 /// Why VMs may not run: the lease is not valid, or it lapsed and the controller's
 /// assignments have not been read again since.
+///
+/// The two conditions clear independently and in either order: a complete assignment set
+/// read on a stream opened after the fencing, and a renewed lease. (A set read before the
+/// renewal is still current when the renewal comes: a controller that declared the host dead
+/// and moved its VMs refuses the heartbeat, which fences the host again with a new epoch.)
 #[derive(Debug, Clone, Default)]
 pub struct FenceState {
     pub lease_valid: bool,
+    /// No complete assignment set has been read on a stream opened in this epoch.
     pub need_sync: bool,
-    /// Bumped at each fencing; a watch stream opened before it cannot lift the fence.
+    /// Bumped at each fencing; a watch stream opened before it cannot lift the fence, and a
+    /// VM started (or adopted) before it is stopped even if the fence is lifted again before
+    /// its supervisor looks.
     pub epoch: u64,
 }
 
@@ -230,6 +238,7 @@ impl Host {
             },
         );
         let supervisor = Supervisor {
+            instance_epoch: self.fence_state().epoch,
             host: self.clone(),
             vm_id,
             dir,
@@ -331,8 +340,12 @@ impl Host {
         }
         if update.full {
             let state = self.fence_state();
-            if state.need_sync && state.epoch == epoch && state.lease_valid {
-                self.update_fence(|s| s.need_sync = false);
+            if state.need_sync && state.epoch == epoch {
+                self.update_fence(|s| {
+                    if s.epoch == epoch {
+                        s.need_sync = false;
+                    }
+                });
             }
         }
     }
@@ -565,5 +578,66 @@ mod tests {
             assert!(!is_safe_name(bad), "{bad}");
         }
         assert!(meminfo_kib("MemTotal").unwrap() > 0);
+    }
+
+    fn fenced_host() -> Arc<Host> {
+        let dir = std::env::temp_dir().join(format!("fabric-fence-test-{}", std::process::id()));
+        let config = Config::from_toml(&format!(
+            "controller = \"unix:/nowhere\"\nmachine_id = \"m\"\nname = \"n\"\nhypervisor = \"sim\"\ndata_dir = {:?}",
+            dir.display().to_string()
+        ))
+        .expect("config");
+        let backend: Arc<dyn Hypervisor> = Arc::new(super::sim::Sim::new(Default::default()));
+        Host::new(config, backend, false)
+    }
+
+    fn full_set(generation: u64) -> AssignmentUpdate {
+        AssignmentUpdate {
+            generation,
+            full: true,
+            upserts: Vec::new(),
+            removed_vm_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_fence_lifts_whichever_comes_first_the_full_set_or_the_renewed_lease() {
+        // The full set first (the stream reconnected before a heartbeat got through).
+        let host = fenced_host();
+        let epoch = host.fence_state().epoch;
+        assert!(host.fence_state().fenced());
+        host.apply(full_set(1), epoch);
+        assert!(host.fence_state().fenced(), "no lease yet: still fenced");
+        host.update_fence(|s| s.lease_valid = true);
+        assert!(!host.fence_state().fenced(), "{:?}", host.fence_state());
+
+        // The renewed lease first.
+        let host = fenced_host();
+        let epoch = host.fence_state().epoch;
+        host.update_fence(|s| s.lease_valid = true);
+        assert!(host.fence_state().fenced(), "no full set yet: still fenced");
+        host.apply(full_set(1), epoch);
+        assert!(!host.fence_state().fenced(), "{:?}", host.fence_state());
+    }
+
+    #[test]
+    fn a_full_set_from_a_stream_opened_before_the_fencing_does_not_lift_it() {
+        let host = fenced_host();
+        let old_epoch = host.fence_state().epoch;
+        host.update_fence(|s| {
+            s.lease_valid = true;
+            s.need_sync = false;
+        });
+        // The lease lapses while a stream from before is still open.
+        host.update_fence(|s| {
+            s.lease_valid = false;
+            s.need_sync = true;
+            s.epoch += 1;
+        });
+        host.apply(full_set(1), old_epoch);
+        host.update_fence(|s| s.lease_valid = true);
+        assert!(host.fence_state().fenced(), "{:?}", host.fence_state());
+        host.apply(full_set(2), old_epoch + 1);
+        assert!(!host.fence_state().fenced(), "{:?}", host.fence_state());
     }
 }

@@ -69,6 +69,10 @@ pub(super) struct Supervisor {
     pub view: Arc<Mutex<VmView>>,
     pub record: VmRecord,
     pub instance: Option<Box<dyn Instance>>,
+    /// The fence epoch when `instance` was started or adopted: an instance from an earlier
+    /// epoch is stopped even when the fence has already been lifted again (a revoke followed
+    /// at once by a new registration and assignment set must not slip past it).
+    pub instance_epoch: u64,
 }
 
 enum Wake {
@@ -169,7 +173,9 @@ impl Supervisor {
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let want = self.desired.borrow_and_update().clone();
-            let fenced = *self.host.fence_rx().borrow();
+            let fence = self.host.fence_state();
+            let fenced =
+                fence.fenced() || (self.instance.is_some() && self.instance_epoch != fence.epoch);
             let Some(assignment) = want else {
                 if self.remove().await {
                     return;
@@ -248,6 +254,9 @@ impl Supervisor {
                 }
                 match self.start(&assignment).await {
                     Ok(()) => {
+                        // Checked against the epoch the start was decided in: a fencing
+                        // during the start stops it at the next turn of the loop.
+                        self.instance_epoch = fence.epoch;
                         if restarting {
                             self.record.restart_count += 1;
                             let count = self.record.restart_count;
