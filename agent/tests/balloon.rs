@@ -341,17 +341,46 @@ fn a_stats_period_refreshes_statistics_without_being_asked() {
     vmm.wait_console("touched 128 MiB");
     let rt = runtime();
     let mut c = connect(&rt, &vmm.socket());
-    std::thread::sleep(Duration::from_millis(3500));
-    // With a period, GetMemoryStats returns what the periodic refreshes brought, at once.
-    let asked = Instant::now();
-    let stats = memory_stats(&rt, &mut c);
-    let refreshes = stats.minor_faults.expect("minor faults") - TG_MINFLT_BASE;
+    // The first periodic refresh (the period starts when the driver is ready).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while memory_stats(&rt, &mut c).minor_faults.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no periodic statistics in 30 s\n{}",
+            vmm.report()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The test guest counts the refreshes it was asked for in its minor-fault figure.
+    let mut count = || {
+        memory_stats(&rt, &mut c)
+            .minor_faults
+            .expect("minor faults")
+            - TG_MINFLT_BASE
+    };
+    // With a period, GetMemoryStats returns what the periodic refreshes brought: asking does
+    // not make the guest refresh (back to back, two asks agree; a periodic refresh may land
+    // between the first two, never also between the next two).
+    let (a, b) = (count(), count());
+    let c2 = count();
     assert!(
-        (2..=5).contains(&refreshes),
-        "{refreshes} refreshes in 3.5 s with a 1 s period: {stats:?}\n{}",
+        a == b || b == c2,
+        "asking refreshed the statistics: {a}, {b}, {c2}\n{}",
         vmm.report()
     );
-    assert!(asked.elapsed() < Duration::from_millis(500));
+    // And the guest is asked about once a second, counted over a measured interval (so a slow
+    // start does not count).
+    let from = Instant::now();
+    let before = count();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = count();
+    let secs = from.elapsed().as_secs_f64();
+    let refreshes = after - before;
+    assert!(
+        refreshes >= 1 && refreshes as f64 <= secs.ceil() + 1.0,
+        "{refreshes} refreshes in {secs:.1} s with a 1 s period\n{}",
+        vmm.report()
+    );
 }
 
 #[test]

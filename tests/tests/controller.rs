@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::{
-    BootImage, CreateVmRequest, EventKind, GetVmRequest, HostState, ListVmsRequest, MemorySpec,
-    Placement, VmPhase, VmSpec, WatchEventsRequest,
+    BootImage, CreateVmRequest, EventKind, GetHostRequest, GetVmRequest, HostState, ListVmsRequest,
+    MemorySpec, Placement, VmPhase, VmSpec, WatchEventsRequest,
 };
 use fabric_tests::cluster::{eventually, ready_hosts, Controller, SimHost, Timing};
 
@@ -65,22 +65,32 @@ async fn acknowledged_creates_survive_sigkill_with_their_placement() {
             }
         }));
     }
-    // Let creates and placements flow, note some placements, then kill.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Let creates and placements flow until at least 50 are acknowledged and some of them
+    // placed (noted), then kill while the writers keep going.
     let mut placed_before: HashMap<String, String> = HashMap::new();
-    let sample: Vec<String> = acked
-        .lock()
-        .unwrap()
-        .iter()
-        .take(50)
-        .map(|(id, _)| id.clone())
-        .collect();
     let mut c = client.clone();
-    for id in sample {
-        if let Ok(vm) = c.get_vm(GetVmRequest { id: id.clone() }).await {
-            let host = vm.into_inner().status.unwrap_or_default().host_id;
-            if !host.is_empty() {
-                placed_before.insert(id, host);
+    let flowing_by = Instant::now() + Duration::from_secs(60);
+    while placed_before.is_empty() || acked.lock().unwrap().len() < 50 {
+        assert!(
+            Instant::now() < flowing_by,
+            "in 60 s: {} creates acknowledged, {} of the first 50 placed",
+            acked.lock().unwrap().len(),
+            placed_before.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sample: Vec<String> = acked
+            .lock()
+            .unwrap()
+            .iter()
+            .take(50)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in sample {
+            if let Ok(vm) = c.get_vm(GetVmRequest { id: id.clone() }).await {
+                let host = vm.into_inner().status.unwrap_or_default().host_id;
+                if !host.is_empty() {
+                    placed_before.insert(id, host);
+                }
             }
         }
     }
@@ -255,6 +265,7 @@ async fn a_dead_hosts_vms_move_only_after_the_fencing_window() {
         .into_inner();
     hosts[0].process.kill9();
     let killed = Instant::now();
+    let killed_wall = std::time::SystemTime::now();
 
     // Collect events until the victim runs elsewhere.
     let mut seen = Vec::new();
@@ -302,18 +313,34 @@ async fn a_dead_hosts_vms_move_only_after_the_fencing_window() {
     let scheduled_at =
         scheduled_at.unwrap_or_else(|| panic!("the VM was not placed elsewhere:\n{log}"));
     assert!(suspect_at < dead_at, "{log}");
-    // The last heartbeat was at most one interval before the kill: the lease (from then)
-    // plus the margin must have passed before the VM moved.
-    let window = Duration::from_secs_f64(
-        timing.lease_ttl + timing.fencing_margin - timing.heartbeat_interval,
+    // The lease runs from the last heartbeat the controller received (as it reports it; an
+    // agent starved before the kill may have sent it well over an interval earlier): the
+    // lease plus the margin must have passed from then before the host was declared dead and
+    // the VM moved.
+    let last_heartbeat: std::time::SystemTime = c
+        .get_host(GetHostRequest {
+            id: dead_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .last_heartbeat_at
+        .expect("last heartbeat")
+        .try_into()
+        .expect("a valid timestamp");
+    let quiet_before_kill = killed_wall
+        .duration_since(last_heartbeat)
+        .unwrap_or_default();
+    let window = Duration::from_secs_f64(timing.lease_ttl + timing.fencing_margin);
+    // Wall-clock readings in two processes: allow 50 ms for the difference.
+    let slack = Duration::from_millis(50);
+    assert!(
+        scheduled_at + quiet_before_kill + slack >= window,
+        "the VM was placed elsewhere {scheduled_at:?} after the kill, {quiet_before_kill:?} after the last heartbeat, inside the fencing window {window:?}:\n{log}"
     );
     assert!(
-        scheduled_at >= window,
-        "the VM was placed elsewhere {scheduled_at:?} after the kill, inside the fencing window {window:?}:\n{log}"
-    );
-    assert!(
-        dead_at >= window,
-        "host declared dead too early ({dead_at:?}):\n{log}"
+        dead_at + quiet_before_kill + slack >= window,
+        "host declared dead too early ({dead_at:?} after the kill, {quiet_before_kill:?} after the last heartbeat):\n{log}"
     );
     assert!(
         log.contains("VmEvicted") && log.contains("declared dead"),

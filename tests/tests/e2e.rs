@@ -99,8 +99,11 @@ async fn a_cluster_places_heals_fences_and_drains_real_guests() {
     }
     let image = Image::load().expect("guest image: run images/build.sh");
     let mode = image.manifest.mode().clone();
+    // The lease must outlast step 2's controller restart: from an agent's last good heartbeat
+    // (up to an interval before the kill) through the new process starting, opening its store
+    // and answering, with the agents' retry delay on top, on a loaded 2-core machine.
     let timing = Timing {
-        lease_ttl: 3.0,
+        lease_ttl: 5.0,
         heartbeat_interval: 1.0,
         fencing_margin: 2.0,
     };
