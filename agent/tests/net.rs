@@ -479,7 +479,7 @@ fn the_guest_kernel_configures_its_nic_and_answers_ping_in_the_namespace() {
         );
     }
 
-    let out = run(ns.command("ping").args(["-c", "3", "-W", "2", "10.77.0.2"]));
+    let out = run(ns.command("ping").args(["-c", "3", "-W", "5", "10.77.0.2"]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
