@@ -202,7 +202,8 @@ async fn relief_cluster(hosts: &[(&str, &str, u64)]) -> ReliefCluster {
 }
 
 /// h0 (budget 1200 MiB) takes two idle VMs (245 MiB wanted each) and a hungry one whose guest
-/// uses 700 MiB (840 wanted): 1330 > 1200, short by 130 MiB. Either idle VM covers that and is
+/// uses 700 MiB (840 wanted): 1330 > 1200, short by 130 MiB (a little more while the hungry one
+/// pages: a pressured VM wants what it has plus its buffer). Either idle VM covers that and is
 /// the smallest that does; their wants are equal, so the smaller VM id moves. h1 (budget 2000,
 /// empty) has more room than h2 (budget 1500, one idle VM), so it goes to h1; then h0 fits
 /// again and nothing else moves.
