@@ -12,9 +12,12 @@
 //! never cost the host anything, so there would be no RSS to give back.
 //!
 //! The guests are kernel-only (`shared/KVM-HOST.md`: on hosts without VMX/SVM, guest user space
-//! cannot run), so the other half of issue 8's real-guest test, a guest that fills 300 MiB and
-//! gets its memory back within 3 s, is not possible here; the balancer's growth and pressure
-//! decisions are tested on recorded statistics traces in `host::balancer`.
+//! cannot run). The other half of issue 8's real-guest test, a guest that fills 300 MiB and is
+//! grown by the balancer with no OOM kill, is
+//! `a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill`: its guests are
+//! the test guest's `memload` (a balloon driver and a workload in one freestanding program),
+//! the filling a workload rather than a user-space process. The balancer's growth and pressure
+//! decisions are also tested on recorded statistics traces in `host::balancer`.
 
 mod common;
 #[path = "common/host.rs"]
@@ -312,6 +315,218 @@ fn the_balancer_shrinks_idle_guests_and_their_vmm_gives_the_memory_back() {
                 common::tail(&console)
             );
         }
+    }
+    host.assert_agent_running();
+}
+
+fn testguest_elf() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out/testguest.elf");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `bash images/build.sh`",
+        path.display()
+    );
+    path
+}
+
+/// One VM of the memload test: the test guest's `memload` scenario (its own balloon driver
+/// and a workload whose demand follows `phases`; see `images/testguest/memload.c`).
+fn memload_assignment(vm_id: &str, kernel_sha256: &str, phases: &str) -> Assignment {
+    Assignment {
+        vm_id: vm_id.to_string(),
+        spec: Some(VmSpec {
+            name: vm_id.to_string(),
+            vcpus: 1,
+            memory: Some(MemorySpec {
+                startup_mib: LOAD_STARTUP_MIB,
+                minimum_mib: 128,
+                maximum_mib: LOAD_MAXIMUM_MIB,
+                ..Default::default()
+            }),
+            image: Some(BootImage {
+                name: "memload".into(),
+                kernel_sha256: kernel_sha256.to_string(),
+                ..Default::default()
+            }),
+            kernel_cmdline: format!("fabric.test=memload memload.phases={phases}"),
+            restart_policy: RestartPolicy::Never as i32,
+            ..Default::default()
+        }),
+        desired_state: DesiredState::Running as i32,
+        generation: 1,
+    }
+}
+
+const LOAD_STARTUP_MIB: u64 = 256;
+const LOAD_MAXIMUM_MIB: u64 = 512;
+/// What the hungry guest's workload fills once its first phase is over.
+const FILL_MIB: u64 = 300;
+
+/// `testguest: memload: t=MS EVENT key=value ...` lines of a console, as (event, rest).
+fn memload_events(console: &str) -> Vec<(String, String)> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("testguest: memload: t="))
+        .filter_map(|rest| {
+            let mut words = rest.splitn(3, ' ');
+            let _t = words.next()?;
+            Some((
+                words.next()?.to_string(),
+                words.next().unwrap_or("").to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn field(rest: &str, key: &str) -> Option<u64> {
+    rest.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Two guests on a host whose budget (640 MiB) is less than their maximums (2 × 512): both
+/// start at 256 MiB with a 32 MiB workload, and the balancer shrinks them toward demand plus
+/// buffer; then one guest's workload fills 300 MiB, more than its startup memory, so it can
+/// only have it if the balancer grows it (it sees the guest wait for pages: pressure). The
+/// guest must get all 300 MiB with no OOM kill (no page waited for 10 s) and no page lost;
+/// how long it waited is printed (the 3 s target is `bench/memory`'s, on a quiet machine).
+///
+/// Guest user space cannot run here (`shared/KVM-HOST.md`), so the filling guest is the test
+/// guest's `memload`, a balloon driver and a workload in one freestanding program.
+#[test]
+fn a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill() {
+    if !kvm_available("balancer: a guest fills 300 MiB") {
+        return;
+    }
+    let mut host = TestHost::new(HostOptions {
+        memory_budget_mib: 640,
+        ..HostOptions::kvm()
+    });
+    let controller = FakeController::start_with(
+        &host.controller_socket,
+        Duration::from_secs(15),
+        Duration::from_secs(1),
+    );
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let kernel_sha256 = controller.add_image_file(&testguest_elf());
+    // The hungry guest's first phase gives both guests time to boot and be shrunk.
+    controller.set_assignments(vec![
+        memload_assignment("vm-idle", &kernel_sha256, "32:3600.0"),
+        memload_assignment(
+            "vm-fill",
+            &kernel_sha256,
+            &format!("32:20.0,{FILL_MIB}:3600.0"),
+        ),
+    ]);
+    let vm_dirs: BTreeMap<&str, std::path::PathBuf> = ["vm-idle", "vm-fill"]
+        .into_iter()
+        .map(|id| (id, host.vm_dir(id)))
+        .collect();
+    let console = |id: &str| {
+        String::from_utf8_lossy(&std::fs::read(vm_dirs[id].join("console.log")).unwrap_or_default())
+            .into_owned()
+    };
+    let balloon_target = |id: &str| {
+        controller
+            .observed(id)
+            .and_then(|(_, o)| o.memory)
+            .map(|m| m.balloon_target_mib)
+    };
+
+    // Until the hungry guest's workload has all it wants (or was OOM-killed).
+    let started = Instant::now();
+    let mut smallest_fill_usable = u64::MAX;
+    let mut largest_idle_balloon = 0;
+    let grown = loop {
+        host.assert_agent_running();
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the filling guest has not got its {FILL_MIB} MiB after {:?}\n{}\n{}",
+            started.elapsed(),
+            common::tail(&console("vm-fill")),
+            host.report()
+        );
+        if let Some(target) = balloon_target("vm-fill") {
+            smallest_fill_usable = smallest_fill_usable.min(LOAD_MAXIMUM_MIB - target);
+        }
+        if let Some(target) = balloon_target("vm-idle") {
+            largest_idle_balloon = largest_idle_balloon.max(target);
+        }
+        let events = memload_events(&console("vm-fill"));
+        for id in ["vm-idle", "vm-fill"] {
+            let text = console(id);
+            assert!(
+                !text.contains("memload: FAIL") && !text.contains("oom-kill"),
+                "{id}: {}\n{}",
+                common::tail(&text),
+                host.report()
+            );
+        }
+        let in_fill_phase = events
+            .iter()
+            .position(|(e, rest)| e == "phase" && field(rest, "demand_mib") == Some(FILL_MIB));
+        if let Some(from) = in_fill_phase {
+            if let Some((_, rest)) = events[from..].iter().find(|(e, _)| e == "grown") {
+                break rest.clone();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let events = memload_events(&console("vm-fill"));
+    let waited: Vec<u64> = events
+        .iter()
+        .filter(|(e, _)| e == "wait-end")
+        .filter_map(|(_, rest)| field(rest, "waited_ms"))
+        .collect();
+    let fill_target = balloon_target("vm-fill").unwrap_or(0);
+    eprintln!(
+        "balancer: vm-fill: {grown}; waited for pages {} times, longest {} ms; shrunk to {} MiB usable before, balloon target now {} MiB (usable {} MiB); vm-idle's balloon up to {} MiB",
+        waited.len(),
+        waited.iter().max().copied().unwrap_or(0),
+        smallest_fill_usable,
+        fill_target,
+        LOAD_MAXIMUM_MIB - fill_target,
+        largest_idle_balloon,
+    );
+    assert_eq!(field(&grown, "have_mib"), Some(FILL_MIB), "{grown}");
+    // More than its startup memory: the balancer grew it.
+    assert!(
+        LOAD_MAXIMUM_MIB - fill_target > LOAD_STARTUP_MIB,
+        "vm-fill's balloon target {fill_target} MiB leaves it no more than its startup {LOAD_STARTUP_MIB} MiB"
+    );
+    // The idle guest was shrunk below its startup (by the balancer: its 32 MiB workload).
+    assert!(
+        largest_idle_balloon > LOAD_MAXIMUM_MIB - LOAD_STARTUP_MIB,
+        "vm-idle's balloon never went above {} MiB",
+        LOAD_MAXIMUM_MIB - LOAD_STARTUP_MIB
+    );
+    let log =
+        String::from_utf8_lossy(&std::fs::read(&host.log_path).unwrap_or_default()).into_owned();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("balloon: pressure") && l.contains("vm=vm-fill")),
+        "the agent never saw vm-fill under pressure\n{}",
+        host.report()
+    );
+    // Both keep running, nothing lost: the guests check their pages' contents as they go.
+    std::thread::sleep(Duration::from_secs(3));
+    for id in ["vm-idle", "vm-fill"] {
+        let text = console(id);
+        let status = memload_events(&text)
+            .into_iter()
+            .rev()
+            .find(|(e, _)| e == "status")
+            .map(|(_, rest)| rest)
+            .unwrap_or_default();
+        assert_eq!(
+            (field(&status, "oom_kills"), field(&status, "corrupt")),
+            (Some(0), Some(0)),
+            "{id}: {status}\n{}",
+            common::tail(&text)
+        );
+        let (_, observed) = controller.observed(id).expect("reported");
+        assert!(running(&observed), "{id}: {observed:?}");
     }
     host.assert_agent_running();
 }
