@@ -737,7 +737,12 @@ fn a_controller_outage_within_the_lease_keeps_vms_and_a_longer_one_fences_them()
             Err(format!("reports since reconnecting: {history:#?}"))
         }
     });
-    eprintln!("agent: fenced {gone_after:?} into a 10 s outage with a {lease_ttl:?} lease");
+    // The controller still assigns the VM here: once the lease is renewed and the set read
+    // again (in whichever order the agent's heartbeat and its watch stream get through), the
+    // fence lifts and the VM runs again, in a new fabric-vmm.
+    let again = controller.wait_observed_after(mark, vm_id, START_TIMEOUT, running);
+    assert_ne!(again.pid, vmm.pid, "{again:?}");
+    eprintln!("agent: fenced {gone_after:?} into a 10 s outage with a {lease_ttl:?} lease; running again after the controller came back (pid {})", again.pid);
     host.assert_agent_running();
 }
 

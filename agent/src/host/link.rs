@@ -58,6 +58,12 @@ impl Lease {
     }
 
     fn renew(&self, host: &Host, expires: Instant) {
+        if expires <= Instant::now() {
+            // An answer that came after the lease it would renew had already run out (the
+            // lease counts from the request being sent): nothing to renew.
+            tracing::warn!("a heartbeat answer came after its lease had run out; not renewed");
+            return;
+        }
         save_lease(host, expires);
         self.expiry.send_replace(Some(expires));
         host.update_fence(|s| s.lease_valid = true);
@@ -302,10 +308,15 @@ async fn watch_assignments(host: Arc<Host>, mut client: HostLinkClient<Channel>,
                 continue;
             }
         };
+        // The stream's complete set has been read (its first message).
+        let mut full_read = false;
         loop {
             tokio::select! {
                 message = stream.message() => match message {
-                    Ok(Some(update)) => host.apply(update, epoch),
+                    Ok(Some(update)) => {
+                        full_read |= update.full;
+                        host.apply(update, epoch);
+                    }
                     Ok(None) => {
                         tracing::warn!("the assignment stream ended; reopening");
                         break;
@@ -316,8 +327,16 @@ async fn watch_assignments(host: Arc<Host>, mut client: HostLinkClient<Channel>,
                     }
                 },
                 _ = fence.changed() => {
-                    if host.fence_state().epoch != epoch {
+                    let state = host.fence_state();
+                    if state.epoch != epoch {
                         // Fenced since the stream opened: read the complete set again.
+                        break;
+                    }
+                    if full_read && state.need_sync && state.lease_valid {
+                        // The set was read before the lease was renewed, so it did not count
+                        // (it may come from a controller that has moved the VMs since): read
+                        // it again, from whichever controller renewed the lease.
+                        tracing::info!("lease renewed after the assignments were read: reading them again");
                         break;
                     }
                 }

@@ -71,14 +71,16 @@ struct VmEntry {
 /// Why VMs may not run: the lease is not valid, or it lapsed and the controller's
 /// assignments have not been read again since.
 ///
-/// The two conditions clear independently and in either order: a complete assignment set
-/// read on a stream opened after the fencing, and a renewed lease. (A set read before the
-/// renewal is still current when the renewal comes: a controller that declared the host dead
-/// and moved its VMs refuses the heartbeat, which fences the host again with a new epoch.)
+/// Only a complete assignment set read while the lease is valid, on a stream opened after the
+/// fencing, counts. A set read before the renewal may be stale by then: the controller that
+/// sent it may have declared the host dead and moved its VMs, then restarted (a restarted
+/// controller does not remember "dead" and accepts the heartbeat). When the lease is renewed
+/// after the set was read, the stream is opened again (`link::watch_assignments`).
 #[derive(Debug, Clone, Default)]
 pub struct FenceState {
     pub lease_valid: bool,
-    /// No complete assignment set has been read on a stream opened in this epoch.
+    /// No complete assignment set has been read, with the lease valid, on a stream opened in
+    /// this epoch.
     pub need_sync: bool,
     /// Bumped at each fencing; a watch stream opened before it cannot lift the fence, and a
     /// VM started (or adopted) before it is stopped even if the fence is lifted again before
@@ -340,9 +342,9 @@ impl Host {
         }
         if update.full {
             let state = self.fence_state();
-            if state.need_sync && state.epoch == epoch {
+            if state.need_sync && state.epoch == epoch && state.lease_valid {
                 self.update_fence(|s| {
-                    if s.epoch == epoch {
+                    if s.epoch == epoch && s.lease_valid {
                         s.need_sync = false;
                     }
                 });
@@ -601,22 +603,17 @@ mod tests {
     }
 
     #[test]
-    fn the_fence_lifts_whichever_comes_first_the_full_set_or_the_renewed_lease() {
-        // The full set first (the stream reconnected before a heartbeat got through).
+    fn only_a_full_set_read_with_the_lease_valid_lifts_the_fence() {
+        // Read before the lease was renewed: it may be stale by then (it does not count; the
+        // watcher reads the set again once the lease is renewed).
         let host = fenced_host();
         let epoch = host.fence_state().epoch;
         assert!(host.fence_state().fenced());
         host.apply(full_set(1), epoch);
-        assert!(host.fence_state().fenced(), "no lease yet: still fenced");
         host.update_fence(|s| s.lease_valid = true);
-        assert!(!host.fence_state().fenced(), "{:?}", host.fence_state());
-
-        // The renewed lease first.
-        let host = fenced_host();
-        let epoch = host.fence_state().epoch;
-        host.update_fence(|s| s.lease_valid = true);
-        assert!(host.fence_state().fenced(), "no full set yet: still fenced");
-        host.apply(full_set(1), epoch);
+        assert!(host.fence_state().fenced(), "{:?}", host.fence_state());
+        // Read again, now with the lease valid.
+        host.apply(full_set(2), epoch);
         assert!(!host.fence_state().fenced(), "{:?}", host.fence_state());
     }
 

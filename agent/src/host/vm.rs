@@ -174,8 +174,10 @@ impl Supervisor {
         loop {
             let want = self.desired.borrow_and_update().clone();
             let fence = self.host.fence_state();
-            let fenced =
-                fence.fenced() || (self.instance.is_some() && self.instance_epoch != fence.epoch);
+            // Started before a fencing that is already over: stopped all the same, then
+            // started again at once (below).
+            let from_old_epoch = self.instance.is_some() && self.instance_epoch != fence.epoch;
+            let fenced = fence.fenced() || from_old_epoch;
             let Some(assignment) = want else {
                 if self.remove().await {
                     return;
@@ -203,7 +205,7 @@ impl Supervisor {
             if stopped_wanted || fenced || held.is_some() {
                 if let Some(mut instance) = self.instance.take() {
                     let (timeout, why) = if fenced {
-                        (FENCE_STOP_TIMEOUT, "lease expired: stopping (fenced)")
+                        (FENCE_STOP_TIMEOUT, "fenced: stopping")
                     } else {
                         (
                             self.host.config.stop_timeout,
@@ -217,13 +219,13 @@ impl Supervisor {
                     self.save();
                     if fenced {
                         self.set_error(
-                            "fenced: the host's lease expired (controller unreachable); the VM was stopped",
+                            "fenced: the host's lease expired or the controller disowned the host; the VM was stopped",
                         );
                     }
                     self.set_phase(
                         ObservedPhase::Stopped,
                         if fenced {
-                            "stopped by the fence: the host's lease expired"
+                            "stopped by the fence: lease expired or revoked"
                         } else {
                             "stopped as desired"
                         },
@@ -235,6 +237,9 @@ impl Supervisor {
                     );
                 } else if stopped_wanted {
                     self.set_phase(ObservedPhase::Stopped, "stopped as desired");
+                }
+                if from_old_epoch && !fence.fenced() && !stopped_wanted && held.is_none() {
+                    continue;
                 }
                 if let Wake::Gone = self.wait_change(None).await {
                     return;
