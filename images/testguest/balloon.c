@@ -1,7 +1,7 @@
 /* virtio-balloon (device id 5): inflate and deflate queues of le32 page frame numbers, a
  * statistics queue of (le16 tag, le64 value) entries (virtio 1.1 section 5.5).
  *
- * The `balloon` scenario is driven by the host (agent/tests/balloon.rs): it touches
+ * The `balloon` scenario is driven by the host (agent/vmm/tests/balloon.rs): it touches
  * TOUCH_BYTES of RAM so the host commits it, posts statistics with known values, then polls
  * num_pages in the config space. It inflates (and deflates) to follow the target, writes
  * `actual`, and answers each statistics request with fresh numbers. When the host sets the
@@ -23,7 +23,7 @@
 #define VIRTIO_BALLOON_S_AVAIL 6
 #define VIRTIO_BALLOON_S_CACHES 7
 
-/* The known values the host checks (agent/tests/balloon.rs). MINFLT grows by one with each
+/* The known values the host checks (agent/vmm/tests/balloon.rs). MINFLT grows by one with each
  * refresh, so the host sees that a request brought fresh numbers. */
 #define STAT_SWAP_IN (11ull * 4096)
 #define STAT_SWAP_OUT (22ull * 4096)

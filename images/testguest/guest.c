@@ -3,7 +3,7 @@
  * and the memory map come from the zero page (fabric-vmm) or, after a PVH entry (QEMU), from
  * struct hvm_start_info.
  *
- * Console protocol (what agent/tests/testguest.rs looks for):
+ * Console protocol (what agent/vmm/tests/testguest.rs looks for):
  *   testguest: start NAME
  *   testguest: NAME: ...            (sub-results, zero or more)
  *   testguest: NAME: PASS ...   or  testguest: NAME: FAIL reason

@@ -19,7 +19,7 @@
 /* Frames of other kinds skipped while waiting for the answer before giving up. */
 #define MAX_OTHER_FRAMES 32
 
-/* What agent/tests/net.rs looks for on the tap, and the start of what it answers with. */
+/* What agent/vmm/tests/net.rs looks for on the tap, and the start of what it answers with. */
 static const char guest_payload[] = "fabric-testguest net: guest to host";
 static const char host_prefix[] = "fabric-testguest net: host to guest";
 

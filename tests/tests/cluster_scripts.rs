@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use fabric_tests::cluster::workspace_bin;
+use fabric_test_support::cluster::workspace_bin;
 use serde_json::Value;
 
 /// A cluster made by `scripts/cluster-up`; `scripts/cluster-down` runs on drop unless the test

@@ -10,7 +10,7 @@ use fabric_proto::v1::{
     BootImage, CreateVmRequest, EventKind, GetHostRequest, GetVmRequest, HostState, ListVmsRequest,
     MemorySpec, Placement, VmPhase, VmSpec, WatchEventsRequest,
 };
-use fabric_tests::cluster::{eventually, ready_hosts, Controller, SimHost, Timing};
+use fabric_test_support::cluster::{eventually, ready_hosts, Controller, SimHost, Timing};
 
 fn spec(name: &str, set: &str) -> VmSpec {
     VmSpec {

@@ -19,9 +19,9 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::{
     DrainHostRequest, GetHostRequest, GetVmRequest, HostState, ListHostsRequest, VmPhase,
 };
-use fabric_tests::cluster::{eventually, ready_hosts, Timing};
-use fabric_tests::image::Image;
-use fabric_tests::netcluster::NetCluster;
+use fabric_test_support::cluster::{eventually, ready_hosts, Timing};
+use fabric_test_support::image::Image;
+use fabric_test_support::netcluster::NetCluster;
 use tonic::transport::Channel;
 
 const BOOT: Duration = Duration::from_secs(600);

@@ -2,7 +2,7 @@
 //! without booting it: the kernel is a gzip bzImage carrying the config
 //! fragment, the initramfs holds /init and busybox, the manifest is right.
 
-use fabric_tests::image::{
+use fabric_test_support::image::{
     bzimage_kernel, embedded_config, parse_fragment, read_initramfs, sha256_file,
     unmet_requirements, BzImageHeader, GuestMode, Image, KernelConfig, INITRAMFS, ROOTFS,
     TESTGUEST, VMLINUX, VMLINUZ,
@@ -40,7 +40,7 @@ fn vmlinuz_is_a_gzip_bzimage_with_the_fragment_applied() {
     let config_text = embedded_config(&kernel).expect("reading the embedded kernel config");
     let config = KernelConfig::parse(&config_text);
 
-    let fragment_path = fabric_tests::image::fragment_path();
+    let fragment_path = fabric_test_support::image::fragment_path();
     let fragment_text = std::fs::read_to_string(&fragment_path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", fragment_path.display()));
     let fragment = parse_fragment(&fragment_text);
@@ -103,7 +103,7 @@ fn initramfs_holds_init_and_busybox() {
         "/init is not executable (mode {:o})",
         init.mode
     );
-    let repo_init = fabric_tests::image::repo_dir().join("images/guest/init");
+    let repo_init = fabric_test_support::image::repo_dir().join("images/guest/init");
     let repo_init = std::fs::read(&repo_init)
         .unwrap_or_else(|e| panic!("reading {}: {e}", repo_init.display()));
     assert_eq!(

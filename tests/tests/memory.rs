@@ -8,14 +8,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use fabric_agent::host::sim::MEMORY_DEMAND_LABEL;
+use fabric_agent::sim::MEMORY_DEMAND_LABEL;
 use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::{
     BootImage, CordonHostRequest, CreateVmRequest, Event, EventKind, GetVmRequest,
     ListHostsRequest, MemorySpec, Placement, UncordonHostRequest, VmPhase, VmSpec,
     WatchEventsRequest,
 };
-use fabric_tests::cluster::{
+use fabric_test_support::cluster::{
     eventually, ready_hosts_where, Controller, SimHost, SimHostSpec, Timing,
 };
 use tonic::transport::Channel;

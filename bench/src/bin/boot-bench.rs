@@ -217,7 +217,7 @@ fn request_stop(vmm: &str, running: &Running) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                let mut client = fabric_agent::vmm::client::connect(&running.control).await?;
+                let mut client = fabric_vmm_api::client::connect(&running.control).await?;
                 client
                     .shutdown(fabric_proto::v1::ShutdownRequest {
                         timeout: Some(prost_types::Duration {

@@ -1,5 +1,5 @@
 //! Host failover with real guests: a controller and N hosts on this machine (the end-to-end
-//! harness `fabric_tests::netcluster`: each host a network namespace with its own agent and
+//! harness `fabric_test_support::netcluster`: each host a network namespace with its own agent and
 //! fabric-vmm processes), V VMs bin-packed onto one host. Each run kills the host holding the
 //! VMs (its agent and every VMM, SIGKILL: the machine died) and measures, from the kill, on
 //! the controller's event stream and on the hosts:
@@ -32,9 +32,9 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::{
     Event, EventKind, HostState, ListHostsRequest, ListVmsRequest, VmPhase, WatchEventsRequest,
 };
-use fabric_tests::cluster::Timing;
-use fabric_tests::image::Image;
-use fabric_tests::netcluster::NetCluster;
+use fabric_test_support::cluster::Timing;
+use fabric_test_support::image::Image;
+use fabric_test_support::netcluster::NetCluster;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
@@ -865,8 +865,8 @@ async fn bench(args: &Args, cluster: &mut NetCluster) -> Result<Vec<Run>> {
         args,
         &runs,
         match image.manifest.guest_mode {
-            fabric_tests::image::GuestMode::KernelOnly => "kernel-only",
-            fabric_tests::image::GuestMode::Userspace => "userspace",
+            fabric_test_support::image::GuestMode::KernelOnly => "kernel-only",
+            fabric_test_support::image::GuestMode::Userspace => "userspace",
         },
         &mode.ready_marker,
     );

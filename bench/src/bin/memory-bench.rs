@@ -32,7 +32,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Parser;
 use fabric_proto::v1::vmm_client::VmmClient;
 use fabric_proto::v1::GetMemoryStatsRequest;
-use fabric_tests::cluster::{wait_for_path, workspace_bin, Process};
+use fabric_test_support::cluster::{wait_for_path, workspace_bin, Process};
 use tonic::transport::Channel;
 
 #[derive(Parser, Clone, Debug)]
@@ -614,7 +614,7 @@ async fn balloon_of(client: &mut Option<VmmClient<Channel>>, socket: &Path) -> O
     if client.is_none() {
         *client = tokio::time::timeout(
             Duration::from_millis(500),
-            fabric_agent::vmm::client::connect(socket),
+            fabric_vmm_api::client::connect(socket),
         )
         .await
         .ok()?
@@ -1371,7 +1371,7 @@ fn report(args: &Args, runs: &[Run]) -> bool {
 }
 
 async fn bench(args: &Args) -> Result<Vec<Run>> {
-    let testguest = fabric_tests::image::repo_dir().join("images/out/testguest.elf");
+    let testguest = fabric_test_support::image::repo_dir().join("images/out/testguest.elf");
     ensure!(
         testguest.is_file(),
         "{} is missing: run images/build.sh",

@@ -1,0 +1,347 @@
+//! The agent's side of HostLink: registration, heartbeats, the lease with its fence, and the
+//! assignment stream.
+//!
+//! The lease runs on the agent's own clock from the moment a request was *sent*, so the
+//! agent's view of it always ends before the controller's. Its expiry is kept in
+//! `<data_dir>/lease.json` on CLOCK_BOOTTIME (with the boot id), so a restarted agent knows
+//! whether the VMs it finds may keep running. When the lease lapses the host is fenced: every
+//! VM is stopped, and they may run again only once the lease is renewed *and* a complete
+//! assignment set has been read on a stream opened after the fence (the controller may have
+//! moved them elsewhere meanwhile).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fabric_proto::v1::host_link_client::HostLinkClient;
+use fabric_proto::v1::{
+    HeartbeatRequest, HostUsage, MemoryPressure, ObservedPhase, RegisterHostRequest,
+    WatchAssignmentsRequest,
+};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::Host;
+use fabric_vmm_api::lease::LeaseFile;
+
+/// Retry delays when the controller cannot be reached.
+const MIN_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// Where the lease is kept (and where each fabric-vmm reads it).
+pub fn lease_path(host: &Host) -> std::path::PathBuf {
+    host.config.data_dir.join(super::kvm::LEASE_FILE)
+}
+
+/// The lease a previous agent process left: its expiry as an Instant, if still valid.
+pub fn load_lease(host: &Host) -> Option<Instant> {
+    let left = LeaseFile::read(&lease_path(host)).ok()?.remaining();
+    (!left.is_zero()).then(|| Instant::now() + left)
+}
+
+fn save_lease(host: &Host, expires: Instant) {
+    let lease = LeaseFile::expiring_in(expires.saturating_duration_since(Instant::now()));
+    if let Err(err) = lease.write(&lease_path(host)) {
+        tracing::error!(error = %err, "cannot persist the lease");
+    }
+}
+
+/// The lease expiry the fence watches.
+pub struct Lease {
+    expiry: watch::Sender<Option<Instant>>,
+}
+
+impl Lease {
+    pub fn new(initial: Option<Instant>) -> Lease {
+        Lease {
+            expiry: watch::channel(initial).0,
+        }
+    }
+
+    fn renew(&self, host: &Host, expires: Instant) {
+        if expires <= Instant::now() {
+            // An answer that came after the lease it would renew had already run out (the
+            // lease counts from the request being sent): nothing to renew.
+            tracing::warn!("a heartbeat answer came after its lease had run out; not renewed");
+            return;
+        }
+        save_lease(host, expires);
+        self.expiry.send_replace(Some(expires));
+        host.update_fence(|s| s.lease_valid = true);
+    }
+
+    /// The controller disowned the host: fence now.
+    fn revoke(&self, host: &Host, why: &str) {
+        tracing::warn!("{why}: fencing now");
+        save_lease(host, Instant::now());
+        self.expiry.send_replace(None);
+        host.update_fence(|s| {
+            s.lease_valid = false;
+            s.need_sync = true;
+            s.epoch += 1;
+        });
+    }
+}
+
+/// Fences the host whenever the lease runs out.
+pub async fn run_fence(host: Arc<Host>, lease: Arc<Lease>) {
+    let mut expiry = lease.expiry.subscribe();
+    loop {
+        let current = *expiry.borrow_and_update();
+        match current {
+            Some(t) if Instant::now() < t => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => {}
+                    changed = expiry.changed() => if changed.is_err() { return },
+                }
+                continue;
+            }
+            _ => {
+                if host.fence_state().lease_valid || current.is_some() {
+                    tracing::warn!(
+                        "the host's lease expired: no heartbeat was answered within the TTL"
+                    );
+                    host.update_fence(|s| {
+                        s.lease_valid = false;
+                        s.need_sync = true;
+                        s.epoch += 1;
+                    });
+                }
+                if expiry.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn duration(d: Option<prost_types::Duration>, default: Duration) -> Duration {
+    d.and_then(|d| Duration::try_from(d).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(default)
+}
+
+fn register_request(host: &Host) -> RegisterHostRequest {
+    let mut labels: std::collections::HashMap<String, String> =
+        host.config.labels.clone().into_iter().collect();
+    labels.insert("fabric.hypervisor".into(), host.backend.name().into());
+    RegisterHostRequest {
+        machine_id: host.config.machine_id.clone(),
+        name: host.config.name.clone(),
+        zone: host.config.zone.clone(),
+        fault_domain: host.config.fault_domain,
+        update_domain: host.config.update_domain,
+        capacity: Some(host.capacity()),
+        allocatable: Some(host.allocatable()),
+        labels,
+        agent_address: host.config.advertise.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+fn memory_pressure() -> Option<MemoryPressure> {
+    let text = std::fs::read_to_string("/proc/pressure/memory").ok()?;
+    let avg10 = |kind: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.starts_with(kind))?;
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix("avg10="))?
+            .parse()
+            .ok()
+    };
+    Some(MemoryPressure {
+        some_avg10_percent: avg10("some")?,
+        full_avg10_percent: avg10("full").unwrap_or(0.0),
+    })
+}
+
+fn heartbeat_request(host: &Host, host_id: &str) -> HeartbeatRequest {
+    let views = host.views();
+    let mut usage = HostUsage::default();
+    for view in &views {
+        if view.observed.phase() != ObservedPhase::Running {
+            continue;
+        }
+        usage.running_vms += 1;
+        if let Some(spec) = view.assignment.as_ref().and_then(|a| a.spec.as_ref()) {
+            usage.vcpus += spec.vcpus;
+            let memory = spec.memory.unwrap_or_default();
+            let max = memory.maximum_mib.max(memory.startup_mib);
+            let balloon = view
+                .observed
+                .memory
+                .as_ref()
+                .map(|m| m.balloon_actual_mib)
+                .unwrap_or(0);
+            usage.vm_memory_mib += max.saturating_sub(balloon);
+        }
+    }
+    let total = super::meminfo_kib("MemTotal").unwrap_or(0) / 1024;
+    let available = super::meminfo_kib("MemAvailable").unwrap_or(0) / 1024;
+    usage.memory_used_mib = total.saturating_sub(available);
+    usage.memory_available_mib = available;
+    usage.memory_pressure = memory_pressure();
+    usage.memory_balance = host.memory_balance();
+    HeartbeatRequest {
+        host_id: host_id.to_string(),
+        capacity: Some(host.capacity()),
+        usage: Some(usage),
+        vms: host.observed(),
+        assignments_generation: host.generation(),
+    }
+}
+
+/// Registers, heartbeats and watches assignments, forever; reconnects after any failure.
+pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
+    let mut client = HostLinkClient::new(channel);
+    let mut retry = MIN_RETRY;
+    let mut last_complaint: Option<String> = None;
+    loop {
+        let sent = Instant::now();
+        let response = match tokio::time::timeout(
+            Duration::from_secs(10),
+            client.register_host(register_request(&host)),
+        )
+        .await
+        {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => {
+                let text = format!(
+                    "cannot register with the controller at {}: {}",
+                    host.config.controller,
+                    status.message()
+                );
+                if last_complaint.as_deref() != Some(text.as_str()) {
+                    tracing::error!("{text}; retrying");
+                    last_complaint = Some(text);
+                }
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(MAX_RETRY);
+                continue;
+            }
+            Err(_) => {
+                tracing::error!(controller = %host.config.controller, "RegisterHost timed out; retrying");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(MAX_RETRY);
+                continue;
+            }
+        };
+        retry = MIN_RETRY;
+        last_complaint = None;
+        let ttl = duration(response.lease_ttl, Duration::from_secs(10));
+        let interval = duration(response.heartbeat_interval, Duration::from_secs(1)).min(ttl / 2);
+        let host_id = response.host_id;
+        tracing::info!(host_id = %host_id, ttl_ms = ttl.as_millis() as u64, "registered with the controller");
+        lease.renew(&host, sent + ttl);
+
+        let watcher = tokio::spawn(watch_assignments(
+            host.clone(),
+            client.clone(),
+            host_id.clone(),
+        ));
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        let mut failing = false;
+        loop {
+            ticker.tick().await;
+            let sent = Instant::now();
+            let request = heartbeat_request(&host, &host_id);
+            match tokio::time::timeout(ttl, client.heartbeat(request)).await {
+                Ok(Ok(response)) => {
+                    let ttl = duration(response.into_inner().lease_ttl, ttl);
+                    lease.renew(&host, sent + ttl);
+                    if failing {
+                        tracing::info!("heartbeats answered again");
+                        failing = false;
+                    }
+                }
+                Ok(Err(status))
+                    if matches!(
+                        status.code(),
+                        tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                    ) =>
+                {
+                    lease.revoke(
+                        &host,
+                        &format!(
+                            "the controller refused the heartbeat ({})",
+                            status.message()
+                        ),
+                    );
+                    break;
+                }
+                Ok(Err(status)) => {
+                    if !failing {
+                        tracing::warn!(error = %status.message(), "heartbeat failed; the VMs keep running until the lease expires");
+                        failing = true;
+                    }
+                }
+                Err(_) => {
+                    if !failing {
+                        tracing::warn!(
+                            "heartbeat timed out; the VMs keep running until the lease expires"
+                        );
+                        failing = true;
+                    }
+                }
+            }
+        }
+        watcher.abort();
+    }
+}
+
+/// Keeps a WatchAssignments stream open, reopening it after errors and after each fencing.
+async fn watch_assignments(host: Arc<Host>, mut client: HostLinkClient<Channel>, host_id: String) {
+    let mut fence = host.fence_rx();
+    loop {
+        let epoch = host.fence_state().epoch;
+        fence.borrow_and_update();
+        let stream = client
+            .watch_assignments(WatchAssignmentsRequest {
+                host_id: host_id.clone(),
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "cannot watch assignments; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // The stream's complete set has been read (its first message).
+        let mut full_read = false;
+        loop {
+            tokio::select! {
+                message = stream.message() => match message {
+                    Ok(Some(update)) => {
+                        full_read |= update.full;
+                        host.apply(update, epoch);
+                    }
+                    Ok(None) => {
+                        tracing::warn!("the assignment stream ended; reopening");
+                        break;
+                    }
+                    Err(status) => {
+                        tracing::warn!(error = %status.message(), "the assignment stream failed; reopening");
+                        break;
+                    }
+                },
+                _ = fence.changed() => {
+                    let state = host.fence_state();
+                    if state.epoch != epoch {
+                        // Fenced since the stream opened: read the complete set again.
+                        break;
+                    }
+                    if full_read && state.need_sync && state.lease_valid {
+                        // The set was read before the lease was renewed, so it did not count
+                        // (it may come from a controller that has moved the VMs since): read
+                        // it again, from whichever controller renewed the lease.
+                        tracing::info!("lease renewed after the assignments were read: reading them again");
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

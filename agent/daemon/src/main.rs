@@ -1,0 +1,146 @@
+//! fabric-agent: the Fabric host daemon. See `fabric_agent::host`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use fabric_agent::backend::Hypervisor;
+use fabric_agent::config::{Config, Flags, HypervisorKind};
+use fabric_agent::connect::{lazy_channel, Address};
+use fabric_agent::images::ImageCache;
+use fabric_agent::service::AgentService;
+use fabric_agent::{kvm, link, sim, Host};
+use fabric_proto::v1::agent_server::AgentServer;
+use tokio::signal::unix::{signal, SignalKind};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FABRIC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let config = match Config::load(Flags::parse()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("fabric-agent: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("fabric-agent: cannot start the runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("fabric-agent: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(config.data_dir.join("vms"))
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    let controller = Address::parse(&config.controller).map_err(anyhow::Error::msg)?;
+    let channel = lazy_channel(&controller);
+    let backend: Arc<dyn Hypervisor> = match config.hypervisor {
+        HypervisorKind::Kvm => {
+            let images = Arc::new(ImageCache::new(
+                config.data_dir.join("images"),
+                channel.clone(),
+            ));
+            Arc::new(kvm::Kvm::new(&config, images))
+        }
+        HypervisorKind::Sim => {
+            tracing::warn!(
+                "hypervisor = sim: VMs on this host are SIMULATED (records only, no guest runs)"
+            );
+            Arc::new(sim::Sim::new(config.sim.clone()))
+        }
+    };
+    let listen = Address::parse(&config.listen).map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        name = %config.name,
+        controller = %config.controller,
+        listen = %config.listen,
+        hypervisor = backend.name(),
+        "fabric-agent starting"
+    );
+
+    // The lease a previous agent process left decides whether the VMs it ran may go on.
+    let probe_host = Host::new(config.clone(), backend.clone(), false);
+    let previous_lease = link::load_lease(&probe_host);
+    drop(probe_host);
+    let host = Host::new(config.clone(), backend, previous_lease.is_some());
+    match previous_lease {
+        Some(t) => tracing::info!(
+            left_ms = t
+                .saturating_duration_since(std::time::Instant::now())
+                .as_millis() as u64,
+            "the previous lease is still valid: running VMs are kept"
+        ),
+        None => tracing::info!("no valid lease yet: VMs start once the controller is reached"),
+    }
+    host.load_vms();
+    let lease = Arc::new(link::Lease::new(previous_lease));
+    tokio::spawn(link::run_fence(host.clone(), lease.clone()));
+    tokio::spawn(link::run(host.clone(), lease, channel));
+    tokio::spawn(host.clone().run_memory_balancer());
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServer<AgentService>>()
+        .await;
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(AgentServer::new(AgentService::new(host.clone())));
+
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => tracing::info!("SIGTERM: exiting; VMs keep running"),
+            _ = sigint.recv() => tracing::info!("SIGINT: exiting; VMs keep running"),
+        }
+    };
+    match &listen {
+        Address::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).ok();
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+                .context("Agent service")?;
+        }
+        Address::Tcp(_) => {
+            let addr = listen.socket_addr().unwrap_or_default();
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+                .context("Agent service")?;
+        }
+    }
+    Ok(())
+}

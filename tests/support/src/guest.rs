@@ -1,0 +1,262 @@
+//! Harness for tests that run real fabric-vmm processes: the default guest image from
+//! `images/out`, a private temp dir per VM, and cleanup of the process when the test ends,
+//! pass or fail.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a guest may take to reach a console line. Guest kernels take ~30 s on hosts where
+/// KVM is emulated (`shared/KVM-HOST.md`), longer when several boot at once on two cores.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+
+/// The guest image as `images/build.sh` describes it.
+pub struct Image {
+    pub dir: PathBuf,
+    pub manifest: serde_json::Value,
+}
+
+impl Image {
+    pub fn load() -> Image {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/out");
+        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap_or_else(|e| {
+            panic!(
+                "{}/manifest.json: {e}: build the guest image first with images/build.sh",
+                dir.display()
+            )
+        });
+        let manifest = serde_json::from_str(&text).expect("manifest.json is JSON");
+        Image { dir, manifest }
+    }
+
+    fn str_field(&self, key: &str) -> String {
+        self.manifest[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("manifest.json has no string {key:?}"))
+            .to_string()
+    }
+
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinuz")
+    }
+    pub fn vmlinux(&self) -> PathBuf {
+        self.dir.join("vmlinux")
+    }
+    pub fn initramfs(&self) -> PathBuf {
+        self.dir.join("initramfs.cpio.gz")
+    }
+    pub fn cmdline(&self) -> String {
+        self.str_field("cmdline")
+    }
+    pub fn ready_marker(&self) -> String {
+        self.str_field("ready_marker")
+    }
+    pub fn use_initramfs(&self) -> bool {
+        self.manifest["use_initramfs"].as_bool().unwrap_or(false)
+    }
+    /// True when guest user space can run on this host (hardware virtualization).
+    pub fn userspace(&self) -> bool {
+        self.manifest["guest_mode"].as_str() == Some("userspace")
+    }
+}
+
+/// Returns false (after saying so loudly) when this host has no usable /dev/kvm.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(err) => {
+            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({err}); this test needs KVM");
+            println!("SKIPPED {test}: /dev/kvm is not usable here ({err})");
+            false
+        }
+    }
+}
+
+/// The fabric-vmm binary cargo built for these tests.
+pub fn vmm_binary() -> PathBuf {
+    crate::cluster::workspace_bin("fabric-vmm")
+}
+
+/// Guests of one test binary boot one at a time: on a two-core host where KVM is emulated,
+/// several multi-vCPU guests at once slow each other down by minutes, and a test measures what
+/// its guest's kernel did, not how the host shares its cores.
+static BOOT_SLOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A running fabric-vmm with its console in a file.
+pub struct Guest {
+    _slot: std::sync::MutexGuard<'static, ()>,
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub console: PathBuf,
+    pub stderr: PathBuf,
+    pub socket: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+/// What to boot.
+pub struct GuestSpec<'a> {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Appended to the manifest's command line.
+    pub extra_cmdline: &'a str,
+    pub kernel: Option<PathBuf>,
+    /// Replaces the manifest's command line entirely.
+    pub cmdline: Option<String>,
+    /// Extra fabric-vmm arguments (devices).
+    pub vmm_args: &'a [&'a str],
+}
+
+impl Default for GuestSpec<'_> {
+    fn default() -> Self {
+        GuestSpec {
+            vcpus: 1,
+            memory_mib: 256,
+            extra_cmdline: "",
+            kernel: None,
+            cmdline: None,
+            vmm_args: &[],
+        }
+    }
+}
+
+impl Guest {
+    pub fn boot(image: &Image, spec: GuestSpec<'_>) -> Guest {
+        let slot = BOOT_SLOT.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::Builder::new()
+            .prefix("fabric-vmm-test-")
+            .tempdir()
+            .expect("temp dir");
+        let console = dir.path().join("console.log");
+        let stderr = dir.path().join("vmm.log");
+        let socket = dir.path().join("control.sock");
+        let mut cmdline = spec.cmdline.unwrap_or_else(|| image.cmdline());
+        if !spec.extra_cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(spec.extra_cmdline);
+        }
+        let mut cmd = Command::new(vmm_binary());
+        cmd.arg("--kernel")
+            .arg(spec.kernel.unwrap_or_else(|| image.kernel()))
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--vcpus")
+            .arg(spec.vcpus.to_string())
+            .arg("--memory")
+            .arg(spec.memory_mib.to_string())
+            .arg("--console")
+            .arg(&console)
+            .arg("--control-socket")
+            .arg(&socket)
+            .arg("--vm-id")
+            .arg("test-vm");
+        if image.use_initramfs() {
+            cmd.arg("--initrd").arg(image.initramfs());
+        }
+        cmd.args(spec.vmm_args);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn fabric-vmm");
+        Guest {
+            _slot: slot,
+            child,
+            dir,
+            console,
+            stderr,
+            socket,
+            status: None,
+        }
+    }
+
+    pub fn console_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until the console holds `needle`; panics with the console and the VMM's log if
+    /// the VMM exits first or the time runs out.
+    pub fn wait_console(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.console_text();
+            if text.contains(needle) {
+                return text;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.status = Some(status);
+                panic!(
+                    "fabric-vmm exited ({status}) before the console showed {needle:?}\n--- console ---\n{}\n--- vmm log ---\n{}",
+                    tail(&text),
+                    self.stderr_text()
+                );
+            }
+            if Instant::now() >= deadline {
+                // Where the guest is: fabric-vmm logs every vCPU's registers on SIGUSR2.
+                // SAFETY: kill(2) on our own child's pid, which has not been reaped.
+                unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGUSR2) };
+                std::thread::sleep(Duration::from_secs(1));
+                panic!(
+                    "no {needle:?} on the console after {timeout:?}\n--- console ---\n{}\n--- vmm log ---\n{}",
+                    tail(&text),
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the VMM to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.status = Some(status);
+                return self.status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            // Only our own child, by its PID.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The last lines of a console, for failure messages.
+pub fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A tokio runtime for control-socket calls from synchronous tests.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}

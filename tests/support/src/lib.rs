@@ -1,0 +1,22 @@
+//! What every test binary and bench of the workspace shares: the guest image, real
+//! `fabric-vmm` guests, test hosts in network namespaces running `fabric-agent`, a fake
+//! controller for the agent's tests, whole test clusters, and waiting for states.
+//!
+//! - [`image`]: the guest image `images/build.sh` made (manifest, kernel, initramfs, parsers).
+//! - [`guest`]: one `fabric-vmm` process with its console in a file, killed on drop.
+//! - [`host`]: a `fabric-agent` in a network namespace of its own, with its bridge and cgroups.
+//! - [`hostlink`]: a fake controller serving `HostLink` and `Images` to an agent under test.
+//! - [`cluster`]: a real controller and simulated hosts over Unix sockets.
+//! - [`netcluster`]: a real controller and real-KVM hosts, each in its own namespace.
+//!
+//! It depends on no crate of the workspace but the protocol, so every crate's tests may use
+//! it. The binaries it starts are the workspace's own, found by [`cluster::workspace_bin`]:
+//! `cargo test --workspace` builds them; a single crate's tests need `cargo build --workspace`
+//! first.
+
+pub mod cluster;
+pub mod guest;
+pub mod host;
+pub mod hostlink;
+pub mod image;
+pub mod netcluster;
