@@ -2,7 +2,7 @@
 //! latest statistics its guest reported through the balloon, the balloon size each VM should
 //! have. Pure logic: no I/O, no clock of its own; the agent's loop feeds it and applies what it
 //! decides through each instance's balloon (a VMM's control socket, `SetBalloonTarget`, or a
-//! simulated guest of `host::sim`), and reports each step in heartbeats.
+//! simulated guest of `crate::sim`), and reports each step in heartbeats.
 //!
 //! # Model (Hyper-V Dynamic Memory, `shared/ARCHITECTURE.md`)
 //!

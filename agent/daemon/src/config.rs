@@ -39,7 +39,7 @@ pub struct SimConfig {
     pub start_delay_ms: u64,
     /// A simulated guest's demand (memory in use) as a share of its startup memory
     /// (0..=100), unless its placement label `fabric.sim/memory-demand-mib` gives it in MiB
-    /// (see `host::sim`).
+    /// (see `crate::sim`).
     pub memory_used_percent: u8,
     /// The capacity a hollow host announces (CPUs); 0: the real machine's.
     pub cpus: u32,
@@ -58,7 +58,7 @@ impl Default for SimConfig {
     }
 }
 
-/// The memory balancer (`[memory]`): see `host::balancer`.
+/// The memory balancer (`[memory]`): see `crate::balancer`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryConfig {
@@ -114,7 +114,7 @@ struct FileConfig {
     about = "The Fabric host agent: runs the VMs the fabric controller assigns to this host"
 )]
 pub struct Flags {
-    /// TOML configuration file (see agent/fabric-agent.toml in the repository).
+    /// TOML configuration file (see agent/dist/fabric-agent.toml in the repository).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The controller: `http://HOST:PORT` or `unix:/PATH`.

@@ -1,4 +1,4 @@
-//! fabric-agent: the Fabric host daemon. See `fabric_agent::host`.
+//! fabric-agent: the Fabric host daemon. See the module map of `fabric_agent`.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

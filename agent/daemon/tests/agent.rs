@@ -1,8 +1,8 @@
 //! fabric-agent end to end: each test runs the agent binary as a test host inside a network
-//! namespace it made (`common/host.rs`), against a small in-test controller that serves
-//! HostLink and Images on a Unix socket (`common/hostlink.rs`), and checks what the agent
-//! really did on the host: fabric-vmm processes, taps on the bridge, cgroups, files, what it
-//! reports in heartbeats and on its local Agent API, and what the guest printed.
+//! namespace it made (`tests/support/src/host.rs`), against a small in-test controller that
+//! serves HostLink and Images on a Unix socket (`tests/support/src/hostlink.rs`), and checks
+//! what the agent really did on the host: fabric-vmm processes, taps on the bridge, cgroups,
+//! files, what it reports in heartbeats and on its local Agent API, and what the guest printed.
 //!
 //! - an assignment becomes a guest that reaches the image's ready marker; `kill -9` and
 //!   SIGTERM of the agent leave it running and the restarted agent adopts it; removing the

@@ -1,8 +1,8 @@
 //! The memory balancer with real guests: a fabric-agent (in a network namespace, against the
-//! in-test controller of `common/hostlink.rs`) runs two VMs of startup 256, minimum 192 and
-//! maximum 256 MiB. Once they have booted and report balloon statistics, the balancer shrinks
-//! the idle guests toward demand plus buffer (here their minimum): the balloon's actual size
-//! (the heartbeats' `observed.memory.balloon_actual_mib`) grows to `maximum − minimum`, the
+//! in-test controller of `tests/support/src/hostlink.rs`) runs two VMs of startup 256, minimum
+//! 192 and maximum 256 MiB. Once they have booted and report balloon statistics, the balancer
+//! shrinks the idle guests toward demand plus buffer (here their minimum): the balloon's actual
+//! size (the heartbeats' `observed.memory.balloon_actual_mib`) grows to `maximum − minimum`, the
 //! guests see that much less available memory, the fabric-vmm processes' resident memory falls
 //! by at least half of it, and the guests keep running.
 //!
@@ -17,7 +17,7 @@
 //! `a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill`: its guests are
 //! the test guest's `memload` (a balloon driver and a workload in one freestanding program),
 //! the filling a workload rather than a user-space process. The balancer's growth and pressure
-//! decisions are also tested on recorded statistics traces in `host::balancer`.
+//! decisions are also tested on recorded statistics traces in `fabric_agent::balancer`.
 
 use fabric_test_support::guest as common;
 use fabric_test_support::{host, hostlink};

@@ -8,7 +8,7 @@
 //! the host has transparent huge pages (`enabled` = `always` or `madvise`), guest RAM is backed by
 //! 2 MiB pages, which saves the guest TLB misses and makes direct I/O into guest memory cheaper
 //! (virtio-blk with `cache=none` pins and maps 2 MiB at a time instead of 4 KiB; on a 2-core
-//! host that was 1.6x on sequential direct writes, `bench/README.md`). The host then commits
+//! host that was 1.6x on sequential direct writes, `docs/benchmarks.md`). The host then commits
 //! memory in 2 MiB steps where the guest touches it. The balloon gives memory back in whole
 //! 2 MiB blocks where it can (it holds partial blocks back for a moment, see
 //! `devices::virtio::balloon`), since discarding part of a huge page splits it and the guest
