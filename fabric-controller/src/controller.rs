@@ -138,6 +138,10 @@ pub struct Controller {
     /// The state last announced per host, so each change is one event.
     announced: Mutex<HashMap<String, HostState>>,
     generation: AtomicU64,
+    /// Held by RegisterHost from its name check to its commit, so that two machines
+    /// registering the same new name at once cannot both get it (this process is the store's
+    /// only writer).
+    pub(crate) registering: tokio::sync::Mutex<()>,
 }
 
 pub fn vm_key(id: &str) -> String {
@@ -162,7 +166,8 @@ pub fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("store: {e}"))
 }
 
-/// A random id with a prefix: `vm-` + 16 hex characters.
+/// A random id with a prefix: `vm-` + 16 hex characters, the form `validate::has_id_form`
+/// tells from every name.
 pub fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
@@ -253,6 +258,7 @@ impl Controller {
             kick: tokio::sync::Notify::new(),
             announced: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(start_generation),
+            registering: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -565,6 +571,37 @@ impl Controller {
             TxnOutcome::Committed(rev) => Ok(rev),
             TxnOutcome::Failed(_) => Err(Status::aborted("host changed concurrently; retry")),
         }
+    }
+
+    /// Why `machine_id` may not register as `name`: another machine's host holds that name.
+    /// Host names are unique in a cluster (they identify hosts to operators and, later, in
+    /// certificates); a machine keeps the name it is registered with, also when hosts that
+    /// shared a name before names were unique register again.
+    pub(crate) fn host_name_taken(&self, machine_id: &str, name: &str) -> Option<Status> {
+        let model = self.model();
+        let own = model.machines.get(machine_id);
+        if let Some(own) = own.and_then(|id| model.hosts.get(id)) {
+            if own.host.name == name {
+                return None;
+            }
+        }
+        let holder = model
+            .hosts
+            .values()
+            .find(|e| e.host.name == name && Some(&e.host.id) != own)?;
+        let holder_machine = model
+            .machines
+            .iter()
+            .find(|(_, host_id)| **host_id == holder.host.id)
+            .map_or("?", |(machine, _)| machine.as_str());
+        let state = short_host_state(effective_state(&self.settings, holder));
+        Some(Status::already_exists(format!(
+            "host name {name:?} is held by machine {holder_machine:?} (host {}, {state}): host \
+             names are unique in a cluster. A machine that replaces it takes it over with \
+             machine_id = {holder_machine:?} in its agent config, once the old machine is off for \
+             good; any other machine needs a name of its own",
+            holder.host.id
+        )))
     }
 
     /// Records a machine's host id.

@@ -38,9 +38,7 @@ fn check_register(req: &RegisterHostRequest) -> Result<(), Status> {
     if req.machine_id.is_empty() || req.machine_id.len() > 128 {
         return bad("machine_id: required, at most 128 characters".into());
     }
-    if req.name.is_empty() || req.name.len() > 253 {
-        return bad("name: required, at most 253 characters".into());
-    }
+    crate::validate::check_host_name(&req.name).map_err(Status::invalid_argument)?;
     if req.zone.len() > 63 {
         return bad("zone: at most 63 characters".into());
     }
@@ -65,6 +63,16 @@ impl HostLink for HostLinkService {
         check_register(&req)?;
         let c = &self.controller;
         let settings = &c.settings;
+        let _registering = c.registering.lock().await;
+        if let Some(taken) = c.host_name_taken(&req.machine_id, &req.name) {
+            tracing::warn!(
+                machine = %req.machine_id,
+                name = %req.name,
+                reason = taken.message(),
+                "registration refused"
+            );
+            return Err(taken);
+        }
         let existing = c.model().machines.get(&req.machine_id).cloned();
         let host_id = match existing {
             Some(id) => id,

@@ -12,7 +12,36 @@ const MAX_DISKS: usize = 16;
 const MAX_CMDLINE: usize = 2048;
 const MAX_LABELS: usize = 64;
 
-/// A VM name: 1..=63 lowercase letters, digits and '-', starting with a letter.
+/// Prefix of every VM id.
+pub const VM_ID_PREFIX: &str = "vm-";
+/// Prefix of every host id.
+pub const HOST_ID_PREFIX: &str = "host-";
+/// Lowercase hex digits after the prefix of an id (`controller::new_id` mints 8 random bytes).
+pub const ID_HEX_DIGITS: usize = 16;
+
+/// Whether `text` has the form of an id: `prefix` then [`ID_HEX_DIGITS`] lowercase hex digits.
+///
+/// This is the whole id/name rule: no VM name and no host name may have the form of an id of
+/// its kind ([`check_vm_name`], [`check_host_name`]), so an argument that has the form is an
+/// id and anything else is a name, with no lookup needed to tell them apart.
+pub fn has_id_form(prefix: &str, text: &str) -> bool {
+    text.strip_prefix(prefix).is_some_and(|hex| {
+        hex.len() == ID_HEX_DIGITS && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// Whether `text` is a VM id rather than a VM name (see [`has_id_form`]).
+pub fn is_vm_id(text: &str) -> bool {
+    has_id_form(VM_ID_PREFIX, text)
+}
+
+/// Whether `text` is a host id rather than a host name (see [`has_id_form`]).
+pub fn is_host_id(text: &str) -> bool {
+    has_id_form(HOST_ID_PREFIX, text)
+}
+
+/// A VM name: 1..=63 lowercase letters, digits and '-', starting with a letter, and not of the
+/// form of a VM id (`vm-` and 16 hex digits).
 pub fn check_vm_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
@@ -20,13 +49,33 @@ pub fn check_vm_name(name: &str) -> Result<(), String> {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
+    if !ok {
+        return Err(format!(
             "spec.name {name:?}: 1..=63 lowercase letters, digits and '-', starting with a letter"
-        ))
+        ));
     }
+    if is_vm_id(name) {
+        return Err(format!(
+            "spec.name {name:?}: has the form of a VM id ({VM_ID_PREFIX} and {ID_HEX_DIGITS} hex \
+             digits), which names may not have: choose another name"
+        ));
+    }
+    Ok(())
+}
+
+/// A host name: 1..=253 characters, and not of the form of a host id (`host-` and 16 hex
+/// digits).
+pub fn check_host_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err("name: required, at most 253 characters".into());
+    }
+    if is_host_id(name) {
+        return Err(format!(
+            "name {name:?}: has the form of a host id ({HOST_ID_PREFIX} and {ID_HEX_DIGITS} hex \
+             digits), which names may not have: choose another name"
+        ));
+    }
+    Ok(())
 }
 
 /// An image name: 1..=63 lowercase letters, digits, '.', '_' and '-'.
@@ -266,6 +315,48 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn ids_have_a_form_no_name_can_take() {
+        let vm_id = crate::controller::new_id("vm");
+        let host_id = crate::controller::new_id("host");
+        assert!(is_vm_id(&vm_id), "{vm_id}");
+        assert!(is_host_id(&host_id), "{host_id}");
+        assert!(check_vm_name(&vm_id).is_err());
+        assert!(check_host_name(&host_id).is_err());
+
+        // (text, a VM id, a host id)
+        let cases = [
+            ("vm-0123456789abcdef", true, false),
+            ("host-0123456789abcdef", false, true),
+            ("vm-web", false, false),
+            ("host-b", false, false),
+            ("vm-0123456789abcde", false, false),   // 15 digits
+            ("vm-0123456789abcdef0", false, false), // 17
+            ("vm-0123456789ABCDEF", false, false),  // ids are lowercase
+            ("vm-0123456789abcdeg", false, false),
+            ("web-0123456789abcdef", false, false),
+            ("0123456789abcdef", false, false),
+        ];
+        for (text, vm, host) in cases {
+            assert_eq!(is_vm_id(text), vm, "{text}: VM id");
+            assert_eq!(is_host_id(text), host, "{text}: host id");
+        }
+        for name in [
+            "vm-web",
+            "vm-1",
+            "host-b",
+            "vm-0123456789abcde",
+            "host-0123456789abcdef",
+        ] {
+            check_vm_name(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        for name in ["host-b", "Host-B.example", "vm-0123456789abcdef", "h"] {
+            check_host_name(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert!(check_host_name("").is_err());
+        assert!(check_host_name(&"h".repeat(254)).is_err());
     }
 
     #[test]

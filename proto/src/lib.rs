@@ -13,21 +13,26 @@
 //! - `fabric.v1.Vmm`: each fabric-vmm's control endpoint on a Unix socket.
 //!
 //! A server builds its standard companions with [`standard_services`] and
-//! adds them next to its own service:
+//! adds them next to its own service; on a Unix socket it serves the
+//! connections of [`unix::incoming`], which any gRPC client can call (see
+//! [`unix`] for the `:authority` that gRPC C-core sends there):
 //!
 //! ```no_run
 //! # async fn serve(
 //! #     compute: impl fabric_proto::v1::compute_server::Compute,
-//! # ) -> Result<(), tonic::transport::Error> {
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
 //! use fabric_proto::v1::compute_server::ComputeServer;
 //!
 //! let standard = fabric_proto::standard_services(&[fabric_proto::COMPUTE_SERVICE]).await;
+//! let listener = tokio::net::UnixListener::bind("/run/fabric/controller.sock")?;
 //! tonic::transport::Server::builder()
 //!     .add_service(standard.health)
 //!     .add_service(standard.reflection)
+//!     .add_service(standard.reflection_v1alpha)
 //!     .add_service(ComputeServer::new(compute))
-//!     .serve("127.0.0.1:7000".parse().expect("valid address"))
-//!     .await
+//!     .serve_with_incoming(fabric_proto::unix::incoming(listener))
+//!     .await?;
+//! # Ok(())
 //! # }
 //! ```
 
@@ -35,6 +40,12 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
+use tonic_reflection::server::v1alpha::{
+    ServerReflection as ServerReflectionV1Alpha,
+    ServerReflectionServer as ServerReflectionServerV1Alpha,
+};
+
+pub mod unix;
 
 /// Messages, clients (`v1::compute_client::ComputeClient`, ...) and servers
 /// (`v1::compute_server::ComputeServer`, ...) of the `fabric.v1` package.
@@ -74,9 +85,13 @@ pub const SERVICE_NAMES: [&str; 5] = [
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// Fully qualified name of the standard gRPC server reflection service (v1).
 pub const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+/// Fully qualified name of the server reflection service's first version,
+/// v1alpha: what grpcio-reflection's stock client, grpc_cli and older
+/// grpcurl releases ask. grpc-go serves both versions too.
+pub const REFLECTION_V1ALPHA_SERVICE: &str = "grpc.reflection.v1alpha.ServerReflection";
 
 /// The services every Fabric gRPC server adds next to its own.
-pub struct StandardServices<R> {
+pub struct StandardServices<R, A> {
     /// Changes what `health` reports; keep it to mark services NOT_SERVING
     /// during shutdown or while a dependency (e.g. the store) is down.
     pub health_reporter: HealthReporter,
@@ -85,20 +100,26 @@ pub struct StandardServices<R> {
     /// `grpc.reflection.v1.ServerReflection`, so that `grpcurl list` and
     /// `grpcurl describe` work without .proto files.
     pub reflection: ServerReflectionServer<R>,
+    /// `grpc.reflection.v1alpha.ServerReflection`: the same answers, for the
+    /// clients that only know the first version.
+    pub reflection_v1alpha: ServerReflectionServerV1Alpha<A>,
 }
 
 /// Builds the health and reflection services of a server that serves the
 /// `serving` services (fully qualified names, from [`SERVICE_NAMES`]).
 ///
 /// Health reports each of `serving`, and the whole server (""), as SERVING.
-/// Reflection lists `serving`, the health service and itself, and describes
-/// every `fabric.v1` type.
-pub async fn standard_services(serving: &[&str]) -> StandardServices<impl ServerReflection> {
+/// Reflection (both versions) lists `serving`, the health service and both
+/// reflection services, and describes every `fabric.v1` type.
+pub async fn standard_services(
+    serving: &[&str],
+) -> StandardServices<impl ServerReflection, impl ServerReflectionV1Alpha> {
     let (health_reporter, health) = health_service(serving).await;
     StandardServices {
         health_reporter,
         health,
         reflection: reflection_service(serving),
+        reflection_v1alpha: reflection_v1alpha_service(serving),
     }
 }
 
@@ -115,21 +136,43 @@ pub async fn health_service(serving: &[&str]) -> (HealthReporter, HealthServer<H
     (reporter, server)
 }
 
-/// The reflection service alone, listing `serving`, the health service and
-/// itself.
+/// The reflection service (v1) alone, listing `serving`, the health service
+/// and both reflection services.
 pub fn reflection_service(serving: &[&str]) -> ServerReflectionServer<impl ServerReflection> {
+    // The descriptor sets are produced at build time by protox, tonic-health
+    // and tonic-reflection, not read from any input, and a test builds this
+    // service: failing here is a build defect, not a runtime condition.
+    reflection_builder(serving)
+        .build_v1()
+        .expect("descriptor sets compiled into fabric-proto are valid")
+}
+
+/// The reflection service (v1alpha) alone, answering as
+/// [`reflection_service`] does.
+pub fn reflection_v1alpha_service(
+    serving: &[&str],
+) -> ServerReflectionServerV1Alpha<impl ServerReflectionV1Alpha> {
+    // As in reflection_service: a build defect if it fails.
+    reflection_builder(serving)
+        .build_v1alpha()
+        .expect("descriptor sets compiled into fabric-proto are valid")
+}
+
+/// What both reflection versions know: the `fabric.v1` files, health, and
+/// both reflection protocols (each version's builder adds only its own, so
+/// that one could not describe the other it lists).
+fn reflection_builder(serving: &[&str]) -> tonic_reflection::server::Builder<'static> {
     let mut builder = tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .with_service_name(HEALTH_SERVICE)
-        .with_service_name(REFLECTION_SERVICE);
+        .with_service_name(REFLECTION_SERVICE)
+        .with_service_name(REFLECTION_V1ALPHA_SERVICE);
     for service in serving {
         builder = builder.with_service_name(*service);
     }
-    // The descriptor sets are produced at build time by protox and by
-    // tonic-health, not read from any input, and a test builds this service:
-    // failing here is a build defect, not a runtime condition.
     builder
-        .build_v1()
-        .expect("descriptor sets compiled into fabric-proto are valid")
 }

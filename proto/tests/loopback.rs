@@ -476,6 +476,7 @@ async fn serve(all_services: bool) -> Channel {
     let mut router = Server::builder()
         .add_service(standard.health)
         .add_service(standard.reflection)
+        .add_service(standard.reflection_v1alpha)
         .add_service(AgentServer::new(TestAgent));
     if all_services {
         router = router
@@ -896,6 +897,7 @@ async fn health_and_reflection_cover_all_five_services() {
             .collect();
         expected.insert(fabric_proto::HEALTH_SERVICE.to_owned());
         expected.insert(fabric_proto::REFLECTION_SERVICE.to_owned());
+        expected.insert(fabric_proto::REFLECTION_V1ALPHA_SERVICE.to_owned());
         assert_eq!(listed, expected);
         assert!(listed.contains("fabric.v1.Compute") && listed.contains("grpc.health.v1.Health"));
 
@@ -940,6 +942,7 @@ async fn a_server_advertises_only_what_it_serves() {
             fabric_proto::AGENT_SERVICE,
             fabric_proto::HEALTH_SERVICE,
             fabric_proto::REFLECTION_SERVICE,
+            fabric_proto::REFLECTION_V1ALPHA_SERVICE,
         ]
         .iter()
         .map(|s| s.to_string())

@@ -100,12 +100,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(link::run(host.clone(), lease, channel));
     tokio::spawn(host.clone().run_memory_balancer());
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<AgentServer<AgentService>>()
-        .await;
+    let standard = fabric_proto::standard_services(&[fabric_proto::AGENT_SERVICE]).await;
     let router = tonic::transport::Server::builder()
-        .add_service(health)
+        .add_service(standard.health)
+        .add_service(standard.reflection)
+        .add_service(standard.reflection_v1alpha)
         .add_service(AgentServer::new(AgentService::new(host.clone())));
 
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -124,9 +123,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
             let listener = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             router
-                .serve_with_incoming_shutdown(incoming, shutdown)
+                .serve_with_incoming_shutdown(fabric_proto::unix::incoming(listener), shutdown)
                 .await
                 .context("Agent service")?;
         }

@@ -131,6 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let router = tonic::transport::Server::builder()
         .add_service(services.health)
         .add_service(services.reflection)
+        .add_service(services.reflection_v1alpha)
         .add_service(ComputeServer::new(ComputeService::new(
             controller.clone(),
             images.clone(),
@@ -155,10 +156,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let listener = tokio::net::UnixListener::bind(&path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
             tracing::info!(address = %listen, "listening");
-            servers.spawn(router.serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(listener),
-                shutdown,
-            ));
+            servers.spawn(
+                router
+                    .serve_with_incoming_shutdown(fabric_proto::unix::incoming(listener), shutdown),
+            );
         } else {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

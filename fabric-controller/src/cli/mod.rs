@@ -26,6 +26,8 @@ use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::validate::{is_host_id, is_vm_id};
+
 /// Where fabricctl looks for the controller when neither `--controller` nor
 /// `FABRIC_CONTROLLER` says.
 pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7070";
@@ -43,7 +45,8 @@ const EVENTS_QUIET: Duration = Duration::from_millis(300);
     about = "Operate a Fabric cluster: VMs, hosts, events and images",
     long_about = "Operate a Fabric cluster: VMs, hosts, events and images.\n\n\
         fabricctl talks to the fabric-controller's Compute and Images services. VMs and hosts \
-        are named by id (vm-..., host-...) or by name. Errors exit non-zero with one line: \
+        are named by id or by name: `vm-` or `host-` and 16 hex digits is an id (no name has \
+        that form), anything else a name. Errors exit non-zero with one line: \
         `fabricctl: CODE: message`, CODE being the gRPC status (NOT_FOUND, ALREADY_EXISTS, \
         INVALID_ARGUMENT, ...)."
 )]
@@ -92,7 +95,7 @@ pub enum VmCommand {
     Create(Box<spec::CreateArgs>),
     /// Show one VM in detail.
     Get {
-        /// VM id (vm-...) or name.
+        /// VM id (vm- and 16 hex digits) or name.
         vm: String,
     },
     /// List VMs.
@@ -110,17 +113,17 @@ pub enum VmCommand {
     },
     /// Delete a VM: it is stopped on its host, then forgotten.
     Delete {
-        /// VM id (vm-...) or name.
+        /// VM id (vm- and 16 hex digits) or name.
         vm: String,
     },
     /// Set a VM's desired state to running.
     Start {
-        /// VM id (vm-...) or name.
+        /// VM id (vm- and 16 hex digits) or name.
         vm: String,
     },
     /// Set a VM's desired state to stopped (graceful shutdown, then forced).
     Stop {
-        /// VM id (vm-...) or name.
+        /// VM id (vm- and 16 hex digits) or name.
         vm: String,
     },
 }
@@ -138,12 +141,12 @@ pub enum HostCommand {
     },
     /// Show one host in detail.
     Get {
-        /// Host id (host-...) or name.
+        /// Host id (host- and 16 hex digits) or name.
         host: String,
     },
     /// Place no new VM on a host; its VMs keep running.
     Cordon {
-        /// Host id (host-...) or name.
+        /// Host id (host- and 16 hex digits) or name.
         host: String,
         /// Why, for other operators (e.g. "RMA ticket 1234").
         #[arg(long, default_value = "")]
@@ -151,12 +154,12 @@ pub enum HostCommand {
     },
     /// Make a cordoned or draining host schedulable again.
     Uncordon {
-        /// Host id (host-...) or name.
+        /// Host id (host- and 16 hex digits) or name.
         host: String,
     },
     /// Cordon a host and move its VMs to other hosts.
     Drain {
-        /// Host id (host-...) or name.
+        /// Host id (host- and 16 hex digits) or name.
         host: String,
         /// Why, for other operators (e.g. "kernel upgrade").
         #[arg(long, default_value = "")]
@@ -354,26 +357,17 @@ impl Clients {
         }
     }
 
-    /// The VM with this id or name. An argument that looks like an id (`vm-...`) is tried as a
-    /// name too when no VM has that id, since names may start with `vm-` as well.
+    /// The VM with this id or name: an argument of the form of a VM id (`vm-` and 16 hex
+    /// digits, a form no name may have) is an id, anything else a name.
     pub async fn find_vm(&mut self, id_or_name: &str) -> anyhow::Result<Vm> {
-        if id_or_name.starts_with("vm-") {
-            let by_id = self
-                .compute
-                .get_vm(GetVmRequest {
-                    id: id_or_name.to_string(),
-                })
-                .await;
-            match by_id {
-                Ok(vm) => return Ok(vm.into_inner()),
-                Err(status) if status.code() == Code::NotFound => {
-                    return match self.vm_named(id_or_name).await? {
-                        Some(vm) => Ok(vm),
-                        None => Err(RpcError(status).into()),
-                    };
-                }
-                Err(status) => return Err(RpcError(status).into()),
-            }
+        if is_vm_id(id_or_name) {
+            return reply(
+                self.compute
+                    .get_vm(GetVmRequest {
+                        id: id_or_name.to_string(),
+                    })
+                    .await,
+            );
         }
         self.vm_named(id_or_name).await?.ok_or_else(|| {
             RpcError(Status::not_found(format!("no VM named {id_or_name:?}"))).into()
@@ -392,10 +386,10 @@ impl Clients {
         Ok(page.vms.into_iter().next())
     }
 
-    /// The id of the VM with this id or name; ids (`vm-...`) are taken as they are, so that
-    /// filters also work for deleted VMs.
+    /// The id of the VM with this id or name; ids are taken as they are, so that filters also
+    /// work for deleted VMs.
     async fn vm_id(&mut self, id_or_name: &str) -> anyhow::Result<String> {
-        if id_or_name.starts_with("vm-") {
+        if is_vm_id(id_or_name) {
             return Ok(id_or_name.to_string());
         }
         Ok(self.find_vm(id_or_name).await?.id)
@@ -429,22 +423,17 @@ impl Clients {
         }
     }
 
-    /// The host with this id or name. Host names are not unique: a name shared by several
-    /// hosts must be replaced by an id.
+    /// The host with this id or name: an argument of the form of a host id (`host-` and 16
+    /// hex digits, a form no name may have) is an id, anything else a name.
     pub async fn find_host(&mut self, id_or_name: &str) -> anyhow::Result<Host> {
-        let mut not_found = Status::not_found(format!("no host named {id_or_name:?}"));
-        if id_or_name.starts_with("host-") {
-            let by_id = self
-                .compute
-                .get_host(GetHostRequest {
-                    id: id_or_name.to_string(),
-                })
-                .await;
-            match by_id {
-                Ok(host) => return Ok(host.into_inner()),
-                Err(status) if status.code() == Code::NotFound => not_found = status,
-                Err(status) => return Err(RpcError(status).into()),
-            }
+        if is_host_id(id_or_name) {
+            return reply(
+                self.compute
+                    .get_host(GetHostRequest {
+                        id: id_or_name.to_string(),
+                    })
+                    .await,
+            );
         }
         let mut named: Vec<Host> = self
             .list_hosts(ListHostsRequest::default())
@@ -453,8 +442,10 @@ impl Clients {
             .filter(|h| h.name == id_or_name)
             .collect();
         match named.len() {
-            0 => Err(RpcError(not_found).into()),
+            0 => Err(RpcError(Status::not_found(format!("no host named {id_or_name:?}"))).into()),
             1 => Ok(named.remove(0)),
+            // Names are unique since RegisterHost refuses a taken one; hosts registered before
+            // that may still share one.
             _ => {
                 let ids: Vec<&str> = named.iter().map(|h| h.id.as_str()).collect();
                 Err(RpcError(Status::failed_precondition(format!(
@@ -467,8 +458,9 @@ impl Clients {
         }
     }
 
+    /// The id of the host with this id or name; ids are taken as they are.
     async fn host_id(&mut self, id_or_name: &str) -> anyhow::Result<String> {
-        if id_or_name.starts_with("host-") {
+        if is_host_id(id_or_name) {
             return Ok(id_or_name.to_string());
         }
         Ok(self.find_host(id_or_name).await?.id)

@@ -311,10 +311,11 @@ impl ControlServer {
                     };
                     let standard =
                         fabric_proto::standard_services(&[fabric_proto::VMM_SERVICE]).await;
-                    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                    let incoming = fabric_proto::unix::incoming(listener);
                     let result = tonic::transport::Server::builder()
                         .add_service(standard.health)
                         .add_service(standard.reflection)
+                        .add_service(standard.reflection_v1alpha)
                         .add_service(VmmServer::new(service))
                         .serve_with_incoming_shutdown(incoming, async {
                             let _ = shutdown_rx.await;
