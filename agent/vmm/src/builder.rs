@@ -21,6 +21,7 @@ use super::boot::cpuid::{configure_cpuid, CpuProfile};
 use super::boot::kernel::{load_kernel, KernelError, LoadedKernel};
 use super::boot::mptable::{write_mptable, MpTableError};
 use super::boot::params::{load_initrd, write_boot_params, ParamsError};
+use super::boot::topology::Topology;
 use super::boot::MPTABLE_ADDR;
 use super::config::{ConsoleOutput, VirtioDeviceConfig, VmConfig};
 use super::devices::boot_timer::{BootTime, BootTimer, BOOT_TIMER_PORT};
@@ -164,7 +165,9 @@ pub fn build_vm(kvm: &Kvm, config: &VmConfig, start: Instant) -> Result<BuiltVm,
         None => None,
     };
     write_boot_params(&memory, &kernel, &config.kernel_cmdline(), initrd)?;
-    write_mptable(&memory, MPTABLE_ADDR, config.vcpus)?;
+    // One package with a core per vCPU.
+    let topology = Topology::single_package(config.vcpus);
+    write_mptable(&memory, MPTABLE_ADDR, topology)?;
     write_boot_tables(&memory)?;
 
     // Devices.
