@@ -17,10 +17,11 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::boot::cpu::{setup_boot_vcpu, setup_common, write_boot_tables, CpuSetupError};
-use super::boot::cpuid::{configure_cpuid, CpuProfile};
+use super::boot::cpuid::{vcpu_cpuid, CpuProfile, CpuidError};
 use super::boot::kernel::{load_kernel, KernelError, LoadedKernel};
 use super::boot::mptable::{write_mptable, MpTableError};
 use super::boot::params::{load_initrd, write_boot_params, ParamsError};
+use super::boot::topology::Topology;
 use super::boot::MPTABLE_ADDR;
 use super::config::{ConsoleOutput, VirtioDeviceConfig, VmConfig};
 use super::devices::boot_timer::{BootTime, BootTimer, BOOT_TIMER_PORT};
@@ -60,6 +61,8 @@ pub enum BuildError {
     Params(#[from] ParamsError),
     #[error(transparent)]
     MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
     #[error(transparent)]
     Cpu(#[from] CpuSetupError),
     #[error(transparent)]
@@ -164,7 +167,9 @@ pub fn build_vm(kvm: &Kvm, config: &VmConfig, start: Instant) -> Result<BuiltVm,
         None => None,
     };
     write_boot_params(&memory, &kernel, &config.kernel_cmdline(), initrd)?;
-    write_mptable(&memory, MPTABLE_ADDR, config.vcpus)?;
+    // One package with a core per vCPU: the MP table and every vCPU's CPUID say the same.
+    let topology = Topology::single_package(config.vcpus);
+    write_mptable(&memory, MPTABLE_ADDR, topology)?;
     write_boot_tables(&memory)?;
 
     // Devices.
@@ -207,8 +212,7 @@ pub fn build_vm(kvm: &Kvm, config: &VmConfig, start: Instant) -> Result<BuiltVm,
         let fd = vm
             .create_vcpu(id as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = supported.clone();
-        configure_cpuid(&mut cpuid, id, config.vcpus, cpu_profile);
+        let cpuid = vcpu_cpuid(&supported, id, topology, cpu_profile)?;
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         setup_common(&fd, id)?;
         if id == 0 {

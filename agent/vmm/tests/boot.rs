@@ -33,6 +33,35 @@ fn assert_cpus(console: &str, cpus: u32) {
     );
 }
 
+/// One package of `cpus` single-threaded cores, as the guest kernel reports them (run with
+/// `sched_verbose loglevel=8`): "smpboot: Max logical packages: 1", and every CPU's only
+/// scheduling domain spanning all CPUs at the core level, "domain-0: span=0-3 level=MC" (cores
+/// sharing the package's cache). CPUs in packages of their own show "level=DIE" there; SMT
+/// siblings would show "level=SMT".
+fn assert_one_package_of_cores(console: &str, cpus: u32) {
+    for want in [
+        "smpboot: Max logical packages: 1".to_string(),
+        format!("smpboot: Total of {cpus} processors activated"),
+    ] {
+        assert!(
+            console.contains(&want),
+            "console lacks {want:?}:\n{}",
+            common::tail(console)
+        );
+    }
+    let want = format!("domain-0: span=0-{} level=MC", cpus - 1);
+    let domains: Vec<&str> = console
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("domain-"))
+        .collect();
+    assert!(
+        domains.len() == cpus as usize && domains.iter().all(|l| *l == want),
+        "want {cpus} times {want:?}, the kernel's scheduling domains are {domains:#?}:\n{}",
+        common::tail(console)
+    );
+}
+
 /// The total in "Memory: 226596K/261740K available (...)" must lie in `[low, high]` KiB.
 fn assert_memory_kib(console: &str, low: u64, high: u64) -> u64 {
     let line = console
@@ -169,12 +198,14 @@ fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
     }
     let image = Image::load();
     // i8042.nokbd: the guest ignores its keyboard, so Ctrl-Alt-Del cannot stop it.
+    // sched_verbose loglevel=8: the kernel prints each CPU's scheduling domains, which show
+    // how it grouped the CPUs (cores, packages).
     let mut guest = Guest::boot(
         &image,
         GuestSpec {
             vcpus: 4,
             memory_mib: 256,
-            extra_cmdline: "i8042.nokbd",
+            extra_cmdline: "i8042.nokbd sched_verbose loglevel=8",
             ..Default::default()
         },
     );
@@ -187,6 +218,9 @@ fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
     // other tests; here the guest only needs to be up and deaf.
     let console = guest.wait_console(&cpus_up(4), BOOT_TIMEOUT);
     assert_cpus(&console, 4);
+    // The scheduling domains come right after the CPUs, before the initcalls.
+    let console = guest.wait_console("root domain span: 0-3", BOOT_TIMEOUT);
+    assert_one_package_of_cores(&console, 4);
 
     let rt = runtime();
     let reply = rt.block_on(async {

@@ -24,6 +24,7 @@ pub mod cpuid;
 pub mod kernel;
 pub mod mptable;
 pub mod params;
+pub mod topology;
 
 /// GDT location.
 pub const GDT_ADDR: u64 = 0x500;

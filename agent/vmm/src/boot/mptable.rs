@@ -1,12 +1,15 @@
 //! The Intel MultiProcessor table: how a guest without ACPI finds its CPUs, IOAPIC and IRQ routing.
 //!
 //! Layout (MP spec 1.4): a 16-byte floating pointer (`_MP_`), then the configuration table
-//! (`PCMP`) with one processor entry per vCPU, one ISA bus, the IOAPIC, an interrupt-source
+//! (`PCMP`) with one processor entry per vCPU (its APIC id from [`Topology`], the one CPUID
+//! reports), one ISA bus, the IOAPIC, an interrupt-source
 //! entry per IOAPIC pin, and the two local interrupt entries (LINT0 = ExtINT, LINT1 = NMI).
 //! Both live in the BIOS area at [`MPTABLE_ADDR`](super::MPTABLE_ADDR), which Linux scans and
 //! which the e820 map leaves out of RAM.
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::topology::Topology;
 
 /// Local APIC base address.
 pub const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
@@ -132,18 +135,20 @@ fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
 }
 
-/// Builds the MP table for `cpus` vCPUs, as bytes to place at `base`.
-fn build(cpus: u32, base: u64) -> Result<Vec<u8>, MpTableError> {
-    if cpus == 0 || cpus > 254 {
+/// Builds the MP table for the vCPUs of `topology`, as bytes to place at `base`.
+pub(super) fn build(topology: Topology, base: u64) -> Result<Vec<u8>, MpTableError> {
+    let cpus = topology.cpus();
+    if cpus > 254 {
         return Err(MpTableError::TooManyCpus(cpus));
     }
+    // Above every vCPU's APIC id (they are 0..cpus).
     let ioapic_id = cpus as u8 + 1;
     let mut entries: Vec<u8> = Vec::new();
     let mut count: u16 = 0;
     for cpu in 0..cpus {
         let entry = MpProcessor {
             type_: MP_PROCESSOR,
-            apicid: cpu as u8,
+            apicid: topology.apic_id(cpu) as u8,
             apicver: APIC_VERSION,
             cpuflag: CPU_ENABLED | if cpu == 0 { CPU_BOOTPROCESSOR } else { 0 },
             cpufeature: CPU_STEPPING,
@@ -230,11 +235,35 @@ fn build(cpus: u32, base: u64) -> Result<Vec<u8>, MpTableError> {
     Ok(table)
 }
 
-/// Writes the MP table for `cpus` vCPUs at `base`.
-pub fn write_mptable(mem: &GuestMemoryMmap, base: u64, cpus: u32) -> Result<(), MpTableError> {
-    let table = build(cpus, base)?;
+/// Writes the MP table for the vCPUs of `topology` at `base`.
+pub fn write_mptable(
+    mem: &GuestMemoryMmap,
+    base: u64,
+    topology: Topology,
+) -> Result<(), MpTableError> {
+    let table = build(topology, base)?;
     mem.write_slice(&table, GuestAddress(base))
         .map_err(|source| MpTableError::Write { addr: base, source })
+}
+
+/// The processor entries of a table from [`build`], in order: (APIC id, CPU flags). Walks the
+/// entries by type: processor entries are 20 bytes, the others 8.
+#[cfg(test)]
+pub(super) fn processor_entries(table: &[u8]) -> Vec<(u8, u8)> {
+    let header = &table[std::mem::size_of::<MpFloatingPointer>()..];
+    let length = u16::from_le_bytes([header[4], header[5]]) as usize;
+    let mut offset = std::mem::size_of::<MpConfigHeader>();
+    let mut processors = Vec::new();
+    while offset < length {
+        if header[offset] == MP_PROCESSOR {
+            processors.push((header[offset + 1], header[offset + 3]));
+            offset += std::mem::size_of::<MpProcessor>();
+        } else {
+            offset += 8;
+        }
+    }
+    assert_eq!(offset, length, "entries end where the header says");
+    processors
 }
 
 #[cfg(test)]
@@ -244,7 +273,7 @@ mod tests {
     #[test]
     fn checksums_and_counts_are_right() {
         for cpus in [1u32, 2, 4, 64, 254] {
-            let table = build(cpus, 0xf0000).expect("build");
+            let table = build(Topology::single_package(cpus), 0xf0000).expect("build");
             assert_eq!(&table[..4], b"_MP_");
             assert_eq!(checksum(&table[..16]), 0, "floating pointer checksum");
             let header = &table[16..];
@@ -252,28 +281,28 @@ mod tests {
             let length = u16::from_le_bytes([header[4], header[5]]) as usize;
             assert_eq!(length, table.len() - 16);
             assert_eq!(checksum(&header[..length]), 0, "config table checksum");
-            // Processor entries are 20 bytes, the others 8: walk them by type.
-            let mut offset = 44;
-            let mut cpu_entries = 0;
-            while offset < length {
-                let size = if header[offset] == MP_PROCESSOR {
-                    20
-                } else {
-                    8
-                };
-                if header[offset] == MP_PROCESSOR {
-                    cpu_entries += 1;
-                }
-                offset += size;
-            }
-            assert_eq!(offset, length);
-            assert_eq!(cpu_entries, cpus);
+            assert_eq!(processor_entries(&table).len() as u32, cpus);
+        }
+    }
+
+    #[test]
+    fn processors_are_numbered_by_the_topology() {
+        for cpus in [1u32, 2, 3, 4, 8] {
+            let topology = Topology::single_package(cpus);
+            let table = build(topology, 0xf0000).expect("build");
+            let want: Vec<(u8, u8)> = (0..cpus)
+                .map(|cpu| {
+                    let boot = if cpu == 0 { CPU_BOOTPROCESSOR } else { 0 };
+                    (topology.apic_id(cpu) as u8, CPU_ENABLED | boot)
+                })
+                .collect();
+            assert_eq!(processor_entries(&table), want, "{cpus} vCPUs");
         }
     }
 
     #[test]
     fn too_many_cpus_is_an_error() {
-        assert!(build(0, 0xf0000).is_err());
-        assert!(build(255, 0xf0000).is_err());
+        assert!(build(Topology::single_package(254), 0xf0000).is_ok());
+        assert!(build(Topology::single_package(255), 0xf0000).is_err());
     }
 }
