@@ -98,7 +98,9 @@ impl Kvm {
     async fn ensure_bridge(&self) -> Result<(), String> {
         let mut ready = self.bridge_ready.lock().await;
         if !*ready || !network::interface_exists(&self.bridge) {
-            network::ensure_bridge(&self.bridge, &self.subnet).await?;
+            network::ensure_bridge(&self.bridge, &self.subnet)
+                .await
+                .map_err(|e| e.to_string())?;
             *ready = true;
         }
         Ok(())
@@ -178,7 +180,9 @@ impl Kvm {
             for (index, nic) in spec.nics.iter().enumerate() {
                 let tap = network::tap_name(&record.vm_id, index);
                 let ours = record.taps.contains(&tap);
-                network::create_tap(&tap, &self.bridge, ours).await?;
+                network::create_tap(&tap, &self.bridge, ours)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if !ours {
                     record.taps.push(tap.clone());
                 }
@@ -428,7 +432,7 @@ impl Hypervisor for Kvm {
             let mut errors = Vec::new();
             for tap in &record.taps {
                 if let Err(e) = network::delete_tap(tap).await {
-                    errors.push(e);
+                    errors.push(e.to_string());
                 }
             }
             if let Err(e) = self.cgroups.remove(&record.vm_id).await {
