@@ -166,6 +166,13 @@ pub enum NetworkError {
     },
     #[error("cannot delete tap {name}: {reason}")]
     DeleteTap { name: String, reason: String },
+    /// A new tap could not be set up, nor removed again: the name stays taken until an
+    /// operator deletes it.
+    #[error("{error}; and the new tap is left behind: {cleanup}")]
+    LeftBehind {
+        error: Box<NetworkError>,
+        cleanup: Box<NetworkError>,
+    },
 }
 
 /// True when an interface of this name exists in the agent's network namespace.
@@ -280,8 +287,9 @@ nix::ioctl_readwrite_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
 nix::ioctl_write_int_bad!(tun_set_persist, libc::TUNSETPERSIST);
 
 /// Creates tap `name` and makes it persistent, so it outlives the descriptor that made it (the
-/// VMM opens it again by name). Like `ip tuntap add mode tap`, plus IFF_TUN_EXCL: an interface
-/// of that name made by someone else in the meantime is an error instead of being taken over.
+/// VMM opens it again by name). The same calls as `ip tuntap add mode tap`, IFF_TUN_EXCL
+/// included: an interface of that name made by someone else in the meantime is an error
+/// instead of being taken over.
 fn create_persistent_tap(name: &str) -> Result<(), NetworkError> {
     let failed = |reason: String| NetworkError::CreateTap {
         name: name.to_string(),
@@ -338,10 +346,9 @@ pub async fn create_tap(name: &str, bridge: &str, ours: bool) -> Result<(), Netw
         // fails too.
         if !ours {
             if let Err(cleanup) = delete_tap_with(&netlink, name).await {
-                return Err(NetworkError::AttachTap {
-                    name: name.to_string(),
-                    bridge: bridge.to_string(),
-                    reason: format!("{err}; and the tap is left behind: {cleanup}"),
+                return Err(NetworkError::LeftBehind {
+                    error: Box::new(err),
+                    cleanup: Box::new(cleanup),
                 });
             }
         }
