@@ -6,6 +6,10 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use nix::errno::Errno;
+use nix::fcntl::copy_file_range;
+use nix::unistd::{lseek, Whence};
+
 /// Copies `src` to a new file `dst` (which must not exist), sharing blocks if possible.
 pub fn copy_image(src: &Path, dst: &Path) -> Result<(), String> {
     let tmp = dst.with_extension("partial");
@@ -17,8 +21,9 @@ pub fn copy_image(src: &Path, dst: &Path) -> Result<(), String> {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        // SAFETY: FICLONE takes the source fd as its argument; both fds are open files.
-        let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) } == 0;
+        // SAFETY: FICLONE takes the source fd by value and touches no memory of ours; both
+        // descriptors are open files that outlive the call.
+        let cloned = unsafe { ficlone(to.as_raw_fd(), from.as_raw_fd()) }.is_ok();
         if !cloned {
             sparse_copy(&from, &to)
                 .map_err(|e| format!("cannot copy {} to {}: {e}", src.display(), tmp.display()))?;
@@ -33,6 +38,9 @@ pub fn copy_image(src: &Path, dst: &Path) -> Result<(), String> {
     result
 }
 
+// FICLONE's argument is the source descriptor itself, not a pointer.
+nix::ioctl_write_int_bad!(ficlone, libc::FICLONE);
+
 /// Copies the data extents of `from` into `to` with copy_file_range, leaving holes as holes.
 fn sparse_copy(from: &File, to: &File) -> std::io::Result<()> {
     let len = from.metadata()?.len();
@@ -40,36 +48,17 @@ fn sparse_copy(from: &File, to: &File) -> std::io::Result<()> {
     let mut offset: i64 = 0;
     let end = len as i64;
     while offset < end {
-        // SAFETY: lseek on an open fd; no memory is touched.
-        let data = unsafe { libc::lseek(from.as_raw_fd(), offset, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break; // only a hole is left
-            }
-            return Err(err);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { hole.min(end) };
+        let data = match lseek(from, offset, Whence::SeekData) {
+            Ok(data) => data,
+            Err(Errno::ENXIO) => break, // only a hole is left
+            Err(errno) => return Err(errno.into()),
+        };
+        let hole = lseek(from, data, Whence::SeekHole).map_or(end, |hole| hole.min(end));
         let mut src_off = data;
         let mut dst_off = data;
         while src_off < hole {
             let chunk = (hole - src_off) as usize;
-            // SAFETY: copy_file_range between two open fds with valid offset pointers.
-            let n = unsafe {
-                libc::copy_file_range(
-                    from.as_raw_fd(),
-                    &mut src_off,
-                    to.as_raw_fd(),
-                    &mut dst_off,
-                    chunk,
-                    0,
-                )
-            };
-            if n < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            let n = copy_file_range(from, Some(&mut src_off), to, Some(&mut dst_off), chunk)?;
             if n == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,

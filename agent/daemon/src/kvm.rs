@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -98,7 +98,9 @@ impl Kvm {
     async fn ensure_bridge(&self) -> Result<(), String> {
         let mut ready = self.bridge_ready.lock().await;
         if !*ready || !network::interface_exists(&self.bridge) {
-            network::ensure_bridge(&self.bridge, &self.subnet).await?;
+            network::ensure_bridge(&self.bridge, &self.subnet)
+                .await
+                .map_err(|e| e.to_string())?;
             *ready = true;
         }
         Ok(())
@@ -178,7 +180,9 @@ impl Kvm {
             for (index, nic) in spec.nics.iter().enumerate() {
                 let tap = network::tap_name(&record.vm_id, index);
                 let ours = record.taps.contains(&tap);
-                network::create_tap(&tap, &self.bridge, ours).await?;
+                network::create_tap(&tap, &self.bridge, ours)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if !ours {
                     record.taps.push(tap.clone());
                 }
@@ -263,15 +267,15 @@ impl Kvm {
             .stderr(log_err);
         let raw_fds: Vec<i32> = join_fds.iter().map(|fd| fd.as_raw_fd()).collect();
         // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe calls (setsid, write) on file descriptors opened before the fork.
+        // async-signal-safe calls (setsid, write; nix's wrappers add no allocation, and its
+        // errors convert to io::Error without one) on file descriptors opened before the fork
+        // and still open in the child, which `borrow_raw` requires.
         unsafe {
             command.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                nix::unistd::setsid()?;
                 for &fd in &raw_fds {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
+                    if nix::unistd::write(BorrowedFd::borrow_raw(fd), b"0")? != 1 {
+                        return Err(std::io::ErrorKind::WriteZero.into());
                     }
                 }
                 Ok(())
@@ -428,7 +432,7 @@ impl Hypervisor for Kvm {
             let mut errors = Vec::new();
             for tap in &record.taps {
                 if let Err(e) = network::delete_tap(tap).await {
-                    errors.push(e);
+                    errors.push(e.to_string());
                 }
             }
             if let Err(e) = self.cgroups.remove(&record.vm_id).await {
@@ -602,7 +606,7 @@ impl KvmInstance {
             .await
             .is_err()
         {
-            if let Err(e) = self.pidfd.signal(libc::SIGKILL) {
+            if let Err(e) = self.pidfd.signal(nix::sys::signal::Signal::SIGKILL) {
                 tracing::warn!(pid = self.pidfd.pid(), error = %e, "cannot kill fabric-vmm");
             }
         }

@@ -1,8 +1,12 @@
 //! Watching processes the agent did not necessarily start: pidfds (which stay bound to one
 //! process even if its pid is reused), process start times from /proc, and exit statuses.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+use nix::unistd::{sysconf, SysconfVar};
 
 use tokio::io::unix::AsyncFd;
 
@@ -18,8 +22,7 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 /// The wall-clock time process `pid` started, from its start ticks and the boot time.
 pub fn start_time(pid: u32) -> Option<SystemTime> {
     let ticks = start_ticks(pid)?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = sysconf(SysconfVar::CLK_TCK).ok()??;
     let hz = u64::try_from(hz).ok().filter(|&hz| hz > 0)?;
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let btime: u64 = stat
@@ -53,6 +56,7 @@ impl PidFd {
     pub fn open(pid: u32) -> std::io::Result<PidFd> {
         let raw_pid = libc::pid_t::try_from(pid)
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // nix has no pidfd_open.
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
         if fd < 0 {
@@ -87,24 +91,19 @@ impl PidFd {
 
     /// True when the process has exited.
     pub fn has_exited(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.get_ref().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd for the duration of the call; timeout 0.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        n > 0
+        let mut fds = [PollFd::new(self.fd.get_ref().as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
     }
 
     /// Sends `signal` to the process (no effect once it has been reaped).
-    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+    pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
+        // nix has no pidfd_send_signal.
         // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo, no flags.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
                 self.fd.get_ref().as_raw_fd(),
-                signal,
+                signal as libc::c_int,
                 std::ptr::null::<libc::siginfo_t>(),
                 0,
             )
@@ -118,6 +117,8 @@ impl PidFd {
     /// Reaps the exited process if it is a child of this one, returning a description and
     /// whether it exited with status 0. `None`: not our child (its status is unknown here).
     pub fn reap(&self) -> Option<(bool, String)> {
+        // Not nix's waitid: its WaitStatus has no room for a signal outside nix's `Signal`
+        // (SIGRTMIN+n), so it would reap such a child and then return EINVAL, losing the status.
         // SAFETY: zeroed siginfo_t is a valid value for waitid to fill.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid with P_PIDFD on a valid pidfd and a valid siginfo_t out pointer.
@@ -149,17 +150,7 @@ impl PidFd {
 }
 
 fn signal_name(signal: i32) -> &'static str {
-    match signal {
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGINT => "SIGINT",
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGILL => "SIGILL",
-        _ => "signal",
-    }
+    Signal::try_from(signal).map_or("signal", Signal::as_str)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -211,7 +202,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(!pidfd.has_exited());
-        pidfd.signal(libc::SIGKILL).unwrap();
+        pidfd.signal(Signal::SIGKILL).unwrap();
         pidfd.wait().await;
         assert_eq!(
             pidfd.reap().unwrap(),

@@ -441,7 +441,7 @@ fn an_assignment_boots_survives_agent_restarts_and_leaves_nothing_when_removed()
         Some(GATEWAY),
         "gateway"
     );
-    let bridge = host.must(&["ip", "addr", "show", "dev", BRIDGE]);
+    let bridge = host.addresses(BRIDGE);
     assert!(
         bridge.contains(&format!("{GATEWAY}/24")),
         "bridge {BRIDGE}: {bridge}"
@@ -788,7 +788,7 @@ fn bad_inputs_show_on_the_vm_and_the_agent_keeps_serving() {
     // (iv) Someone already has the tap name the agent will want.
     let taken = "vm-taptaken";
     let tap = tap_name(taken, 0);
-    host.must(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap"]);
+    host.add_foreign_tap(&tap);
 
     controller.set_assignments(vec![
         mismatch.clone(),

@@ -20,13 +20,11 @@ pub struct LeaseFile {
 
 /// CLOCK_BOOTTIME now, nanoseconds.
 pub fn boottime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    // Linux has had CLOCK_BOOTTIME since 2.6.39; a lease read against a clock of 0 would look
+    // valid for ever, so a failure here stops the caller rather than being read as 0.
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .expect("clock_gettime(CLOCK_BOOTTIME)");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`).

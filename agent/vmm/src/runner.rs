@@ -12,6 +12,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -149,57 +151,32 @@ const TOKEN_DUMP: u64 = 5;
 const TOKEN_DEVICES: u64 = 100;
 
 /// The signal that asks for a vCPU state dump.
-pub const DUMP_SIGNAL: libc::c_int = libc::SIGUSR2;
+pub const DUMP_SIGNAL: Signal = Signal::SIGUSR2;
 
-fn dump_sigset() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before sigaddset reads it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, DUMP_SIGNAL);
-        set
-    }
+fn dump_sigset() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(DUMP_SIGNAL);
+    set
 }
 
 /// Blocks [`DUMP_SIGNAL`] in the calling thread and the threads it starts later, so that it
 /// reaches the event loop's signalfd instead of ending the process. Call first thing in main.
 pub fn block_dump_signal() -> std::io::Result<()> {
-    let set = dump_sigset();
-    // SAFETY: `set` is a valid, initialised signal set; the old mask is not asked for.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
-    }
-    Ok(())
+    dump_sigset().thread_block().map_err(std::io::Error::from)
 }
 
 /// A signalfd for [`DUMP_SIGNAL`].
-struct DumpSignal(std::os::fd::OwnedFd);
+struct DumpSignal(SignalFd);
 
 impl DumpSignal {
     fn new() -> std::io::Result<DumpSignal> {
-        let set = dump_sigset();
-        // SAFETY: `set` is a valid signal set; -1 asks for a new descriptor.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: signalfd returned a new descriptor that nothing else owns.
-        Ok(DumpSignal(unsafe {
-            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
-        }))
+        let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;
+        Ok(DumpSignal(SignalFd::with_flags(&dump_sigset(), flags)?))
     }
 
-    /// Takes every pending signal off the descriptor.
+    /// Takes every pending signal off the descriptor (until it would block, or fails).
     fn drain(&self) {
-        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-        loop {
-            // SAFETY: reads at most `info.len()` bytes into the buffer from our own descriptor.
-            let n = unsafe { libc::read(self.0.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
-            if n <= 0 {
-                return;
-            }
-        }
+        while let Ok(Some(_)) = self.0.read_signal() {}
     }
 }
 

@@ -118,8 +118,11 @@ fn two_vcpus_256mib_boot_pause_resume_and_graceful_shutdown() {
     }
 
     // SIGUSR2: each vCPU logs where it is, and the guest keeps running.
-    // SAFETY: kill(2) on the test's own child process, not yet reaped.
-    unsafe { libc::kill(guest.pid() as libc::pid_t, libc::SIGUSR2) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(guest.pid() as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .expect("kill -USR2 the VMM");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let dumped = |log: &str, vcpu: u32| log.contains(&format!("vCPU state vcpu={vcpu} rip=0x"));
     while !(dumped(&guest.stderr_text(), 0) && dumped(&guest.stderr_text(), 1)) {

@@ -10,10 +10,13 @@
 //!   `shared/KVM-HOST.md`).
 
 use fabric_test_support::guest as common;
+use fabric_test_support::netns::NetNs;
 
-use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recv, send, MsgFlags};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -56,106 +59,6 @@ fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
-/// A network namespace made by the test, with the taps made in it; deleted on drop.
-struct NetNs {
-    name: String,
-    taps: Vec<String>,
-}
-
-impl NetNs {
-    fn new() -> NetNs {
-        let name = format!("fabric-net-{}", unique());
-        let out = run(Command::new("ip").args(["netns", "add", &name]));
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        NetNs {
-            name,
-            taps: Vec::new(),
-        }
-    }
-
-    /// `program` run inside the namespace (`ip netns exec` keeps the PID: it execs).
-    fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-
-    fn must(&self, args: &[&str]) {
-        let out = run(self.command(args[0]).args(&args[1..]));
-        assert!(
-            out.status.success(),
-            "in {}: {}: {}",
-            self.name,
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A new tap in the namespace, up, with `address` (CIDR) if given, and IPv6 off so the
-    /// host sends nothing on it by itself.
-    fn add_tap(&mut self, address: Option<&str>) -> String {
-        let tap = format!("fbt{}", unique());
-        assert!(tap.len() < 16, "{tap}: too long for an interface name");
-        self.must(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap"]);
-        self.taps.push(tap.clone());
-        // Absent when the host kernel has no IPv6: nothing to turn off then.
-        let _ = run(self.command("sh").args([
-            "-c",
-            &format!("echo 1 > /proc/sys/net/ipv6/conf/{tap}/disable_ipv6"),
-        ]));
-        if let Some(address) = address {
-            self.must(&["ip", "addr", "add", address, "dev", &tap]);
-        }
-        self.must(&["ip", "link", "set", &tap, "up"]);
-        tap
-    }
-
-    /// Runs `f` on a thread that has joined the namespace (`setns` changes only the calling
-    /// thread), so sockets it makes live in the namespace.
-    fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = Path::new("/run/netns").join(&self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let ns =
-                        File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    // SAFETY: `ns` is an open namespace file; setns only changes this thread.
-                    let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(
-                        ret,
-                        0,
-                        "setns {}: {}",
-                        path.display(),
-                        std::io::Error::last_os_error()
-                    );
-                    f()
-                })
-                .join()
-                .expect("namespace thread")
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        for tap in &self.taps {
-            let _ = run(self.command("ip").args(["link", "del", tap]));
-        }
-        let out = run(Command::new("ip").args(["netns", "del", &self.name]));
-        if !out.status.success() {
-            eprintln!(
-                "warning: ip netns del {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
-
 /// An AF_PACKET socket bound to one interface and one EtherType: it receives what comes in on
 /// the interface (from the VMM, for a tap) and sends frames out of it (to the VMM).
 struct PacketSocket {
@@ -164,8 +67,9 @@ struct PacketSocket {
 
 impl PacketSocket {
     fn open(ns: &NetNs, ifname: &str, ethertype: u16) -> PacketSocket {
-        let ifname = CString::new(ifname).expect("interface name");
         ns.run_inside(|| {
+            // Raw socket(2) and bind(2): nix's take neither an arbitrary EtherType as the
+            // protocol nor a sockaddr_ll built here.
             // SAFETY: plain socket(2); the result is checked before use.
             let raw = unsafe {
                 libc::socket(
@@ -181,9 +85,8 @@ impl PacketSocket {
             );
             // SAFETY: `raw` is a socket we just opened and own from here on.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: `ifname` is NUL-terminated and outlives the call.
-            let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-            assert_ne!(index, 0, "no interface {ifname:?} in the namespace");
+            let index = nix::net::if_::if_nametoindex(ifname)
+                .unwrap_or_else(|e| panic!("no interface {ifname:?} in the namespace: {e}"));
             // SAFETY: all-zero bytes are a valid `sockaddr_ll`.
             let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             addr.sll_family = libc::AF_PACKET as u16;
@@ -210,43 +113,23 @@ impl PacketSocket {
             if left.is_zero() {
                 return None;
             }
-            let mut poll = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one live pollfd, count 1.
-            let ready = unsafe { libc::poll(&mut poll, 1, left.as_millis().min(1000) as i32) };
-            if ready <= 0 {
+            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            let wait = PollTimeout::try_from(left.min(Duration::from_secs(1))).expect("1 s fits");
+            if !poll(&mut fds, wait).is_ok_and(|ready| ready > 0) {
                 continue;
             }
             let mut buf = vec![0u8; 2048];
-            // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n > 0 {
-                buf.truncate(n as usize);
+            if let Ok(n @ 1..) = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                buf.truncate(n);
                 return Some(buf);
             }
         }
     }
 
     fn send(&self, frame: &[u8]) {
-        // SAFETY: `frame` is a live buffer of `frame.len()` bytes; the socket is bound, so the
-        // kernel sends out of the bound interface.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "send on the tap: {}",
-            std::io::Error::last_os_error()
-        );
+        // The socket is bound, so the kernel sends out of the bound interface.
+        let n = send(self.fd.as_raw_fd(), frame, MsgFlags::empty()).expect("send on the tap");
+        assert_eq!(n, frame.len(), "send on the tap: short");
     }
 }
 
@@ -381,7 +264,7 @@ fn testguest_frame_crosses_the_tap_both_ways() {
     if !kvm_available("net: testguest frame both ways") {
         return;
     }
-    let mut ns = NetNs::new();
+    let mut ns = NetNs::new("fabric-net");
     let tap = ns.add_tap(None);
     // Open before the guest starts, so its frame cannot come too early.
     let socket = PacketSocket::open(&ns, &tap, ETHERTYPE_TEST);
@@ -451,7 +334,7 @@ fn the_guest_kernel_configures_its_nic_and_answers_ping_in_the_namespace() {
         return;
     }
     let image = Image::load();
-    let mut ns = NetNs::new();
+    let mut ns = NetNs::new("fabric-net");
     let tap = ns.add_tap(Some("10.77.0.1/24"));
     let mac = [0x02, 0xfb, 0x00, 0x00, 0x00, 0x0a];
     let cmdline = format!(
@@ -523,7 +406,7 @@ fn a_tap_that_cannot_be_opened_is_a_config_error() {
     if !kvm_available("net: missing tap") {
         return;
     }
-    let mut ns = NetNs::new();
+    let mut ns = NetNs::new("fabric-net");
     let missing = format!("fbx{}", unique());
     let out = run(ns
         .command(vmm_binary())
@@ -564,19 +447,15 @@ fn hold_tap(tap: &str) -> File {
         .write(true)
         .open("/dev/net/tun")
         .expect("/dev/net/tun");
+    nix::ioctl_readwrite_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
     // SAFETY: all-zero bytes are a valid `ifreq`.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in request.ifr_name.iter_mut().zip(tap.bytes()) {
         *dst = src as libc::c_char;
     }
     request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-    // SAFETY: TUNSETIFF reads and writes the live `ifreq` passed.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut request) };
-    assert_eq!(
-        ret,
-        0,
-        "TUNSETIFF {tap}: {}",
-        std::io::Error::last_os_error()
-    );
+    // SAFETY: TUNSETIFF reads and writes the live `ifreq` passed, on an open /dev/net/tun.
+    unsafe { tun_set_iff(file.as_raw_fd(), &mut request) }
+        .unwrap_or_else(|e| panic!("TUNSETIFF {tap}: {}", std::io::Error::from(e)));
     file
 }

@@ -255,7 +255,7 @@ impl SpecFile {
         let parsed = if text.trim_start().starts_with('{') {
             serde_json::from_str(text).map_err(|e| e.to_string())
         } else {
-            serde_yaml::from_str(text).map_err(|e| e.to_string())
+            serde_norway::from_str(text).map_err(|e| e.to_string())
         };
         parsed.map_err(|message| SpecError::Parse {
             path: path.to_string(),

@@ -331,6 +331,16 @@ budget_mib = {budget_mib}
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `ip addr show dev NAME` in the namespace; panics if there is no such link.
+    pub fn addresses(&self, name: &str) -> String {
+        self.must(&["ip", "addr", "show", "dev", name])
+    }
+
+    /// Makes a tap `name` in the namespace that the agent did not make (someone else's).
+    pub fn add_foreign_tap(&self, name: &str) {
+        self.must(&["ip", "tuntap", "add", "dev", name, "mode", "tap"]);
+    }
+
     /// `ip link show dev NAME` in the namespace, or None if there is no such link.
     pub fn link(&self, name: &str) -> Option<String> {
         let out = run(Command::new("ip").args(["-n", &self.netns, "link", "show", "dev", name]));

@@ -8,6 +8,7 @@
 //! - [`hostlink`]: a fake controller serving `HostLink` and `Images` to an agent under test.
 //! - [`cluster`]: a real controller and simulated hosts over Unix sockets.
 //! - [`netcluster`]: a real controller and real-KVM hosts, each in its own namespace.
+//! - [`netns`]: a bare network namespace with taps, for the VMM's network tests.
 //!
 //! It depends on no crate of the workspace but the protocol, so every crate's tests may use
 //! it. The binaries it starts are the workspace's own, found by [`cluster::workspace_bin`]:
@@ -20,3 +21,4 @@ pub mod host;
 pub mod hostlink;
 pub mod image;
 pub mod netcluster;
+pub mod netns;

@@ -16,6 +16,9 @@
 //! the VMM's RSS at once; the kernel frees the split huge page's unmapped part when it needs
 //! memory (deferred split).
 
+use std::ptr::NonNull;
+
+use nix::sys::mman::{madvise, MmapAdvise};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Start of the hole below 4 GiB that holds MMIO devices, the IOAPIC and the LAPIC.
@@ -56,19 +59,17 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let memory = GuestMemoryMmap::from_ranges(&ram_ranges(mib << 20))
         .map_err(|source| MemoryError::Map { mib, source })?;
     for region in memory.iter() {
+        // A live mapping never starts at address 0.
+        let Some(start) = NonNull::new(region.as_ptr().cast()) else {
+            continue;
+        };
         // SAFETY: the range is exactly one live mapping that `memory` owns; MADV_HUGEPAGE only
         // tells the kernel how to back it and changes no byte of it.
-        let rc = unsafe {
-            libc::madvise(
-                region.as_ptr().cast(),
-                region.len() as usize,
-                libc::MADV_HUGEPAGE,
-            )
-        };
-        if rc != 0 {
+        let advised = unsafe { madvise(start, region.len() as usize, MmapAdvise::MADV_HUGEPAGE) };
+        if let Err(errno) = advised {
             // A kernel without transparent huge pages: 4 KiB pages work as well, just slower.
             tracing::debug!(
-                error = %std::io::Error::last_os_error(),
+                error = %std::io::Error::from(errno),
                 "guest memory: MADV_HUGEPAGE refused"
             );
         }

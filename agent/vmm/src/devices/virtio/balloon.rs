@@ -29,11 +29,14 @@
 //! be whole entries, at most [`MAX_STATS`] of them; buffers in the wrong direction are refused.
 //! A refused request is returned used and the device serves the next one.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::mman::{madvise, MmapAdvise};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -408,16 +411,12 @@ pub struct Balloon {
 
 /// Makes `fd` non-blocking, so that reading a timer that a reset disarmed after it fired
 /// cannot block the event loop.
-fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: F_GETFL on a descriptor we own reads its flags; no memory is involved.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: F_SETFL with the flags just read plus O_NONBLOCK; no memory is involved.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+fn set_nonblocking(timer: &TimerFd) -> std::io::Result<()> {
+    // SAFETY: the descriptor is `timer`'s, open for at least as long as this borrow of it
+    // (vmm-sys-util's TimerFd has AsRawFd but not AsFd).
+    let fd = unsafe { BorrowedFd::borrow_raw(timer.as_raw_fd()) };
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
@@ -435,9 +434,9 @@ impl Balloon {
             queue_sizes.push(QUEUE_SIZE);
         }
         let timer = TimerFd::new()?;
-        set_nonblocking(timer.as_raw_fd())?;
+        set_nonblocking(&timer)?;
         let flush_timer = TimerFd::new()?;
-        set_nonblocking(flush_timer.as_raw_fd())?;
+        set_nonblocking(&flush_timer)?;
         let ram_pages = memory_mib
             .saturating_mul(PAGES_PER_MIB)
             .min(u64::from(u32::MAX) / PAGES_PER_MIB * PAGES_PER_MIB)
@@ -547,18 +546,19 @@ fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), St
         let host = region
             .get_host_address(offset)
             .map_err(|e| format!("{:#x}: {e}", addr.raw_value()))?;
+        let host = NonNull::new(host.cast())
+            .ok_or_else(|| format!("{:#x}: null host address", addr.raw_value()))?;
         // SAFETY: `host..host + n` lies inside one live mapping of guest RAM (the region was
         // found for `addr` and `n` stops at its end), which `mem` keeps mapped. It is
         // page-aligned because regions start on page boundaries and the caller checked `addr`
         // and `len`. MADV_DONTNEED on this anonymous private mapping only drops the contents
         // (later accesses read zeros); no Rust reference points into guest memory, which is
         // only ever accessed through raw volatile copies.
-        let ret = unsafe { libc::madvise(host.cast(), n as usize, libc::MADV_DONTNEED) };
-        if ret != 0 {
+        if let Err(errno) = unsafe { madvise(host, n as usize, MmapAdvise::MADV_DONTNEED) } {
             return Err(format!(
                 "madvise {:#x}+{n:#x}: {}",
                 addr.raw_value(),
-                std::io::Error::last_os_error()
+                std::io::Error::from(errno)
             ));
         }
         left -= n;

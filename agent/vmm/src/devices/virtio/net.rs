@@ -566,7 +566,8 @@ mod tests {
     /// The test backend: one end of a datagram socket pair, which keeps frame boundaries
     /// like a tap does.
     impl FrameIo for UnixDatagram {
-        /// One `sendmsg` of the frame's iovecs, as the tap's one `writev`.
+        /// One `sendmsg` of the frame's iovecs, as the tap's one `writev` (raw for the same
+        /// reason: the iovecs go to the kernel as they are).
         fn send(&mut self, frame: &TxFrame<'_>) -> std::io::Result<()> {
             let iovecs = frame.iovecs();
             // SAFETY: an all-zero msghdr is valid (no name, no control data).

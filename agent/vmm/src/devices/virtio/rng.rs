@@ -28,6 +28,7 @@ pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
+        // nix has no getrandom.
         // SAFETY: `rest` is a live, exclusively borrowed byte buffer of `rest.len()` bytes; the
         // kernel writes at most that many bytes into it.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };

@@ -10,7 +10,6 @@
 //! `TUNSETVNETHDRSZ`), the same layout the guest uses, and offloads are off (`TUNSETOFFLOAD 0`),
 //! so the kernel hands over only complete, checksummed frames of at most the tap's MTU.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -64,17 +63,19 @@ pub fn check_tap_name(name: &str) -> Result<(), TapError> {
     Ok(())
 }
 
-/// `ioctl(fd, request, arg)` on the tap, as an `io::Result`.
-fn tap_ioctl<T>(file: &File, request: libc::Ioctl, arg: *mut T) -> std::io::Result<()> {
-    // SAFETY: `file` is an open /dev/net/tun descriptor and every caller passes, for its
-    // request, a pointer to a live value of the type the kernel reads or writes (`ifreq` for
-    // TUNSETIFF/TUNGETIFF, `c_int` for TUNSETVNETHDRSZ).
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request, arg) };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+// The TUN ioctls' numbers encode an int whatever they really take, hence the `_bad` forms with
+// libc's request numbers. TUNSETIFF reads an ifreq and writes the final name back into it.
+nix::ioctl_readwrite_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
+nix::ioctl_read_bad!(tun_get_iff, libc::TUNGETIFF, libc::ifreq);
+nix::ioctl_write_ptr_bad!(tun_set_vnet_hdr_sz, libc::TUNSETVNETHDRSZ, libc::c_int);
+// TUNSETOFFLOAD takes the flag word by value as an unsigned long: the non-`_bad` form passes
+// that type (its computed number, _IOW('T', 208, int), is libc::TUNSETOFFLOAD; a test checks).
+nix::ioctl_write_int!(tun_set_offload, b'T', 208);
+
+/// An ioctl's errno as the io::Error text the messages have always carried
+/// ("Device or resource busy (os error 16)").
+fn os_error(errno: nix::errno::Errno) -> std::io::Error {
+    std::io::Error::from(errno)
 }
 
 impl Tap {
@@ -85,9 +86,7 @@ impl Tap {
             name: name.to_string(),
             reason,
         };
-        let c_name = CString::new(name).map_err(|_| fail("name contains NUL".into()))?;
-        // SAFETY: `c_name` is a NUL-terminated string that outlives the call.
-        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+        if nix::net::if_::if_nametoindex(name).is_err() {
             return Err(fail(format!(
                 "no such network interface in this network namespace (create it first: ip tuntap add dev {name} mode tap)"
             )));
@@ -105,7 +104,10 @@ impl Tap {
             *dst = src as libc::c_char;
         }
         request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _;
-        tap_ioctl(&file, libc::TUNSETIFF, &mut request).map_err(|e| {
+        // SAFETY: `file` is an open /dev/net/tun descriptor and `request` an initialised ifreq
+        // that lives across the call; the kernel reads and writes only that struct.
+        unsafe { tun_set_iff(file.as_raw_fd(), &mut request) }.map_err(|errno| {
+            let e = os_error(errno);
             fail(match e.raw_os_error() {
                 Some(libc::EBUSY) => format!("{e} (another process has it open)"),
                 Some(libc::EINVAL) => format!("{e} (is it a tap, not a tun or another kind?)"),
@@ -114,22 +116,27 @@ impl Tap {
         })?;
         // A tap nobody holds exists only if it is persistent; without IFF_PERSIST, TUNSETIFF
         // just made a new one (the named interface went away after the check above).
-        tap_ioctl(&file, libc::TUNGETIFF, &mut request)
-            .map_err(|e| fail(format!("TUNGETIFF: {e}")))?;
+        // SAFETY: as for TUNSETIFF; TUNGETIFF only writes the struct.
+        unsafe { tun_get_iff(file.as_raw_fd(), &mut request) }
+            .map_err(|errno| fail(format!("TUNGETIFF: {}", os_error(errno))))?;
         // SAFETY: TUNGETIFF filled `ifru_flags`, the member TUNSETIFF also used.
         let flags = i32::from(unsafe { request.ifr_ifru.ifru_flags });
         if flags & libc::IFF_PERSIST == 0 {
             return Err(fail("no such tap (it went away while opening)".into()));
         }
-        let mut header_len = VNET_HDR_LEN as libc::c_int;
-        tap_ioctl(&file, libc::TUNSETVNETHDRSZ, &mut header_len)
-            .map_err(|e| fail(format!("TUNSETVNETHDRSZ {VNET_HDR_LEN}: {e}")))?;
+        let header_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: `file` is the attached tap; TUNSETVNETHDRSZ reads one c_int, which lives
+        // across the call.
+        unsafe { tun_set_vnet_hdr_sz(file.as_raw_fd(), &header_len) }.map_err(|errno| {
+            fail(format!(
+                "TUNSETVNETHDRSZ {VNET_HDR_LEN}: {}",
+                os_error(errno)
+            ))
+        })?;
         // No offloads: the argument is the flag word itself, not a pointer.
-        // SAFETY: TUNSETOFFLOAD reads only its integer argument.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(fail(format!("TUNSETOFFLOAD: {e}")));
-        }
+        // SAFETY: TUNSETOFFLOAD reads only its integer argument, no memory of ours.
+        unsafe { tun_set_offload(file.as_raw_fd(), 0) }
+            .map_err(|errno| fail(format!("TUNSETOFFLOAD: {}", os_error(errno))))?;
         Ok(Tap {
             file,
             name: name.to_string(),
@@ -149,6 +156,9 @@ impl FrameIo for Tap {
         let want = frame.len_with_header();
         loop {
             let written = if iovecs.len() <= IOV_MAX {
+                // Raw writev, not nix's: that one takes `IoSlice`s, i.e. `&[u8]` over guest
+                // memory the guest may change at any time, and a conversion pass per frame;
+                // the iovecs built from the descriptor chain go to the kernel as they are.
                 // SAFETY: every iovec is the device's header or a checked range of guest
                 // memory, mapped for as long as the VM runs; writev only reads them.
                 let n = unsafe {
@@ -190,6 +200,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_offload_ioctl_has_the_kernels_number() {
+        assert_eq!(
+            nix::request_code_write!(b'T', 208, std::mem::size_of::<libc::c_int>()),
+            libc::TUNSETOFFLOAD
+        );
+    }
+
+    #[test]
     fn bad_names_are_refused_before_any_syscall() {
         for (name, why) in [
             ("", "empty"),
@@ -214,10 +232,10 @@ mod tests {
             )),
             "{err}"
         );
-        // SAFETY: a NUL-terminated name that outlives the call.
-        let index =
-            unsafe { libc::if_nametoindex(CString::new(name.clone()).expect("name").as_ptr()) };
-        assert_eq!(index, 0, "opening must not have created {name}");
+        assert!(
+            nix::net::if_::if_nametoindex(name.as_str()).is_err(),
+            "opening must not have created {name}"
+        );
     }
 
     #[test]

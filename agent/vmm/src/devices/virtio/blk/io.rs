@@ -136,6 +136,7 @@ impl DiskFiles {
 /// What `statx(STATX_DIOALIGN)` says about `file`: `Ok(None)` when the kernel or filesystem
 /// reports nothing, `Ok(Some((0, _)))` when the file does not support direct I/O.
 fn dio_alignment(file: &File) -> std::io::Result<Option<(u32, u32)>> {
+    // nix has no statx.
     // SAFETY: statx is plain old data; all zeroes is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: the path is a NUL-terminated empty string and AT_EMPTY_PATH makes statx describe
@@ -549,6 +550,9 @@ fn transfer(
             .map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))?;
         // `batch.len()` is at most IOV_MAX, which fits a c_int.
         let count = batch.len() as libc::c_int;
+        // Raw preadv/pwritev, not nix's: those take `IoSlice`/`IoSliceMut`, i.e. Rust slices
+        // over guest memory (which the guest may change at any time) and a conversion pass per
+        // request; the iovecs built from the descriptor chain go to the kernel as they are.
         let n = if write {
             // SAFETY: every iovec names a range of guest memory inside a mapping that the job's
             // `Arc<GuestMemoryMmap>` keeps alive until the job is dropped, after this call.
