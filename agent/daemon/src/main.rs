@@ -90,9 +90,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             left_ms = t
                 .saturating_duration_since(std::time::Instant::now())
                 .as_millis() as u64,
-            "the previous lease is still valid: running VMs are kept"
+            "the previous lease is still valid: running VMs are kept; nothing is started before the controller's assignments are read"
         ),
-        None => tracing::info!("no valid lease yet: VMs start once the controller is reached"),
+        None => tracing::info!(
+            "no valid lease yet: VMs start once the controller is reached and its assignments are read"
+        ),
     }
     host.load_vms();
     let lease = Arc::new(link::Lease::new(previous_lease));
