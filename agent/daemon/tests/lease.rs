@@ -3,11 +3,14 @@
 //! (`tests/support/src/hostlink.rs`):
 //!
 //! - a restarted agent with a still-valid lease file starts nothing until it has read the
-//!   current assignment set; what that set no longer holds is removed when it arrives.
+//!   current assignment set; what that set no longer holds is removed when it arrives;
+//! - a heartbeat answered after a suspend (CLOCK_BOOTTIME jumped, CLOCK_MONOTONIC did not; made
+//!   with the test-only clock offset `FABRIC_TEST_BOOTTIME_OFFSET_FILE`) does not renew the
+//!   lease: the host fences.
 
 use fabric_test_support::{host, hostlink};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fabric_proto::v1::{
     Assignment, BootImage, DesiredState, MemorySpec, ObservedPhase, ObservedVm, RestartPolicy,
@@ -42,6 +45,10 @@ fn sim_assignment(vm_id: &str) -> Assignment {
         desired_state: DesiredState::Running as i32,
         generation: 1,
     }
+}
+
+fn agent_log(host: &TestHost) -> String {
+    std::fs::read_to_string(&host.log_path).unwrap_or_default()
 }
 
 /// A simulated VM does not survive its agent (nothing to re-adopt), and the record says it
@@ -132,5 +139,62 @@ fn a_restarted_agent_starts_nothing_until_it_has_read_the_current_assignments() 
         !host.vm_dir("moved").exists(),
         "\"moved\" left its directory"
     );
+    host.assert_agent_running();
+}
+
+/// A host suspended with a heartbeat in flight: CLOCK_BOOTTIME goes on while it sleeps,
+/// CLOCK_MONOTONIC does not, and the answer comes at once after the wake-up. The lease ran out
+/// during the suspend (the controller may have declared the host dead and moved its VMs), so
+/// the answer must not renew it and the host must fence. The suspend is shown to the agent
+/// with the test-only offset on its lease clock; the machine's clocks are untouched.
+#[test]
+fn a_heartbeat_answered_after_a_suspend_does_not_renew_the_lease() {
+    let mut host = TestHost::new(HostOptions::sim());
+    let offset_file = host.dir.path().join("boottime-offset-ms");
+    std::fs::write(&offset_file, "0").expect("offset file");
+    host.agent_env.push((
+        "FABRIC_TEST_BOOTTIME_OFFSET_FILE".into(),
+        offset_file.display().to_string(),
+    ));
+    let controller = FakeController::start_with(
+        &host.controller_socket,
+        Duration::from_secs(4),
+        Duration::from_secs(1),
+    );
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    controller.set_assignments(vec![sim_assignment("sim-a")]);
+    let before = controller.wait_observed("sim-a", Duration::from_secs(30), |o| {
+        phase(o) == ObservedPhase::Running
+    });
+
+    // A heartbeat is in flight...
+    controller.hold_heartbeats();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while controller.heartbeats_held() == 0 {
+        assert!(Instant::now() < deadline, "no heartbeat arrived to hold");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mark = controller.mark();
+    // ...the host sleeps for an hour, wakes, and the answer arrives at once.
+    std::fs::write(&offset_file, "3600000").expect("offset file");
+    controller.release_heartbeats();
+
+    let fenced = controller.wait_observed_after(mark, "sim-a", Duration::from_secs(20), |o| {
+        phase(o) != ObservedPhase::Running && o.last_error.contains("fenced")
+    });
+    assert_eq!(fenced.pid, 0, "{fenced:?}");
+    let log = agent_log(&host);
+    assert!(
+        log.contains("a heartbeat answer came after its lease had run out"),
+        "the late answer was not refused; agent log:\n{}",
+        host::tail_lines(&log, 40)
+    );
+    // Later heartbeats, sent after the wake-up, renew the lease; the VM runs again once the
+    // assignments have been read again.
+    let after = controller.wait_observed_after(mark, "sim-a", Duration::from_secs(30), |o| {
+        phase(o) == ObservedPhase::Running && o.started_at != before.started_at
+    });
+    assert!(after.started_at.is_some(), "{after:?}");
     host.assert_agent_running();
 }
