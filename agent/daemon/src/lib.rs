@@ -68,8 +68,15 @@ struct VmEntry {
     view: Arc<Mutex<VmView>>,
 }
 
-/// Why VMs may not run: the lease is not valid, or it lapsed and the controller's
-/// assignments have not been read again since.
+/// Why VMs may not run: the lease is not valid, or it lapsed (or the agent has just started)
+/// and the controller's assignments have not been read since.
+///
+/// Two rules follow from it ([`vm`]): a VM is *stopped* when the lease is not valid or it was
+/// started (or adopted) before the latest fencing; a VM is *started* only when the host is not
+/// [`fenced`](FenceState::fenced) at all. A restarted agent holding a still-valid lease file
+/// so keeps the VMMs it re-adopts (they obey the same file) but starts nothing, not even a VM
+/// whose VMM died while it was away, until it has read the current set: the record on disk is
+/// what the controller wanted before, and it may have moved the VM since.
 ///
 /// Only a complete assignment set read while the lease is valid, on a stream opened after the
 /// fencing, counts. A set read before the renewal may be stale by then: the controller that
@@ -80,7 +87,7 @@ struct VmEntry {
 pub struct FenceState {
     pub lease_valid: bool,
     /// No complete assignment set has been read, with the lease valid, on a stream opened in
-    /// this epoch.
+    /// this epoch. True at start-up, whatever the lease file says.
     pub need_sync: bool,
     /// Bumped at each fencing; a watch stream opened before it cannot lift the fence, and a
     /// VM started (or adopted) before it is stopped even if the fence is lifted again before
@@ -89,6 +96,7 @@ pub struct FenceState {
 }
 
 impl FenceState {
+    /// VMs may not be started.
     pub fn fenced(&self) -> bool {
         !self.lease_valid || self.need_sync
     }
@@ -110,10 +118,12 @@ pub struct Host {
 }
 
 impl Host {
+    /// `lease_valid`: the lease a previous agent process left is still valid, so the VMMs it
+    /// re-adopts may keep running. Nothing is started before the assignments are read.
     pub fn new(config: Config, backend: Arc<dyn Hypervisor>, lease_valid: bool) -> Arc<Host> {
         let state = FenceState {
             lease_valid,
-            need_sync: !lease_valid,
+            need_sync: true,
             epoch: 0,
         };
         let (fence, _) = watch::channel(state.fenced());
@@ -614,6 +624,19 @@ mod tests {
         assert!(host.fence_state().fenced(), "{:?}", host.fence_state());
         // Read again, now with the lease valid.
         host.apply(full_set(2), epoch);
+        assert!(!host.fence_state().fenced(), "{:?}", host.fence_state());
+    }
+
+    #[test]
+    fn a_new_agent_starts_nothing_before_it_has_read_the_assignments_even_on_a_valid_lease() {
+        let host = fenced_host();
+        let host = Host::new(host.config.clone(), host.backend.clone(), true);
+        let state = host.fence_state();
+        assert!(
+            state.lease_valid && state.need_sync && state.fenced(),
+            "{state:?}"
+        );
+        host.apply(full_set(1), state.epoch);
         assert!(!host.fence_state().fenced(), "{:?}", host.fence_state());
     }
 

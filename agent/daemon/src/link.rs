@@ -2,15 +2,21 @@
 //! assignment stream.
 //!
 //! The lease runs on the agent's own clock from the moment a request was *sent*, so the
-//! agent's view of it always ends before the controller's. Its expiry is kept in
-//! `<data_dir>/lease.json` on CLOCK_BOOTTIME (with the boot id), so a restarted agent knows
-//! whether the VMs it finds may keep running. When the lease lapses the host is fenced: every
+//! agent's view of it always ends before the controller's. That clock is CLOCK_BOOTTIME
+//! ([`BootInstant`]) everywhere: the expiry held in memory, the check that an answer came
+//! before the lease it renews ran out, the fence's wake-up, and `<data_dir>/lease.json` (with
+//! the boot id, so a restarted agent knows whether the VMs it finds may keep running). A host
+//! that was suspended with a heartbeat in flight has spent the suspend on BOOTTIME but not on
+//! CLOCK_MONOTONIC (tokio's timers, `Instant`): measured on MONOTONIC, the answer would renew
+//! a lease the controller has already given up. Timers still run on MONOTONIC, so every wait
+//! for a BOOTTIME deadline wakes at least every [`CLOCK_CHECK`] to look at the clock again.
+//! When the lease lapses the host is fenced: every
 //! VM is stopped, and they may run again only once the lease is renewed *and* a complete
 //! assignment set has been read on a stream opened after the fence (the controller may have
 //! moved them elsewhere meanwhile).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fabric_proto::v1::host_link_client::HostLinkClient;
 use fabric_proto::v1::{
@@ -21,58 +27,85 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use super::Host;
-use fabric_vmm_api::lease::LeaseFile;
+use fabric_vmm_api::lease::{BootInstant, LeaseFile};
 
 /// Retry delays when the controller cannot be reached.
 const MIN_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(5);
+/// The longest a wait for a lease deadline sleeps before it reads CLOCK_BOOTTIME again: after
+/// a suspend, the fence notices a lease that ran out within this.
+pub const CLOCK_CHECK: Duration = Duration::from_millis(250);
 
 /// Where the lease is kept (and where each fabric-vmm reads it).
 pub fn lease_path(host: &Host) -> std::path::PathBuf {
     host.config.data_dir.join(super::kvm::LEASE_FILE)
 }
 
-/// The lease a previous agent process left: its expiry as an Instant, if still valid.
-pub fn load_lease(host: &Host) -> Option<Instant> {
-    let left = LeaseFile::read(&lease_path(host)).ok()?.remaining();
-    (!left.is_zero()).then(|| Instant::now() + left)
+/// The lease a previous agent process left: its expiry, if still valid.
+pub fn load_lease(host: &Host) -> Option<BootInstant> {
+    LeaseFile::read(&lease_path(host)).ok()?.expiry()
 }
 
-fn save_lease(host: &Host, expires: Instant) {
-    let lease = LeaseFile::expiring_in(expires.saturating_duration_since(Instant::now()));
-    if let Err(err) = lease.write(&lease_path(host)) {
+/// Writes the lease for the VMMs (and a restarted agent). A failed write leaves the previous,
+/// earlier expiry in the file: the VMMs then stop sooner than they must, never later.
+fn save_lease(host: &Host, expires: BootInstant) {
+    if let Err(err) = LeaseFile::expiring_at(expires).write(&lease_path(host)) {
         tracing::error!(error = %err, "cannot persist the lease");
     }
 }
 
-/// The lease expiry the fence watches.
+/// The lease a request sent at `sent` and answered at `answered` (both on the lease clock)
+/// gives, for a TTL of `ttl`: it runs from the sending, and an answer that comes when it has
+/// already run out renews nothing (the controller may have given the host up meanwhile,
+/// for instance while the host was suspended with the request in flight).
+pub fn renewed_expiry(
+    sent: BootInstant,
+    ttl: Duration,
+    answered: BootInstant,
+) -> Option<BootInstant> {
+    let expires = sent.saturating_add(ttl);
+    (answered < expires && sent <= answered).then_some(expires)
+}
+
+/// The lease expiry the fence watches, on the lease clock.
 pub struct Lease {
-    expiry: watch::Sender<Option<Instant>>,
+    expiry: watch::Sender<Option<BootInstant>>,
 }
 
 impl Lease {
-    pub fn new(initial: Option<Instant>) -> Lease {
+    pub fn new(initial: Option<BootInstant>) -> Lease {
         Lease {
             expiry: watch::channel(initial).0,
         }
     }
 
-    fn renew(&self, host: &Host, expires: Instant) {
-        if expires <= Instant::now() {
-            // An answer that came after the lease it would renew had already run out (the
-            // lease counts from the request being sent): nothing to renew.
-            tracing::warn!("a heartbeat answer came after its lease had run out; not renewed");
+    /// Renews the lease for a request sent at `sent` and answered just now.
+    fn renew(&self, host: &Host, sent: BootInstant, ttl: Duration) {
+        let Some(expires) = renewed_expiry(sent, ttl, BootInstant::now()) else {
+            tracing::warn!(
+                ttl_ms = ttl.as_millis() as u64,
+                since_sent_ms = BootInstant::now()
+                    .saturating_duration_since(sent)
+                    .as_millis() as u64,
+                "a heartbeat answer came after its lease had run out; not renewed"
+            );
             return;
-        }
+        };
         save_lease(host, expires);
         self.expiry.send_replace(Some(expires));
-        host.update_fence(|s| s.lease_valid = true);
+        // Looked at again: the agent may have been paused (or the host suspended) since the
+        // answer was checked, and a lease that ran out meanwhile must not be declared valid.
+        host.update_fence(|s| {
+            if BootInstant::now() < expires {
+                s.lease_valid = true;
+            }
+        });
     }
 
     /// The controller disowned the host: fence now.
     fn revoke(&self, host: &Host, why: &str) {
         tracing::warn!("{why}: fencing now");
-        save_lease(host, Instant::now());
+        save_lease(host, BootInstant::now());
         self.expiry.send_replace(None);
         host.update_fence(|s| {
             s.lease_valid = false;
@@ -88,9 +121,11 @@ pub async fn run_fence(host: Arc<Host>, lease: Arc<Lease>) {
     loop {
         let current = *expiry.borrow_and_update();
         match current {
-            Some(t) if Instant::now() < t => {
+            Some(t) if BootInstant::now() < t => {
+                // A MONOTONIC timer, so never for long: a suspend stops it but not the lease.
+                let nap = t.remaining().min(CLOCK_CHECK);
                 tokio::select! {
-                    _ = tokio::time::sleep_until(t.into()) => {}
+                    _ = tokio::time::sleep(nap) => {}
                     changed = expiry.changed() => if changed.is_err() { return },
                 }
                 continue;
@@ -195,7 +230,7 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
     let mut retry = MIN_RETRY;
     let mut last_complaint: Option<String> = None;
     loop {
-        let sent = Instant::now();
+        let sent = BootInstant::now();
         let response = match tokio::time::timeout(
             Duration::from_secs(10),
             client.register_host(register_request(&host)),
@@ -230,7 +265,7 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
         let interval = duration(response.heartbeat_interval, Duration::from_secs(1)).min(ttl / 2);
         let host_id = response.host_id;
         tracing::info!(host_id = %host_id, ttl_ms = ttl.as_millis() as u64, "registered with the controller");
-        lease.renew(&host, sent + ttl);
+        lease.renew(&host, sent, ttl);
 
         let watcher = tokio::spawn(watch_assignments(
             host.clone(),
@@ -243,12 +278,12 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
         let mut failing = false;
         loop {
             ticker.tick().await;
-            let sent = Instant::now();
+            let sent = BootInstant::now();
             let request = heartbeat_request(&host, &host_id);
             match tokio::time::timeout(ttl, client.heartbeat(request)).await {
                 Ok(Ok(response)) => {
                     let ttl = duration(response.into_inner().lease_ttl, ttl);
-                    lease.renew(&host, sent + ttl);
+                    lease.renew(&host, sent, ttl);
                     if failing {
                         tracing::info!("heartbeats answered again");
                         failing = false;
@@ -343,5 +378,40 @@ async fn watch_assignments(host: Arc<Host>, mut client: HostLinkClient<Channel>,
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(4);
+
+    fn at_ms(ms: u64) -> BootInstant {
+        BootInstant::from_nanos(1_000_000_000_000 + ms * 1_000_000)
+    }
+
+    #[test]
+    fn a_lease_runs_from_the_sending_of_the_request() {
+        // Answered 100 ms after it was sent: the lease ends TTL after the sending.
+        assert_eq!(
+            renewed_expiry(at_ms(0), TTL, at_ms(100)),
+            Some(at_ms(4_000))
+        );
+        // A slow answer still renews, for what is left.
+        assert_eq!(
+            renewed_expiry(at_ms(0), TTL, at_ms(3_999)),
+            Some(at_ms(4_000))
+        );
+    }
+
+    #[test]
+    fn an_answer_after_the_lease_ran_out_renews_nothing() {
+        assert_eq!(renewed_expiry(at_ms(0), TTL, at_ms(4_000)), None);
+        // Sent, then the host slept for an hour (boot time counts it), answered at once after
+        // the wake-up: on CLOCK_MONOTONIC it took milliseconds, on the lease clock an hour.
+        assert_eq!(renewed_expiry(at_ms(0), TTL, at_ms(3_600_050)), None);
+        // An answer "before" its request (a clock gone backwards) is not trusted either.
+        assert_eq!(renewed_expiry(at_ms(10), TTL, at_ms(0)), None);
     }
 }

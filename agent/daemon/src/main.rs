@@ -80,6 +80,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "fabric-agent starting"
     );
 
+    if let Some(path) = fabric_vmm_api::lease::test_offset_file() {
+        tracing::warn!(
+            file = %path.display(),
+            "{} is set: the lease clock is moved by a TEST-ONLY offset; never set it in production",
+            fabric_vmm_api::lease::TEST_OFFSET_ENV
+        );
+    }
     // The lease a previous agent process left decides whether the VMs it ran may go on.
     let probe_host = Host::new(config.clone(), backend.clone(), false);
     let previous_lease = link::load_lease(&probe_host);
@@ -87,12 +94,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let host = Host::new(config.clone(), backend, previous_lease.is_some());
     match previous_lease {
         Some(t) => tracing::info!(
-            left_ms = t
-                .saturating_duration_since(std::time::Instant::now())
-                .as_millis() as u64,
-            "the previous lease is still valid: running VMs are kept"
+            left_ms = t.remaining().as_millis() as u64,
+            "the previous lease is still valid: running VMs are kept; nothing is started before the controller's assignments are read"
         ),
-        None => tracing::info!("no valid lease yet: VMs start once the controller is reached"),
+        None => tracing::info!("no valid lease yet: VMs start once the controller is reached and its assignments are read"),
     }
     host.load_vms();
     let lease = Arc::new(link::Lease::new(previous_lease));

@@ -177,7 +177,12 @@ impl Supervisor {
             // Started before a fencing that is already over: stopped all the same, then
             // started again at once (below).
             let from_old_epoch = self.instance.is_some() && self.instance_epoch != fence.epoch;
-            let fenced = fence.fenced() || from_old_epoch;
+            // What runs is stopped when the lease is not valid (or it is from before a
+            // fencing); nothing is started until the assignments have been read as well
+            // (`FenceState`): a restarted agent keeps the VMMs it re-adopted on a valid lease,
+            // but starts nothing on the strength of its records.
+            let fenced = !fence.lease_valid || from_old_epoch;
+            let starts_fenced = fence.fenced();
             let Some(assignment) = want else {
                 if self.remove().await {
                     return;
@@ -202,7 +207,11 @@ impl Supervisor {
                 retry_at = None;
             }
             let stopped_wanted = assignment.desired_state() == DesiredState::Stopped;
-            if stopped_wanted || fenced || held.is_some() {
+            if stopped_wanted
+                || fenced
+                || held.is_some()
+                || (self.instance.is_none() && starts_fenced)
+            {
                 if let Some(mut instance) = self.instance.take() {
                     let (timeout, why) = if fenced {
                         (FENCE_STOP_TIMEOUT, "fenced: stopping")
@@ -230,7 +239,7 @@ impl Supervisor {
                             "stopped as desired"
                         },
                     );
-                } else if fenced {
+                } else if fenced || starts_fenced {
                     self.set_phase(
                         ObservedPhase::Stopped,
                         "not running: waiting for a valid lease and the controller's assignments",

@@ -219,6 +219,9 @@ pub struct TestHost {
     /// Where the test's controller should listen (the agent is configured with it).
     pub controller_socket: PathBuf,
     pub log_path: PathBuf,
+    /// Extra environment for the agent process (test-only knobs such as
+    /// `FABRIC_TEST_BOOTTIME_OFFSET_FILE`), applied from its next start.
+    pub agent_env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
 }
@@ -255,6 +258,7 @@ impl TestHost {
             log_path: dir.path().join("agent.log"),
             dir,
             netns,
+            agent_env: Vec::new(),
             child: None,
             starts: 0,
         };
@@ -398,6 +402,7 @@ budget_mib = {budget_mib}
             .arg(&self.config_path)
             .env("FABRIC_LOG", "info,fabric_agent=debug")
             .env("RUST_BACKTRACE", "1")
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

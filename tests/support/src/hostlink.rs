@@ -59,6 +59,15 @@ struct State {
     generation: u64,
     watchers: Vec<mpsc::UnboundedSender<Result<AssignmentUpdate, Status>>>,
     watch_streams_opened: u64,
+    /// While set, new watch streams are accepted but get nothing, not even the complete set,
+    /// until [`FakeController::release_assignments`] (a controller slow to answer).
+    withhold_assignments: bool,
+    withheld: Vec<mpsc::UnboundedSender<Result<AssignmentUpdate, Status>>>,
+    /// While set, heartbeats are received but not answered until
+    /// [`FakeController::release_heartbeats`] (an answer in flight).
+    hold_heartbeats: bool,
+    /// Heartbeats received while held, answered or not.
+    heartbeats_held: u64,
     images: HashMap<String, Arc<Vec<u8>>>,
     pulls: HashMap<String, u64>,
     heartbeats: Vec<HeartbeatRecord>,
@@ -73,6 +82,15 @@ impl State {
 
     fn lease_ttl_proto(&self) -> prost_types::Duration {
         duration_proto(self.lease_ttl)
+    }
+
+    fn full_set(&self) -> AssignmentUpdate {
+        AssignmentUpdate {
+            generation: self.generation,
+            full: true,
+            upserts: self.assignments.values().cloned().collect(),
+            removed_vm_ids: Vec::new(),
+        }
     }
 
     fn broadcast(&mut self, update: AssignmentUpdate) {
@@ -96,6 +114,8 @@ struct Shared {
     state: Arc<Mutex<State>>,
     /// Watch streams the server holds open right now.
     open_watch_streams: Arc<AtomicUsize>,
+    /// Wakes held heartbeats when they are released.
+    heartbeats_released: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -147,6 +167,18 @@ impl HostLink for Shared {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let request = request.into_inner();
+        // Registered before the hold is looked at, so a release in between is not missed.
+        let released = self.heartbeats_released.notified();
+        let held = {
+            let mut state = self.lock();
+            if state.hold_heartbeats {
+                state.heartbeats_held += 1;
+            }
+            state.hold_heartbeats
+        };
+        if held {
+            released.await;
+        }
         let mut state = self.lock();
         if !state.host_id_known(&request.host_id) {
             return Err(Status::not_found(format!("host {}", request.host_id)));
@@ -178,16 +210,14 @@ impl HostLink for Shared {
             return Err(Status::not_found(format!("host {}", request.host_id)));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        // The first message of every stream is the complete set.
-        let full = AssignmentUpdate {
-            generation: state.generation,
-            full: true,
-            upserts: state.assignments.values().cloned().collect(),
-            removed_vm_ids: Vec::new(),
-        };
-        tx.send(Ok(full))
-            .map_err(|_| Status::internal("watch channel closed"))?;
-        state.watchers.push(tx);
+        if state.withhold_assignments {
+            state.withheld.push(tx);
+        } else {
+            // The first message of every stream is the complete set.
+            tx.send(Ok(state.full_set()))
+                .map_err(|_| Status::internal("watch channel closed"))?;
+            state.watchers.push(tx);
+        }
         state.watch_streams_opened += 1;
         self.open_watch_streams.fetch_add(1, Ordering::SeqCst);
         let guard = StreamGuard(self.open_watch_streams.clone());
@@ -294,6 +324,10 @@ impl FakeController {
             generation: 1,
             watchers: Vec::new(),
             watch_streams_opened: 0,
+            withhold_assignments: false,
+            withheld: Vec::new(),
+            hold_heartbeats: false,
+            heartbeats_held: 0,
             images: HashMap::new(),
             pulls: HashMap::new(),
             heartbeats: Vec::new(),
@@ -304,6 +338,7 @@ impl FakeController {
             shared: Shared {
                 state: Arc::new(Mutex::new(state)),
                 open_watch_streams: Arc::new(AtomicUsize::new(0)),
+                heartbeats_released: Arc::new(tokio::sync::Notify::new()),
             },
             server: None,
         };
@@ -371,7 +406,11 @@ impl FakeController {
         if let Some(tx) = server.shutdown.take() {
             let _ = tx.send(());
         }
-        self.shared.lock().watchers.clear();
+        {
+            let mut state = self.shared.lock();
+            state.watchers.clear();
+            state.withheld.clear();
+        }
         // Dropping the runtime's tasks closes every accepted connection: a graceful shutdown
         // would wait for the never-ending watch streams.
         server.runtime.shutdown_timeout(Duration::from_secs(2));
@@ -397,6 +436,43 @@ impl FakeController {
         let mut state = self.shared.lock();
         state.hosts.clear();
         state.watchers.clear();
+    }
+
+    /// From now on, watch streams are opened but get nothing, not even their complete set,
+    /// until [`release_assignments`](Self::release_assignments).
+    pub fn withhold_assignments(&self) {
+        self.shared.lock().withhold_assignments = true;
+    }
+
+    /// Sends each withheld stream its complete set (the assignments as they are now) and
+    /// serves streams normally again.
+    pub fn release_assignments(&self) {
+        let mut state = self.shared.lock();
+        state.withhold_assignments = false;
+        let full = state.full_set();
+        let withheld = std::mem::take(&mut state.withheld);
+        for tx in withheld {
+            if tx.send(Ok(full.clone())).is_ok() {
+                state.watchers.push(tx);
+            }
+        }
+    }
+
+    /// From now on, heartbeats are received but not answered until
+    /// [`release_heartbeats`](Self::release_heartbeats): an answer in flight.
+    pub fn hold_heartbeats(&self) {
+        self.shared.lock().hold_heartbeats = true;
+    }
+
+    /// Answers every held heartbeat and stops holding them.
+    pub fn release_heartbeats(&self) {
+        self.shared.lock().hold_heartbeats = false;
+        self.shared.heartbeats_released.notify_waiters();
+    }
+
+    /// Heartbeats that were (or are) held so far.
+    pub fn heartbeats_held(&self) -> u64 {
+        self.shared.lock().heartbeats_held
     }
 
     /// Replaces the desired set: sends an incremental update (changed or new assignments as
