@@ -908,6 +908,7 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
         runtime
             .block_on(link.watch_assignments(WatchAssignmentsRequest {
                 host_id: source.clone(),
+                session: 0,
             }))
             .expect("watch")
             .into_inner()
