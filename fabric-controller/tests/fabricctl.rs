@@ -601,23 +601,35 @@ fn register_fake_host(
     link: &mut fabric_proto::v1::host_link_client::HostLinkClient<tonic::transport::Channel>,
     name: &str,
 ) -> String {
+    register_fake_host_session(runtime, link, name, 0).0
+}
+
+/// [`register_fake_host`] presenting `previous_session` (as an agent restarted on its own data
+/// does, so that its new session is not held): the host id and the new session.
+fn register_fake_host_session(
+    runtime: &tokio::runtime::Runtime,
+    link: &mut fabric_proto::v1::host_link_client::HostLinkClient<tonic::transport::Channel>,
+    name: &str,
+    previous_session: u64,
+) -> (String, u64) {
     use fabric_proto::v1::{RegisterHostRequest, Resources};
     let resources = Resources {
         cpus: 8,
         memory_mib: 8192,
     };
-    runtime
+    let response = runtime
         .block_on(link.register_host(RegisterHostRequest {
             machine_id: format!("machine-{name}"),
             name: name.into(),
             zone: "z1".into(),
             capacity: Some(resources),
             allocatable: Some(resources),
+            previous_session,
             ..Default::default()
         }))
         .expect("register")
-        .into_inner()
-        .host_id
+        .into_inner();
+    (response.host_id, response.session)
 }
 
 #[test]
@@ -883,7 +895,7 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
 
     let controller = controller_for_fake_hosts();
     let (runtime, mut link) = fake_agent_link(&controller);
-    let source = register_fake_host(&runtime, &mut link, "node-a");
+    let (source, session) = register_fake_host_session(&runtime, &mut link, "node-a", 0);
     register_fake_host(&runtime, &mut link, "node-b");
     controller.ok(&["host", "cordon", "node-b"]);
     controller.ok(&[
@@ -963,9 +975,10 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(host_of(), source, "moved while still stopping");
 
-    // The agent restarts: a new registration, the VMM still running (it re-adopts it).
+    // The agent restarts: a new registration continuing its session (so not held), the VMM
+    // still running (it re-adopts it).
     drop(stream);
-    register_fake_host(&runtime, &mut link, "node-a");
+    register_fake_host_session(&runtime, &mut link, "node-a", session);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         host_of(),
