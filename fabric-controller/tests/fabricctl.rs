@@ -997,3 +997,72 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
         !host.is_empty() && host != source
     });
 }
+
+/// One agent session per host. A second registration of a machine (another agent with the
+/// same machine id) supersedes the first session: that session's heartbeats and assignment
+/// streams are refused, marked `fabric-session: superseded`; the new session gets no
+/// assignments while the old lease may be live. A registration that continues the current
+/// session (an agent restarted on its own data) gets them at once.
+#[test]
+fn a_second_registration_of_a_machine_supersedes_the_first_session() {
+    use fabric_proto::v1::host_link_client::HostLinkClient;
+    use fabric_proto::v1::{HeartbeatRequest, WatchAssignmentsRequest};
+
+    let controller = controller_for_fake_hosts();
+    let (runtime, mut link) = fake_agent_link(&controller);
+    let (host, first) = register_fake_host_session(&runtime, &mut link, "node-a", 0);
+    let (again, second) = register_fake_host_session(&runtime, &mut link, "node-a", 0);
+    assert_eq!(again, host, "one machine, one host");
+    assert!(second > first, "sessions grow: {first} then {second}");
+
+    let superseded = |status: tonic::Status| {
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert_eq!(
+            status
+                .metadata()
+                .get(fabric_proto::SESSION_METADATA)
+                .and_then(|v| v.to_str().ok()),
+            Some("superseded"),
+            "{status:?}"
+        );
+    };
+    let heartbeat = |link: &mut HostLinkClient<_>, session: u64| {
+        runtime.block_on(link.heartbeat(HeartbeatRequest {
+            host_id: host.clone(),
+            session,
+            ..Default::default()
+        }))
+    };
+    superseded(heartbeat(&mut link, first).expect_err("the old session's heartbeat"));
+    heartbeat(&mut link, second).expect("the current session's heartbeat");
+
+    let first_message_within = |link: &mut HostLinkClient<_>, host_id: &str, session: u64| {
+        runtime.block_on(async {
+            let mut stream = link
+                .watch_assignments(WatchAssignmentsRequest {
+                    host_id: host_id.to_string(),
+                    session,
+                })
+                .await?
+                .into_inner();
+            Ok::<_, tonic::Status>(
+                tokio::time::timeout(Duration::from_secs(1), stream.message())
+                    .await
+                    .is_ok(),
+            )
+        })
+    };
+    superseded(first_message_within(&mut link, &host, first).expect_err("the old session's watch"));
+    assert!(
+        !first_message_within(&mut link, &host, second).expect("watch"),
+        "the new session got its assignments while the old lease may be live"
+    );
+
+    // An agent restarted on its own data continues its session: not held.
+    let (other, session) = register_fake_host_session(&runtime, &mut link, "node-b", 0);
+    let (_, continued) = register_fake_host_session(&runtime, &mut link, "node-b", session);
+    assert!(
+        first_message_within(&mut link, &other, continued).expect("watch"),
+        "a continued session was held"
+    );
+}
