@@ -133,6 +133,8 @@ impl HostLink for HostLinkService {
                 Err(s) => return Err(s),
             };
             let now = Instant::now();
+            // How long the new session is held, when it superseded another: for the event.
+            let mut held_for: Option<Duration> = None;
             let state = {
                 let mut model = c.model();
                 let live_lease = now + settings.lease_ttl;
@@ -151,6 +153,12 @@ impl HostLink for HostLinkService {
                             held_until.max(Some(old_lease_out).filter(|t| *t > now))
                         };
                         if superseded != 0 && !continues {
+                            held_for = Some(
+                                entry
+                                    .live
+                                    .assignments_held_until
+                                    .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
+                            );
                             tracing::warn!(
                                 host = %host_id,
                                 machine = %req.machine_id,
@@ -200,7 +208,7 @@ impl HostLink for HostLinkService {
                 host_id: host_id.clone(),
                 host_state: state as i32,
                 message: format!(
-                    "host {} registered ({} CPUs, {} MiB allocatable){}",
+                    "host {} registered ({} CPUs, {} MiB allocatable){}{}",
                     req.name,
                     req.allocatable.map(|r| r.cpus).unwrap_or(0),
                     req.allocatable.map(|r| r.memory_mib).unwrap_or(0),
@@ -208,6 +216,18 @@ impl HostLink for HostLinkService {
                         " after being declared dead"
                     } else {
                         ""
+                    },
+                    match held_for {
+                        Some(held) => format!(
+                            ": agent session {} supersedes session {superseded} (an agent \
+                             restarted without its data, or another machine with machine id \
+                             {:?}); its VMs start in {:.1} s, once the old session's lease has \
+                             surely run out",
+                            host.agent_session,
+                            req.machine_id,
+                            held.as_secs_f64()
+                        ),
+                        None => String::new(),
                     }
                 ),
                 ..Default::default()
@@ -460,7 +480,7 @@ fn superseded(host_id: &str, session: u64, current: u64) -> Status {
     ));
     status.metadata_mut().insert(
         fabric_proto::SESSION_METADATA,
-        "superseded".parse().expect("ascii"),
+        tonic::metadata::MetadataValue::from_static("superseded"),
     );
     status
 }
