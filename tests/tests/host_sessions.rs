@@ -3,7 +3,9 @@
 //! controller; each agent's own view (its Agent service, `ListLocalVms`) is sampled every
 //! 50 ms.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::agent_client::AgentClient;
@@ -33,8 +35,8 @@ fn spec(name: &str) -> VmSpec {
     }
 }
 
-/// Whether the agent listening on `socket` has `vm_id` live (a start under way, running, or
-/// still stopping: a VMM may exist); None if the agent did not answer.
+/// The phase of `vm_id` as the agent listening on `socket` sees it (UNSPECIFIED: it does not
+/// know the VM); None if the agent did not answer within 500 ms.
 async fn runs(socket: &Path, vm_id: &str) -> Option<ObservedPhase> {
     let mut agent = AgentClient::new(unix_channel(socket).await);
     let vms = tokio::time::timeout(
@@ -55,6 +57,12 @@ async fn runs(socket: &Path, vm_id: &str) -> Option<ObservedPhase> {
     )
 }
 
+/// The lease TTL plus the fencing margin.
+fn window(timing: Timing) -> Duration {
+    Duration::from_secs_f64(timing.lease_ttl + timing.fencing_margin)
+}
+
+/// A start under way, running, or still stopping: a VMM may exist.
 fn live(phase: Option<ObservedPhase>) -> bool {
     matches!(
         phase,
@@ -62,49 +70,95 @@ fn live(phase: Option<ObservedPhase>) -> bool {
     )
 }
 
-/// Samples both agents' views of `vm_id` every 50 ms for four fencing windows (lease TTL plus
-/// margin): never both live; at the end exactly one runs it, steadily, and the other says in
-/// its log why it stays out. The trace of samples.
-async fn sample_until_settled(
+/// One sample: what each agent reported, and whether it answered.
+struct Sample {
+    at: Duration,
+    phases: [Option<ObservedPhase>; 2],
+    answered: [bool; 2],
+}
+
+/// Samples both agents' views of `vm_id` every 50 ms until `stop` is set. An agent that does
+/// not answer (paused) counts as it was last seen: its VMs run on without it.
+fn spawn_sampler(
+    sockets: [PathBuf; 2],
+    vm_id: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Sample>> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut last: [Option<ObservedPhase>; 2] = [None, None];
+        let mut samples = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let (a, b) = tokio::join!(runs(&sockets[0], &vm_id), runs(&sockets[1], &vm_id));
+            let answered = [a.is_some(), b.is_some()];
+            for (slot, seen) in last.iter_mut().zip([a, b]) {
+                if seen.is_some() {
+                    *slot = seen;
+                }
+            }
+            samples.push(Sample {
+                at: started.elapsed(),
+                phases: last,
+                answered,
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        samples
+    })
+}
+
+/// Checks the samples: never both agents live at once; at the end exactly one runs the VM,
+/// steadily (the last 2 s), and the other says in its log why it stays out. The trace.
+async fn check_one_runner(
+    samples: &[Sample],
     first: &SimHost,
     second: &SimHost,
     vm_id: &str,
-    timing: Timing,
 ) -> String {
-    let first_socket = first.dir.join("agent.sock");
-    let second_socket = second.dir.join("agent.sock");
-    let window = Duration::from_secs_f64(timing.lease_ttl + timing.fencing_margin);
-    let started = Instant::now();
-    let mut samples = Vec::new();
-    while started.elapsed() < window * 4 {
-        let (a, b) = tokio::join!(runs(&first_socket, vm_id), runs(&second_socket, vm_id));
-        let at = started.elapsed();
-        samples.push(format!(
-            "{:>6.2}s first={a:?} second={b:?}",
-            at.as_secs_f64()
-        ));
-        assert!(
-            !(live(a) && live(b)),
-            "both agents run the VM at {at:?} after the clone started:\n{}",
-            samples.join("\n")
+    let line = |s: &Sample| {
+        let show = |i: usize| {
+            format!(
+                "{:?}{}",
+                s.phases[i],
+                if s.answered[i] { "" } else { " (silent)" }
+            )
+        };
+        format!(
+            "{:>6.2}s first={} second={}",
+            s.at.as_secs_f64(),
+            show(0),
+            show(1)
+        )
+    };
+    let trace: Vec<String> = samples.iter().map(line).collect();
+    let trace = trace.join("\n");
+    if let Some(both) = samples
+        .iter()
+        .find(|s| live(s.phases[0]) && live(s.phases[1]))
+    {
+        panic!(
+            "both agents run the VM at {:?} after the sampling started:\n{trace}",
+            both.at
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let trace = samples.join("\n");
-
-    // Exactly one of them ends up running it, and stays so (no flapping).
-    let (a, b) = tokio::join!(runs(&first_socket, vm_id), runs(&second_socket, vm_id));
     let running = |p: Option<ObservedPhase>| p == Some(ObservedPhase::Running);
+    let (first_socket, second_socket) =
+        (first.dir.join("agent.sock"), second.dir.join("agent.sock"));
+    let (a, b) = tokio::join!(runs(&first_socket, vm_id), runs(&second_socket, vm_id));
     assert!(
         running(a) != running(b),
         "exactly one agent must run the VM at the end: first={a:?} second={b:?}\n{trace}"
     );
-    let tail: Vec<&str> = trace.lines().rev().take(40).collect();
+    let winner = if running(a) { 0 } else { 1 };
     assert!(
-        tail.iter().all(|l| l.contains("Running")),
+        samples
+            .iter()
+            .rev()
+            .take(40)
+            .all(|s| running(s.phases[winner]) && !live(s.phases[1 - winner])),
         "the VM did not settle on one agent:\n{trace}"
     );
-    let idle = if running(a) { second } else { first };
+    let idle = if winner == 0 { second } else { first };
     let idle_log = std::fs::read_to_string(&idle.process.log).unwrap_or_default();
     assert!(
         idle_log.contains("another agent holds this machine id"),
@@ -158,10 +212,18 @@ async fn two_agents_with_one_machine_id_never_both_run_the_hosts_vms() {
     );
 
     // A second machine cloned from the first one's image: same machine id, same name, its
-    // own (empty) data directory.
+    // own (empty) data directory. Sampled for four fencing windows (lease TTL plus margin).
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = spawn_sampler(
+        [first_socket, dir.path().join("second/agent.sock")],
+        vm_id.clone(),
+        stop.clone(),
+    );
     let second = SimHost::start_spec(&dir.path().join("second"), &controller.address(), &machine);
-
-    let trace = sample_until_settled(&first, &second, &vm_id, timing).await;
+    tokio::time::sleep(window(timing) * 4).await;
+    stop.store(true, Ordering::SeqCst);
+    let samples = sampler.await.expect("the sampler");
+    let trace = check_one_runner(&samples, &first, &second, &vm_id).await;
     let vm = c
         .get_vm(GetVmRequest { id: vm_id.clone() })
         .await
@@ -171,9 +233,12 @@ async fn two_agents_with_one_machine_id_never_both_run_the_hosts_vms() {
     println!("{trace}");
 }
 
-/// The controller restarts while the clone's session is held (the first agent may still run
-/// the VM): the restarted controller, which does not know when the first agent last renewed
-/// its lease, holds the clone's session again for a full TTL plus margin.
+/// The first agent is paused (SIGSTOP) while the clone registers, and the controller is
+/// killed and restarted during the clone's hold: the restarted controller does not know when
+/// the first agent last renewed its lease, so it holds the clone again for a full TTL plus
+/// margin (the hold is stored with the host). The paused agent is resumed after a TTL and a
+/// half, by when its lease has run out and it fences; until then it counts as still running
+/// the VM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_controller_restart_during_the_hold_keeps_the_vm_on_one_agent() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,14 +254,35 @@ async fn a_controller_restart_during_the_hold_keeps_the_vm_on_one_agent() {
     ready_hosts(&c, 1, Duration::from_secs(30)).await;
     let vm_id = running_vm(&mut c).await;
 
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = spawn_sampler(
+        [
+            first.dir.join("agent.sock"),
+            dir.path().join("second/agent.sock"),
+        ],
+        vm_id.clone(),
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let first_pid = first.process.pid() as libc::pid_t;
+    // SAFETY: signals a child process this test started and still owns.
+    assert_eq!(unsafe { libc::kill(first_pid, libc::SIGSTOP) }, 0);
+    let paused = Instant::now();
     let second = SimHost::start_spec(&dir.path().join("second"), &controller.address(), &machine);
     eventually(Duration::from_secs(30), "the clone registered", || {
         let log = std::fs::read_to_string(&second.process.log).unwrap_or_default();
         async move { log.contains("registered with the controller").then_some(()) }
     })
     .await;
-    controller.kill9_and_restart();
-    let trace = sample_until_settled(&first, &second, &vm_id, timing).await;
+    tokio::task::block_in_place(|| controller.kill9_and_restart());
+    let resume_at = paused + Duration::from_secs_f64(timing.lease_ttl * 1.5);
+    tokio::time::sleep_until(resume_at.into()).await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(first_pid, libc::SIGCONT) }, 0);
+    tokio::time::sleep(window(timing) * 4).await;
+    stop.store(true, Ordering::SeqCst);
+    let samples = sampler.await.expect("the sampler");
+    let trace = check_one_runner(&samples, &first, &second, &vm_id).await;
     let mut c = controller.compute().await;
     let vm = c
         .get_vm(GetVmRequest { id: vm_id.clone() })
@@ -204,4 +290,5 @@ async fn a_controller_restart_during_the_hold_keeps_the_vm_on_one_agent() {
         .unwrap()
         .into_inner();
     assert_eq!(vm.status.unwrap().phase(), VmPhase::Running, "{trace}");
+    println!("{trace}");
 }
