@@ -72,6 +72,10 @@ pub(crate) struct HostLive {
     pub memory_short_since: Option<Instant>,
     /// While a short host reports fitting: the first of those reports in a row, and how many.
     pub memory_fits_run: Option<(Instant, u32)>,
+    /// Until when no assignment stream may be sent the host's set: its current agent session
+    /// superseded one whose lease (plus the fencing margin) may not have run out yet, so the
+    /// machine that held it may still run the VMs until it fences.
+    pub assignments_held_until: Option<Instant>,
 }
 
 impl HostLive {
@@ -87,6 +91,7 @@ impl HostLive {
             stop_sent: HashMap::new(),
             memory_short_since: None,
             memory_fits_run: None,
+            assignments_held_until: None,
         }
     }
 }
@@ -193,12 +198,20 @@ impl Controller {
         let now = Instant::now();
         for kv in hosts {
             let host = Host::decode(kv.value.as_slice()).map_err(|e| format!("{}: {e}", kv.key))?;
+            let mut live = HostLive::new(now, settings.lease_ttl);
+            if host.agent_session_held {
+                // The superseded session's lease was granted by an earlier controller process,
+                // at the latest just before this one started: it has surely run out one TTL
+                // plus the margin from now.
+                live.assignments_held_until =
+                    Some(now + settings.lease_ttl + settings.fencing_margin);
+            }
             model.hosts.insert(
                 host.id.clone(),
                 HostEntry {
                     host,
                     rev: kv.mod_revision,
-                    live: HostLive::new(now, settings.lease_ttl),
+                    live,
                 },
             );
         }
@@ -570,6 +583,42 @@ impl Controller {
         match self.commit(txn).await? {
             TxnOutcome::Committed(rev) => Ok(rev),
             TxnOutcome::Failed(_) => Err(Status::aborted("host changed concurrently; retry")),
+        }
+    }
+
+    /// Records that `session` of `host_id` is no longer held (its first assignment set may be
+    /// sent): a later controller process then does not hold it again. A newer session, or one
+    /// already released, is left alone.
+    pub(crate) async fn release_session_hold(&self, host_id: &str, session: u64) {
+        loop {
+            let (mut host, rev) = {
+                let model = self.model();
+                let Some(entry) = model.hosts.get(host_id) else {
+                    return;
+                };
+                if entry.host.agent_session != session || !entry.host.agent_session_held {
+                    return;
+                }
+                (entry.host.clone(), entry.rev)
+            };
+            host.agent_session_held = false;
+            match self.put_host(host.clone(), Some(rev)).await {
+                Ok(new_rev) => {
+                    let mut model = self.model();
+                    if let Some(entry) = model.hosts.get_mut(host_id) {
+                        if entry.rev == rev {
+                            entry.host = host;
+                            entry.rev = new_rev;
+                        }
+                    }
+                    return;
+                }
+                Err(s) if s.code() == tonic::Code::Aborted => continue,
+                Err(s) => {
+                    tracing::warn!(host = %host_id, error = %s.message(), "cannot record that the host's session is no longer held");
+                    return;
+                }
+            }
         }
     }
 

@@ -115,17 +115,65 @@ impl HostLink for HostLinkService {
             host.allocatable = req.allocatable;
             host.labels = labels.clone();
             host.agent_address = req.agent_address.clone();
+            // One live session per host: this registration supersedes the current session.
+            // Unless it shows it continues that session (the same agent's data, after a
+            // restart), the machine holding it may be another one presenting the same
+            // machine id, still running the VMs until it fences: the new session gets no
+            // assignments until that lease has surely run out (decided below, from the lease
+            // as it stands when the new session is installed).
+            let superseded = host.agent_session;
+            let continues = rev.is_some() && req.previous_session == superseded && superseded != 0;
+            host.agent_session = superseded + 1;
+            if rev.is_some() && !continues {
+                host.agent_session_held = true;
+            }
             let new_rev = match c.put_host(host.clone(), rev).await {
                 Ok(rev) => rev,
                 Err(s) if s.code() == tonic::Code::Aborted => continue,
                 Err(s) => return Err(s),
             };
             let now = Instant::now();
+            // How long the new session is held, when it superseded another: for the event.
+            let mut held_for: Option<Duration> = None;
             let state = {
                 let mut model = c.model();
                 let live_lease = now + settings.lease_ttl;
                 match model.hosts.get_mut(&host_id) {
                     Some(entry) => {
+                        // Covers a heartbeat of the superseded session accepted between the
+                        // commit and now: it renewed `lease_expires`.
+                        let old_lease_out = entry.live.lease_expires + settings.fencing_margin;
+                        let held_until = match entry.live.assignments_held_until {
+                            Some(t) if t > now => Some(t),
+                            _ => None,
+                        };
+                        entry.live.assignments_held_until = if continues {
+                            held_until
+                        } else {
+                            held_until.max(Some(old_lease_out).filter(|t| *t > now))
+                        };
+                        if superseded != 0 && !continues {
+                            held_for = Some(
+                                entry
+                                    .live
+                                    .assignments_held_until
+                                    .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
+                            );
+                            tracing::warn!(
+                                host = %host_id,
+                                machine = %req.machine_id,
+                                name = %req.name,
+                                superseded,
+                                session = host.agent_session,
+                                held_ms = entry
+                                    .live
+                                    .assignments_held_until
+                                    .map_or(0, |t| t.saturating_duration_since(now).as_millis() as u64),
+                                "a new agent session supersedes the host's previous one (an agent \
+                                 restarted without its data, or another machine presents the same \
+                                 machine id); the previous session is refused from now on"
+                            );
+                        }
                         entry.host = host.clone();
                         entry.rev = new_rev;
                         entry.live.lease_expires = live_lease;
@@ -160,7 +208,7 @@ impl HostLink for HostLinkService {
                 host_id: host_id.clone(),
                 host_state: state as i32,
                 message: format!(
-                    "host {} registered ({} CPUs, {} MiB allocatable){}",
+                    "host {} registered ({} CPUs, {} MiB allocatable){}{}",
                     req.name,
                     req.allocatable.map(|r| r.cpus).unwrap_or(0),
                     req.allocatable.map(|r| r.memory_mib).unwrap_or(0),
@@ -168,6 +216,18 @@ impl HostLink for HostLinkService {
                         " after being declared dead"
                     } else {
                         ""
+                    },
+                    match held_for {
+                        Some(held) => format!(
+                            ": agent session {} supersedes session {superseded} (an agent \
+                             restarted without its data, or another machine with machine id \
+                             {:?}); its VMs start in {:.1} s, once the old session's lease has \
+                             surely run out",
+                            host.agent_session,
+                            req.machine_id,
+                            held.as_secs_f64()
+                        ),
+                        None => String::new(),
                     }
                 ),
                 ..Default::default()
@@ -181,6 +241,7 @@ impl HostLink for HostLinkService {
                 lease_expires_at: Some(prost_types::Timestamp::from(
                     SystemTime::now() + settings.lease_ttl,
                 )),
+                session: host.agent_session,
             }));
         }
     }
@@ -201,6 +262,13 @@ impl HostLink for HostLinkService {
             let entry = model.hosts.get_mut(&req.host_id).ok_or_else(|| {
                 Status::not_found(format!("unknown host id {:?}: register", req.host_id))
             })?;
+            if req.session != 0 && req.session != entry.host.agent_session {
+                return Err(superseded(
+                    &req.host_id,
+                    req.session,
+                    entry.host.agent_session,
+                ));
+            }
             if effective_state(settings, entry) == HostState::Dead {
                 return Err(Status::failed_precondition(format!(
                     "host {} was declared dead and its VMs were moved: stop every VM and register again",
@@ -304,11 +372,12 @@ impl HostLink for HostLinkService {
         &self,
         request: Request<WatchAssignmentsRequest>,
     ) -> Result<Response<AssignmentStream>, Status> {
-        let host_id = request.into_inner().host_id;
+        let WatchAssignmentsRequest { host_id, session } = request.into_inner();
         let c = self.controller.clone();
         let mut notifier = c
             .assignment_notifier(&host_id)
             .ok_or_else(|| Status::not_found(format!("unknown host id {host_id:?}: register")))?;
+        c.session_check(&host_id, session)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             // What the agent has been sent: vm id -> (generation, desired state).
@@ -316,6 +385,26 @@ impl HostLink for HostLinkService {
             let mut first = true;
             loop {
                 notifier.borrow_and_update();
+                let (current, held_until) = match c.session_check(&host_id, session) {
+                    Ok(checked) => checked,
+                    Err(status) => {
+                        // Superseded: the stream ends, so that the agent learns it at once.
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                if let (true, Some(held_until)) = (first, held_until) {
+                    // The previous session may still run the VMs: nothing yet.
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(held_until.into()) => {}
+                        changed = notifier.changed() => if changed.is_err() { return },
+                        _ = tx.closed() => return,
+                    }
+                    continue;
+                }
+                if first {
+                    c.release_session_hold(&host_id, current).await;
+                }
                 let now = c.assignments(&host_id);
                 let update = if first {
                     first = false;
@@ -378,6 +467,42 @@ impl HostLink for HostLinkService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// The refusal of a superseded session's heartbeat or stream: FAILED_PRECONDITION (an older
+/// agent stops its VMs and registers again) marked `fabric-session: superseded` (this one
+/// stops its VMs and stays out: another agent holds its machine id).
+fn superseded(host_id: &str, session: u64, current: u64) -> Status {
+    let mut status = Status::failed_precondition(format!(
+        "agent session {session} of host {host_id} was superseded by session {current}: \
+         another agent registered with this host's machine id; stop every VM"
+    ));
+    status.metadata_mut().insert(
+        fabric_proto::SESSION_METADATA,
+        tonic::metadata::MetadataValue::from_static("superseded"),
+    );
+    status
+}
+
+impl Controller {
+    /// Whether `session` may act for `host_id` (0: an agent without sessions, not checked):
+    /// the host's current session, and until when its assignments are held.
+    fn session_check(&self, host_id: &str, session: u64) -> Result<(u64, Option<Instant>), Status> {
+        let model = self.model();
+        let Some(entry) = model.hosts.get(host_id) else {
+            return Err(Status::not_found(format!(
+                "unknown host id {host_id:?}: register"
+            )));
+        };
+        if session != 0 && session != entry.host.agent_session {
+            return Err(superseded(host_id, session, entry.host.agent_session));
+        }
+        let held_until = entry
+            .live
+            .assignments_held_until
+            .filter(|t| *t > Instant::now());
+        Ok((entry.host.agent_session, held_until))
     }
 }
 

@@ -601,23 +601,35 @@ fn register_fake_host(
     link: &mut fabric_proto::v1::host_link_client::HostLinkClient<tonic::transport::Channel>,
     name: &str,
 ) -> String {
+    register_fake_host_session(runtime, link, name, 0).0
+}
+
+/// [`register_fake_host`] presenting `previous_session` (as an agent restarted on its own data
+/// does, so that its new session is not held): the host id and the new session.
+fn register_fake_host_session(
+    runtime: &tokio::runtime::Runtime,
+    link: &mut fabric_proto::v1::host_link_client::HostLinkClient<tonic::transport::Channel>,
+    name: &str,
+    previous_session: u64,
+) -> (String, u64) {
     use fabric_proto::v1::{RegisterHostRequest, Resources};
     let resources = Resources {
         cpus: 8,
         memory_mib: 8192,
     };
-    runtime
+    let response = runtime
         .block_on(link.register_host(RegisterHostRequest {
             machine_id: format!("machine-{name}"),
             name: name.into(),
             zone: "z1".into(),
             capacity: Some(resources),
             allocatable: Some(resources),
+            previous_session,
             ..Default::default()
         }))
         .expect("register")
-        .into_inner()
-        .host_id
+        .into_inner();
+    (response.host_id, response.session)
 }
 
 #[test]
@@ -883,7 +895,7 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
 
     let controller = controller_for_fake_hosts();
     let (runtime, mut link) = fake_agent_link(&controller);
-    let source = register_fake_host(&runtime, &mut link, "node-a");
+    let (source, session) = register_fake_host_session(&runtime, &mut link, "node-a", 0);
     register_fake_host(&runtime, &mut link, "node-b");
     controller.ok(&["host", "cordon", "node-b"]);
     controller.ok(&[
@@ -908,6 +920,7 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
         runtime
             .block_on(link.watch_assignments(WatchAssignmentsRequest {
                 host_id: source.clone(),
+                session: 0,
             }))
             .expect("watch")
             .into_inner()
@@ -962,9 +975,10 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(host_of(), source, "moved while still stopping");
 
-    // The agent restarts: a new registration, the VMM still running (it re-adopts it).
+    // The agent restarts: a new registration continuing its session (so not held), the VMM
+    // still running (it re-adopts it).
     drop(stream);
-    register_fake_host(&runtime, &mut link, "node-a");
+    register_fake_host_session(&runtime, &mut link, "node-a", session);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         host_of(),
@@ -982,4 +996,73 @@ fn a_vm_stopping_for_a_drain_stays_put_when_its_agent_registers_again() {
         let host = vm["status"]["host_id"].as_str().unwrap_or("");
         !host.is_empty() && host != source
     });
+}
+
+/// One agent session per host. A second registration of a machine (another agent with the
+/// same machine id) supersedes the first session: that session's heartbeats and assignment
+/// streams are refused, marked `fabric-session: superseded`; the new session gets no
+/// assignments while the old lease may be live. A registration that continues the current
+/// session (an agent restarted on its own data) gets them at once.
+#[test]
+fn a_second_registration_of_a_machine_supersedes_the_first_session() {
+    use fabric_proto::v1::host_link_client::HostLinkClient;
+    use fabric_proto::v1::{HeartbeatRequest, WatchAssignmentsRequest};
+
+    let controller = controller_for_fake_hosts();
+    let (runtime, mut link) = fake_agent_link(&controller);
+    let (host, first) = register_fake_host_session(&runtime, &mut link, "node-a", 0);
+    let (again, second) = register_fake_host_session(&runtime, &mut link, "node-a", 0);
+    assert_eq!(again, host, "one machine, one host");
+    assert!(second > first, "sessions grow: {first} then {second}");
+
+    let superseded = |status: tonic::Status| {
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert_eq!(
+            status
+                .metadata()
+                .get(fabric_proto::SESSION_METADATA)
+                .and_then(|v| v.to_str().ok()),
+            Some("superseded"),
+            "{status:?}"
+        );
+    };
+    let heartbeat = |link: &mut HostLinkClient<_>, session: u64| {
+        runtime.block_on(link.heartbeat(HeartbeatRequest {
+            host_id: host.clone(),
+            session,
+            ..Default::default()
+        }))
+    };
+    superseded(heartbeat(&mut link, first).expect_err("the old session's heartbeat"));
+    heartbeat(&mut link, second).expect("the current session's heartbeat");
+
+    let first_message_within = |link: &mut HostLinkClient<_>, host_id: &str, session: u64| {
+        runtime.block_on(async {
+            let mut stream = link
+                .watch_assignments(WatchAssignmentsRequest {
+                    host_id: host_id.to_string(),
+                    session,
+                })
+                .await?
+                .into_inner();
+            Ok::<_, tonic::Status>(
+                tokio::time::timeout(Duration::from_secs(1), stream.message())
+                    .await
+                    .is_ok(),
+            )
+        })
+    };
+    superseded(first_message_within(&mut link, &host, first).expect_err("the old session's watch"));
+    assert!(
+        !first_message_within(&mut link, &host, second).expect("watch"),
+        "the new session got its assignments while the old lease may be live"
+    );
+
+    // An agent restarted on its own data continues its session: not held.
+    let (other, session) = register_fake_host_session(&runtime, &mut link, "node-b", 0);
+    let (_, continued) = register_fake_host_session(&runtime, &mut link, "node-b", session);
+    assert!(
+        first_message_within(&mut link, &other, continued).expect("watch"),
+        "a continued session was held"
+    );
 }

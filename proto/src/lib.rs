@@ -81,6 +81,11 @@ pub const SERVICE_NAMES: [&str; 5] = [
     VMM_SERVICE,
 ];
 
+/// Metadata key of a HostLink refusal whose value `superseded` says another agent session
+/// holds the host now (another agent registered with the same machine id): the refused agent
+/// stops its VMs and does not register again on its own.
+pub const SESSION_METADATA: &str = "fabric-session";
+
 /// Fully qualified name of the standard gRPC health checking service.
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// Fully qualified name of the standard gRPC server reflection service (v1).

@@ -638,6 +638,7 @@ async fn host_link_register_heartbeat_and_assignment_stream() {
         let updates: Vec<AssignmentUpdate> = host_link
             .watch_assignments(WatchAssignmentsRequest {
                 host_id: registered.host_id,
+                session: registered.session,
             })
             .await
             .expect("WatchAssignments")

@@ -125,6 +125,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             "fabric.v1.WatchAssignmentsRequest",
             round_trip(WatchAssignmentsRequest {
                 host_id: "host-1".to_owned(),
+                session: 3,
             }),
         ),
         (

@@ -14,6 +14,13 @@
 //! VM is stopped, and they may run again only once the lease is renewed *and* a complete
 //! assignment set has been read on a stream opened after the fence (the controller may have
 //! moved them elsewhere meanwhile).
+//!
+//! Sessions: each registration is given a session number, kept in `<data_dir>/session` and
+//! sent with every heartbeat and assignment stream; the next agent process on the same data
+//! directory presents it to show it continues that session. A controller that refuses the
+//! session as superseded (another agent registered with this machine id) makes the agent fence
+//! at once and stay out: it does not register again until an operator restarts it, so two
+//! agents sharing a machine id do not take the host from each other forever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +42,41 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 /// The longest a wait for a lease deadline sleeps before it reads CLOCK_BOOTTIME again: after
 /// a suspend, the fence notices a lease that ran out within this.
 pub const CLOCK_CHECK: Duration = Duration::from_millis(250);
+
+/// How often a superseded agent repeats why it does nothing.
+const SUPERSEDED_REMINDER: Duration = Duration::from_secs(60);
+
+/// Where the session number is kept across agent restarts.
+fn session_path(host: &Host) -> std::path::PathBuf {
+    host.config.data_dir.join("session")
+}
+
+/// The session the previous agent process on this data directory was given (0: none).
+fn load_session(host: &Host) -> u64 {
+    std::fs::read_to_string(session_path(host))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn save_session(host: &Host, session: u64) {
+    let path = session_path(host);
+    let tmp = path.with_extension("tmp");
+    let written =
+        std::fs::write(&tmp, format!("{session}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(err) = written {
+        tracing::error!(path = %path.display(), error = %err, "cannot persist the agent session");
+    }
+}
+
+/// True for a refusal saying another agent session holds the host now.
+fn is_superseded(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && status
+            .metadata()
+            .get(fabric_proto::SESSION_METADATA)
+            .is_some_and(|v| v.as_bytes() == b"superseded")
+}
 
 /// Where the lease is kept (and where each fabric-vmm reads it).
 pub fn lease_path(host: &Host) -> std::path::PathBuf {
@@ -155,7 +197,7 @@ fn duration(d: Option<prost_types::Duration>, default: Duration) -> Duration {
         .unwrap_or(default)
 }
 
-fn register_request(host: &Host) -> RegisterHostRequest {
+fn register_request(host: &Host, previous_session: u64) -> RegisterHostRequest {
     let mut labels: std::collections::HashMap<String, String> =
         host.config.labels.clone().into_iter().collect();
     labels.insert("fabric.hypervisor".into(), host.backend.name().into());
@@ -170,6 +212,7 @@ fn register_request(host: &Host) -> RegisterHostRequest {
         labels,
         agent_address: host.config.advertise.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        previous_session,
     }
 }
 
@@ -188,7 +231,7 @@ fn memory_pressure() -> Option<MemoryPressure> {
     })
 }
 
-fn heartbeat_request(host: &Host, host_id: &str) -> HeartbeatRequest {
+fn heartbeat_request(host: &Host, host_id: &str, session: u64) -> HeartbeatRequest {
     let views = host.views();
     let mut usage = HostUsage::default();
     for view in &views {
@@ -221,6 +264,7 @@ fn heartbeat_request(host: &Host, host_id: &str) -> HeartbeatRequest {
         usage: Some(usage),
         vms: host.observed(),
         assignments_generation: host.generation(),
+        session,
     }
 }
 
@@ -229,11 +273,12 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
     let mut client = HostLinkClient::new(channel);
     let mut retry = MIN_RETRY;
     let mut last_complaint: Option<String> = None;
+    let mut session = load_session(&host);
     loop {
         let sent = BootInstant::now();
         let response = match tokio::time::timeout(
             Duration::from_secs(10),
-            client.register_host(register_request(&host)),
+            client.register_host(register_request(&host, session)),
         )
         .await
         {
@@ -264,22 +309,37 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
         let ttl = duration(response.lease_ttl, Duration::from_secs(10));
         let interval = duration(response.heartbeat_interval, Duration::from_secs(1)).min(ttl / 2);
         let host_id = response.host_id;
-        tracing::info!(host_id = %host_id, ttl_ms = ttl.as_millis() as u64, "registered with the controller");
+        session = response.session;
+        save_session(&host, session);
+        tracing::info!(host_id = %host_id, session, ttl_ms = ttl.as_millis() as u64, "registered with the controller");
         lease.renew(&host, sent, ttl);
 
+        // Set by the assignment stream when the controller says this session was superseded.
+        let (disowned_tx, mut disowned) = watch::channel(None::<tonic::Status>);
         let watcher = tokio::spawn(watch_assignments(
             host.clone(),
             client.clone(),
             host_id.clone(),
+            session,
+            disowned_tx,
         ));
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         let mut failing = false;
-        loop {
-            ticker.tick().await;
+        let superseded = loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                // (A watcher gone without a word disables this branch; the ticker goes on.)
+                Ok(()) = disowned.changed() => {
+                    if let Some(status) = disowned.borrow_and_update().clone() {
+                        break Some(status);
+                    }
+                    continue;
+                }
+            }
             let sent = BootInstant::now();
-            let request = heartbeat_request(&host, &host_id);
+            let request = heartbeat_request(&host, &host_id, session);
             match tokio::time::timeout(ttl, client.heartbeat(request)).await {
                 Ok(Ok(response)) => {
                     let ttl = duration(response.into_inner().lease_ttl, ttl);
@@ -289,6 +349,7 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
                         failing = false;
                     }
                 }
+                Ok(Err(status)) if is_superseded(&status) => break Some(status),
                 Ok(Err(status))
                     if matches!(
                         status.code(),
@@ -302,7 +363,7 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
                             status.message()
                         ),
                     );
-                    break;
+                    break None;
                 }
                 Ok(Err(status)) => {
                     if !failing {
@@ -319,13 +380,43 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
                     }
                 }
             }
-        }
+        };
         watcher.abort();
+        if let Some(status) = superseded {
+            stay_out(&host, &lease, &host_id, session, &status).await;
+        }
+    }
+}
+
+/// Another agent holds this host's machine id: fence now and never register again on our own
+/// (the other agent would be superseded in turn, and the two would take the host from each
+/// other forever). Says so loudly, and again every minute.
+async fn stay_out(host: &Host, lease: &Lease, host_id: &str, session: u64, status: &tonic::Status) {
+    lease.revoke(host, "another agent holds this machine id");
+    loop {
+        tracing::error!(
+            host_id = %host_id,
+            machine_id = %host.config.machine_id,
+            session,
+            refusal = %status.message(),
+            "another agent holds this machine id: it registered as this host after this agent, \
+             so this agent stopped its VMs and stays out. Two machines must never share a \
+             machine_id (a cloned image?): give this machine its own (machine_id in the agent \
+             config), then restart this agent; restarting it as it is takes the host back from \
+             the other agent"
+        );
+        tokio::time::sleep(SUPERSEDED_REMINDER).await;
     }
 }
 
 /// Keeps a WatchAssignments stream open, reopening it after errors and after each fencing.
-async fn watch_assignments(host: Arc<Host>, mut client: HostLinkClient<Channel>, host_id: String) {
+async fn watch_assignments(
+    host: Arc<Host>,
+    mut client: HostLinkClient<Channel>,
+    host_id: String,
+    session: u64,
+    disowned: watch::Sender<Option<tonic::Status>>,
+) {
     let mut fence = host.fence_rx();
     loop {
         let epoch = host.fence_state().epoch;
@@ -333,10 +424,15 @@ async fn watch_assignments(host: Arc<Host>, mut client: HostLinkClient<Channel>,
         let stream = client
             .watch_assignments(WatchAssignmentsRequest {
                 host_id: host_id.clone(),
+                session,
             })
             .await;
         let mut stream = match stream {
             Ok(response) => response.into_inner(),
+            Err(status) if is_superseded(&status) => {
+                disowned.send_replace(Some(status));
+                return;
+            }
             Err(status) => {
                 tracing::warn!(error = %status.message(), "cannot watch assignments; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -355,6 +451,10 @@ async fn watch_assignments(host: Arc<Host>, mut client: HostLinkClient<Channel>,
                     Ok(None) => {
                         tracing::warn!("the assignment stream ended; reopening");
                         break;
+                    }
+                    Err(status) if is_superseded(&status) => {
+                        disowned.send_replace(Some(status));
+                        return;
                     }
                     Err(status) => {
                         tracing::warn!(error = %status.message(), "the assignment stream failed; reopening");

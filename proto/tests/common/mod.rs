@@ -175,6 +175,8 @@ pub fn host(id: &str) -> Host {
         last_heartbeat_at: Some(ts(1_700_000_200)),
         lease_expires_at: Some(ts(1_700_000_210)),
         registered_at: Some(ts(1_699_000_000)),
+        agent_session: 3,
+        agent_session_held: true,
     }
 }
 
@@ -296,6 +298,7 @@ pub fn register_host_request() -> RegisterHostRequest {
         labels: [("cpu".to_owned(), "epyc".to_owned())].into(),
         agent_address: "10.0.0.7:7001".to_owned(),
         agent_version: "0.1.0".to_owned(),
+        previous_session: 2,
     }
 }
 
@@ -305,6 +308,7 @@ pub fn register_host_response(host_id: &str) -> RegisterHostResponse {
         lease_ttl: Some(dur(10)),
         heartbeat_interval: Some(dur(2)),
         lease_expires_at: Some(ts(1_700_000_010)),
+        session: 3,
     }
 }
 
@@ -315,6 +319,7 @@ pub fn heartbeat_request(host_id: &str) -> HeartbeatRequest {
         usage: Some(host_usage()),
         vms: vec![observed_vm("vm-1"), observed_vm("vm-2")],
         assignments_generation: 7,
+        session: 3,
     }
 }
 

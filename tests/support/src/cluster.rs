@@ -219,6 +219,9 @@ pub struct SimHostSpec {
     /// The memory its balancer shares among its VMs (`[memory] budget_mib`; 0: its 64 GiB)
     /// while the scheduler still sees 64 GiB: less makes a host that over-commits memory.
     pub memory_budget_mib: u64,
+    /// Its `machine_id` (`machine-<name>` unless set): two hosts given the same one are a
+    /// cloned machine.
+    pub machine_id: Option<String>,
 }
 
 impl SimHostSpec {
@@ -230,7 +233,14 @@ impl SimHostSpec {
             fault_domain,
             update_domain,
             memory_budget_mib: 0,
+            machine_id: None,
         }
+    }
+
+    /// A host presenting `machine_id` (as a machine cloned from another's image would).
+    pub fn with_machine_id(mut self, machine_id: &str) -> SimHostSpec {
+        self.machine_id = Some(machine_id.to_string());
+        self
     }
 
     pub fn in_zone(mut self, zone: &str) -> SimHostSpec {
@@ -273,7 +283,7 @@ impl SimHost {
             r#"controller = "{controller}"
 listen = "unix:{listen}"
 name = "{name}"
-machine_id = "machine-{name}"
+machine_id = "{machine_id}"
 zone = "{zone}"
 fault_domain = {fault_domain}
 update_domain = {update_domain}
@@ -290,6 +300,10 @@ memory_mib = 65536
 budget_mib = {memory_budget_mib}
 "#,
             name = spec.name,
+            machine_id = spec
+                .machine_id
+                .clone()
+                .unwrap_or_else(|| format!("machine-{}", spec.name)),
             zone = spec.zone,
             fault_domain = spec.fault_domain,
             update_domain = spec.update_domain,

@@ -159,6 +159,8 @@ impl HostLink for Shared {
             lease_ttl: Some(state.lease_ttl_proto()),
             heartbeat_interval: Some(duration_proto(state.heartbeat_interval)),
             lease_expires_at: Some(timestamp_in(state.lease_ttl)),
+            // A controller without sessions: the agent's heartbeats are not checked.
+            session: 0,
         }))
     }
 
