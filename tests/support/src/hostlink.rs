@@ -24,6 +24,8 @@ use fabric_proto::v1::{
     RegisterHostResponse, WatchAssignmentsRequest,
 };
 use sha2::{Digest, Sha256};
+
+use crate::host::{HostOptions, TestHost, AGENT_TIMEOUT};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -272,11 +274,27 @@ pub struct FakeController {
     server: Option<Server>,
 }
 
+/// The lease a [`FakeController`] grants unless a test asks for another.
+pub const LEASE_TTL: Duration = Duration::from_secs(4);
+/// The heartbeat interval a [`FakeController`] asks for.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A test host with `options` whose agent runs and has registered with a fake controller of
+/// its own, which grants leases of `lease_ttl`.
+pub fn registered_host(options: HostOptions, lease_ttl: Duration) -> (TestHost, FakeController) {
+    let mut host = TestHost::new(options);
+    let controller =
+        FakeController::start_with(&host.controller_socket, lease_ttl, HEARTBEAT_INTERVAL);
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    (host, controller)
+}
+
 impl FakeController {
-    /// Serves on `path` (a Unix socket; a stale one is replaced) with a 4 s lease and a 1 s
-    /// heartbeat interval.
+    /// Serves on `path` (a Unix socket; a stale one is replaced) with a [`LEASE_TTL`] lease
+    /// and a [`HEARTBEAT_INTERVAL`].
     pub fn start(path: &Path) -> FakeController {
-        Self::start_with(path, Duration::from_secs(4), Duration::from_secs(1))
+        Self::start_with(path, LEASE_TTL, HEARTBEAT_INTERVAL)
     }
 
     pub fn start_with(

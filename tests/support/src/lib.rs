@@ -4,10 +4,14 @@
 //!
 //! - [`image`]: the guest image `images/build.sh` made (manifest, kernel, initramfs, parsers).
 //! - [`guest`]: one `fabric-vmm` process with its console in a file, killed on drop.
+//! - [`testguest`]: the freestanding device-test guest's ELF and what it prints.
 //! - [`host`]: a `fabric-agent` in a network namespace of its own, with its bridge and cgroups.
 //! - [`hostlink`]: a fake controller serving `HostLink` and `Images` to an agent under test.
 //! - [`cluster`]: a real controller and simulated hosts over Unix sockets.
+//! - [`vmspec`]: the VM specs and assignments tests and benches ask for.
 //! - [`netcluster`]: a real controller and real-KVM hosts, each in its own namespace.
+//! - [`netns`]: network namespaces a test makes for itself, taps and raw packet sockets.
+//! - [`process`]: what `/proc` says about a process, and finding a test's processes.
 //!
 //! It depends on no crate of the workspace but the protocol, so every crate's tests may use
 //! it. The binaries it starts are the workspace's own, found by [`cluster::workspace_bin`]:
@@ -20,3 +24,7 @@ pub mod host;
 pub mod hostlink;
 pub mod image;
 pub mod netcluster;
+pub mod netns;
+pub mod process;
+pub mod testguest;
+pub mod vmspec;

@@ -16,6 +16,7 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use tonic::transport::Channel;
 
 use crate::cluster::{unix_channel, wait_for_path, workspace_bin, Process, Timing};
+use crate::process;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -66,37 +67,19 @@ impl NetHost {
 
     /// fabric-vmm processes of this host: (pid, VM id from --vm-id).
     pub fn vmms(&self) -> Vec<(u32, String)> {
-        let marker = self.data_dir().display().to_string();
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = raw
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            if !args.first().is_some_and(|a| a.ends_with("fabric-vmm")) {
-                continue;
-            }
-            if !args.iter().any(|a| a.contains(&marker)) {
-                continue;
-            }
-            if is_zombie(pid) {
-                continue;
-            }
-            let vm = args
-                .iter()
-                .position(|a| a == "--vm-id")
-                .and_then(|i| args.get(i + 1))
-                .cloned()
-                .unwrap_or_default();
-            found.push((pid, vm));
-        }
-        found
+        process::naming(&self.data_dir().display().to_string())
+            .into_iter()
+            .filter(|(_, args)| process::is_fabric_vmm(args))
+            .map(|(pid, args)| {
+                let vm = args
+                    .iter()
+                    .position(|a| a == "--vm-id")
+                    .and_then(|i| args.get(i + 1))
+                    .cloned()
+                    .unwrap_or_default();
+                (pid, vm)
+            })
+            .collect()
     }
 
     /// Cuts the host's uplink (its agent and VMs keep running).
@@ -129,16 +112,6 @@ impl NetHost {
             .map(|o| o.status.success())
             .unwrap_or(false)
     }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
 }
 
 /// The cluster.
