@@ -9,17 +9,16 @@
 //!   namespace (kernel-level: guest user space cannot run on hosts where KVM is emulated, see
 //!   `shared/KVM-HOST.md`).
 
-use fabric_test_support::guest as common;
+use fabric_test_support::guest::{
+    kvm_available, vmm_binary, Guest, GuestSpec, Image, BOOT_TIMEOUT,
+};
+use fabric_test_support::netns::{mac_text, NetNs, PacketSocket};
+use fabric_test_support::testguest;
 
-use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
-
-use common::{kvm_available, tail, vmm_binary, Image, BOOT_TIMEOUT};
+use std::time::Duration;
 
 /// IEEE 802 "local experimental" EtherType, which the test guest's scenario uses.
 const ETHERTYPE_TEST: u16 = 0x88b5;
@@ -44,336 +43,16 @@ fn unique() -> String {
     )
 }
 
-fn mac_text(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// A namespace of this test's own, removed (with its taps) when it drops.
+fn netns() -> NetNs {
+    NetNs::new(&format!("fabric-net-{}", unique())).expect("a network namespace")
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-/// A network namespace made by the test, with the taps made in it; deleted on drop.
-struct NetNs {
-    name: String,
-    taps: Vec<String>,
-}
-
-impl NetNs {
-    fn new() -> NetNs {
-        let name = format!("fabric-net-{}", unique());
-        let out = run(Command::new("ip").args(["netns", "add", &name]));
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        NetNs {
-            name,
-            taps: Vec::new(),
-        }
-    }
-
-    /// `program` run inside the namespace (`ip netns exec` keeps the PID: it execs).
-    fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-
-    fn must(&self, args: &[&str]) {
-        let out = run(self.command(args[0]).args(&args[1..]));
-        assert!(
-            out.status.success(),
-            "in {}: {}: {}",
-            self.name,
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A new tap in the namespace, up, with `address` (CIDR) if given, and IPv6 off so the
-    /// host sends nothing on it by itself.
-    fn add_tap(&mut self, address: Option<&str>) -> String {
-        let tap = format!("fbt{}", unique());
-        assert!(tap.len() < 16, "{tap}: too long for an interface name");
-        self.must(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap"]);
-        self.taps.push(tap.clone());
-        // Absent when the host kernel has no IPv6: nothing to turn off then.
-        let _ = run(self.command("sh").args([
-            "-c",
-            &format!("echo 1 > /proc/sys/net/ipv6/conf/{tap}/disable_ipv6"),
-        ]));
-        if let Some(address) = address {
-            self.must(&["ip", "addr", "add", address, "dev", &tap]);
-        }
-        self.must(&["ip", "link", "set", &tap, "up"]);
-        tap
-    }
-
-    /// Runs `f` on a thread that has joined the namespace (`setns` changes only the calling
-    /// thread), so sockets it makes live in the namespace.
-    fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = Path::new("/run/netns").join(&self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let ns =
-                        File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    // SAFETY: `ns` is an open namespace file; setns only changes this thread.
-                    let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(
-                        ret,
-                        0,
-                        "setns {}: {}",
-                        path.display(),
-                        std::io::Error::last_os_error()
-                    );
-                    f()
-                })
-                .join()
-                .expect("namespace thread")
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        for tap in &self.taps {
-            let _ = run(self.command("ip").args(["link", "del", tap]));
-        }
-        let out = run(Command::new("ip").args(["netns", "del", &self.name]));
-        if !out.status.success() {
-            eprintln!(
-                "warning: ip netns del {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
-
-/// An AF_PACKET socket bound to one interface and one EtherType: it receives what comes in on
-/// the interface (from the VMM, for a tap) and sends frames out of it (to the VMM).
-struct PacketSocket {
-    fd: OwnedFd,
-}
-
-impl PacketSocket {
-    fn open(ns: &NetNs, ifname: &str, ethertype: u16) -> PacketSocket {
-        let ifname = CString::new(ifname).expect("interface name");
-        ns.run_inside(|| {
-            // SAFETY: plain socket(2); the result is checked before use.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    i32::from(ethertype.to_be()),
-                )
-            };
-            assert!(
-                raw >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: `raw` is a socket we just opened and own from here on.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: `ifname` is NUL-terminated and outlives the call.
-            let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-            assert_ne!(index, 0, "no interface {ifname:?} in the namespace");
-            // SAFETY: all-zero bytes are a valid `sockaddr_ll`.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = ethertype.to_be();
-            addr.sll_ifindex = index as i32;
-            // SAFETY: `addr` is a live `sockaddr_ll` and the length given is its size.
-            let ret = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(ret, 0, "bind: {}", std::io::Error::last_os_error());
-            PacketSocket { fd }
-        })
-    }
-
-    /// The next frame, or None after `timeout`.
-    fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            let mut poll = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one live pollfd, count 1.
-            let ready = unsafe { libc::poll(&mut poll, 1, left.as_millis().min(1000) as i32) };
-            if ready <= 0 {
-                continue;
-            }
-            let mut buf = vec![0u8; 2048];
-            // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n > 0 {
-                buf.truncate(n as usize);
-                return Some(buf);
-            }
-        }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: `frame` is a live buffer of `frame.len()` bytes; the socket is bound, so the
-        // kernel sends out of the bound interface.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "send on the tap: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-/// A fabric-vmm running inside a namespace, its console and log in a private directory; killed
-/// (by its own PID) when dropped.
-struct Vmm {
-    child: Child,
-    _dir: tempfile::TempDir,
-    console: PathBuf,
-    log: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl Vmm {
-    fn start(ns: &NetNs, kernel: &Path, cmdline: &str, memory_mib: u32, extra: &[String]) -> Vmm {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("fabric-net-test-{}-", unique()))
-            .tempdir()
-            .expect("temp dir");
-        let console = dir.path().join("console.log");
-        let log = dir.path().join("vmm.log");
-        let child = ns
-            .command(vmm_binary())
-            .arg("--kernel")
-            .arg(kernel)
-            .arg("--cmdline")
-            .arg(cmdline)
-            .args(["--vcpus", "1", "--memory", &memory_mib.to_string()])
-            .arg("--console")
-            .arg(&console)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn ip netns exec fabric-vmm");
-        Vmm {
-            child,
-            _dir: dir,
-            console,
-            log,
-            status: None,
-        }
-    }
-
-    fn console_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn report(&self) -> String {
-        format!(
-            "--- console ---\n{}\n--- vmm log ---\n{}",
-            tail(&self.console_text()),
-            tail(&self.log_text())
-        )
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
-        }
-        self.status
-    }
-
-    /// Waits until the console holds `needle`; panics if the VMM exits first or time runs out.
-    fn wait_console(&mut self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.console_text().contains(needle) {
-                return;
-            }
-            if let Some(status) = self.exited() {
-                if self.console_text().contains(needle) {
-                    return;
-                }
-                panic!(
-                    "fabric-vmm exited ({status}) before the console showed {needle:?}\n{}",
-                    self.report()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} on the console after {timeout:?}\n{}",
-                self.report()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.exited() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fabric-vmm still running after {timeout:?}\n{}",
-                self.report()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if self.exited().is_none() {
-            // Only our own child, by its PID.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn testguest_elf() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/out/testguest.elf");
-    assert!(
-        path.is_file(),
-        "{} is missing: build it with `bash images/build.sh`",
-        path.display()
-    );
-    path
+/// A new tap in `ns`, up, with `address` (CIDR) if given.
+fn add_tap(ns: &mut NetNs, address: Option<&str>) -> String {
+    let tap = format!("fbt{}", unique());
+    ns.add_tap(&tap, address).expect("a tap");
+    tap
 }
 
 #[test]
@@ -381,17 +60,21 @@ fn testguest_frame_crosses_the_tap_both_ways() {
     if !kvm_available("net: testguest frame both ways") {
         return;
     }
-    let mut ns = NetNs::new();
-    let tap = ns.add_tap(None);
+    let mut ns = netns();
+    let tap = add_tap(&mut ns, None);
     // Open before the guest starts, so its frame cannot come too early.
-    let socket = PacketSocket::open(&ns, &tap, ETHERTYPE_TEST);
+    let socket = ns
+        .run_inside(|| PacketSocket::bind(&tap, ETHERTYPE_TEST))
+        .expect("a packet socket on the tap");
     let net_arg = format!("tap={tap},mac={}", mac_text(&GUEST_MAC));
-    let mut vmm = Vmm::start(
-        &ns,
-        &testguest_elf(),
-        "fabric.test=net",
-        64,
-        &["--net".into(), net_arg],
+    let mut vmm = Guest::testguest(
+        "net",
+        GuestSpec {
+            memory_mib: 64,
+            vmm_args: &["--net", &net_arg],
+            netns: Some(ns.name()),
+            ..Default::default()
+        },
     );
 
     // Guest to host: the frame as the guest built it, with the MAC from the config space.
@@ -419,14 +102,11 @@ fn testguest_frame_crosses_the_tap_both_ways() {
     answer.extend_from_slice(&HOST_MAC);
     answer.extend_from_slice(&ETHERTYPE_TEST.to_be_bytes());
     answer.extend_from_slice(answer_text.as_bytes());
-    socket.send(&answer);
+    socket.send(&answer).expect("send the answer on the tap");
 
-    let status = vmm.wait_exit(TESTGUEST_TIMEOUT);
+    let status = vmm.expect_exit(TESTGUEST_TIMEOUT);
     let console = vmm.console_text();
-    let verdict = console
-        .lines()
-        .filter_map(|l| l.trim_end().strip_prefix("testguest: net: "))
-        .find(|l| l.starts_with("PASS") || l.starts_with("FAIL"))
+    let verdict = testguest::verdict(&console, "net")
         .unwrap_or_else(|| panic!("no verdict\n{}", vmm.report()))
         .to_string();
     assert!(
@@ -451,19 +131,19 @@ fn the_guest_kernel_configures_its_nic_and_answers_ping_in_the_namespace() {
         return;
     }
     let image = Image::load();
-    let mut ns = NetNs::new();
-    let tap = ns.add_tap(Some("10.77.0.1/24"));
+    let mut ns = netns();
+    let tap = add_tap(&mut ns, Some("10.77.0.1/24"));
     let mac = [0x02, 0xfb, 0x00, 0x00, 0x00, 0x0a];
-    let cmdline = format!(
-        "{} ip=10.77.0.2::10.77.0.1:255.255.255.0::eth0:off",
-        image.cmdline()
-    );
-    let mut vmm = Vmm::start(
-        &ns,
-        &image.kernel(),
-        &cmdline,
-        256,
-        &["--net".into(), format!("tap={tap},mac={}", mac_text(&mac))],
+    let net_arg = format!("tap={tap},mac={}", mac_text(&mac));
+    let mut vmm = Guest::boot(
+        &image,
+        GuestSpec {
+            extra_cmdline: "ip=10.77.0.2::10.77.0.1:255.255.255.0::eth0:off",
+            vmm_args: &["--net", &net_arg],
+            netns: Some(ns.name()),
+            initramfs: false,
+            ..Default::default()
+        },
     );
     vmm.wait_console("IP-Config: Complete:", BOOT_TIMEOUT);
     vmm.wait_console(&image.ready_marker(), BOOT_TIMEOUT);
@@ -479,12 +159,16 @@ fn the_guest_kernel_configures_its_nic_and_answers_ping_in_the_namespace() {
         );
     }
 
-    let out = run(ns.command("ping").args(["-c", "3", "-W", "5", "10.77.0.2"]));
+    let out = ns
+        .command("ping")
+        .args(["-c", "3", "-W", "5", "10.77.0.2"])
+        .output()
+        .expect("run ping");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "ping 10.77.0.2 from {}: {}\n{stdout}{}\n{}",
-        ns.name,
+        ns,
         out.status,
         String::from_utf8_lossy(&out.stderr),
         vmm.report()
@@ -494,26 +178,11 @@ fn the_guest_kernel_configures_its_nic_and_answers_ping_in_the_namespace() {
         .find(|l| l.contains("packets transmitted"))
         .unwrap_or_default();
     assert!(summary.contains(" 0% packet loss"), "{stdout}");
-    eprintln!("net: ping 10.77.0.2 in {}: {summary}", ns.name);
+    eprintln!("net: ping 10.77.0.2 in {ns}: {summary}");
 
     // Linux's driver never trips the device's or the transport's checks.
-    let log = vmm.log_text();
-    for complaint in [
-        "chain refused",
-        "misuse refused",
-        "needs a reset",
-        "cannot start",
-    ] {
-        assert!(
-            !log.contains(complaint),
-            "VMM log has {complaint:?}:\n{log}"
-        );
-    }
-    if image.userspace() {
-        eprintln!("net: kernel-level checks (user space runs here too)");
-    } else {
-        eprintln!("net: kernel-level checks (guest user space cannot run here)");
-    }
+    vmm.assert_no_device_complaints();
+    eprintln!("net: kernel-level checks ({})", image.userspace_note());
     drop(vmm);
     drop(ns);
 }
@@ -523,13 +192,15 @@ fn a_tap_that_cannot_be_opened_is_a_config_error() {
     if !kvm_available("net: missing tap") {
         return;
     }
-    let mut ns = NetNs::new();
+    let mut ns = netns();
     let missing = format!("fbx{}", unique());
-    let out = run(ns
+    let out = ns
         .command(vmm_binary())
         .arg("--kernel")
-        .arg(testguest_elf())
-        .args(["--console", "off", "--net", &format!("tap={missing}")]));
+        .arg(testguest::elf())
+        .args(["--console", "off", "--net", &format!("tap={missing}")])
+        .output()
+        .expect("run fabric-vmm");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
@@ -541,13 +212,15 @@ fn a_tap_that_cannot_be_opened_is_a_config_error() {
     );
 
     // A tap another process holds is busy.
-    let tap = ns.add_tap(None);
-    let _hold = ns.run_inside(|| hold_tap(&tap));
-    let out = run(ns
+    let tap = add_tap(&mut ns, None);
+    let _hold = ns.run_inside(|| Ok(hold_tap(&tap))).expect("hold the tap");
+    let out = ns
         .command(vmm_binary())
         .arg("--kernel")
-        .arg(testguest_elf())
-        .args(["--console", "off", "--net", &format!("tap={tap}")]));
+        .arg(testguest::elf())
+        .args(["--console", "off", "--net", &format!("tap={tap}")])
+        .output()
+        .expect("run fabric-vmm");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
