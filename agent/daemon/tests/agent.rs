@@ -1,6 +1,6 @@
 //! fabric-agent end to end: each test runs the agent binary as a test host inside a network
-//! namespace it made (`common/host.rs`), against a small in-test controller that serves
-//! HostLink and Images on a Unix socket (`common/hostlink.rs`), and checks what the agent
+//! namespace it made (`fabric_test_support::host`), against a small in-test controller that
+//! serves HostLink and Images on a Unix socket (`fabric_test_support::hostlink`), and checks what the agent
 //! really did on the host: fabric-vmm processes, taps on the bridge, cgroups, files, what it
 //! reports in heartbeats and on its local Agent API, and what the guest printed.
 //!
@@ -22,22 +22,21 @@
 //! - a controller that forgot the host (NOT_FOUND) makes the agent stop its VMs and register
 //!   again.
 
-use fabric_test_support::guest as common;
-use fabric_test_support::{host, hostlink};
+use fabric_test_support::guest::{kvm_available, tail, Image, BOOT_TIMEOUT};
+use fabric_test_support::host::{self, HostOptions, Proc, TestHost, AGENT_TIMEOUT};
+use fabric_test_support::host::{BRIDGE, GATEWAY, NETWORK};
+use fabric_test_support::hostlink::{registered_host, sha256_hex, FakeController, LEASE_TTL};
+use fabric_test_support::vmspec::{assignment, memory, vm_spec};
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, Image, BOOT_TIMEOUT};
 use fabric_agent::sim::MEMORY_DEMAND_LABEL;
 use fabric_proto::v1::agent_client::AgentClient;
 use fabric_proto::v1::{
-    Assignment, BootImage, DesiredState, GetLocalVmRequest, GetStateRequest, HeartbeatRequest,
-    ListLocalVmsRequest, LocalVm, MemorySpec, NicSpec, ObservedPhase, ObservedVm, Placement,
-    RestartPolicy, StreamConsoleRequest, VmSpec,
+    Assignment, GetLocalVmRequest, GetStateRequest, HeartbeatRequest, ListLocalVmsRequest, LocalVm,
+    NicSpec, ObservedPhase, ObservedVm, Placement, RestartPolicy, StreamConsoleRequest, VmSpec,
 };
-use host::{HostOptions, Proc, TestHost, AGENT_TIMEOUT, BRIDGE, GATEWAY, NETWORK};
-use hostlink::{sha256_hex, FakeController};
 use tonic::transport::Channel;
 
 /// From an assignment to a VMM process whose vCPUs run (image pull, tap, cgroup, spawn).
@@ -122,7 +121,7 @@ impl GuestImage {
 
     /// A 1-vCPU, 256 MiB VM of the default guest with one NIC on the default network.
     fn assignment(&self, vm_id: &str, policy: RestartPolicy, mac_index: u8) -> Assignment {
-        let mut spec = vm_spec(vm_id, &self.kernel_sha256, policy);
+        let mut spec = default_vm(vm_id, &self.kernel_sha256, policy);
         spec.image.as_mut().expect("image").initramfs_sha256 = self.initramfs_sha256.clone();
         spec.kernel_cmdline = self.image.cmdline();
         spec.nics = vec![NicSpec {
@@ -133,31 +132,9 @@ impl GuestImage {
     }
 }
 
-fn vm_spec(vm_id: &str, kernel_sha256: &str, policy: RestartPolicy) -> VmSpec {
-    VmSpec {
-        name: vm_id.to_string(),
-        vcpus: 1,
-        memory: Some(MemorySpec {
-            startup_mib: 256,
-            ..Default::default()
-        }),
-        image: Some(BootImage {
-            name: "default".into(),
-            kernel_sha256: kernel_sha256.to_string(),
-            ..Default::default()
-        }),
-        restart_policy: policy as i32,
-        ..Default::default()
-    }
-}
-
-fn assignment(vm_id: &str, spec: VmSpec) -> Assignment {
-    Assignment {
-        vm_id: vm_id.to_string(),
-        spec: Some(spec),
-        desired_state: DesiredState::Running as i32,
-        generation: 1,
-    }
+/// A 1-vCPU, 256 MiB VM of image "default" booting `kernel_sha256`.
+fn default_vm(vm_id: &str, kernel_sha256: &str, policy: RestartPolicy) -> VmSpec {
+    vm_spec(vm_id, memory(256, 0, 0), "default", kernel_sha256, policy)
 }
 
 async fn get_local_vm(client: &mut AgentClient<Channel>, vm_id: &str) -> LocalVm {
@@ -223,11 +200,11 @@ async fn console_until(
         Ok(Ok(())) => text,
         Ok(Err(why)) => panic!(
             "{vm_id}: no {needle:?} on the console: {why}\n--- console ---\n{}",
-            common::tail(&text)
+            tail(&text)
         ),
         Err(_) => panic!(
             "{vm_id}: no {needle:?} on the console after {timeout:?}\n--- console ---\n{}",
-            common::tail(&text)
+            tail(&text)
         ),
     }
 }
@@ -366,16 +343,9 @@ fn an_assignment_boots_survives_agent_restarts_and_leaves_nothing_when_removed()
     }
     let _slot = kvm_slot();
     let rt = runtime();
-    let mut host = TestHost::new(HostOptions::kvm());
     // A lease long enough that the agent's restarts below stay well within it even on a busy
     // machine (a restart after the lease ran out would rightly fence the VM).
-    let controller = FakeController::start_with(
-        &host.controller_socket,
-        Duration::from_secs(15),
-        Duration::from_secs(1),
-    );
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let (mut host, controller) = registered_host(HostOptions::kvm(), Duration::from_secs(15));
 
     // Registration: who the host is, and its memory less the reserve.
     let registration = controller.registrations()[0].clone();
@@ -492,13 +462,13 @@ fn an_assignment_boots_survives_agent_restarts_and_leaves_nothing_when_removed()
     assert!(
         console.contains(&guest.image.ready_marker()),
         "the adopted VM's console lost its output:\n{}",
-        common::tail(&console)
+        tail(&console)
     );
     assert_eq!(
         console.matches("Linux version").count(),
         1,
         "the guest booted more than once:\n{}",
-        common::tail(&console)
+        tail(&console)
     );
     eprintln!("agent: kill -9 and restart: fabric-vmm {pid} adopted, uptime {uptime_before:?} -> {uptime_after:?}");
 
@@ -546,9 +516,7 @@ fn a_killed_vmm_is_restarted_under_always_and_not_under_never() {
         return;
     }
     let _slot = kvm_slot();
-    let mut host = TestHost::new(HostOptions::kvm());
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
+    let (mut host, controller) = registered_host(HostOptions::kvm(), LEASE_TTL);
     let guest = GuestImage::serve(&controller);
     let (always, never) = ("vm-always", "vm-never");
     controller.set_assignments(vec![
@@ -620,13 +588,13 @@ fn a_controller_outage_within_the_lease_keeps_vms_and_a_longer_one_fences_them()
     let _slot = kvm_slot();
     let rt = runtime();
     let lease_ttl = Duration::from_secs(4);
-    let mut host = TestHost::new(HostOptions {
-        stop_timeout_secs: 3,
-        ..HostOptions::kvm()
-    });
-    let mut controller =
-        FakeController::start_with(&host.controller_socket, lease_ttl, Duration::from_secs(1));
-    host.start_agent();
+    let (mut host, mut controller) = registered_host(
+        HostOptions {
+            stop_timeout_secs: 3,
+            ..HostOptions::kvm()
+        },
+        lease_ttl,
+    );
     let guest = GuestImage::serve(&controller);
     let vm_id = "vm-fence";
     controller.set_assignments(vec![guest.assignment(vm_id, RestartPolicy::Always, 1)]);
@@ -853,18 +821,12 @@ fn bad_inputs_show_on_the_vm_and_the_agent_keeps_serving() {
 #[test]
 fn the_simulated_backend_runs_200_vms_without_processes() {
     let rt = runtime();
-    let mut host = TestHost::new(HostOptions::sim());
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
-    let kernel = b"a kernel the simulated backend never runs".repeat(100);
-    let kernel_sha256 = sha256_hex(&kernel);
-    controller.add_image_bytes(&kernel_sha256, kernel);
+    let (mut host, controller, kernel_sha256) = sim_host(HostOptions::sim());
 
     let ids: Vec<String> = (0..200).map(|i| format!("sim-{i:03}")).collect();
     let assignments = ids
         .iter()
-        .map(|id| assignment(id, vm_spec(id, &kernel_sha256, RestartPolicy::Always)))
+        .map(|id| assignment(id, default_vm(id, &kernel_sha256, RestartPolicy::Always)))
         .collect();
     let started = Instant::now();
     controller.set_assignments(assignments);
@@ -933,7 +895,7 @@ fn a_simulated_vm_that_cannot_start_is_reported_starting_while_the_agent_retries
     let (mut host, controller, kernel_sha256) = sim_host(HostOptions::sim());
     let vm_id = "cannot-start";
     // The simulated backend refuses 0 vCPUs at every start.
-    let mut spec = vm_spec(vm_id, &kernel_sha256, RestartPolicy::Never);
+    let mut spec = default_vm(vm_id, &kernel_sha256, RestartPolicy::Never);
     spec.vcpus = 0;
     let mark = controller.mark();
     controller.set_assignments(vec![assignment(vm_id, spec.clone())]);
@@ -982,21 +944,15 @@ fn a_simulated_vm_that_cannot_start_is_reported_starting_while_the_agent_retries
 
 #[test]
 fn a_controller_that_forgot_the_host_makes_the_agent_stop_its_vms_and_register_again() {
-    let mut host = TestHost::new(HostOptions {
+    let (mut host, controller, kernel_sha256) = sim_host(HostOptions {
         sim_start_delay_ms: 1500,
         ..HostOptions::sim()
     });
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
     let first_id = controller.host_id(&host.machine_id).expect("host id");
-    let kernel = b"sim kernel".to_vec();
-    let kernel_sha256 = sha256_hex(&kernel);
-    controller.add_image_bytes(&kernel_sha256, kernel);
     let vm_id = "sim-a";
     controller.set_assignments(vec![assignment(
         vm_id,
-        vm_spec(vm_id, &kernel_sha256, RestartPolicy::Always),
+        default_vm(vm_id, &kernel_sha256, RestartPolicy::Always),
     )]);
     let before = controller.wait_observed(vm_id, Duration::from_secs(60), |o| {
         phase(o) == ObservedPhase::Running
@@ -1046,13 +1002,8 @@ fn a_controller_that_forgot_the_host_makes_the_agent_stop_its_vms_and_register_a
 /// memory (`[sim] memory_used_percent`): 204 MiB, so its target is 204 × 1.2 = 245 MiB
 /// (balloon 1024 − 245 = 779).
 fn dynamic_memory_assignment(vm_id: &str, kernel_sha256: &str, demand: Option<&str>) -> Assignment {
-    let mut spec = vm_spec(vm_id, kernel_sha256, RestartPolicy::Always);
-    spec.memory = Some(MemorySpec {
-        startup_mib: 512,
-        minimum_mib: 128,
-        maximum_mib: 1024,
-        ..Default::default()
-    });
+    let mut spec = default_vm(vm_id, kernel_sha256, RestartPolicy::Always);
+    spec.memory = Some(memory(512, 128, 1024));
     spec.placement = Some(Placement {
         labels: demand
             .map(|d| (MEMORY_DEMAND_LABEL.to_string(), d.to_string()))
@@ -1066,10 +1017,7 @@ fn dynamic_memory_assignment(vm_id: &str, kernel_sha256: &str, demand: Option<&s
 /// A simulated host with `options`, registered with its controller, which serves a kernel
 /// the simulated backend never runs; that kernel's sha256.
 fn sim_host(options: HostOptions) -> (TestHost, FakeController, String) {
-    let mut host = TestHost::new(options);
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let (host, controller) = registered_host(options, LEASE_TTL);
     let kernel = b"a kernel the simulated backend never runs".to_vec();
     let kernel_sha256 = sha256_hex(&kernel);
     controller.add_image_bytes(&kernel_sha256, kernel);
