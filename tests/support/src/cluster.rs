@@ -3,13 +3,11 @@
 //! directory under one temp dir, talking over Unix sockets. Every process is killed by PID
 //! when its handle drops, also when the test fails.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::compute_client::ComputeClient;
-use fabric_proto::v1::{Host, HostState, ListHostsRequest};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
@@ -47,17 +45,25 @@ pub async fn unix_channel(path: &Path) -> Channel {
     ))
 }
 
-/// Waits until `path` exists (a socket being bound).
+/// Waits until `path` exists (a socket being bound); panics after `timeout`.
 pub fn wait_for_path(path: &Path, timeout: Duration) {
+    assert!(
+        path_appears(path, timeout),
+        "{} did not appear within {timeout:?}",
+        path.display()
+    );
+}
+
+/// Waits until `path` exists (a socket being bound); false if it does not within `timeout`.
+pub fn path_appears(path: &Path, timeout: Duration) -> bool {
     let start = Instant::now();
     while !path.exists() {
-        assert!(
-            start.elapsed() < timeout,
-            "{} did not appear within {timeout:?}",
-            path.display()
-        );
+        if start.elapsed() >= timeout {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// A child process killed (SIGKILL) and reaped on drop.
@@ -68,20 +74,26 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Process {
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
+    /// Starts `command` as `name`, its stdout and stderr in the file `log`; panics if it
+    /// cannot.
+    pub fn spawn(name: &str, command: Command, log: PathBuf) -> Process {
+        Self::try_spawn(name, command, log).unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+    }
+
+    /// [`spawn`](Self::spawn), failing instead of panicking.
+    pub fn try_spawn(name: &str, mut command: Command, log: PathBuf) -> std::io::Result<Process> {
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
         let child = command
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Process {
+            .spawn()?;
+        Ok(Process {
             child: Some(child),
             log,
             name: name.to_string(),
-        }
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -311,61 +323,5 @@ budget_mib = {memory_budget_mib}
             dir: dir.to_owned(),
             process,
         }
-    }
-}
-
-/// Waits until exactly `count` hosts are registered and every one is READY; their ids by name.
-pub async fn ready_hosts(
-    client: &ComputeClient<Channel>,
-    count: usize,
-    timeout: Duration,
-) -> HashMap<String, String> {
-    ready_hosts_where(client, count, timeout, |_| true).await
-}
-
-/// [`ready_hosts`], every host also passing `also` (e.g. its memory balancer reports).
-pub async fn ready_hosts_where(
-    client: &ComputeClient<Channel>,
-    count: usize,
-    timeout: Duration,
-    also: impl Fn(&Host) -> bool,
-) -> HashMap<String, String> {
-    let also = &also;
-    let what = format!("{count} hosts ready");
-    eventually(timeout, &what, || {
-        let mut client = client.clone();
-        async move {
-            let hosts = client
-                .list_hosts(ListHostsRequest::default())
-                .await
-                .ok()?
-                .into_inner()
-                .hosts;
-            let ready = hosts.len() == count
-                && hosts
-                    .iter()
-                    .all(|h| h.state() == HostState::Ready && also(h));
-            ready.then(|| hosts.into_iter().map(|h| (h.name, h.id)).collect())
-        }
-    })
-    .await
-}
-
-/// Polls `check` every 50 ms until it returns Some, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

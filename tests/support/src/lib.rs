@@ -8,6 +8,7 @@
 //! - [`host`]: a `fabric-agent` in a network namespace of its own, with its bridge and cgroups.
 //! - [`hostlink`]: a fake controller serving `HostLink` and `Images` to an agent under test.
 //! - [`cluster`]: a real controller and simulated hosts over Unix sockets.
+//! - [`compute`]: what tests ask the controller's Compute API again and again, and waiting.
 //! - [`vmspec`]: the VM specs and assignments tests and benches ask for.
 //! - [`netcluster`]: a real controller and real-KVM hosts, each in its own namespace.
 //! - [`netns`]: network namespaces a test makes for itself, taps and raw packet sockets.
@@ -19,6 +20,7 @@
 //! first.
 
 pub mod cluster;
+pub mod compute;
 pub mod guest;
 pub mod host;
 pub mod hostlink;

@@ -16,6 +16,7 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use tonic::transport::Channel;
 
 use crate::cluster::{unix_channel, wait_for_path, workspace_bin, Process, Timing};
+use crate::image::{Image, INITRAMFS, VMLINUZ};
 use crate::process;
 
 fn ip(args: &[&str]) {
@@ -301,6 +302,47 @@ memory_mib = 512
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Pushes the guest image's kernel (and its initramfs, where the image uses one) as the
+    /// image "default".
+    pub fn push_guest_image(&self, image: &Image) {
+        let mut files = vec![(image.path(VMLINUZ), "kernel")];
+        if image.manifest.use_initramfs {
+            files.push((image.path(INITRAMFS), "initramfs"));
+        }
+        for (path, role) in files {
+            let path = path.to_str().expect("a UTF-8 image path");
+            self.fabricctl(&["image", "push", path, "--name", "default", "--role", role]);
+        }
+    }
+
+    /// Creates VM `name` of 1 vCPU and `memory_mib` booting image "default" with `cmdline`,
+    /// one NIC on the default network and `extra` fabricctl flags; its id.
+    pub fn create_vm(&self, name: &str, memory_mib: u32, cmdline: &str, extra: &[&str]) -> String {
+        let memory = memory_mib.to_string();
+        let mut args = vec![
+            "vm",
+            "create",
+            "--name",
+            name,
+            "--vcpus",
+            "1",
+            "--memory",
+            &memory,
+            "--image",
+            "default",
+            "--cmdline",
+            cmdline,
+            "--nic",
+            "default",
+            "-o",
+            "json",
+        ];
+        args.extend(extra);
+        let out = self.fabricctl(&args);
+        let json: serde_json::Value = serde_json::from_str(&out).expect("vm create -o json");
+        json["id"].as_str().expect("vm create: an id").to_string()
     }
 
     /// The host (index) whose controller id is `host_id`, by name.
