@@ -9,13 +9,15 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use clap::Parser;
-use fabric_bench::median;
+use fabric_bench::interrupt::catch_signals;
+use fabric_bench::stats::median;
+use fabric_bench::vmm::{self, Boot, ConsoleVmm};
+use fabric_test_support::image::{INITRAMFS, VMLINUZ};
 
 #[derive(Parser, Debug)]
 #[command(about = "Boot time and memory of fabric-vmm against QEMU")]
@@ -53,23 +55,12 @@ struct Image {
 }
 
 fn load_image(dir: &Path) -> anyhow::Result<Image> {
-    let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: run images/build.sh first", path.display()))?;
-    let m: serde_json::Value = serde_json::from_str(&text).context("manifest.json")?;
-    let field = |k: &str| {
-        m[k].as_str()
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("manifest.json: no {k}"))
-    };
+    let image = fabric_test_support::image::Image::load_from(dir)?;
     Ok(Image {
-        kernel: dir.join("vmlinuz"),
-        initramfs: m["use_initramfs"]
-            .as_bool()
-            .unwrap_or(false)
-            .then(|| dir.join("initramfs.cpio.gz")),
-        cmdline: field("cmdline")?,
-        marker: field("ready_marker")?,
+        kernel: image.path(VMLINUZ),
+        initramfs: image.manifest.use_initramfs.then(|| image.path(INITRAMFS)),
+        cmdline: image.manifest.cmdline,
+        marker: image.manifest.ready_marker,
     })
 }
 
@@ -79,59 +70,38 @@ struct Sample {
     overhead_kib: Option<u64>,
 }
 
+/// One booted VMM, its control socket (fabric-vmm's API or QEMU's QMP) and its directory,
+/// removed once the VMM is gone.
 struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+    vmm: ConsoleVmm,
     control: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    _dir: tempfile::TempDir,
 }
 
 fn spawn(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Running> {
-    let dir = std::env::temp_dir().join(format!(
-        "fabric-boot-bench-{}-{vmm}-{run}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir)?;
-    let control = dir.join("control.sock");
-    let mut cmd = match vmm {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("fabric-boot-bench-{vmm}-{run}-"))
+        .tempdir()?;
+    let control = dir.path().join("control.sock");
+    let boot = Boot {
+        kernel: &image.kernel,
+        cmdline: &image.cmdline,
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+    };
+    let cmd = match vmm {
         "fabric" => {
-            let mut c = Command::new(&args.fabric_vmm);
-            c.arg("--kernel")
-                .arg(&image.kernel)
-                .args(["--cmdline", &image.cmdline])
-                .args(["--vcpus", &args.vcpus.to_string()])
-                .args(["--memory", &args.memory.to_string()])
-                .args(["--console", "stdout"])
-                .arg("--control-socket")
-                .arg(&control);
+            let mut c = vmm::fabric_vmm(Command::new(&args.fabric_vmm), &boot);
+            c.arg("--control-socket").arg(&control);
             if let Some(initrd) = &image.initramfs {
                 c.arg("--initrd").arg(initrd);
             }
             c
         }
         "qemu-microvm" | "qemu-pc" => {
-            let mut c = Command::new("qemu-system-x86_64");
             let machine = if vmm == "qemu-pc" { "pc" } else { "microvm" };
-            // CX16 is hidden as fabric-vmm hides it; QEMU 7.2 cannot set IA32_ARCH_CAPABILITIES
-            // on a software-nested KVM and aborts unless the feature is off.
-            c.args(["-M", machine, "-enable-kvm"])
-                .args(["-cpu", "host,-cx16,-arch-capabilities"])
-                .args(["-m", &args.memory.to_string()])
-                .args(["-smp", &args.vcpus.to_string()])
-                .arg("-kernel")
-                .arg(&image.kernel)
-                .args(["-append", &image.cmdline])
-                .args(["-nodefaults", "-no-user-config", "-display", "none"])
-                .args(["-serial", "stdio", "-no-reboot"])
-                .arg("-qmp")
+            let mut c = vmm::qemu(Command::new("qemu-system-x86_64"), machine, &boot);
+            c.arg("-qmp")
                 .arg(format!("unix:{},server=on,wait=off", control.display()));
             if let Some(initrd) = &image.initramfs {
                 c.arg("-initrd").arg(initrd);
@@ -140,28 +110,12 @@ fn spawn(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Ru
         }
         other => bail!("unknown VMM {other:?}: use fabric, qemu-microvm or qemu-pc"),
     };
-    let stderr = std::fs::File::create(dir.join("stderr.log"))?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
+    let vmm = ConsoleVmm::spawn(cmd, dir.path().join("stderr.log"))
         .with_context(|| format!("starting {vmm}"))?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     Ok(Running {
-        child,
-        lines,
+        vmm,
         control,
-        dir,
+        _dir: dir,
     })
 }
 
@@ -243,43 +197,22 @@ fn sample(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<S
     let start = Instant::now();
     let mut running = spawn(vmm, args, image, run)?;
     let deadline = start + Duration::from_secs(args.timeout);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match running.lines.recv_timeout(left) {
-            Ok(line) if line.contains(&image.marker) => break,
-            Ok(_) => {}
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                bail!("{vmm}: no ready marker within {}s", args.timeout)
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = running.child.wait()?;
-                let stderr =
-                    std::fs::read_to_string(running.dir.join("stderr.log")).unwrap_or_default();
-                bail!(
-                    "{vmm} exited ({status}) before the ready marker: {}",
-                    stderr.trim()
-                )
-            }
-        }
-    }
+    running
+        .vmm
+        .wait_line("ready marker", deadline, |line| {
+            Ok(line.contains(&image.marker))
+        })
+        .with_context(|| format!("{vmm}: within {} s", args.timeout))?;
     let boot = start.elapsed();
-    let overhead_kib = memory_kib(running.child.id(), args.memory)
+    let overhead_kib = memory_kib(running.vmm.child.id(), args.memory)
         .filter(|(_, guest)| *guest > 0)
         .map(|(total, guest)| total.saturating_sub(guest));
     let asked = Instant::now();
     let stop = match request_stop(vmm, &running) {
-        Ok(()) => {
-            let give_up = asked + Duration::from_secs(180);
-            loop {
-                if running.child.try_wait()?.is_some() {
-                    break Some(asked.elapsed());
-                }
-                if Instant::now() > give_up {
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
+        Ok(()) => running
+            .vmm
+            .wait_exit(Duration::from_secs(180))
+            .then(|| asked.elapsed()),
         Err(err) => {
             eprintln!("  {vmm}: stop request failed: {err:#}");
             None
@@ -294,6 +227,7 @@ fn sample(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<S
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    catch_signals();
     let image = load_image(&args.image)?;
     println!(
         "boot bench: {} runs, {} vCPU, {} MiB, kernel {}, marker {:?}",
