@@ -1,6 +1,6 @@
-//! The VMMs the comparison benchmarks run side by side, fabric-vmm and QEMU, booting the same
-//! guest with its serial console on stdout, and [`ConsoleVmm`], the running process whose
-//! console lines are read as they come, each with the instant it was read.
+//! The VMMs the comparison benchmarks run side by side, fabric-vmm and QEMU ([`VmmKind`]),
+//! booting the same guest with its serial console on stdout, and [`ConsoleVmm`], the running
+//! process whose console lines are read as they come, each with the instant it was read.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -12,6 +12,55 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::interrupt::check_interrupted;
+
+/// A VMM a comparison runs, as `--vmms` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum VmmKind {
+    /// fabric-vmm.
+    Fabric,
+    /// QEMU `-M microvm` (virtio-mmio, no PCI, no keyboard controller).
+    QemuMicrovm,
+    /// QEMU `-M pc`.
+    QemuPc,
+}
+
+impl VmmKind {
+    /// The name `--vmms` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmmKind::Fabric => "fabric",
+            VmmKind::QemuMicrovm => "qemu-microvm",
+            VmmKind::QemuPc => "qemu-pc",
+        }
+    }
+
+    /// The name a table gives it.
+    pub fn title(self) -> &'static str {
+        match self {
+            VmmKind::Fabric => "fabric-vmm",
+            VmmKind::QemuMicrovm => "QEMU microvm",
+            VmmKind::QemuPc => "QEMU pc",
+        }
+    }
+}
+
+impl std::fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// The command-line flags of every comparison: which fabric-vmm to measure, and how much
+/// memory its guests get (and QEMU's).
+#[derive(clap::Args, Debug)]
+pub struct VmmArgs {
+    /// The fabric-vmm binary.
+    #[arg(long, default_value = "target/release/fabric-vmm")]
+    pub fabric_vmm: PathBuf,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+}
 
 /// What a VMM boots: the same for every VMM of a comparison.
 pub struct Boot<'a> {

@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use fabric_bench::interrupt::catch_signals;
 use fabric_bench::stats::median;
-use fabric_bench::vmm::{self, Boot, ConsoleVmm};
+use fabric_bench::vmm::{self, Boot, ConsoleVmm, VmmArgs, VmmKind};
 use fabric_test_support::image::{INITRAMFS, VMLINUZ};
 
 #[derive(Parser, Debug)]
@@ -25,20 +25,17 @@ struct Args {
     /// Boots per VMM.
     #[arg(long, default_value_t = 10)]
     runs: usize,
-    /// Which VMMs, comma separated: fabric, qemu-microvm, qemu-pc.
+    /// Which VMMs, comma separated.
     #[arg(
         long,
-        default_value = "fabric,qemu-microvm,qemu-pc",
-        value_delimiter = ','
+        value_delimiter = ',',
+        default_value = "fabric,qemu-microvm,qemu-pc"
     )]
-    vmms: Vec<String>,
+    vmms: Vec<VmmKind>,
+    #[command(flatten)]
+    vmm: VmmArgs,
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
-    /// The fabric-vmm binary.
-    #[arg(long, default_value = "target/release/fabric-vmm")]
-    fabric_vmm: PathBuf,
     /// The guest image directory (images/build.sh output).
     #[arg(long, default_value = "images/out")]
     image: PathBuf,
@@ -78,7 +75,7 @@ struct Running {
     _dir: tempfile::TempDir,
 }
 
-fn spawn(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Running> {
+fn spawn(vmm: VmmKind, args: &Args, image: &Image, run: usize) -> anyhow::Result<Running> {
     let dir = tempfile::Builder::new()
         .prefix(&format!("fabric-boot-bench-{vmm}-{run}-"))
         .tempdir()?;
@@ -87,19 +84,23 @@ fn spawn(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Ru
         kernel: &image.kernel,
         cmdline: &image.cmdline,
         vcpus: args.vcpus,
-        memory_mib: args.memory,
+        memory_mib: args.vmm.memory,
     };
     let cmd = match vmm {
-        "fabric" => {
-            let mut c = vmm::fabric_vmm(Command::new(&args.fabric_vmm), &boot);
+        VmmKind::Fabric => {
+            let mut c = vmm::fabric_vmm(Command::new(&args.vmm.fabric_vmm), &boot);
             c.arg("--control-socket").arg(&control);
             if let Some(initrd) = &image.initramfs {
                 c.arg("--initrd").arg(initrd);
             }
             c
         }
-        "qemu-microvm" | "qemu-pc" => {
-            let machine = if vmm == "qemu-pc" { "pc" } else { "microvm" };
+        VmmKind::QemuMicrovm | VmmKind::QemuPc => {
+            let machine = if vmm == VmmKind::QemuPc {
+                "pc"
+            } else {
+                "microvm"
+            };
             let mut c = vmm::qemu(Command::new("qemu-system-x86_64"), machine, &boot);
             c.arg("-qmp")
                 .arg(format!("unix:{},server=on,wait=off", control.display()));
@@ -108,7 +109,6 @@ fn spawn(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Ru
             }
             c
         }
-        other => bail!("unknown VMM {other:?}: use fabric, qemu-microvm or qemu-pc"),
     };
     let vmm = ConsoleVmm::spawn(cmd, dir.path().join("stderr.log"))
         .with_context(|| format!("starting {vmm}"))?;
@@ -164,9 +164,9 @@ fn qmp(socket: &Path, command: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn request_stop(vmm: &str, running: &Running) -> anyhow::Result<()> {
+fn request_stop(vmm: VmmKind, running: &Running) -> anyhow::Result<()> {
     match vmm {
-        "fabric" => {
+        VmmKind::Fabric => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -184,16 +184,16 @@ fn request_stop(vmm: &str, running: &Running) -> anyhow::Result<()> {
             })
         }
         // The PC has an i8042: Ctrl-Alt-Del reaches the guest kernel, which resets.
-        "qemu-pc" => qmp(
+        VmmKind::QemuPc => qmp(
             &running.control,
             r#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"ctrl"},{"type":"qcode","data":"alt"},{"type":"qcode","data":"delete"}]}}"#,
         ),
         // microvm has no keyboard controller: reset it from the monitor.
-        _ => qmp(&running.control, r#"{"execute":"system_reset"}"#),
+        VmmKind::QemuMicrovm => qmp(&running.control, r#"{"execute":"system_reset"}"#),
     }
 }
 
-fn sample(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Sample> {
+fn sample(vmm: VmmKind, args: &Args, image: &Image, run: usize) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let mut running = spawn(vmm, args, image, run)?;
     let deadline = start + Duration::from_secs(args.timeout);
@@ -204,7 +204,7 @@ fn sample(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<S
         })
         .with_context(|| format!("{vmm}: within {} s", args.timeout))?;
     let boot = start.elapsed();
-    let overhead_kib = memory_kib(running.vmm.child.id(), args.memory)
+    let overhead_kib = memory_kib(running.vmm.child.id(), args.vmm.memory)
         .filter(|(_, guest)| *guest > 0)
         .map(|(total, guest)| total.saturating_sub(guest));
     let asked = Instant::now();
@@ -233,13 +233,13 @@ fn main() -> anyhow::Result<()> {
         "boot bench: {} runs, {} vCPU, {} MiB, kernel {}, marker {:?}",
         args.runs,
         args.vcpus,
-        args.memory,
+        args.vmm.memory,
         image.kernel.display(),
         image.marker
     );
-    let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let mut results: BTreeMap<VmmKind, Vec<Sample>> = BTreeMap::new();
     for run in 0..args.runs {
-        for vmm in &args.vmms {
+        for &vmm in &args.vmms {
             match sample(vmm, &args, &image, run) {
                 Ok(s) => {
                     println!(
@@ -250,7 +250,7 @@ fn main() -> anyhow::Result<()> {
                         s.overhead_kib
                             .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
                     );
-                    results.entry(vmm.clone()).or_default().push(s);
+                    results.entry(vmm).or_default().push(s);
                 }
                 Err(err) => println!("  run {run:>2} {vmm:<13} FAILED: {err:#}"),
             }
@@ -262,7 +262,7 @@ fn main() -> anyhow::Result<()> {
         "| VMM | boots | boot to marker, median | min – max | stop → exit, median | VMM memory (PSS − guest), median |"
     );
     println!("|---|---|---|---|---|---|");
-    let mut medians: BTreeMap<String, (f64, Option<f64>, Option<f64>)> = BTreeMap::new();
+    let mut medians: BTreeMap<VmmKind, (f64, Option<f64>, Option<f64>)> = BTreeMap::new();
     for (vmm, samples) in &results {
         let boots: Vec<f64> = samples.iter().map(|s| s.boot.as_secs_f64()).collect();
         let min = boots.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -288,12 +288,12 @@ fn main() -> anyhow::Result<()> {
             stop.map_or("-".into(), |s| format!("{s:.2} s")),
             mem.map_or("-".into(), |m| format!("{m:.1} MiB")),
         );
-        medians.insert(vmm.clone(), (boot, stop, mem));
+        medians.insert(*vmm, (boot, stop, mem));
     }
-    if let Some((fb, fs, fm)) = medians.get("fabric").cloned() {
+    if let Some((fb, fs, fm)) = medians.get(&VmmKind::Fabric).cloned() {
         println!();
         for (vmm, (b, s, m)) in &medians {
-            if vmm == "fabric" {
+            if *vmm == VmmKind::Fabric {
                 continue;
             }
             let ratio = |other: Option<f64>, ours: Option<f64>| match (other, ours) {

@@ -31,7 +31,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use fabric_bench::interrupt::{catch_signals, check_interrupted, interrupted};
 use fabric_bench::stats::median;
-use fabric_bench::vmm::{self, Boot, ConsoleVmm};
+use fabric_bench::vmm::{self, Boot, ConsoleVmm, VmmArgs, VmmKind};
 use fabric_test_support::netns::{mac_text, NetNs, PacketSocket};
 
 /// IEEE 802 "local experimental" EtherType: what the test guest counts on RX.
@@ -54,28 +54,24 @@ struct Args {
     /// Runs per VMM and workload.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Which VMMs, comma separated: fabric, qemu-microvm.
-    #[arg(long, default_value = "fabric,qemu-microvm", value_delimiter = ',')]
-    vmms: Vec<String>,
-    /// Which workloads, comma separated: blk-write, blk-read, net-tx, net-rx.
+    /// Which VMMs, comma separated (not qemu-pc: its devices are PCI).
+    #[arg(long, value_delimiter = ',', default_value = "fabric,qemu-microvm")]
+    vmms: Vec<VmmKind>,
+    /// Which workloads, comma separated.
     #[arg(
         long,
-        default_value = "blk-write,blk-read,net-tx,net-rx",
-        value_delimiter = ','
+        value_delimiter = ',',
+        default_value = "blk-write,blk-read,net-tx,net-rx"
     )]
-    workloads: Vec<String>,
+    workloads: Vec<Workload>,
     /// Size of the raw disk file the block workloads go over, in MiB.
     #[arg(long, default_value_t = 1024)]
     disk_mib: u64,
     /// MiB each network workload moves.
     #[arg(long, default_value_t = 256)]
     net_mib: u64,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
-    /// The fabric-vmm binary.
-    #[arg(long, default_value = "target/release/fabric-vmm")]
-    fabric_vmm: PathBuf,
+    #[command(flatten)]
+    vmm: VmmArgs,
     /// The test guest (images/build.sh output).
     #[arg(long, default_value = "images/out/testguest.elf")]
     testguest: PathBuf,
@@ -87,7 +83,7 @@ struct Args {
     timeout: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 enum Workload {
     BlkWrite,
     BlkRead,
@@ -96,16 +92,6 @@ enum Workload {
 }
 
 impl Workload {
-    fn parse(name: &str) -> anyhow::Result<Workload> {
-        Ok(match name {
-            "blk-write" => Workload::BlkWrite,
-            "blk-read" => Workload::BlkRead,
-            "net-tx" => Workload::NetTx,
-            "net-rx" => Workload::NetRx,
-            other => bail!("unknown workload {other:?}: use blk-write, blk-read, net-tx or net-rx"),
-        })
-    }
-
     fn name(self) -> &'static str {
         match self {
             Workload::BlkWrite => "blk-write",
@@ -261,7 +247,7 @@ impl Sample {
 }
 
 fn command_for(
-    vmm: &str,
+    vmm: VmmKind,
     args: &Args,
     workload: Workload,
     net: Option<&BenchNet>,
@@ -273,9 +259,9 @@ fn command_for(
     };
     let cmdline = format!("fabric.test={} fabric.mib={mib}", workload.scenario());
     let program: PathBuf = match vmm {
-        "fabric" => args.fabric_vmm.clone(),
-        "qemu-microvm" => "qemu-system-x86_64".into(),
-        other => bail!("unknown VMM {other:?}: use fabric or qemu-microvm"),
+        VmmKind::Fabric => args.vmm.fabric_vmm.clone(),
+        VmmKind::QemuMicrovm => "qemu-system-x86_64".into(),
+        VmmKind::QemuPc => bail!("{vmm}: use fabric or qemu-microvm"),
     };
     let program = match net {
         Some(net) => net.ns.command(&program),
@@ -285,11 +271,11 @@ fn command_for(
         kernel: &args.testguest,
         cmdline: &cmdline,
         vcpus: 1,
-        memory_mib: args.memory,
+        memory_mib: args.vmm.memory,
     };
     let mac = mac_text(&GUEST_MAC);
     let mut cmd;
-    if vmm == "fabric" {
+    if vmm == VmmKind::Fabric {
         cmd = vmm::fabric_vmm(program, &boot);
         if let Some(disk) = disk {
             cmd.arg("--disk").arg(disk);
@@ -362,7 +348,7 @@ fn guest_line(
     })
 }
 
-fn sample(vmm: &str, args: &Args, workload: Workload, run: usize) -> anyhow::Result<Sample> {
+fn sample(vmm: VmmKind, args: &Args, workload: Workload, run: usize) -> anyhow::Result<Sample> {
     let scratch = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::Builder::new()
         .prefix(&format!("fabric-devbench-{vmm}-{}-{run}-", workload.name()))
@@ -450,22 +436,10 @@ fn sample(vmm: &str, args: &Args, workload: Workload, run: usize) -> anyhow::Res
     })
 }
 
-fn vmm_title(vmm: &str) -> &str {
-    match vmm {
-        "fabric" => "fabric-vmm",
-        "qemu-microvm" => "QEMU microvm",
-        other => other,
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     catch_signals();
-    let workloads = args
-        .workloads
-        .iter()
-        .map(|w| Workload::parse(w))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let workloads = &args.workloads;
     if !args.testguest.is_file() {
         bail!(
             "{}: missing; build it with `bash images/build.sh`",
@@ -475,17 +449,21 @@ fn main() -> anyhow::Result<()> {
     println!(
         "devices bench: {} runs, VMMs {}, 1 vCPU, {} MiB, test guest {}",
         args.runs,
-        args.vmms.join(", "),
-        args.memory,
+        args.vmms
+            .iter()
+            .map(|v| v.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.vmm.memory,
         args.testguest.display()
     );
-    for w in &workloads {
+    for w in workloads {
         println!("  {}", w.describe(&args));
     }
-    let mut results: BTreeMap<(Workload, String), Vec<f64>> = BTreeMap::new();
+    let mut results: BTreeMap<(Workload, VmmKind), Vec<f64>> = BTreeMap::new();
     for run in 0..args.runs {
-        for &workload in &workloads {
-            for vmm in &args.vmms {
+        for &workload in workloads {
+            for &vmm in &args.vmms {
                 check_interrupted()?;
                 match sample(vmm, &args, workload, run) {
                     Ok(s) => {
@@ -500,7 +478,7 @@ fn main() -> anyhow::Result<()> {
                             s.detail
                         );
                         results
-                            .entry((workload, vmm.clone()))
+                            .entry((workload, vmm))
                             .or_default()
                             .push(s.mb_per_s());
                     }
@@ -520,18 +498,14 @@ fn main() -> anyhow::Result<()> {
     let titles: Vec<String> = args
         .vmms
         .iter()
-        .map(|v| format!("{} MB/s (median)", vmm_title(v)))
+        .map(|v| format!("{} MB/s (median)", v.title()))
         .collect();
     let ratio = args.vmms.len() == 2;
     println!(
         "| workload | {}{} |",
         titles.join(" | "),
         if ratio {
-            format!(
-                " | {} / {}",
-                vmm_title(&args.vmms[0]),
-                vmm_title(&args.vmms[1])
-            )
+            format!(" | {} / {}", args.vmms[0].title(), args.vmms[1].title())
         } else {
             String::new()
         }
@@ -541,25 +515,18 @@ fn main() -> anyhow::Result<()> {
         "---:|".repeat(args.vmms.len()),
         if ratio { "---:|" } else { "" }
     );
-    for &workload in &workloads {
+    for &workload in workloads {
         let medians: Vec<Option<f64>> = args
             .vmms
             .iter()
-            .map(|v| {
-                median(
-                    results
-                        .get(&(workload, v.clone()))
-                        .cloned()
-                        .unwrap_or_default(),
-                )
-            })
+            .map(|v| median(results.get(&(workload, *v)).cloned().unwrap_or_default()))
             .collect();
         let cells: Vec<String> = args
             .vmms
             .iter()
             .zip(&medians)
             .map(|(v, m)| {
-                let n = results.get(&(workload, v.clone())).map_or(0, Vec::len);
+                let n = results.get(&(workload, *v)).map_or(0, Vec::len);
                 m.map_or("failed".to_string(), |m| {
                     if n == args.runs {
                         format!("{m:.1}")
