@@ -9,10 +9,12 @@ use fabric_test_support::guest as common;
 use std::time::Duration;
 
 use common::{kvm_available, runtime, Guest, GuestSpec, Image, BOOT_TIMEOUT};
+use fabric_proto::v1::vmm_client::VmmClient;
 use fabric_proto::v1::{
     GetMemoryStatsRequest, GetStateRequest, PauseRequest, ResumeRequest, ShutdownPath,
-    ShutdownRequest, VmmState,
+    ShutdownRequest, ShutdownResponse, VmmState,
 };
+use tonic::transport::Channel;
 
 /// The kernel's line once it has brought up its CPUs.
 fn cpus_up(cpus: u32) -> String {
@@ -58,11 +60,15 @@ fn assert_memory_kib(console: &str, low: u64, high: u64) -> u64 {
     total
 }
 
-fn duration(secs: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: secs,
-        nanos: 0,
-    }
+/// Asks the VMM to stop its guest (Ctrl-Alt-Del), forcing it off after `timeout`.
+async fn shutdown(vmm: &mut VmmClient<Channel>, timeout: Duration) -> ShutdownResponse {
+    let timeout = prost_types::Duration::try_from(timeout).expect("a shutdown timeout");
+    vmm.shutdown(ShutdownRequest {
+        timeout: Some(timeout),
+    })
+    .await
+    .expect("Shutdown")
+    .into_inner()
 }
 
 #[test]
@@ -137,13 +143,7 @@ fn two_vcpus_256mib_boot_pause_resume_and_graceful_shutdown() {
         assert_eq!(resumed.into_inner().state(), VmmState::Running);
 
         // Ctrl-Alt-Del: the guest kernel restarts itself (reboot=k, through the i8042).
-        let reply = vmm
-            .shutdown(ShutdownRequest {
-                timeout: Some(duration(240)),
-            })
-            .await
-            .expect("Shutdown")
-            .into_inner();
+        let reply = shutdown(&mut vmm, Duration::from_secs(240)).await;
         assert_eq!(
             reply.path(),
             ShutdownPath::Graceful,
@@ -193,12 +193,7 @@ fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
         let mut vmm = fabric_vmm_api::client::connect(&guest.socket)
             .await
             .expect("connect");
-        vmm.shutdown(ShutdownRequest {
-            timeout: Some(duration(3)),
-        })
-        .await
-        .expect("Shutdown")
-        .into_inner()
+        shutdown(&mut vmm, Duration::from_secs(3)).await
     });
     assert_eq!(reply.path(), ShutdownPath::Forced);
     let elapsed = reply.elapsed.expect("elapsed");

@@ -321,24 +321,9 @@ memory_mib = 512
     /// one NIC on the default network and `extra` fabricctl flags; its id.
     pub fn create_vm(&self, name: &str, memory_mib: u32, cmdline: &str, extra: &[&str]) -> String {
         let memory = memory_mib.to_string();
-        let mut args = vec![
-            "vm",
-            "create",
-            "--name",
-            name,
-            "--vcpus",
-            "1",
-            "--memory",
-            &memory,
-            "--image",
-            "default",
-            "--cmdline",
-            cmdline,
-            "--nic",
-            "default",
-            "-o",
-            "json",
-        ];
+        let mut args = vec!["vm", "create", "--name", name, "--image", "default"];
+        args.extend(["--vcpus", "1", "--memory", &memory, "--cmdline", cmdline]);
+        args.extend(["--nic", "default", "-o", "json"]);
         args.extend(extra);
         let out = self.fabricctl(&args);
         let json: serde_json::Value = serde_json::from_str(&out).expect("vm create -o json");
