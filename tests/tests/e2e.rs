@@ -19,9 +19,9 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::{DrainHostRequest, GetHostRequest, GetVmRequest, HostState, VmPhase};
 use fabric_test_support::cluster::Timing;
 use fabric_test_support::compute::{eventually, host_id, ready_hosts, wait_running};
-use fabric_test_support::guest::kvm_available;
 use fabric_test_support::image::Image;
 use fabric_test_support::netcluster::NetCluster;
+use fabric_test_support::skip_without_kvm;
 use tonic::transport::Channel;
 
 const BOOT: Duration = Duration::from_secs(600);
@@ -62,9 +62,7 @@ fn wait_marker(cluster: &NetCluster, host: usize, vm: &str, marker: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_places_heals_fences_and_drains_real_guests() {
-    if !kvm_available("e2e") {
-        return;
-    }
+    skip_without_kvm!("e2e");
     let image = Image::load().expect("guest image: run images/build.sh");
     let mode = image.manifest.mode().clone();
     // The lease must outlast step 2's controller restart: from an agent's last good heartbeat

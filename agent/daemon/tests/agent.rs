@@ -22,10 +22,11 @@
 //! - a controller that forgot the host (NOT_FOUND) makes the agent stop its VMs and register
 //!   again.
 
-use fabric_test_support::guest::{kvm_available, tail, Image, BOOT_TIMEOUT};
+use fabric_test_support::guest::{tail, Image, BOOT_TIMEOUT};
 use fabric_test_support::host::{self, HostOptions, Proc, TestHost, AGENT_TIMEOUT};
 use fabric_test_support::host::{BRIDGE, GATEWAY, NETWORK};
 use fabric_test_support::hostlink::{registered_host, sha256_hex, FakeController, LEASE_TTL};
+use fabric_test_support::skip_without_kvm;
 use fabric_test_support::vmspec::{assignment, memory, vm_spec};
 
 use std::sync::Mutex;
@@ -338,9 +339,7 @@ async fn vmm_state(socket: &str) -> (u32, Option<prost_types::Timestamp>, Durati
 
 #[test]
 fn an_assignment_boots_survives_agent_restarts_and_leaves_nothing_when_removed() {
-    if !kvm_available("agent: assignment lifecycle") {
-        return;
-    }
+    skip_without_kvm!("agent: assignment lifecycle");
     let _slot = kvm_slot();
     let rt = runtime();
     // A lease long enough that the agent's restarts below stay well within it even on a busy
@@ -512,9 +511,7 @@ fn an_assignment_boots_survives_agent_restarts_and_leaves_nothing_when_removed()
 
 #[test]
 fn a_killed_vmm_is_restarted_under_always_and_not_under_never() {
-    if !kvm_available("agent: restart policies") {
-        return;
-    }
+    skip_without_kvm!("agent: restart policies");
     let _slot = kvm_slot();
     let (mut host, controller) = registered_host(HostOptions::kvm(), LEASE_TTL);
     let guest = GuestImage::serve(&controller);
@@ -582,9 +579,7 @@ fn a_killed_vmm_is_restarted_under_always_and_not_under_never() {
 
 #[test]
 fn a_controller_outage_within_the_lease_keeps_vms_and_a_longer_one_fences_them() {
-    if !kvm_available("agent: fencing") {
-        return;
-    }
+    skip_without_kvm!("agent: fencing");
     let _slot = kvm_slot();
     let rt = runtime();
     let lease_ttl = Duration::from_secs(4);
@@ -713,9 +708,7 @@ fn a_controller_outage_within_the_lease_keeps_vms_and_a_longer_one_fences_them()
 
 #[test]
 fn bad_inputs_show_on_the_vm_and_the_agent_keeps_serving() {
-    if !kvm_available("agent: bad inputs") {
-        return;
-    }
+    skip_without_kvm!("agent: bad inputs");
     let _slot = kvm_slot();
     let rt = runtime();
     let mut host = TestHost::new(HostOptions::kvm());

@@ -19,10 +19,11 @@
 //! the filling a workload rather than a user-space process. The balancer's growth and pressure
 //! decisions are also tested on recorded statistics traces in `host::balancer`.
 
-use fabric_test_support::guest::{kvm_available, tail, Image, BOOT_TIMEOUT};
+use fabric_test_support::guest::{tail, Image, BOOT_TIMEOUT};
 use fabric_test_support::host::{HostOptions, Proc};
 use fabric_test_support::hostlink::registered_host;
 use fabric_test_support::process::rss_kib;
+use fabric_test_support::skip_without_kvm;
 use fabric_test_support::testguest::{self, MemloadEvent};
 use fabric_test_support::vmspec::{assignment, memory, vm_spec};
 
@@ -124,9 +125,7 @@ impl Followed {
 
 #[test]
 fn the_balancer_shrinks_idle_guests_and_their_vmm_gives_the_memory_back() {
-    if !kvm_available("balancer: idle guests shrink") {
-        return;
-    }
+    skip_without_kvm!("balancer: idle guests shrink");
     let (mut host, controller) = registered_host(HostOptions::kvm(), LEASE_TTL);
     let image = Image::load();
     assert!(
@@ -338,9 +337,7 @@ const FILL_MIB: u64 = 300;
 /// guest's `memload`, a balloon driver and a workload in one freestanding program.
 #[test]
 fn a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill() {
-    if !kvm_available("balancer: a guest fills 300 MiB") {
-        return;
-    }
+    skip_without_kvm!("balancer: a guest fills 300 MiB");
     let (mut host, controller) = registered_host(
         HostOptions {
             memory_budget_mib: 640,

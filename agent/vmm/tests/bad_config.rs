@@ -1,6 +1,7 @@
 //! Every bad configuration gets one clear line on stderr and exit status 1, never a panic.
 
 use fabric_test_support::guest as common;
+use fabric_test_support::skip_without_kvm;
 
 use std::path::Path;
 use std::process::Command;
@@ -41,9 +42,7 @@ fn kernel() -> String {
 
 #[test]
 fn missing_kernel() {
-    if !common::kvm_available("missing_kernel") {
-        return;
-    }
+    skip_without_kvm!("missing_kernel");
     assert_refused(
         &["--kernel", "/nonexistent/bzImage"],
         "kernel /nonexistent/bzImage: cannot read: No such file or directory",
@@ -52,9 +51,7 @@ fn missing_kernel() {
 
 #[test]
 fn unreadable_kernel() {
-    if !common::kvm_available("unreadable_kernel") {
-        return;
-    }
+    skip_without_kvm!("unreadable_kernel");
     // A directory cannot be read as a file, even by root.
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().to_string_lossy().into_owned();
@@ -63,9 +60,7 @@ fn unreadable_kernel() {
 
 #[test]
 fn file_that_is_not_a_kernel() {
-    if !common::kvm_available("not_a_kernel") {
-        return;
-    }
+    skip_without_kvm!("not_a_kernel");
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("notes.txt");
     std::fs::write(&path, "not a kernel at all\n".repeat(100)).expect("write");
@@ -74,9 +69,7 @@ fn file_that_is_not_a_kernel() {
 
 #[test]
 fn memory_zero_and_more_than_the_host() {
-    if !common::kvm_available("memory") {
-        return;
-    }
+    skip_without_kvm!("memory");
     let k = kernel();
     assert_refused(
         &["--kernel", &k, "--memory", "0"],
@@ -90,9 +83,7 @@ fn memory_zero_and_more_than_the_host() {
 
 #[test]
 fn vcpus_zero_and_above_kvm_maximum() {
-    if !common::kvm_available("vcpus") {
-        return;
-    }
+    skip_without_kvm!("vcpus");
     let k = kernel();
     assert_refused(&["--kernel", &k, "--vcpus", "0"], "vcpus 0");
     assert_refused(
@@ -103,9 +94,7 @@ fn vcpus_zero_and_above_kvm_maximum() {
 
 #[test]
 fn command_line_too_long() {
-    if !common::kvm_available("cmdline") {
-        return;
-    }
+    skip_without_kvm!("cmdline");
     let k = kernel();
     let long = "x".repeat(3000);
     assert_refused(
@@ -116,9 +105,7 @@ fn command_line_too_long() {
 
 #[test]
 fn initramfs_that_does_not_fit() {
-    if !common::kvm_available("initrd") {
-        return;
-    }
+    skip_without_kvm!("initrd");
     let k = kernel();
     let dir = tempfile::tempdir().expect("tmp");
     // Larger than all of guest memory: refused before anything is built.

@@ -7,9 +7,10 @@
 //! follows the host's target; and the default Linux guest kernel, whose virtio-balloon driver
 //! reports its real numbers and inflates on request (kernel-level, see `shared/KVM-HOST.md`).
 
-use fabric_test_support::guest::{kvm_available, runtime, Guest, GuestSpec, Image, BOOT_TIMEOUT};
+use fabric_test_support::guest::{runtime, Guest, GuestSpec, Image, BOOT_TIMEOUT};
 use fabric_test_support::process::rss_kib;
 use fabric_test_support::testguest;
+use fabric_test_support::{image_or_skip, skip_without_kvm};
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -117,11 +118,24 @@ fn balloon_testguest(balloon_args: &[&str]) -> Guest {
     guest
 }
 
+/// The image's Linux guest in 256 MiB with a balloon that reports free pages; waits until
+/// it has booted.
+fn balloon_linux_guest(image: &Image) -> Guest {
+    let mut guest = Guest::boot(
+        image,
+        GuestSpec {
+            memory_mib: 256,
+            vmm_args: &["--balloon", "free-page-reporting=on"],
+            ..Default::default()
+        },
+    );
+    guest.wait_console(&image.ready_marker(), BOOT_TIMEOUT);
+    guest
+}
+
 #[test]
 fn testguest_inflation_returns_its_memory_to_the_host_and_statistics_round_trip() {
-    if !kvm_available("balloon testguest") {
-        return;
-    }
+    skip_without_kvm!("balloon testguest");
     let mut vmm = balloon_testguest(&["--balloon"]);
     let pid = vmm.pid();
     let rt = runtime();
@@ -225,9 +239,7 @@ fn testguest_inflation_returns_its_memory_to_the_host_and_statistics_round_trip(
 
 #[test]
 fn a_stats_period_refreshes_statistics_without_being_asked() {
-    if !kvm_available("balloon stats period") {
-        return;
-    }
+    skip_without_kvm!("balloon stats period");
     let vmm = balloon_testguest(&["--balloon", "stats-period=1"]);
     let rt = runtime();
     let mut c = connect(&rt, &vmm.socket);
@@ -275,20 +287,9 @@ fn a_stats_period_refreshes_statistics_without_being_asked() {
 
 #[test]
 fn a_linux_guest_reports_its_statistics_and_inflates_on_request() {
-    if !kvm_available("balloon linux") {
-        return;
-    }
-    let image = Image::load();
-    let mut guest = Guest::boot(
-        &image,
-        GuestSpec {
-            memory_mib: 256,
-            vmm_args: &["--balloon", "free-page-reporting=on"],
-            ..Default::default()
-        },
-    );
+    let image = image_or_skip!("balloon linux");
+    let guest = balloon_linux_guest(&image);
     let pid = guest.pid();
-    guest.wait_console(&image.ready_marker(), BOOT_TIMEOUT);
     let rt = runtime();
     let mut c = connect(&rt, &guest.socket);
     let report = || guest.report();

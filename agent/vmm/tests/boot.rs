@@ -8,12 +8,13 @@ use fabric_test_support::guest as common;
 
 use std::time::Duration;
 
-use common::{kvm_available, runtime, Guest, GuestSpec, Image, BOOT_TIMEOUT};
+use common::{runtime, Guest, GuestSpec, BOOT_TIMEOUT};
 use fabric_proto::v1::vmm_client::VmmClient;
 use fabric_proto::v1::{
     GetMemoryStatsRequest, GetStateRequest, PauseRequest, ResumeRequest, ShutdownPath,
     ShutdownRequest, ShutdownResponse, VmmState,
 };
+use fabric_test_support::image_or_skip;
 use tonic::transport::Channel;
 
 /// The kernel's line once it has brought up its CPUs.
@@ -73,10 +74,7 @@ async fn shutdown(vmm: &mut VmmClient<Channel>, timeout: Duration) -> ShutdownRe
 
 #[test]
 fn two_vcpus_256mib_boot_pause_resume_and_graceful_shutdown() {
-    if !kvm_available("two_vcpus_256mib") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("two_vcpus_256mib");
     let mut guest = Guest::boot(
         &image,
         GuestSpec {
@@ -164,10 +162,7 @@ fn two_vcpus_256mib_boot_pause_resume_and_graceful_shutdown() {
 
 #[test]
 fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
-    if !kvm_available("four_vcpus") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("four_vcpus");
     // i8042.nokbd: the guest ignores its keyboard, so Ctrl-Alt-Del cannot stop it.
     let mut guest = Guest::boot(
         &image,
@@ -207,10 +202,7 @@ fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
 
 #[test]
 fn one_vcpu_64mib_boots_the_elf_vmlinux() {
-    if !kvm_available("one_vcpu_64mib") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("one_vcpu_64mib");
     let mut guest = Guest::boot(
         &image,
         GuestSpec {
@@ -227,10 +219,7 @@ fn one_vcpu_64mib_boots_the_elf_vmlinux() {
 
 #[test]
 fn a_guest_that_reboots_itself_ends_the_vmm_with_exit_0() {
-    if !kvm_available("guest_reboot") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("guest_reboot");
     // Without `rootwait` the kernel gives up on the missing root disk, panics and, with
     // panic=-1 and reboot=k, resets through the i8042 at once.
     let cmdline = image.cmdline().replace(" rootwait", "");

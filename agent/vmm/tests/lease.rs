@@ -7,13 +7,12 @@ use fabric_test_support::guest as common;
 use std::time::{Duration, Instant};
 
 use common::{Guest, GuestSpec, Image};
+use fabric_test_support::skip_without_kvm;
 use fabric_vmm_api::lease::LeaseFile;
 
 #[test]
 fn an_expired_lease_refuses_to_start() {
-    if !common::kvm_available("an_expired_lease_refuses_to_start") {
-        return;
-    }
+    skip_without_kvm!("an_expired_lease_refuses_to_start");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lease.json");
     LeaseFile::expiring_in(Duration::ZERO).write(&path).unwrap();
@@ -43,10 +42,7 @@ fn an_expired_lease_refuses_to_start() {
 
 #[test]
 fn the_guest_runs_while_the_lease_is_renewed_and_stops_when_it_lapses() {
-    if !common::kvm_available("the_guest_runs_while_the_lease_is_renewed_and_stops_when_it_lapses")
-    {
-        return;
-    }
+    skip_without_kvm!("the_guest_runs_while_the_lease_is_renewed_and_stops_when_it_lapses");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lease.json");
     let ttl = Duration::from_secs(3);

@@ -9,11 +9,10 @@
 //!   namespace (kernel-level: guest user space cannot run on hosts where KVM is emulated, see
 //!   `shared/KVM-HOST.md`).
 
-use fabric_test_support::guest::{
-    kvm_available, vmm_binary, Guest, GuestSpec, Image, BOOT_TIMEOUT,
-};
+use fabric_test_support::guest::{vmm_binary, Guest, GuestSpec, BOOT_TIMEOUT};
 use fabric_test_support::netns::{mac_text, NetNs, PacketSocket};
 use fabric_test_support::testguest;
+use fabric_test_support::{image_or_skip, skip_without_kvm};
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -57,9 +56,7 @@ fn add_tap(ns: &mut NetNs, address: Option<&str>) -> String {
 
 #[test]
 fn testguest_frame_crosses_the_tap_both_ways() {
-    if !kvm_available("net: testguest frame both ways") {
-        return;
-    }
+    skip_without_kvm!("net: testguest frame both ways");
     let mut ns = netns();
     let tap = add_tap(&mut ns, None);
     // Open before the guest starts, so its frame cannot come too early.
@@ -127,10 +124,7 @@ fn testguest_frame_crosses_the_tap_both_ways() {
 
 #[test]
 fn the_guest_kernel_configures_its_nic_and_answers_ping_in_the_namespace() {
-    if !kvm_available("net: guest kernel answers ping") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("net: guest kernel answers ping");
     let mut ns = netns();
     let tap = add_tap(&mut ns, Some("10.77.0.1/24"));
     let mac = [0x02, 0xfb, 0x00, 0x00, 0x00, 0x0a];
@@ -189,9 +183,7 @@ fn the_guest_kernel_configures_its_nic_and_answers_ping_in_the_namespace() {
 
 #[test]
 fn a_tap_that_cannot_be_opened_is_a_config_error() {
-    if !kvm_available("net: missing tap") {
-        return;
-    }
+    skip_without_kvm!("net: missing tap");
     let mut ns = netns();
     let missing = format!("fbx{}", unique());
     let out = ns

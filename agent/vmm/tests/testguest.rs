@@ -8,7 +8,8 @@
 //! resets the machine, so fabric-vmm exits with status 0. Each test checks the verdict and, where
 //! the scenario changes the host's side (a disk file), the host's side too.
 
-use fabric_test_support::guest::{kvm_available, tail, Guest, GuestSpec};
+use fabric_test_support::guest::{tail, Guest, GuestSpec};
+use fabric_test_support::skip_without_kvm;
 use fabric_test_support::testguest;
 
 use std::path::{Path, PathBuf};
@@ -110,9 +111,7 @@ fn disk_spec(path: &Path, suffix: &str) -> String {
 
 #[test]
 fn hello_boots_and_reads_the_zero_page() {
-    if !kvm_available("testguest hello") {
-        return;
-    }
+    skip_without_kvm!("testguest hello");
     let run = run_scenario("hello", &[]);
     let detail = run.assert_pass("hello");
     assert!(
@@ -138,9 +137,7 @@ fn hello_boots_and_reads_the_zero_page() {
 
 #[test]
 fn unknown_scenario_fails_cleanly() {
-    if !kvm_available("testguest unknown scenario") {
-        return;
-    }
+    skip_without_kvm!("testguest unknown scenario");
     let run = run_scenario("no-such-scenario", &[]);
     assert!(run.status.success(), "{}\n{}", run.status, run.report());
     let verdict = run.verdict("no-such-scenario");
@@ -153,18 +150,14 @@ fn unknown_scenario_fails_cleanly() {
 
 #[test]
 fn rng_fills_a_buffer() {
-    if !kvm_available("testguest rng") {
-        return;
-    }
+    skip_without_kvm!("testguest rng");
     let run = run_scenario("rng", &["--rng"]);
     run.assert_pass("rng");
 }
 
 #[test]
 fn blk_write_reaches_the_disk_file() {
-    if !kvm_available("testguest blk-write") {
-        return;
-    }
+    skip_without_kvm!("testguest blk-write");
     let dir = temp_dir("blk-write");
     let disk = scratch_disk(dir.path(), 0);
     let run = run_scenario("blk-write", &["--disk", &disk_spec(&disk, "")]);
@@ -191,9 +184,7 @@ fn blk_write_reaches_the_disk_file() {
 
 #[test]
 fn blk_ro_refuses_writes() {
-    if !kvm_available("testguest blk-ro") {
-        return;
-    }
+    skip_without_kvm!("testguest blk-ro");
     let dir = temp_dir("blk-ro");
     let disk = scratch_disk(dir.path(), 0x5c);
     let run = run_scenario("blk-ro", &["--disk", &disk_spec(&disk, ",ro")]);
@@ -207,9 +198,7 @@ fn blk_ro_refuses_writes() {
 
 #[test]
 fn blk_get_id_returns_a_serial() {
-    if !kvm_available("testguest blk-id") {
-        return;
-    }
+    skip_without_kvm!("testguest blk-id");
     let dir = temp_dir("blk-id");
     let disk = scratch_disk(dir.path(), 0);
     let run = run_scenario("blk-id", &["--disk", &disk_spec(&disk, "")]);
@@ -219,9 +208,7 @@ fn blk_get_id_returns_a_serial() {
 
 #[test]
 fn hostile_blk_requests_leave_the_device_serving() {
-    if !kvm_available("testguest hostile-blk") {
-        return;
-    }
+    skip_without_kvm!("testguest hostile-blk");
     let dir = temp_dir("hostile-blk");
     let disk = scratch_disk(dir.path(), 0x33);
     let run = run_scenario("hostile-blk", &["--disk", &disk_spec(&disk, "")]);

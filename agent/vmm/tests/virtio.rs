@@ -5,8 +5,8 @@
 //! On hosts without hardware virtualization guest user space cannot run (`shared/KVM-HOST.md`),
 //! so the checks are on the guest kernel's console and the VMM's own log.
 
-use fabric_test_support::guest::BOOT_TIMEOUT;
-use fabric_test_support::guest::{kvm_available, tail, vmm_binary, Guest, GuestSpec, Image};
+use fabric_test_support::guest::{tail, vmm_binary, Guest, GuestSpec, BOOT_TIMEOUT};
+use fabric_test_support::image_or_skip;
 
 use std::path::Path;
 use std::process::Command;
@@ -25,10 +25,7 @@ fn probe_line(name: &str, sectors: u64) -> String {
 
 #[test]
 fn two_disks_are_probed_with_their_sizes_and_the_read_only_rootfs_becomes_root() {
-    if !kvm_available("two_disks_and_rng") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("two_disks_and_rng");
     let rootfs = image.dir.join("rootfs.ext4");
     let dir = tempfile::Builder::new()
         .prefix("fabric-virtio-test-")
@@ -83,10 +80,7 @@ fn two_disks_are_probed_with_their_sizes_and_the_read_only_rootfs_becomes_root()
 
 #[test]
 fn a_disk_that_cannot_be_opened_is_a_config_error() {
-    if !kvm_available("disk_cannot_be_opened") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("disk_cannot_be_opened");
     let out = Command::new(vmm_binary())
         .arg("--kernel")
         .arg(image.kernel())

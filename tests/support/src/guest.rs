@@ -86,6 +86,26 @@ pub fn kvm_available(test: &str) -> bool {
     }
 }
 
+/// Returns from the calling test, after saying why, where this host has no usable `/dev/kvm`:
+/// the first line of every test that runs fabric-vmm.
+#[macro_export]
+macro_rules! skip_without_kvm {
+    ($test:expr) => {
+        if !$crate::guest::kvm_available($test) {
+            return;
+        }
+    };
+}
+
+/// [`skip_without_kvm!`], then the guest image the test boots ([`Image::load`]).
+#[macro_export]
+macro_rules! image_or_skip {
+    ($test:expr) => {{
+        $crate::skip_without_kvm!($test);
+        $crate::guest::Image::load()
+    }};
+}
+
 /// The fabric-vmm binary cargo built for these tests.
 pub fn vmm_binary() -> PathBuf {
     crate::cluster::workspace_bin("fabric-vmm")
