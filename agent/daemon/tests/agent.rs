@@ -35,10 +35,12 @@ use std::time::{Duration, Instant};
 use fabric_agent::sim::MEMORY_DEMAND_LABEL;
 use fabric_proto::v1::agent_client::AgentClient;
 use fabric_proto::v1::{
-    Assignment, GetLocalVmRequest, GetStateRequest, HeartbeatRequest, ListLocalVmsRequest, LocalVm,
-    NicSpec, ObservedPhase, ObservedVm, Placement, RestartPolicy, StreamConsoleRequest, VmSpec,
+    Assignment, ConsoleChunk, GetLocalVmRequest, GetStateRequest, HeartbeatRequest,
+    HostMemoryBalance, ListLocalVmsRequest, LocalVm, NicSpec, ObservedPhase, ObservedVm, Placement,
+    RestartPolicy, StreamConsoleRequest, VmMemoryBalance, VmSpec,
 };
 use tonic::transport::Channel;
+use tonic::Streaming;
 
 /// From an assignment to a VMM process whose vCPUs run (image pull, tap, cgroup, spawn).
 const START_TIMEOUT: Duration = Duration::from_secs(180);
@@ -133,6 +135,17 @@ impl GuestImage {
     }
 }
 
+/// `assignment` with its kernel digest replaced by `kernel_sha256`.
+fn with_kernel(mut assignment: Assignment, kernel_sha256: &str) -> Assignment {
+    assignment
+        .spec
+        .as_mut()
+        .and_then(|s| s.image.as_mut())
+        .expect("image")
+        .kernel_sha256 = kernel_sha256.to_string();
+    assignment
+}
+
 /// A 1-vCPU, 256 MiB VM of image "default" booting `kernel_sha256`.
 fn default_vm(vm_id: &str, kernel_sha256: &str, policy: RestartPolicy) -> VmSpec {
     vm_spec(vm_id, memory(256, 0, 0), "default", kernel_sha256, policy)
@@ -157,6 +170,23 @@ async fn list_local_vms(client: &mut AgentClient<Channel>) -> Vec<LocalVm> {
         .vms
 }
 
+/// A VM's console through the agent, from its start; with `follow`, what it prints next too.
+async fn stream_console(
+    client: &mut AgentClient<Channel>,
+    vm_id: &str,
+    follow: bool,
+) -> Streaming<ConsoleChunk> {
+    client
+        .stream_console(StreamConsoleRequest {
+            vm_id: vm_id.to_string(),
+            start: None,
+            follow,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StreamConsole {vm_id}: {e}"))
+        .into_inner()
+}
+
 /// Follows a VM's console through the agent until `needle` shows; checks that the chunks'
 /// offsets are contiguous from 0. Returns the console text.
 async fn console_until(
@@ -165,15 +195,7 @@ async fn console_until(
     needle: &str,
     timeout: Duration,
 ) -> String {
-    let mut stream = client
-        .stream_console(StreamConsoleRequest {
-            vm_id: vm_id.to_string(),
-            start: None,
-            follow: true,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StreamConsole {vm_id}: {e}"))
-        .into_inner();
+    let mut stream = stream_console(client, vm_id, true).await;
     let mut text = Vec::new();
     let outcome = tokio::time::timeout(timeout, async {
         loop {
@@ -212,15 +234,7 @@ async fn console_until(
 
 /// The retained console of a VM (no follow).
 async fn console_snapshot(client: &mut AgentClient<Channel>, vm_id: &str) -> String {
-    let mut stream = client
-        .stream_console(StreamConsoleRequest {
-            vm_id: vm_id.to_string(),
-            start: None,
-            follow: false,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StreamConsole {vm_id}: {e}"))
-        .into_inner();
+    let mut stream = stream_console(client, vm_id, false).await;
     let mut text = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(chunk) = stream.message().await.expect("console chunk") {
@@ -728,23 +742,17 @@ fn bad_inputs_show_on_the_vm_and_the_agent_keeps_serving() {
     // (ii) The controller serves bytes that are not what the digest says.
     let claimed = sha256_hex(b"the kernel the controller believes it has");
     controller.add_image_bytes(&claimed, b"something else entirely".to_vec());
-    let mut mismatch = guest.assignment("vm-mismatch", RestartPolicy::Always, 2);
-    mismatch
-        .spec
-        .as_mut()
-        .and_then(|s| s.image.as_mut())
-        .expect("image")
-        .kernel_sha256 = claimed.clone();
+    let mismatch = with_kernel(
+        guest.assignment("vm-mismatch", RestartPolicy::Always, 2),
+        &claimed,
+    );
 
     // (iii) A digest the controller does not have.
     let missing_digest = sha256_hex(b"never pushed");
-    let mut missing = guest.assignment("vm-missing", RestartPolicy::Always, 3);
-    missing
-        .spec
-        .as_mut()
-        .and_then(|s| s.image.as_mut())
-        .expect("image")
-        .kernel_sha256 = missing_digest;
+    let missing = with_kernel(
+        guest.assignment("vm-missing", RestartPolicy::Always, 3),
+        &missing_digest,
+    );
 
     // (iv) Someone already has the tap name the agent will want.
     let taken = "vm-taptaken";
@@ -1045,11 +1053,18 @@ fn balloon_actual(hb: &HeartbeatRequest, vm_id: &str) -> Option<u64> {
         .map(|m| m.balloon_actual_mib)
 }
 
+/// The balancer's decision for `vm_id`, as the heartbeat reports it.
+fn decision(hb: &HeartbeatRequest, vm_id: &str) -> Option<VmMemoryBalance> {
+    reported(hb, vm_id)?.memory_balance.clone()
+}
+
 fn balance_target(hb: &HeartbeatRequest, vm_id: &str) -> Option<u64> {
-    reported(hb, vm_id)?
-        .memory_balance
-        .as_ref()
-        .map(|b| b.target_mib)
+    decision(hb, vm_id).map(|b| b.target_mib)
+}
+
+/// The host's memory balance, as the heartbeat reports it.
+fn host_balance(hb: &HeartbeatRequest) -> Option<HostMemoryBalance> {
+    hb.usage.as_ref().and_then(|u| u.memory_balance)
 }
 
 /// Budget 1000 MiB for three VMs of minimum 128: two idle ones want 245 MiB each, the third's
@@ -1073,10 +1088,7 @@ fn a_short_simulated_host_shares_its_budget_by_weight_and_reports_the_pressure()
         Duration::from_secs(60),
         "the idle VMs shrunk to 245 MiB on a short host",
         |hb| {
-            hb.usage
-                .as_ref()
-                .and_then(|u| u.memory_balance.as_ref())
-                .is_some_and(|b| b.short)
+            host_balance(hb).is_some_and(|b| b.short)
                 && ids.iter().all(|id| {
                     reported(hb, id).is_some_and(|vm| {
                         phase(vm) == ObservedPhase::Running && vm.memory_balance.is_some()
@@ -1088,11 +1100,7 @@ fn a_short_simulated_host_shares_its_budget_by_weight_and_reports_the_pressure()
         },
     );
     let hb = &record.request;
-    let balance = hb
-        .usage
-        .as_ref()
-        .and_then(|u| u.memory_balance)
-        .expect("host memory balance");
+    let balance = host_balance(hb).expect("host memory balance");
     assert_eq!(
         (
             balance.budget_mib,
@@ -1108,11 +1116,7 @@ fn a_short_simulated_host_shares_its_budget_by_weight_and_reports_the_pressure()
     );
     let decisions: Vec<_> = ids
         .iter()
-        .map(|id| {
-            reported(hb, id)
-                .and_then(|vm| vm.memory_balance.clone())
-                .expect("decision")
-        })
+        .map(|id| decision(hb, id).expect("decision"))
         .collect();
     let targets: u64 = decisions.iter().map(|d| d.target_mib).sum();
     assert!(
@@ -1162,11 +1166,7 @@ fn a_short_simulated_host_shares_its_budget_by_weight_and_reports_the_pressure()
         grown as f64 > 20.0 * secs.max(1.0) * 10.0,
         "major faults grew by {grown} in {secs:.1} s"
     );
-    let still = later
-        .request
-        .usage
-        .as_ref()
-        .and_then(|u| u.memory_balance.as_ref());
+    let still = host_balance(&later.request);
     assert!(still.is_some_and(|b| b.short), "{still:?}");
     host.assert_agent_running();
 }
@@ -1190,11 +1190,7 @@ fn a_simulated_host_with_room_shrinks_idle_vms_and_grows_a_hungry_one() {
         Duration::from_secs(60),
         "idle VMs at demand plus buffer and the hungry one relieved",
         |hb| {
-            let host_calm = hb
-                .usage
-                .as_ref()
-                .and_then(|u| u.memory_balance.as_ref())
-                .is_some_and(|b| !b.short && b.pressured_vms == 0);
+            let host_calm = host_balance(hb).is_some_and(|b| !b.short && b.pressured_vms == 0);
             let hungry_settled = reported(hb, "hungry").is_some_and(|vm| {
                 vm.memory_balance
                     .as_ref()
@@ -1212,24 +1208,16 @@ fn a_simulated_host_with_room_shrinks_idle_vms_and_grows_a_hungry_one() {
         },
     );
     let hb = &record.request;
-    let balance = hb
-        .usage
-        .as_ref()
-        .and_then(|u| u.memory_balance)
-        .expect("host memory balance");
+    let balance = host_balance(hb).expect("host memory balance");
     for id in ["idle-a", "idle-b"] {
-        let decision = reported(hb, id)
-            .and_then(|vm| vm.memory_balance.clone())
-            .expect("decision");
+        let decision = decision(hb, id).expect("decision");
         assert_eq!(
             (decision.target_mib, decision.demand_mib, decision.pressured),
             (245, Some(204), false),
             "{id}: {decision:?}"
         );
     }
-    let hungry = reported(hb, "hungry")
-        .and_then(|vm| vm.memory_balance.clone())
-        .expect("decision");
+    let hungry = decision(hb, "hungry").expect("decision");
     assert_eq!(
         (hungry.target_mib, hungry.demand_mib),
         (840, Some(700)),
@@ -1304,7 +1292,7 @@ fn without_the_balancer_heartbeats_carry_no_balancer_figures() {
         controller.wait_heartbeat(first.seq + 3, Duration::from_secs(20), "3 more", |_| true);
     for record in [&first, &later] {
         let hb = &record.request;
-        assert_eq!(hb.usage.as_ref().and_then(|u| u.memory_balance), None);
+        assert_eq!(host_balance(hb), None);
         for vm in &hb.vms {
             assert_eq!(vm.memory_balance, None, "{}", vm.vm_id);
             assert_eq!(balloon_actual(hb, &vm.vm_id), Some(512), "{}", vm.vm_id);
