@@ -63,7 +63,7 @@ fn wait_marker(cluster: &NetCluster, host: usize, vm: &str, marker: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_places_heals_fences_and_drains_real_guests() {
     skip_without_kvm!("e2e");
-    let image = Image::load().expect("guest image: run images/build.sh");
+    let image = Image::built();
     let mode = image.manifest.mode().clone();
     // The lease must outlast step 2's controller restart: from an agent's last good heartbeat
     // (up to an interval before the kill) through the new process starting, opening its store

@@ -108,7 +108,7 @@ struct GuestImage {
 
 impl GuestImage {
     fn serve(controller: &FakeController) -> GuestImage {
-        let image = Image::load();
+        let image = Image::built();
         let kernel_sha256 = controller.add_image_file(&image.kernel());
         let initramfs_sha256 = if image.use_initramfs() {
             controller.add_image_file(&image.initramfs())

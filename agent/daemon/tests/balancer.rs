@@ -127,7 +127,7 @@ impl Followed {
 fn the_balancer_shrinks_idle_guests_and_their_vmm_gives_the_memory_back() {
     skip_without_kvm!("balancer: idle guests shrink");
     let (mut host, controller) = registered_host(HostOptions::kvm(), LEASE_TTL);
-    let image = Image::load();
+    let image = Image::built();
     assert!(
         !image.use_initramfs(),
         "this test boots the kernel-only guest (no initramfs)"

@@ -6,37 +6,27 @@ use fabric_test_support::skip_without_kvm;
 use std::path::Path;
 use std::process::Command;
 
-struct Outcome {
-    code: Option<i32>,
-    stderr: String,
-}
-
-fn run_vmm(args: &[&str]) -> Outcome {
-    let out = Command::new(common::vmm_binary())
-        .args(args)
-        .args(["--console", "off"])
-        .output()
-        .expect("run fabric-vmm");
-    Outcome {
-        code: out.status.code(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
+/// fabric-vmm with `args` exits with status 1, its last line on stderr saying `message`.
 fn assert_refused(args: &[&str], message: &str) {
-    let out = run_vmm(args);
-    assert_eq!(out.code, Some(1), "args {args:?}: stderr {}", out.stderr);
-    let last = out.stderr.lines().last().unwrap_or_default();
+    let stderr = common::refusal(Command::new(common::vmm_binary()).args(args));
+    let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("fabric-vmm: ") && last.contains(message),
-        "args {args:?}: expected one line with {message:?}, got:\n{}",
-        out.stderr
+        "args {args:?}: expected one line with {message:?}, got:\n{stderr}"
     );
-    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+/// A sparse file of `len` bytes named `name` in `dir`; its path.
+fn sparse_file(dir: &Path, name: &str, len: u64) -> String {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(len))
+        .expect("sparse file");
+    path.to_str().expect("utf8").to_string()
 }
 
 fn kernel() -> String {
-    let image = common::Image::load();
+    let image = common::Image::built();
     image.kernel().to_string_lossy().into_owned()
 }
 
@@ -108,37 +98,17 @@ fn initramfs_that_does_not_fit() {
     skip_without_kvm!("initrd");
     let k = kernel();
     let dir = tempfile::tempdir().expect("tmp");
+    let refused_in_256_mib = |initrd: &str, message: &str| {
+        assert_refused(
+            &["--kernel", &k, "--memory", "256", "--initrd", initrd],
+            message,
+        );
+    };
     // Larger than all of guest memory: refused before anything is built.
-    let huge = dir.path().join("huge.cpio");
-    std::fs::File::create(&huge)
-        .and_then(|f| f.set_len(512 << 20))
-        .expect("sparse file");
-    assert_refused(
-        &[
-            "--kernel",
-            &k,
-            "--memory",
-            "256",
-            "--initrd",
-            huge.to_str().expect("utf8"),
-        ],
-        "does not fit",
-    );
+    let huge = sparse_file(dir.path(), "huge.cpio", 512 << 20);
+    refused_in_256_mib(&huge, "does not fit");
     // Smaller than memory, but no room between the kernel and the top of RAM.
-    let big = dir.path().join("big.cpio");
-    std::fs::File::create(&big)
-        .and_then(|f| f.set_len(250 << 20))
-        .expect("sparse file");
-    assert_refused(
-        &[
-            "--kernel",
-            &k,
-            "--memory",
-            "256",
-            "--initrd",
-            big.to_str().expect("utf8"),
-        ],
-        "does not fit in guest memory",
-    );
+    let big = sparse_file(dir.path(), "big.cpio", 250 << 20);
+    refused_in_256_mib(&big, "does not fit in guest memory");
     assert!(Path::new(&k).exists());
 }

@@ -9,7 +9,7 @@
 //!   namespace (kernel-level: guest user space cannot run on hosts where KVM is emulated, see
 //!   `shared/KVM-HOST.md`).
 
-use fabric_test_support::guest::{vmm_binary, Guest, GuestSpec, BOOT_TIMEOUT};
+use fabric_test_support::guest::{refusal, vmm_binary, Guest, GuestSpec, BOOT_TIMEOUT};
 use fabric_test_support::netns::{mac_text, NetNs, PacketSocket};
 use fabric_test_support::testguest;
 use fabric_test_support::{image_or_skip, skip_without_kvm};
@@ -186,15 +186,7 @@ fn a_tap_that_cannot_be_opened_is_a_config_error() {
     skip_without_kvm!("net: missing tap");
     let mut ns = netns();
     let missing = format!("fbx{}", unique());
-    let out = ns
-        .command(vmm_binary())
-        .arg("--kernel")
-        .arg(testguest::elf())
-        .args(["--console", "off", "--net", &format!("tap={missing}")])
-        .output()
-        .expect("run fabric-vmm");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_tap(&ns, &missing);
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with(&format!(
@@ -206,20 +198,22 @@ fn a_tap_that_cannot_be_opened_is_a_config_error() {
     // A tap another process holds is busy.
     let tap = add_tap(&mut ns, None);
     let _hold = ns.run_inside(|| Ok(hold_tap(&tap))).expect("hold the tap");
-    let out = ns
-        .command(vmm_binary())
-        .arg("--kernel")
-        .arg(testguest::elf())
-        .args(["--console", "off", "--net", &format!("tap={tap}")])
-        .output()
-        .expect("run fabric-vmm");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_tap(&ns, &tap);
     assert!(
         stderr.contains(&format!("--net tap={tap}: cannot open tap {tap}: "))
             && stderr.contains("busy"),
         "{stderr}"
     );
+}
+
+/// What fabric-vmm in `ns` says when it cannot have `tap` (it must refuse to start).
+fn refused_tap(ns: &NetNs, tap: &str) -> String {
+    refusal(
+        ns.command(vmm_binary())
+            .arg("--kernel")
+            .arg(testguest::elf())
+            .args(["--net", &format!("tap={tap}")]),
+    )
 }
 
 /// Attaches to `tap` the way fabric-vmm does, so that it is busy for anyone else.

@@ -5,7 +5,7 @@
 //! On hosts without hardware virtualization guest user space cannot run (`shared/KVM-HOST.md`),
 //! so the checks are on the guest kernel's console and the VMM's own log.
 
-use fabric_test_support::guest::{tail, vmm_binary, Guest, GuestSpec, BOOT_TIMEOUT};
+use fabric_test_support::guest::{refusal, tail, vmm_binary, Guest, GuestSpec, BOOT_TIMEOUT};
 use fabric_test_support::image_or_skip;
 
 use std::path::Path;
@@ -81,26 +81,20 @@ fn two_disks_are_probed_with_their_sizes_and_the_read_only_rootfs_becomes_root()
 #[test]
 fn a_disk_that_cannot_be_opened_is_a_config_error() {
     let image = image_or_skip!("disk_cannot_be_opened");
-    let out = Command::new(vmm_binary())
-        .arg("--kernel")
-        .arg(image.kernel())
-        .args(["--console", "off", "--disk", "/nonexistent/disk.img,ro"])
-        .output()
-        .expect("run fabric-vmm");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let with_disk = |disk: &str| {
+        refusal(
+            Command::new(vmm_binary())
+                .arg("--kernel")
+                .arg(image.kernel())
+                .args(["--disk", disk]),
+        )
+    };
+    let stderr = with_disk("/nonexistent/disk.img,ro");
     assert_eq!(
         stderr.lines().last().unwrap_or_default(),
         "fabric-vmm: --disk /nonexistent/disk.img: cannot open: No such file or directory (os error 2)"
     );
 
-    let out = Command::new(vmm_binary())
-        .arg("--kernel")
-        .arg(image.kernel())
-        .args(["--console", "off", "--disk", "/tmp/x.img,readonly"])
-        .output()
-        .expect("run fabric-vmm");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = with_disk("/tmp/x.img,readonly");
     assert!(stderr.contains("unknown option \"readonly\""), "{stderr}");
 }

@@ -17,7 +17,6 @@ use clap::Parser;
 use fabric_bench::interrupt::catch_signals;
 use fabric_bench::stats::median;
 use fabric_bench::vmm::{self, Boot, ConsoleVmm, VmmArgs, VmmKind};
-use fabric_test_support::image::{INITRAMFS, VMLINUZ};
 
 #[derive(Parser, Debug)]
 #[command(about = "Boot time and memory of fabric-vmm against QEMU")]
@@ -54,10 +53,10 @@ struct Image {
 fn load_image(dir: &Path) -> anyhow::Result<Image> {
     let image = fabric_test_support::image::Image::load_from(dir)?;
     Ok(Image {
-        kernel: image.path(VMLINUZ),
-        initramfs: image.manifest.use_initramfs.then(|| image.path(INITRAMFS)),
-        cmdline: image.manifest.cmdline,
-        marker: image.manifest.ready_marker,
+        kernel: image.kernel(),
+        initramfs: image.use_initramfs().then(|| image.initramfs()),
+        cmdline: image.cmdline(),
+        marker: image.ready_marker(),
     })
 }
 

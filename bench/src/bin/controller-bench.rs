@@ -11,7 +11,7 @@ use clap::Parser;
 use fabric_bench::stats::percentile;
 use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::DesiredState;
-use fabric_test_support::cluster::{path_appears, unix_channel, Process};
+use fabric_test_support::cluster::{controller_command, path_appears, unix_channel, Process};
 use fabric_test_support::compute::create_vm;
 use fabric_test_support::vmspec::simulated_vm;
 
@@ -36,13 +36,8 @@ async fn run(args: &Args, clients: usize) -> anyhow::Result<(f64, Vec<f64>)> {
         .prefix("fabric-bench-ctl")
         .tempdir_in("/var/tmp")?;
     let socket = dir.path().join("c.sock");
-    let mut command = std::process::Command::new(&args.controller);
-    command
-        .arg("--listen")
-        .arg(format!("unix:{}", socket.display()))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("FABRIC_LOG", "warn");
+    let mut command = controller_command(&args.controller, &socket, &dir.path().join("data"));
+    command.env("FABRIC_LOG", "warn");
     let controller = Process::try_spawn("fabric-controller", command, dir.path().join("log"))
         .with_context(|| format!("cannot start {}", args.controller.display()))?;
     anyhow::ensure!(

@@ -34,7 +34,7 @@ use fabric_bench::require_kvm;
 use fabric_bench::stats::{percentile, secs};
 use fabric_proto::v1::vmm_client::VmmClient;
 use fabric_proto::v1::GetMemoryStatsRequest;
-use fabric_test_support::cluster::{wait_for_path, workspace_bin, Process};
+use fabric_test_support::cluster::{controller_command, wait_for_path, workspace_bin, Process};
 use fabric_test_support::process::{cpu_secs, loadavg, rss_kib};
 use fabric_test_support::testguest::{self, MemloadEvent};
 use tonic::transport::Channel;
@@ -232,13 +232,11 @@ impl Stack {
             agent: None,
         };
         let socket = dir.join("controller.sock");
-        let mut controller = Command::new(workspace_bin("fabric-controller"));
-        controller
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .arg("--data-dir")
-            .arg(dir.join("controller"))
-            .env("FABRIC_LOG", "info");
+        let controller = controller_command(
+            &workspace_bin("fabric-controller"),
+            &socket,
+            &dir.join("controller"),
+        );
         stack.controller = Some(Process::spawn(
             "fabric-controller",
             controller,

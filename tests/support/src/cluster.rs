@@ -66,6 +66,19 @@ pub fn path_appears(path: &Path, timeout: Duration) -> bool {
     true
 }
 
+/// `program` (a fabric-controller) listening on the Unix socket `socket` with its store in
+/// `data_dir`, logging at `info`.
+pub fn controller_command(program: &Path, socket: &Path, data_dir: &Path) -> Command {
+    let mut command = Command::new(program);
+    command
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("FABRIC_LOG", "info");
+    command
+}
+
 /// A child process killed (SIGKILL) and reaped on drop.
 pub struct Process {
     pub child: Option<Child>,
@@ -179,20 +192,19 @@ impl Controller {
 
     fn spawn(dir: &Path, socket: &Path, timing: Timing, extra_args: &[String]) -> Process {
         let _ = std::fs::remove_file(socket);
-        let mut command = Command::new(workspace_bin("fabric-controller"));
+        let mut command = controller_command(
+            &workspace_bin("fabric-controller"),
+            socket,
+            &dir.join("data"),
+        );
         command
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
             .arg("--lease-ttl")
             .arg(timing.lease_ttl.to_string())
             .arg("--heartbeat-interval")
             .arg(timing.heartbeat_interval.to_string())
             .arg("--fencing-margin")
             .arg(timing.fencing_margin.to_string())
-            .args(extra_args)
-            .env("FABRIC_LOG", "info");
+            .args(extra_args);
         let log = dir.join(format!(
             "controller-{}.log",
             std::time::SystemTime::now()

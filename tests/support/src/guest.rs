@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,63 +12,7 @@ use std::time::{Duration, Instant};
 /// KVM is emulated (`shared/KVM-HOST.md`), longer when several boot at once on two cores.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 
-/// The guest image as `images/build.sh` describes it.
-pub struct Image {
-    pub dir: PathBuf,
-    pub manifest: serde_json::Value,
-}
-
-impl Image {
-    pub fn load() -> Image {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/out");
-        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap_or_else(|e| {
-            panic!(
-                "{}/manifest.json: {e}: build the guest image first with images/build.sh",
-                dir.display()
-            )
-        });
-        let manifest = serde_json::from_str(&text).expect("manifest.json is JSON");
-        Image { dir, manifest }
-    }
-
-    fn str_field(&self, key: &str) -> String {
-        self.manifest[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("manifest.json has no string {key:?}"))
-            .to_string()
-    }
-
-    pub fn kernel(&self) -> PathBuf {
-        self.dir.join("vmlinuz")
-    }
-    pub fn vmlinux(&self) -> PathBuf {
-        self.dir.join("vmlinux")
-    }
-    pub fn initramfs(&self) -> PathBuf {
-        self.dir.join("initramfs.cpio.gz")
-    }
-    pub fn cmdline(&self) -> String {
-        self.str_field("cmdline")
-    }
-    pub fn ready_marker(&self) -> String {
-        self.str_field("ready_marker")
-    }
-    pub fn use_initramfs(&self) -> bool {
-        self.manifest["use_initramfs"].as_bool().unwrap_or(false)
-    }
-    /// True when guest user space can run on this host (hardware virtualization).
-    pub fn userspace(&self) -> bool {
-        self.manifest["guest_mode"].as_str() == Some("userspace")
-    }
-    /// Whether guest user space runs here, for a test's closing note on what it checked.
-    pub fn userspace_note(&self) -> &'static str {
-        if self.userspace() {
-            "guest user space runs here too"
-        } else {
-            "guest user space cannot run here"
-        }
-    }
-}
+pub use crate::image::Image;
 
 /// Returns false (after saying so loudly) when this host has no usable /dev/kvm.
 pub fn kvm_available(test: &str) -> bool {
@@ -97,18 +41,31 @@ macro_rules! skip_without_kvm {
     };
 }
 
-/// [`skip_without_kvm!`], then the guest image the test boots ([`Image::load`]).
+/// [`skip_without_kvm!`], then the guest image the test boots ([`Image::built`]).
 #[macro_export]
 macro_rules! image_or_skip {
     ($test:expr) => {{
         $crate::skip_without_kvm!($test);
-        $crate::guest::Image::load()
+        $crate::image::Image::built()
     }};
 }
 
 /// The fabric-vmm binary cargo built for these tests.
 pub fn vmm_binary() -> PathBuf {
     crate::cluster::workspace_bin("fabric-vmm")
+}
+
+/// Runs `vmm`, a fabric-vmm command line the VMM must refuse, with no console: asserts that it
+/// exits with status 1 and does not panic, and returns what it printed on stderr.
+pub fn refusal(vmm: &mut Command) -> String {
+    let out = vmm
+        .args(["--console", "off"])
+        .output()
+        .expect("run fabric-vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{vmm:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{vmm:?}: {stderr}");
+    stderr
 }
 
 /// Guests of one test binary boot one at a time: on a two-core host where KVM is emulated,

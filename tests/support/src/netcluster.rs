@@ -16,7 +16,7 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use tonic::transport::Channel;
 
 use crate::cluster::{unix_channel, wait_for_path, workspace_bin, Process, Timing};
-use crate::image::{Image, INITRAMFS, VMLINUZ};
+use crate::image::Image;
 use crate::process;
 
 fn ip(args: &[&str]) {
@@ -307,9 +307,9 @@ memory_mib = 512
     /// Pushes the guest image's kernel (and its initramfs, where the image uses one) as the
     /// image "default".
     pub fn push_guest_image(&self, image: &Image) {
-        let mut files = vec![(image.path(VMLINUZ), "kernel")];
-        if image.manifest.use_initramfs {
-            files.push((image.path(INITRAMFS), "initramfs"));
+        let mut files = vec![(image.kernel(), "kernel")];
+        if image.use_initramfs() {
+            files.push((image.initramfs(), "initramfs"));
         }
         for (path, role) in files {
             let path = path.to_str().expect("a UTF-8 image path");
