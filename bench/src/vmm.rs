@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::interrupt::check_interrupted;
+use fabric_test_support::host::tail_lines;
 
 /// A VMM a comparison runs, as `--vmms` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -188,14 +189,11 @@ impl ConsoleVmm {
     /// The last console lines and the last lines of stderr, for error messages.
     pub fn report(&self) -> String {
         let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let tail = |lines: Vec<&str>| {
-            let n = lines.len().saturating_sub(15);
-            lines[n..].join("\n    ")
-        };
+        let indent = |text: String| text.replace('\n', "\n    ");
         format!(
             "\n  console:\n    {}\n  stderr:\n    {}",
-            tail(self.console.iter().map(String::as_str).collect()),
-            tail(stderr.lines().collect())
+            indent(tail_lines(&self.console.join("\n"), 15)),
+            indent(tail_lines(&stderr, 15))
         )
     }
 }

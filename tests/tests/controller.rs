@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::{
-    CreateVmRequest, DesiredState, EventKind, GetHostRequest, GetVmRequest, HostState,
-    ListVmsRequest, Placement, VmPhase, VmSpec, WatchEventsRequest,
+    CreateVmRequest, EventKind, GetHostRequest, GetVmRequest, HostState, ListVmsRequest, Placement,
+    VmPhase, VmSpec, WatchEventsRequest,
 };
 use fabric_test_support::cluster::{Controller, SimHost, Timing};
 use fabric_test_support::compute::{
@@ -206,11 +206,7 @@ async fn a_dead_hosts_vms_move_only_after_the_fencing_window() {
     let mut ids = Vec::new();
     for i in 0..3 {
         let spec = spec(&format!("web-{i}"), "web");
-        ids.push(
-            create_vm(&c, spec, DesiredState::Unspecified)
-                .await
-                .expect("create"),
-        );
+        ids.push(create_vm(&c, spec).await.expect("create"));
     }
     let placement: HashMap<String, String> =
         eventually(Duration::from_secs(30), "3 VMs running", || {
@@ -363,7 +359,7 @@ async fn draining_moves_every_vm_one_update_domain_at_a_time() {
             .unwrap()
             .labels
             .insert("fabric.placement/strategy".into(), "spread".into());
-        ids.push(create_vm(&c, s, DesiredState::Unspecified).await.unwrap());
+        ids.push(create_vm(&c, s).await.unwrap());
     }
     let before = eventually(Duration::from_secs(30), "8 VMs running", || {
         running_placement(&c, &ids)

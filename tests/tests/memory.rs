@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use fabric_agent::sim::MEMORY_DEMAND_LABEL;
 use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::{
-    CordonHostRequest, DesiredState, Event, EventKind, Placement, UncordonHostRequest, VmPhase,
-    VmSpec, WatchEventsRequest,
+    CordonHostRequest, Event, EventKind, Placement, UncordonHostRequest, VmPhase, VmSpec,
+    WatchEventsRequest,
 };
 use fabric_test_support::cluster::{Controller, SimHost, SimHostSpec, Timing};
 use fabric_test_support::compute::{
@@ -118,9 +118,7 @@ async fn uncordon(c: &mut ComputeClient<Channel>, host_id: &str) {
 }
 
 async fn create(c: &ComputeClient<Channel>, spec: VmSpec) -> String {
-    create_vm(c, spec, DesiredState::Unspecified)
-        .await
-        .expect("create")
+    create_vm(c, spec).await.expect("create")
 }
 
 /// Waits until `vm_id` runs on `host_id`.

@@ -10,9 +10,8 @@ use anyhow::Context;
 use clap::Parser;
 use fabric_bench::stats::percentile;
 use fabric_proto::v1::compute_client::ComputeClient;
-use fabric_proto::v1::DesiredState;
+use fabric_proto::v1::{CreateVmRequest, DesiredState};
 use fabric_test_support::cluster::{controller_command, path_appears, unix_channel, Process};
-use fabric_test_support::compute::create_vm;
 use fabric_test_support::vmspec::simulated_vm;
 
 #[derive(Parser)]
@@ -51,7 +50,7 @@ async fn run(args: &Args, clients: usize) -> anyhow::Result<(f64, Vec<f64>)> {
     let began = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..clients {
-        let client = ComputeClient::new(channel.clone());
+        let mut client = ComputeClient::new(channel.clone());
         let latencies = latencies.clone();
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
@@ -59,7 +58,13 @@ async fn run(args: &Args, clients: usize) -> anyhow::Result<(f64, Vec<f64>)> {
             while Instant::now() < deadline {
                 let spec = simulated_vm(&format!("b-{w}-{i}"));
                 let t = Instant::now();
-                create_vm(&client, spec, DesiredState::Stopped)
+                // Stopped: the controller stores the VM and places nothing.
+                let request = CreateVmRequest {
+                    spec: Some(spec),
+                    desired_state: DesiredState::Stopped as i32,
+                };
+                client
+                    .create_vm(request)
                     .await
                     .map_err(|s| anyhow::anyhow!("CreateVm: {s}"))?;
                 mine.push(t.elapsed().as_secs_f64() * 1000.0);

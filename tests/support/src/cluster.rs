@@ -11,6 +11,8 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::host::tail_lines;
+
 /// A binary of this workspace, built by `cargo test --workspace` (or `cargo build`) next to
 /// the test executable (`target/<profile>/deps/..`), or next to the running workspace binary
 /// when that is not a test (a benchmark in `target/<profile>`).
@@ -122,9 +124,10 @@ impl Process {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        tail_lines(
+            &std::fs::read_to_string(&self.log).unwrap_or_default(),
+            lines,
+        )
     }
 }
 

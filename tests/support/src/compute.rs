@@ -33,21 +33,14 @@ pub async fn host_id(client: &ComputeClient<Channel>, name: &str) -> String {
         .id
 }
 
-/// Creates a VM of `spec` in `desired_state`; its id.
-pub async fn create_vm(
-    client: &ComputeClient<Channel>,
-    spec: VmSpec,
-    desired_state: DesiredState,
-) -> Result<String, Status> {
+/// Creates a VM of `spec` to run (the default desired state); its id.
+pub async fn create_vm(client: &ComputeClient<Channel>, spec: VmSpec) -> Result<String, Status> {
     let mut client = client.clone();
-    Ok(client
-        .create_vm(CreateVmRequest {
-            spec: Some(spec),
-            desired_state: desired_state as i32,
-        })
-        .await?
-        .into_inner()
-        .id)
+    let request = CreateVmRequest {
+        spec: Some(spec),
+        desired_state: DesiredState::Unspecified as i32,
+    };
+    Ok(client.create_vm(request).await?.into_inner().id)
 }
 
 /// VM `id`'s status; None while GetVm fails or the VM has none.

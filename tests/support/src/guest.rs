@@ -333,8 +333,7 @@ impl Drop for Guest {
 
 /// The last lines of a console, for failure messages.
 pub fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    crate::host::tail_lines(text, 40)
 }
 
 /// A tokio runtime for control-socket calls from synchronous tests.

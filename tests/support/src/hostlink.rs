@@ -211,10 +211,10 @@ impl HostLink for Shared {
         &self,
         request: Request<WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
-        let request = request.into_inner();
+        let WatchAssignmentsRequest { host_id } = request.into_inner();
         let mut state = self.lock();
-        if !state.host_id_known(&request.host_id) {
-            return Err(Status::not_found(format!("host {}", request.host_id)));
+        if !state.host_id_known(&host_id) {
+            return Err(Status::not_found(format!("host {host_id}")));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         // The first message of every stream is the complete set.

@@ -14,6 +14,9 @@
 //! - [`netns`]: network namespaces a test makes for itself, taps and raw packet sockets.
 //! - [`process`]: what `/proc` says about a process, and finding a test's processes.
 //!
+//! A test that runs fabric-vmm starts with [`skip_without_kvm!`] (or [`image_or_skip!`] when it
+//! boots the guest image), which returns early, saying why, on a host without `/dev/kvm`.
+//!
 //! It depends on no crate of the workspace but the protocol, so every crate's tests may use
 //! it. The binaries it starts are the workspace's own, found by [`cluster::workspace_bin`]:
 //! `cargo test --workspace` builds them; a single crate's tests need `cargo build --workspace`

@@ -16,6 +16,7 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use tonic::transport::Channel;
 
 use crate::cluster::{unix_channel, wait_for_path, workspace_bin, Process, Timing};
+use crate::host::tail_lines;
 use crate::image::Image;
 use crate::process;
 
@@ -347,9 +348,7 @@ impl Drop for NetCluster {
             if panicking {
                 for (pid, vm) in host.vmms() {
                     eprintln!("--- {} VM {vm} (pid {pid}) console tail ---", host.name);
-                    let console = host.console(&vm);
-                    let lines: Vec<&str> = console.lines().collect();
-                    eprintln!("{}", lines[lines.len().saturating_sub(5)..].join("\n"));
+                    eprintln!("{}", tail_lines(&host.console(&vm), 5));
                 }
             }
             host.agent = None; // kills the agent
