@@ -427,32 +427,20 @@ fn hosts_cordon_uncordon_drain() {
         ]
     );
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let host_id = runtime.block_on(async {
-        let channel = fabric_controller::cli::connect(&controller.address())
-            .await
-            .expect("connect");
-        let mut link = fabric_proto::v1::host_link_client::HostLinkClient::new(channel);
-        let resources = |cpus, memory_mib| fabric_proto::v1::Resources { cpus, memory_mib };
-        link.register_host(fabric_proto::v1::RegisterHostRequest {
+    let (runtime, mut link) = fake_agent_link(&controller);
+    let host_id = register(
+        &runtime,
+        &mut link,
+        fabric_proto::v1::RegisterHostRequest {
             machine_id: "machine-1".into(),
-            name: "node-1".into(),
-            zone: "z1".into(),
             fault_domain: 3,
             update_domain: 4,
             capacity: Some(resources(32, 65536)),
             allocatable: Some(resources(30, 60000)),
             agent_address: "127.0.0.1:7071".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("register")
-        .into_inner()
-        .host_id
-    });
+            ..fake_host("node-1")
+        },
+    );
 
     let table = controller.ok(&["host", "list"]);
     let row = table_row(&table, &host_id);
@@ -595,7 +583,36 @@ fn fake_agent_link(
     (runtime, link)
 }
 
-/// Registers (again) the host `name` (machine `machine-NAME`, 8 CPUs, 8 GiB); its id.
+fn resources(cpus: u32, memory_mib: u64) -> fabric_proto::v1::Resources {
+    fabric_proto::v1::Resources { cpus, memory_mib }
+}
+
+/// Host `name` of zone z1 (machine `machine-NAME`, 8 CPUs, 8 GiB).
+fn fake_host(name: &str) -> fabric_proto::v1::RegisterHostRequest {
+    fabric_proto::v1::RegisterHostRequest {
+        machine_id: format!("machine-{name}"),
+        name: name.into(),
+        zone: "z1".into(),
+        capacity: Some(resources(8, 8192)),
+        allocatable: Some(resources(8, 8192)),
+        ..Default::default()
+    }
+}
+
+/// Registers (again) the host `request` describes; its id.
+fn register(
+    runtime: &tokio::runtime::Runtime,
+    link: &mut fabric_proto::v1::host_link_client::HostLinkClient<tonic::transport::Channel>,
+    request: fabric_proto::v1::RegisterHostRequest,
+) -> String {
+    runtime
+        .block_on(link.register_host(request))
+        .expect("register")
+        .into_inner()
+        .host_id
+}
+
+/// Registers (again) the host `name` (see [`fake_host`]); its id.
 fn register_fake_host(
     runtime: &tokio::runtime::Runtime,
     link: &mut fabric_proto::v1::host_link_client::HostLinkClient<tonic::transport::Channel>,
@@ -612,20 +629,10 @@ fn register_fake_host_session(
     name: &str,
     previous_session: u64,
 ) -> (String, u64) {
-    use fabric_proto::v1::{RegisterHostRequest, Resources};
-    let resources = Resources {
-        cpus: 8,
-        memory_mib: 8192,
-    };
     let response = runtime
-        .block_on(link.register_host(RegisterHostRequest {
-            machine_id: format!("machine-{name}"),
-            name: name.into(),
-            zone: "z1".into(),
-            capacity: Some(resources),
-            allocatable: Some(resources),
+        .block_on(link.register_host(fabric_proto::v1::RegisterHostRequest {
             previous_session,
-            ..Default::default()
+            ..fake_host(name)
         }))
         .expect("register")
         .into_inner();

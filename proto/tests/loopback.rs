@@ -11,7 +11,6 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -27,10 +26,10 @@ use fabric_proto::v1::images_server::{Images, ImagesServer};
 use fabric_proto::v1::vmm_client::VmmClient;
 use fabric_proto::v1::vmm_server::{Vmm, VmmServer};
 use fabric_proto::v1::*;
+use fabric_test_support::hostlink::{pull_image_responses, sha256_hex, stream_of, ServerStream};
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -40,12 +39,6 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
-
-type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-fn stream_of<T: Send + 'static>(items: Vec<T>) -> ServerStream<T> {
-    Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))
-}
 
 fn not_needed<T>() -> Result<T, Status> {
     Err(Status::unimplemented("not exercised by this test"))
@@ -163,10 +156,14 @@ impl Compute for TestCompute {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let request = request.into_inner();
-        let events = (request.since_sequence + 1..=request.since_sequence + 3)
+        let WatchEventsRequest {
+            since_sequence,
+            vm_id,
+            ..
+        } = request.into_inner();
+        let events = (since_sequence + 1..=since_sequence + 3)
             .map(|sequence| Event {
-                vm_id: request.vm_id.clone(),
+                vm_id: vm_id.clone(),
                 ..event(sequence)
             })
             .collect();
@@ -269,7 +266,7 @@ impl Images for TestImages {
                 data.len()
             )));
         }
-        let digest = hex::encode(Sha256::digest(&data));
+        let digest = sha256_hex(&data);
         if digest != header.sha256 {
             return Err(Status::invalid_argument(format!(
                 "declared sha256 {}, received {digest}",
@@ -312,32 +309,19 @@ impl Images for TestImages {
         &self,
         request: Request<PullImageRequest>,
     ) -> Result<Response<Self::PullImageStream>, Status> {
-        let request = request.into_inner();
         let files = self
             .files
             .lock()
             .expect("no test panics while holding the lock");
+        let sha256 = &request.get_ref().sha256;
         let data = files
-            .get(&request.sha256)
-            .ok_or_else(|| Status::not_found(format!("no file with sha256 {}", request.sha256)))?;
-        let rest = usize::try_from(request.offset)
-            .ok()
-            .and_then(|offset| data.get(offset..))
-            .ok_or_else(|| Status::out_of_range(format!("offset {}", request.offset)))?;
-        let mut messages = vec![PullImageResponse {
-            part: Some(pull_image_response::Part::Header(PullImageHeader {
-                sha256: request.sha256.clone(),
-                size_bytes: data.len() as u64,
-                offset: request.offset,
-            })),
-        }];
-        messages.extend(
-            rest.chunks(PULL_CHUNK_BYTES)
-                .map(|chunk| PullImageResponse {
-                    part: Some(pull_image_response::Part::Data(chunk.to_vec())),
-                }),
-        );
-        Ok(Response::new(stream_of(messages)))
+            .get(sha256)
+            .ok_or_else(|| Status::not_found(format!("no file with sha256 {sha256}")))?;
+        Ok(Response::new(pull_image_responses(
+            request.get_ref(),
+            data,
+            PULL_CHUNK_BYTES,
+        )?))
     }
 }
 
@@ -679,7 +663,7 @@ async fn images_push_then_pull_by_digest() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut images = ImagesClient::new(serve(true).await);
         let kernel: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let digest = hex::encode(Sha256::digest(&kernel));
+        let digest = sha256_hex(&kernel);
 
         let push = |sha256: String| {
             let mut messages = vec![PushImageRequest {

@@ -7,28 +7,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::{
-    BootImage, CreateVmRequest, EventKind, GetHostRequest, GetVmRequest, HostState, ListVmsRequest,
-    MemorySpec, Placement, VmPhase, VmSpec, WatchEventsRequest,
+    CreateVmRequest, EventKind, GetHostRequest, GetVmRequest, HostState, ListVmsRequest, Placement,
+    VmPhase, VmSpec, WatchEventsRequest,
 };
-use fabric_test_support::cluster::{eventually, ready_hosts, Controller, SimHost, Timing};
+use fabric_test_support::cluster::{Controller, SimHost, Timing};
+use fabric_test_support::compute::{
+    create_vm, eventually, ready_hosts, running_placement, vm_status,
+};
+use fabric_test_support::vmspec::simulated_vm;
 
+/// A VM a simulated host runs, in availability set `set` ("" for none).
 fn spec(name: &str, set: &str) -> VmSpec {
     VmSpec {
-        name: name.to_string(),
-        vcpus: 1,
-        memory: Some(MemorySpec {
-            startup_mib: 256,
-            ..Default::default()
-        }),
-        image: Some(BootImage {
-            kernel_sha256: "0".repeat(64),
-            ..Default::default()
-        }),
         placement: Some(Placement {
             availability_set: set.to_string(),
             ..Default::default()
         }),
-        ..Default::default()
+        ..simulated_vm(name)
     }
 }
 
@@ -68,7 +63,7 @@ async fn acknowledged_creates_survive_sigkill_with_their_placement() {
     // Let creates and placements flow until at least 50 are acknowledged and some of them
     // placed (noted), then kill while the writers keep going.
     let mut placed_before: HashMap<String, String> = HashMap::new();
-    let mut c = client.clone();
+    let c = client.clone();
     let flowing_by = Instant::now() + Duration::from_secs(60);
     while placed_before.is_empty() || acked.lock().unwrap().len() < 50 {
         assert!(
@@ -86,11 +81,9 @@ async fn acknowledged_creates_survive_sigkill_with_their_placement() {
             .map(|(id, _)| id.clone())
             .collect();
         for id in sample {
-            if let Ok(vm) = c.get_vm(GetVmRequest { id: id.clone() }).await {
-                let host = vm.into_inner().status.unwrap_or_default().host_id;
-                if !host.is_empty() {
-                    placed_before.insert(id, host);
-                }
+            let host = vm_status(&c, &id).await.unwrap_or_default().host_id;
+            if !host.is_empty() {
+                placed_before.insert(id, host);
             }
         }
     }
@@ -212,36 +205,12 @@ async fn a_dead_hosts_vms_move_only_after_the_fencing_window() {
     // An availability set of 3 spreads over the 3 fault domains: one VM per host.
     let mut ids = Vec::new();
     for i in 0..3 {
-        let vm = c
-            .create_vm(CreateVmRequest {
-                spec: Some(spec(&format!("web-{i}"), "web")),
-                desired_state: 0,
-            })
-            .await
-            .expect("create")
-            .into_inner();
-        ids.push(vm.id);
+        let spec = spec(&format!("web-{i}"), "web");
+        ids.push(create_vm(&c, spec).await.expect("create"));
     }
     let placement: HashMap<String, String> =
         eventually(Duration::from_secs(30), "3 VMs running", || {
-            let mut c = c.clone();
-            let ids = ids.clone();
-            async move {
-                let mut placed = HashMap::new();
-                for id in ids {
-                    let vm = c
-                        .get_vm(GetVmRequest { id: id.clone() })
-                        .await
-                        .ok()?
-                        .into_inner();
-                    let status = vm.status.unwrap_or_default();
-                    if status.phase() != VmPhase::Running {
-                        return None;
-                    }
-                    placed.insert(id, status.host_id);
-                }
-                Some(placed)
-            }
+            running_placement(&c, &ids)
         })
         .await;
     let distinct: std::collections::HashSet<_> = placement.values().collect();
@@ -390,41 +359,10 @@ async fn draining_moves_every_vm_one_update_domain_at_a_time() {
             .unwrap()
             .labels
             .insert("fabric.placement/strategy".into(), "spread".into());
-        ids.push(
-            c.create_vm(CreateVmRequest {
-                spec: Some(s),
-                desired_state: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .id,
-        );
+        ids.push(create_vm(&c, s).await.unwrap());
     }
-    let running =
-        |c: &fabric_proto::v1::compute_client::ComputeClient<tonic::transport::Channel>,
-         ids: Vec<String>| {
-            let mut c = c.clone();
-            async move {
-                let mut on = HashMap::new();
-                for id in ids {
-                    let s = c
-                        .get_vm(GetVmRequest { id: id.clone() })
-                        .await
-                        .ok()?
-                        .into_inner()
-                        .status
-                        .unwrap_or_default();
-                    if s.phase() != VmPhase::Running {
-                        return None;
-                    }
-                    on.insert(id, s.host_id);
-                }
-                Some(on)
-            }
-        };
     let before = eventually(Duration::from_secs(30), "8 VMs running", || {
-        running(&c, ids.clone())
+        running_placement(&c, &ids)
     })
     .await;
     let (h0, h2) = (host_ids["h0"].clone(), host_ids["h2"].clone());
@@ -456,14 +394,9 @@ async fn draining_moves_every_vm_one_update_domain_at_a_time() {
     let after = eventually(
         Duration::from_secs(60),
         "all VMs running off the drained hosts",
-        || {
-            let c = c.clone();
-            let ids = ids.clone();
-            let (h0, h2) = (h0.clone(), h2.clone());
-            async move {
-                let on = running(&c, ids).await?;
-                on.values().all(|h| *h != h0 && *h != h2).then_some(on)
-            }
+        || async {
+            let on = running_placement(&c, &ids).await?;
+            on.values().all(|h| *h != h0 && *h != h2).then_some(on)
         },
     )
     .await;

@@ -16,30 +16,15 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::compute_client::ComputeClient;
-use fabric_proto::v1::{
-    DrainHostRequest, GetHostRequest, GetVmRequest, HostState, ListHostsRequest, VmPhase,
-};
-use fabric_test_support::cluster::{eventually, ready_hosts, Timing};
+use fabric_proto::v1::{DrainHostRequest, GetHostRequest, GetVmRequest, HostState, VmPhase};
+use fabric_test_support::cluster::Timing;
+use fabric_test_support::compute::{eventually, host_id, ready_hosts, wait_running};
 use fabric_test_support::image::Image;
 use fabric_test_support::netcluster::NetCluster;
+use fabric_test_support::skip_without_kvm;
 use tonic::transport::Channel;
 
 const BOOT: Duration = Duration::from_secs(600);
-
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED e2e: /dev/kvm is not usable here ({e}); these tests need KVM");
-            println!("SKIPPED e2e: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
-}
 
 async fn host_name(c: &mut ComputeClient<Channel>, id: &str) -> String {
     c.get_host(GetHostRequest { id: id.to_string() })
@@ -56,27 +41,10 @@ async fn running_on(
     not_on: &[String],
     timeout: Duration,
 ) -> String {
-    eventually(
-        timeout,
-        &format!("VM {id} running (not on {not_on:?})"),
-        || {
-            let mut c = c.clone();
-            let id = id.to_string();
-            let not_on = not_on.to_vec();
-            async move {
-                let s = c
-                    .get_vm(GetVmRequest { id })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .status?;
-                (s.phase() == VmPhase::Running
-                    && !s.host_id.is_empty()
-                    && !not_on.contains(&s.host_id))
-                .then_some(s.host_id)
-            }
-        },
-    )
+    let what = format!("VM {id} running (not on {not_on:?})");
+    wait_running(c, id, timeout, &what, |host| {
+        !not_on.iter().any(|h| h == host)
+    })
     .await
 }
 
@@ -94,10 +62,8 @@ fn wait_marker(cluster: &NetCluster, host: usize, vm: &str, marker: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_places_heals_fences_and_drains_real_guests() {
-    if !kvm_available() {
-        return;
-    }
-    let image = Image::load().expect("guest image: run images/build.sh");
+    skip_without_kvm!("e2e");
+    let image = Image::built();
     let mode = image.manifest.mode().clone();
     // The lease must outlast step 2's controller restart: from an agent's last good heartbeat
     // (up to an interval before the kill) through the new process starting, opening its store
@@ -111,55 +77,19 @@ async fn a_cluster_places_heals_fences_and_drains_real_guests() {
     let mut cluster = NetCluster::start(4, 4, 2, timing);
     let mut c = cluster.compute().await;
     ready_hosts(&c, 4, Duration::from_secs(60)).await;
-    let kernel = image.path("vmlinuz");
-    cluster.fabricctl(&[
-        "image",
-        "push",
-        kernel.to_str().unwrap(),
-        "--name",
-        "default",
-        "--role",
-        "kernel",
-    ]);
-    if image.manifest.use_initramfs {
-        let initramfs = image.path("initramfs.cpio.gz");
-        cluster.fabricctl(&[
-            "image",
-            "push",
-            initramfs.to_str().unwrap(),
-            "--name",
-            "default",
-            "--role",
-            "initramfs",
-        ]);
-    }
+    cluster.push_guest_image(&image);
 
     // 1. An availability set of 3.
-    let mut vms = Vec::new();
-    for i in 0..3 {
-        let out = cluster.fabricctl(&[
-            "vm",
-            "create",
-            "--name",
-            &format!("web-{i}"),
-            "--vcpus",
-            "1",
-            "--memory",
-            "256",
-            "--image",
-            "default",
-            "--cmdline",
-            &mode.cmdline,
-            "--nic",
-            "default",
-            "--availability-set",
-            "web",
-            "-o",
-            "json",
-        ]);
-        let json: serde_json::Value = serde_json::from_str(&out).expect("vm create -o json");
-        vms.push(json["id"].as_str().expect("id").to_string());
-    }
+    let vms: Vec<String> = (0..3)
+        .map(|i| {
+            cluster.create_vm(
+                &format!("web-{i}"),
+                256,
+                &mode.cmdline,
+                &["--availability-set", "web"],
+            )
+        })
+        .collect();
     let mut placement: HashMap<String, usize> = HashMap::new();
     for id in &vms {
         let host_id = running_on(&c, id, &[], BOOT).await;
@@ -238,19 +168,7 @@ async fn a_cluster_places_heals_fences_and_drains_real_guests() {
     // 3. Host death.
     let victim = vms[0].clone();
     let dead = placement[&victim];
-    let dead_id = {
-        let hosts = c
-            .list_hosts(ListHostsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .hosts;
-        hosts
-            .into_iter()
-            .find(|h| h.name == cluster.hosts[dead].name)
-            .unwrap()
-            .id
-    };
+    let dead_id = host_id(&c, &cluster.hosts[dead].name).await;
     let killed = Instant::now();
     cluster.hosts[dead].kill();
     let new_host_id = running_on(
@@ -279,19 +197,7 @@ async fn a_cluster_places_heals_fences_and_drains_real_guests() {
     // 4. Partition: fence before failover, never two copies.
     let moved = vms[1].clone();
     let cut = placement[&moved];
-    let cut_id = {
-        let hosts = c
-            .list_hosts(ListHostsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .hosts;
-        hosts
-            .into_iter()
-            .find(|h| h.name == cluster.hosts[cut].name)
-            .unwrap()
-            .id
-    };
+    let cut_id = host_id(&c, &cluster.hosts[cut].name).await;
     let old_pid = cluster.hosts[cut]
         .record(&moved, "pid")
         .unwrap()
@@ -371,19 +277,7 @@ async fn a_cluster_places_heals_fences_and_drains_real_guests() {
     // 5. Drain the host of the third VM.
     let third = vms[2].clone();
     let drained = placement[&third];
-    let drained_id = {
-        let hosts = c
-            .list_hosts(ListHostsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .hosts;
-        hosts
-            .into_iter()
-            .find(|h| h.name == cluster.hosts[drained].name)
-            .unwrap()
-            .id
-    };
+    let drained_id = host_id(&c, &cluster.hosts[drained].name).await;
     let on_drained: Vec<String> = placement
         .iter()
         .filter(|(_, h)| **h == drained)

@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use fabric_proto::v1::{BootImage, CreateVmRequest, GetVmRequest, MemorySpec, VmPhase, VmSpec};
 use fabric_test_support::cluster::{
-    eventually, ready_hosts, wait_for_path, workspace_bin, Controller, Process, SimHost, Timing,
+    wait_for_path, workspace_bin, Controller, Process, SimHost, Timing,
 };
+use fabric_test_support::compute::{eventually, ready_hosts};
 use fabric_test_support::guest::kvm_available;
 use serde_json::{json, Value};
 

@@ -14,9 +14,8 @@ use fabric_proto::v1::{
     BootImage, CreateVmRequest, GetVmRequest, ListLocalVmsRequest, MemorySpec, ObservedPhase,
     VmPhase, VmSpec,
 };
-use fabric_test_support::cluster::{
-    eventually, ready_hosts, unix_channel, Controller, SimHost, SimHostSpec, Timing,
-};
+use fabric_test_support::cluster::{unix_channel, Controller, SimHost, SimHostSpec, Timing};
+use fabric_test_support::compute::{eventually, ready_hosts};
 use tonic::transport::Channel;
 
 fn spec(name: &str) -> VmSpec {

@@ -11,13 +11,14 @@ use std::time::{Duration, SystemTime};
 use fabric_agent::sim::MEMORY_DEMAND_LABEL;
 use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::{
-    BootImage, CordonHostRequest, CreateVmRequest, Event, EventKind, GetVmRequest,
-    ListHostsRequest, MemorySpec, Placement, UncordonHostRequest, VmPhase, VmSpec,
+    CordonHostRequest, Event, EventKind, Placement, UncordonHostRequest, VmPhase, VmSpec,
     WatchEventsRequest,
 };
-use fabric_test_support::cluster::{
-    eventually, ready_hosts_where, Controller, SimHost, SimHostSpec, Timing,
+use fabric_test_support::cluster::{Controller, SimHost, SimHostSpec, Timing};
+use fabric_test_support::compute::{
+    create_vm, eventually, list_hosts, ready_hosts_where, vm_status, wait_running,
 };
+use fabric_test_support::vmspec::{memory, simulated_vm};
 use tonic::transport::Channel;
 
 /// The relief window the controller runs with, seconds.
@@ -27,18 +28,7 @@ const WINDOW_S: f64 = 4.0;
 /// simulated guest uses 40 % of its startup memory, 204 MiB: it wants 245 MiB.
 fn spec(name: &str, demand_mib: Option<u64>) -> VmSpec {
     VmSpec {
-        name: name.to_string(),
-        vcpus: 1,
-        memory: Some(MemorySpec {
-            startup_mib: 512,
-            minimum_mib: 128,
-            maximum_mib: 1024,
-            ..Default::default()
-        }),
-        image: Some(BootImage {
-            kernel_sha256: "0".repeat(64),
-            ..Default::default()
-        }),
+        memory: Some(memory(512, 128, 1024)),
         placement: Some(Placement {
             labels: demand_mib
                 .map(|d| (MEMORY_DEMAND_LABEL.to_string(), d.to_string()))
@@ -46,7 +36,7 @@ fn spec(name: &str, demand_mib: Option<u64>) -> VmSpec {
                 .collect(),
             ..Default::default()
         }),
-        ..Default::default()
+        ..simulated_vm(name)
     }
 }
 
@@ -127,33 +117,13 @@ async fn uncordon(c: &mut ComputeClient<Channel>, host_id: &str) {
     .expect("uncordon");
 }
 
-async fn create(c: &mut ComputeClient<Channel>, spec: VmSpec) -> String {
-    c.create_vm(CreateVmRequest {
-        spec: Some(spec),
-        desired_state: 0,
-    })
-    .await
-    .expect("create")
-    .into_inner()
-    .id
+async fn create(c: &ComputeClient<Channel>, spec: VmSpec) -> String {
+    create_vm(c, spec).await.expect("create")
 }
 
 /// Waits until `vm_id` runs on `host_id`.
 async fn running_on(c: &ComputeClient<Channel>, vm_id: &str, host_id: &str, what: &str) {
-    eventually(Duration::from_secs(60), what, || {
-        let mut c = c.clone();
-        let (vm_id, host_id) = (vm_id.to_string(), host_id.to_string());
-        async move {
-            let status = c
-                .get_vm(GetVmRequest { id: vm_id })
-                .await
-                .ok()?
-                .into_inner()
-                .status?;
-            (status.phase() == VmPhase::Running && status.host_id == host_id).then_some(())
-        }
-    })
-    .await;
+    wait_running(c, vm_id, Duration::from_secs(60), what, |on| on == host_id).await;
 }
 
 /// A controller relieving memory after [`WINDOW_S`] and simulated hosts, every one ready and
@@ -225,18 +195,18 @@ async fn an_over_committed_host_has_a_vm_moved_to_the_host_with_the_most_room() 
     // The idle VMs on h0: the only open host while they are placed.
     cordon(&mut c, &h1).await;
     cordon(&mut c, &h2).await;
-    let idle_a = create(&mut c, spec("idle-a", None)).await;
-    let idle_b = create(&mut c, spec("idle-b", None)).await;
+    let idle_a = create(&c, spec("idle-a", None)).await;
+    let idle_b = create(&c, spec("idle-b", None)).await;
     running_on(&c, &idle_a, &h0, "idle-a running on h0").await;
     running_on(&c, &idle_b, &h0, "idle-b running on h0").await;
     uncordon(&mut c, &h1).await;
     uncordon(&mut c, &h2).await;
-    let steady = create(&mut c, in_zone(spec("steady", None), "z2")).await;
+    let steady = create(&c, in_zone(spec("steady", None), "z2")).await;
     running_on(&c, &steady, &h2, "steady running on h2").await;
 
     // The hungry VM over-commits h0.
     let events = record_events(&c);
-    let hungry = create(&mut c, in_zone(spec("hungry", Some(700)), "z0")).await;
+    let hungry = create(&c, in_zone(spec("hungry", Some(700)), "z0")).await;
     running_on(&c, &hungry, &h0, "hungry running on h0").await;
 
     let expected_mover = idle_a.clone().min(idle_b.clone());
@@ -355,23 +325,10 @@ async fn an_over_committed_host_has_a_vm_moved_to_the_host_with_the_most_room() 
     assert_eq!(scheduled.len(), 1, "{log}");
     assert_eq!(scheduled[0].host_id, h1, "{log}");
     assert_eq!(scheduled[0].reason, "MemoryRelief", "{log}");
-    let mover = c
-        .get_vm(GetVmRequest {
-            id: expected_mover.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let status = mover.status.unwrap();
+    let status = vm_status(&c, &expected_mover).await.unwrap();
     assert_eq!((&status.host_id, status.phase()), (&h1, VmPhase::Running));
     for (vm, host) in [(&steady, &h2), (&stays_on_h0, &h0), (&hungry, &h0)] {
-        let status = c
-            .get_vm(GetVmRequest { id: vm.clone() })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
+        let status = vm_status(&c, vm).await.unwrap();
         assert_eq!(
             (&status.host_id, status.phase()),
             (host, VmPhase::Running),
@@ -380,13 +337,7 @@ async fn an_over_committed_host_has_a_vm_moved_to_the_host_with_the_most_room() 
         );
     }
     // No host is short any more.
-    let hosts = c
-        .list_hosts(ListHostsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .hosts;
-    for host in hosts {
+    for host in list_hosts(&c).await.unwrap() {
         let balance = host.usage.and_then(|u| u.memory_balance).unwrap();
         assert!(
             !balance.short,
@@ -406,7 +357,7 @@ async fn a_short_host_without_a_destination_gets_a_reason_not_a_move() {
     cordon(&mut c, &s1).await;
     let events = record_events(&c);
     // One VM whose guest uses 700 MiB on a 600 MiB budget: short whatever is shared.
-    let big = create(&mut c, spec("big", Some(700))).await;
+    let big = create(&c, spec("big", Some(700))).await;
     running_on(&c, &big, &s0, "big running on s0").await;
     let blocked = eventually(
         Duration::from_secs(60),
@@ -438,13 +389,7 @@ async fn a_short_host_without_a_destination_gets_a_reason_not_a_move() {
         "{}",
         blocked.message
     );
-    let status = c
-        .get_vm(GetVmRequest { id: big.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = vm_status(&c, &big).await.unwrap();
     assert_eq!(status.host_id, s0, "moved although nowhere had room");
     assert!(
         !events

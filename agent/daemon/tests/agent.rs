@@ -22,23 +22,25 @@
 //! - a controller that forgot the host (NOT_FOUND) makes the agent stop its VMs and register
 //!   again.
 
-use fabric_test_support::guest as common;
-use fabric_test_support::{host, hostlink};
+use fabric_test_support::guest::{tail, Image, BOOT_TIMEOUT};
+use fabric_test_support::host::{self, HostOptions, Proc, TestHost, AGENT_TIMEOUT};
+use fabric_test_support::host::{BRIDGE, GATEWAY, NETWORK};
+use fabric_test_support::hostlink::{registered_host, sha256_hex, FakeController, LEASE_TTL};
+use fabric_test_support::skip_without_kvm;
+use fabric_test_support::vmspec::{assignment, memory, vm_spec};
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, Image, BOOT_TIMEOUT};
 use fabric_agent::sim::MEMORY_DEMAND_LABEL;
 use fabric_proto::v1::agent_client::AgentClient;
 use fabric_proto::v1::{
-    Assignment, BootImage, DesiredState, GetLocalVmRequest, GetStateRequest, HeartbeatRequest,
-    ListLocalVmsRequest, LocalVm, MemorySpec, NicSpec, ObservedPhase, ObservedVm, Placement,
-    RestartPolicy, StreamConsoleRequest, VmSpec,
+    Assignment, ConsoleChunk, GetLocalVmRequest, GetStateRequest, HeartbeatRequest,
+    HostMemoryBalance, ListLocalVmsRequest, LocalVm, NicSpec, ObservedPhase, ObservedVm, Placement,
+    RestartPolicy, StreamConsoleRequest, VmMemoryBalance, VmSpec,
 };
-use host::{HostOptions, Proc, TestHost, AGENT_TIMEOUT, BRIDGE, GATEWAY, NETWORK};
-use hostlink::{sha256_hex, FakeController};
 use tonic::transport::Channel;
+use tonic::Streaming;
 
 /// From an assignment to a VMM process whose vCPUs run (image pull, tap, cgroup, spawn).
 const START_TIMEOUT: Duration = Duration::from_secs(180);
@@ -106,7 +108,7 @@ struct GuestImage {
 
 impl GuestImage {
     fn serve(controller: &FakeController) -> GuestImage {
-        let image = Image::load();
+        let image = Image::built();
         let kernel_sha256 = controller.add_image_file(&image.kernel());
         let initramfs_sha256 = if image.use_initramfs() {
             controller.add_image_file(&image.initramfs())
@@ -122,7 +124,7 @@ impl GuestImage {
 
     /// A 1-vCPU, 256 MiB VM of the default guest with one NIC on the default network.
     fn assignment(&self, vm_id: &str, policy: RestartPolicy, mac_index: u8) -> Assignment {
-        let mut spec = vm_spec(vm_id, &self.kernel_sha256, policy);
+        let mut spec = default_vm(vm_id, &self.kernel_sha256, policy);
         spec.image.as_mut().expect("image").initramfs_sha256 = self.initramfs_sha256.clone();
         spec.kernel_cmdline = self.image.cmdline();
         spec.nics = vec![NicSpec {
@@ -133,31 +135,20 @@ impl GuestImage {
     }
 }
 
-fn vm_spec(vm_id: &str, kernel_sha256: &str, policy: RestartPolicy) -> VmSpec {
-    VmSpec {
-        name: vm_id.to_string(),
-        vcpus: 1,
-        memory: Some(MemorySpec {
-            startup_mib: 256,
-            ..Default::default()
-        }),
-        image: Some(BootImage {
-            name: "default".into(),
-            kernel_sha256: kernel_sha256.to_string(),
-            ..Default::default()
-        }),
-        restart_policy: policy as i32,
-        ..Default::default()
-    }
+/// `assignment` with its kernel digest replaced by `kernel_sha256`.
+fn with_kernel(mut assignment: Assignment, kernel_sha256: &str) -> Assignment {
+    assignment
+        .spec
+        .as_mut()
+        .and_then(|s| s.image.as_mut())
+        .expect("image")
+        .kernel_sha256 = kernel_sha256.to_string();
+    assignment
 }
 
-fn assignment(vm_id: &str, spec: VmSpec) -> Assignment {
-    Assignment {
-        vm_id: vm_id.to_string(),
-        spec: Some(spec),
-        desired_state: DesiredState::Running as i32,
-        generation: 1,
-    }
+/// A 1-vCPU, 256 MiB VM of image "default" booting `kernel_sha256`.
+fn default_vm(vm_id: &str, kernel_sha256: &str, policy: RestartPolicy) -> VmSpec {
+    vm_spec(vm_id, memory(256, 0, 0), "default", kernel_sha256, policy)
 }
 
 async fn get_local_vm(client: &mut AgentClient<Channel>, vm_id: &str) -> LocalVm {
@@ -179,6 +170,23 @@ async fn list_local_vms(client: &mut AgentClient<Channel>) -> Vec<LocalVm> {
         .vms
 }
 
+/// A VM's console through the agent, from its start; with `follow`, what it prints next too.
+async fn stream_console(
+    client: &mut AgentClient<Channel>,
+    vm_id: &str,
+    follow: bool,
+) -> Streaming<ConsoleChunk> {
+    client
+        .stream_console(StreamConsoleRequest {
+            vm_id: vm_id.to_string(),
+            start: None,
+            follow,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StreamConsole {vm_id}: {e}"))
+        .into_inner()
+}
+
 /// Follows a VM's console through the agent until `needle` shows; checks that the chunks'
 /// offsets are contiguous from 0. Returns the console text.
 async fn console_until(
@@ -187,15 +195,7 @@ async fn console_until(
     needle: &str,
     timeout: Duration,
 ) -> String {
-    let mut stream = client
-        .stream_console(StreamConsoleRequest {
-            vm_id: vm_id.to_string(),
-            start: None,
-            follow: true,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StreamConsole {vm_id}: {e}"))
-        .into_inner();
+    let mut stream = stream_console(client, vm_id, true).await;
     let mut text = Vec::new();
     let outcome = tokio::time::timeout(timeout, async {
         loop {
@@ -223,26 +223,18 @@ async fn console_until(
         Ok(Ok(())) => text,
         Ok(Err(why)) => panic!(
             "{vm_id}: no {needle:?} on the console: {why}\n--- console ---\n{}",
-            common::tail(&text)
+            tail(&text)
         ),
         Err(_) => panic!(
             "{vm_id}: no {needle:?} on the console after {timeout:?}\n--- console ---\n{}",
-            common::tail(&text)
+            tail(&text)
         ),
     }
 }
 
 /// The retained console of a VM (no follow).
 async fn console_snapshot(client: &mut AgentClient<Channel>, vm_id: &str) -> String {
-    let mut stream = client
-        .stream_console(StreamConsoleRequest {
-            vm_id: vm_id.to_string(),
-            start: None,
-            follow: false,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StreamConsole {vm_id}: {e}"))
-        .into_inner();
+    let mut stream = stream_console(client, vm_id, false).await;
     let mut text = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(chunk) = stream.message().await.expect("console chunk") {
@@ -361,21 +353,12 @@ async fn vmm_state(socket: &str) -> (u32, Option<prost_types::Timestamp>, Durati
 
 #[test]
 fn an_assignment_boots_survives_agent_restarts_and_leaves_nothing_when_removed() {
-    if !kvm_available("agent: assignment lifecycle") {
-        return;
-    }
+    skip_without_kvm!("agent: assignment lifecycle");
     let _slot = kvm_slot();
     let rt = runtime();
-    let mut host = TestHost::new(HostOptions::kvm());
     // A lease long enough that the agent's restarts below stay well within it even on a busy
     // machine (a restart after the lease ran out would rightly fence the VM).
-    let controller = FakeController::start_with(
-        &host.controller_socket,
-        Duration::from_secs(15),
-        Duration::from_secs(1),
-    );
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let (mut host, controller) = registered_host(HostOptions::kvm(), Duration::from_secs(15));
 
     // Registration: who the host is, and its memory less the reserve.
     let registration = controller.registrations()[0].clone();
@@ -492,13 +475,13 @@ fn an_assignment_boots_survives_agent_restarts_and_leaves_nothing_when_removed()
     assert!(
         console.contains(&guest.image.ready_marker()),
         "the adopted VM's console lost its output:\n{}",
-        common::tail(&console)
+        tail(&console)
     );
     assert_eq!(
         console.matches("Linux version").count(),
         1,
         "the guest booted more than once:\n{}",
-        common::tail(&console)
+        tail(&console)
     );
     eprintln!("agent: kill -9 and restart: fabric-vmm {pid} adopted, uptime {uptime_before:?} -> {uptime_after:?}");
 
@@ -542,13 +525,9 @@ fn an_assignment_boots_survives_agent_restarts_and_leaves_nothing_when_removed()
 
 #[test]
 fn a_killed_vmm_is_restarted_under_always_and_not_under_never() {
-    if !kvm_available("agent: restart policies") {
-        return;
-    }
+    skip_without_kvm!("agent: restart policies");
     let _slot = kvm_slot();
-    let mut host = TestHost::new(HostOptions::kvm());
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
+    let (mut host, controller) = registered_host(HostOptions::kvm(), LEASE_TTL);
     let guest = GuestImage::serve(&controller);
     let (always, never) = ("vm-always", "vm-never");
     controller.set_assignments(vec![
@@ -614,19 +593,17 @@ fn a_killed_vmm_is_restarted_under_always_and_not_under_never() {
 
 #[test]
 fn a_controller_outage_within_the_lease_keeps_vms_and_a_longer_one_fences_them() {
-    if !kvm_available("agent: fencing") {
-        return;
-    }
+    skip_without_kvm!("agent: fencing");
     let _slot = kvm_slot();
     let rt = runtime();
     let lease_ttl = Duration::from_secs(4);
-    let mut host = TestHost::new(HostOptions {
-        stop_timeout_secs: 3,
-        ..HostOptions::kvm()
-    });
-    let mut controller =
-        FakeController::start_with(&host.controller_socket, lease_ttl, Duration::from_secs(1));
-    host.start_agent();
+    let (mut host, mut controller) = registered_host(
+        HostOptions {
+            stop_timeout_secs: 3,
+            ..HostOptions::kvm()
+        },
+        lease_ttl,
+    );
     let guest = GuestImage::serve(&controller);
     let vm_id = "vm-fence";
     controller.set_assignments(vec![guest.assignment(vm_id, RestartPolicy::Always, 1)]);
@@ -745,9 +722,7 @@ fn a_controller_outage_within_the_lease_keeps_vms_and_a_longer_one_fences_them()
 
 #[test]
 fn bad_inputs_show_on_the_vm_and_the_agent_keeps_serving() {
-    if !kvm_available("agent: bad inputs") {
-        return;
-    }
+    skip_without_kvm!("agent: bad inputs");
     let _slot = kvm_slot();
     let rt = runtime();
     let mut host = TestHost::new(HostOptions::kvm());
@@ -767,23 +742,17 @@ fn bad_inputs_show_on_the_vm_and_the_agent_keeps_serving() {
     // (ii) The controller serves bytes that are not what the digest says.
     let claimed = sha256_hex(b"the kernel the controller believes it has");
     controller.add_image_bytes(&claimed, b"something else entirely".to_vec());
-    let mut mismatch = guest.assignment("vm-mismatch", RestartPolicy::Always, 2);
-    mismatch
-        .spec
-        .as_mut()
-        .and_then(|s| s.image.as_mut())
-        .expect("image")
-        .kernel_sha256 = claimed.clone();
+    let mismatch = with_kernel(
+        guest.assignment("vm-mismatch", RestartPolicy::Always, 2),
+        &claimed,
+    );
 
     // (iii) A digest the controller does not have.
     let missing_digest = sha256_hex(b"never pushed");
-    let mut missing = guest.assignment("vm-missing", RestartPolicy::Always, 3);
-    missing
-        .spec
-        .as_mut()
-        .and_then(|s| s.image.as_mut())
-        .expect("image")
-        .kernel_sha256 = missing_digest;
+    let missing = with_kernel(
+        guest.assignment("vm-missing", RestartPolicy::Always, 3),
+        &missing_digest,
+    );
 
     // (iv) Someone already has the tap name the agent will want.
     let taken = "vm-taptaken";
@@ -853,18 +822,12 @@ fn bad_inputs_show_on_the_vm_and_the_agent_keeps_serving() {
 #[test]
 fn the_simulated_backend_runs_200_vms_without_processes() {
     let rt = runtime();
-    let mut host = TestHost::new(HostOptions::sim());
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
-    let kernel = b"a kernel the simulated backend never runs".repeat(100);
-    let kernel_sha256 = sha256_hex(&kernel);
-    controller.add_image_bytes(&kernel_sha256, kernel);
+    let (mut host, controller, kernel_sha256) = sim_host(HostOptions::sim());
 
     let ids: Vec<String> = (0..200).map(|i| format!("sim-{i:03}")).collect();
     let assignments = ids
         .iter()
-        .map(|id| assignment(id, vm_spec(id, &kernel_sha256, RestartPolicy::Always)))
+        .map(|id| assignment(id, default_vm(id, &kernel_sha256, RestartPolicy::Always)))
         .collect();
     let started = Instant::now();
     controller.set_assignments(assignments);
@@ -933,7 +896,7 @@ fn a_simulated_vm_that_cannot_start_is_reported_starting_while_the_agent_retries
     let (mut host, controller, kernel_sha256) = sim_host(HostOptions::sim());
     let vm_id = "cannot-start";
     // The simulated backend refuses 0 vCPUs at every start.
-    let mut spec = vm_spec(vm_id, &kernel_sha256, RestartPolicy::Never);
+    let mut spec = default_vm(vm_id, &kernel_sha256, RestartPolicy::Never);
     spec.vcpus = 0;
     let mark = controller.mark();
     controller.set_assignments(vec![assignment(vm_id, spec.clone())]);
@@ -982,21 +945,15 @@ fn a_simulated_vm_that_cannot_start_is_reported_starting_while_the_agent_retries
 
 #[test]
 fn a_controller_that_forgot_the_host_makes_the_agent_stop_its_vms_and_register_again() {
-    let mut host = TestHost::new(HostOptions {
+    let (mut host, controller, kernel_sha256) = sim_host(HostOptions {
         sim_start_delay_ms: 1500,
         ..HostOptions::sim()
     });
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
     let first_id = controller.host_id(&host.machine_id).expect("host id");
-    let kernel = b"sim kernel".to_vec();
-    let kernel_sha256 = sha256_hex(&kernel);
-    controller.add_image_bytes(&kernel_sha256, kernel);
     let vm_id = "sim-a";
     controller.set_assignments(vec![assignment(
         vm_id,
-        vm_spec(vm_id, &kernel_sha256, RestartPolicy::Always),
+        default_vm(vm_id, &kernel_sha256, RestartPolicy::Always),
     )]);
     let before = controller.wait_observed(vm_id, Duration::from_secs(60), |o| {
         phase(o) == ObservedPhase::Running
@@ -1046,13 +1003,8 @@ fn a_controller_that_forgot_the_host_makes_the_agent_stop_its_vms_and_register_a
 /// memory (`[sim] memory_used_percent`): 204 MiB, so its target is 204 × 1.2 = 245 MiB
 /// (balloon 1024 − 245 = 779).
 fn dynamic_memory_assignment(vm_id: &str, kernel_sha256: &str, demand: Option<&str>) -> Assignment {
-    let mut spec = vm_spec(vm_id, kernel_sha256, RestartPolicy::Always);
-    spec.memory = Some(MemorySpec {
-        startup_mib: 512,
-        minimum_mib: 128,
-        maximum_mib: 1024,
-        ..Default::default()
-    });
+    let mut spec = default_vm(vm_id, kernel_sha256, RestartPolicy::Always);
+    spec.memory = Some(memory(512, 128, 1024));
     spec.placement = Some(Placement {
         labels: demand
             .map(|d| (MEMORY_DEMAND_LABEL.to_string(), d.to_string()))
@@ -1066,10 +1018,7 @@ fn dynamic_memory_assignment(vm_id: &str, kernel_sha256: &str, demand: Option<&s
 /// A simulated host with `options`, registered with its controller, which serves a kernel
 /// the simulated backend never runs; that kernel's sha256.
 fn sim_host(options: HostOptions) -> (TestHost, FakeController, String) {
-    let mut host = TestHost::new(options);
-    let controller = FakeController::start(&host.controller_socket);
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let (host, controller) = registered_host(options, LEASE_TTL);
     let kernel = b"a kernel the simulated backend never runs".to_vec();
     let kernel_sha256 = sha256_hex(&kernel);
     controller.add_image_bytes(&kernel_sha256, kernel);
@@ -1104,11 +1053,18 @@ fn balloon_actual(hb: &HeartbeatRequest, vm_id: &str) -> Option<u64> {
         .map(|m| m.balloon_actual_mib)
 }
 
+/// The balancer's decision for `vm_id`, as the heartbeat reports it.
+fn decision(hb: &HeartbeatRequest, vm_id: &str) -> Option<VmMemoryBalance> {
+    reported(hb, vm_id)?.memory_balance.clone()
+}
+
 fn balance_target(hb: &HeartbeatRequest, vm_id: &str) -> Option<u64> {
-    reported(hb, vm_id)?
-        .memory_balance
-        .as_ref()
-        .map(|b| b.target_mib)
+    decision(hb, vm_id).map(|b| b.target_mib)
+}
+
+/// The host's memory balance, as the heartbeat reports it.
+fn host_balance(hb: &HeartbeatRequest) -> Option<HostMemoryBalance> {
+    hb.usage.as_ref().and_then(|u| u.memory_balance)
 }
 
 /// Budget 1000 MiB for three VMs of minimum 128: two idle ones want 245 MiB each, the third's
@@ -1132,10 +1088,7 @@ fn a_short_simulated_host_shares_its_budget_by_weight_and_reports_the_pressure()
         Duration::from_secs(60),
         "the idle VMs shrunk to 245 MiB on a short host",
         |hb| {
-            hb.usage
-                .as_ref()
-                .and_then(|u| u.memory_balance.as_ref())
-                .is_some_and(|b| b.short)
+            host_balance(hb).is_some_and(|b| b.short)
                 && ids.iter().all(|id| {
                     reported(hb, id).is_some_and(|vm| {
                         phase(vm) == ObservedPhase::Running && vm.memory_balance.is_some()
@@ -1147,11 +1100,7 @@ fn a_short_simulated_host_shares_its_budget_by_weight_and_reports_the_pressure()
         },
     );
     let hb = &record.request;
-    let balance = hb
-        .usage
-        .as_ref()
-        .and_then(|u| u.memory_balance)
-        .expect("host memory balance");
+    let balance = host_balance(hb).expect("host memory balance");
     assert_eq!(
         (
             balance.budget_mib,
@@ -1167,11 +1116,7 @@ fn a_short_simulated_host_shares_its_budget_by_weight_and_reports_the_pressure()
     );
     let decisions: Vec<_> = ids
         .iter()
-        .map(|id| {
-            reported(hb, id)
-                .and_then(|vm| vm.memory_balance.clone())
-                .expect("decision")
-        })
+        .map(|id| decision(hb, id).expect("decision"))
         .collect();
     let targets: u64 = decisions.iter().map(|d| d.target_mib).sum();
     assert!(
@@ -1221,11 +1166,7 @@ fn a_short_simulated_host_shares_its_budget_by_weight_and_reports_the_pressure()
         grown as f64 > 20.0 * secs.max(1.0) * 10.0,
         "major faults grew by {grown} in {secs:.1} s"
     );
-    let still = later
-        .request
-        .usage
-        .as_ref()
-        .and_then(|u| u.memory_balance.as_ref());
+    let still = host_balance(&later.request);
     assert!(still.is_some_and(|b| b.short), "{still:?}");
     host.assert_agent_running();
 }
@@ -1249,11 +1190,7 @@ fn a_simulated_host_with_room_shrinks_idle_vms_and_grows_a_hungry_one() {
         Duration::from_secs(60),
         "idle VMs at demand plus buffer and the hungry one relieved",
         |hb| {
-            let host_calm = hb
-                .usage
-                .as_ref()
-                .and_then(|u| u.memory_balance.as_ref())
-                .is_some_and(|b| !b.short && b.pressured_vms == 0);
+            let host_calm = host_balance(hb).is_some_and(|b| !b.short && b.pressured_vms == 0);
             let hungry_settled = reported(hb, "hungry").is_some_and(|vm| {
                 vm.memory_balance
                     .as_ref()
@@ -1271,24 +1208,16 @@ fn a_simulated_host_with_room_shrinks_idle_vms_and_grows_a_hungry_one() {
         },
     );
     let hb = &record.request;
-    let balance = hb
-        .usage
-        .as_ref()
-        .and_then(|u| u.memory_balance)
-        .expect("host memory balance");
+    let balance = host_balance(hb).expect("host memory balance");
     for id in ["idle-a", "idle-b"] {
-        let decision = reported(hb, id)
-            .and_then(|vm| vm.memory_balance.clone())
-            .expect("decision");
+        let decision = decision(hb, id).expect("decision");
         assert_eq!(
             (decision.target_mib, decision.demand_mib, decision.pressured),
             (245, Some(204), false),
             "{id}: {decision:?}"
         );
     }
-    let hungry = reported(hb, "hungry")
-        .and_then(|vm| vm.memory_balance.clone())
-        .expect("decision");
+    let hungry = decision(hb, "hungry").expect("decision");
     assert_eq!(
         (hungry.target_mib, hungry.demand_mib),
         (840, Some(700)),
@@ -1363,7 +1292,7 @@ fn without_the_balancer_heartbeats_carry_no_balancer_figures() {
         controller.wait_heartbeat(first.seq + 3, Duration::from_secs(20), "3 more", |_| true);
     for record in [&first, &later] {
         let hb = &record.request;
-        assert_eq!(hb.usage.as_ref().and_then(|u| u.memory_balance), None);
+        assert_eq!(host_balance(hb), None);
         for vm in &hb.vms {
             assert_eq!(vm.memory_balance, None, "{}", vm.vm_id);
             assert_eq!(balloon_actual(hb, &vm.vm_id), Some(512), "{}", vm.vm_id);

@@ -19,19 +19,18 @@
 //! the filling a workload rather than a user-space process. The balancer's growth and pressure
 //! decisions are also tested on recorded statistics traces in `fabric_agent::balancer`.
 
-use fabric_test_support::guest as common;
-use fabric_test_support::{host, hostlink};
+use fabric_test_support::guest::{tail, Image, BOOT_TIMEOUT};
+use fabric_test_support::host::{HostOptions, Proc};
+use fabric_test_support::hostlink::registered_host;
+use fabric_test_support::process::rss_kib;
+use fabric_test_support::skip_without_kvm;
+use fabric_test_support::testguest::{self, MemloadEvent};
+use fabric_test_support::vmspec::{assignment, memory, vm_spec};
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, Image, BOOT_TIMEOUT};
-use fabric_proto::v1::{
-    Assignment, BootImage, DesiredState, MemorySpec, MemoryStats, ObservedPhase, ObservedVm,
-    RestartPolicy, VmSpec,
-};
-use host::{HostOptions, Proc, TestHost, AGENT_TIMEOUT};
-use hostlink::FakeController;
+use fabric_proto::v1::{Assignment, MemoryStats, ObservedPhase, ObservedVm, RestartPolicy, VmSpec};
 
 const STARTUP_MIB: u64 = 256;
 // A 64 MiB balloon: big enough to see in RSS, small enough for the guest kernel to inflate
@@ -48,15 +47,8 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(600);
 /// second; slack for a loaded two-core machine).
 const REACTION_LIMIT: Duration = Duration::from_secs(10);
 
-/// Resident memory of process `pid` in KiB (VmRSS), None once it is gone.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
+/// A lease long enough for a loaded two-core machine.
+const LEASE_TTL: Duration = Duration::from_secs(15);
 
 fn running(vm: &ObservedVm) -> bool {
     vm.phase == ObservedPhase::Running as i32 && vm.pid != 0
@@ -66,30 +58,41 @@ fn mib(bytes: Option<u64>) -> f64 {
     bytes.unwrap_or(0) as f64 / (1 << 20) as f64
 }
 
-fn assignment(vm_id: &str, kernel_sha256: &str, image: &Image) -> Assignment {
-    Assignment {
-        vm_id: vm_id.to_string(),
-        spec: Some(VmSpec {
-            name: vm_id.to_string(),
-            vcpus: 1,
-            memory: Some(MemorySpec {
-                startup_mib: STARTUP_MIB,
-                minimum_mib: MINIMUM_MIB,
-                maximum_mib: MAXIMUM_MIB,
-                ..Default::default()
-            }),
-            image: Some(BootImage {
-                name: "default".into(),
-                kernel_sha256: kernel_sha256.to_string(),
-                ..Default::default()
-            }),
-            kernel_cmdline: format!("{} init_on_free=1", image.cmdline()),
-            restart_policy: RestartPolicy::Never as i32,
-            ..Default::default()
-        }),
-        desired_state: DesiredState::Running as i32,
-        generation: 1,
-    }
+/// One VM of `memory` (startup, minimum, maximum MiB) booting `kernel_sha256` of image
+/// `image_name` with `kernel_cmdline`, never restarted.
+fn balanced_vm(
+    vm_id: &str,
+    (startup_mib, minimum_mib, maximum_mib): (u64, u64, u64),
+    image_name: &str,
+    kernel_sha256: &str,
+    kernel_cmdline: String,
+) -> Assignment {
+    let memory = memory(startup_mib, minimum_mib, maximum_mib);
+    let spec = vm_spec(
+        vm_id,
+        memory,
+        image_name,
+        kernel_sha256,
+        RestartPolicy::Never,
+    );
+    assignment(
+        vm_id,
+        VmSpec {
+            kernel_cmdline,
+            ..spec
+        },
+    )
+}
+
+/// One idle Linux guest of the first test, which touches its RAM at boot (`init_on_free=1`).
+fn linux_assignment(vm_id: &str, kernel_sha256: &str, image: &Image) -> Assignment {
+    balanced_vm(
+        vm_id,
+        (STARTUP_MIB, MINIMUM_MIB, MAXIMUM_MIB),
+        "default",
+        kernel_sha256,
+        format!("{} init_on_free=1", image.cmdline()),
+    )
 }
 
 /// What the test follows of one VM.
@@ -122,19 +125,9 @@ impl Followed {
 
 #[test]
 fn the_balancer_shrinks_idle_guests_and_their_vmm_gives_the_memory_back() {
-    if !kvm_available("balancer: idle guests shrink") {
-        return;
-    }
-    let mut host = TestHost::new(HostOptions::kvm());
-    // A lease long enough for a loaded two-core machine.
-    let controller = FakeController::start_with(
-        &host.controller_socket,
-        Duration::from_secs(15),
-        Duration::from_secs(1),
-    );
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
-    let image = Image::load();
+    skip_without_kvm!("balancer: idle guests shrink");
+    let (mut host, controller) = registered_host(HostOptions::kvm(), LEASE_TTL);
+    let image = Image::built();
     assert!(
         !image.use_initramfs(),
         "this test boots the kernel-only guest (no initramfs)"
@@ -143,7 +136,7 @@ fn the_balancer_shrinks_idle_guests_and_their_vmm_gives_the_memory_back() {
     let ids = ["vm-bal-a", "vm-bal-b"];
     controller.set_assignments(
         ids.iter()
-            .map(|id| assignment(id, &kernel_sha256, &image))
+            .map(|id| linux_assignment(id, &kernel_sha256, &image))
             .collect(),
     );
 
@@ -309,78 +302,29 @@ fn the_balancer_shrinks_idle_guests_and_their_vmm_gives_the_memory_back() {
             assert!(
                 !console.contains(bad),
                 "{id}: the console shows {bad:?}:\n{}",
-                common::tail(&console)
+                tail(&console)
             );
         }
     }
     host.assert_agent_running();
 }
 
-fn testguest_elf() -> std::path::PathBuf {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/out/testguest.elf");
-    assert!(
-        path.is_file(),
-        "{} is missing: build it with `bash images/build.sh`",
-        path.display()
-    );
-    path
-}
-
 /// One VM of the memload test: the test guest's `memload` scenario (its own balloon driver
 /// and a workload whose demand follows `phases`; see `images/testguest/memload.c`).
 fn memload_assignment(vm_id: &str, kernel_sha256: &str, phases: &str) -> Assignment {
-    Assignment {
-        vm_id: vm_id.to_string(),
-        spec: Some(VmSpec {
-            name: vm_id.to_string(),
-            vcpus: 1,
-            memory: Some(MemorySpec {
-                startup_mib: LOAD_STARTUP_MIB,
-                minimum_mib: 128,
-                maximum_mib: LOAD_MAXIMUM_MIB,
-                ..Default::default()
-            }),
-            image: Some(BootImage {
-                name: "memload".into(),
-                kernel_sha256: kernel_sha256.to_string(),
-                ..Default::default()
-            }),
-            kernel_cmdline: format!("fabric.test=memload memload.phases={phases}"),
-            restart_policy: RestartPolicy::Never as i32,
-            ..Default::default()
-        }),
-        desired_state: DesiredState::Running as i32,
-        generation: 1,
-    }
+    balanced_vm(
+        vm_id,
+        (LOAD_STARTUP_MIB, 128, LOAD_MAXIMUM_MIB),
+        "memload",
+        kernel_sha256,
+        format!("{} memload.phases={phases}", testguest::cmdline("memload")),
+    )
 }
 
 const LOAD_STARTUP_MIB: u64 = 256;
 const LOAD_MAXIMUM_MIB: u64 = 512;
 /// What the hungry guest's workload fills once its first phase is over.
 const FILL_MIB: u64 = 300;
-
-/// `testguest: memload: t=MS EVENT key=value ...` lines of a console, as (event, rest).
-fn memload_events(console: &str) -> Vec<(String, String)> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("testguest: memload: t="))
-        .filter_map(|rest| {
-            let mut words = rest.splitn(3, ' ');
-            let _t = words.next()?;
-            Some((
-                words.next()?.to_string(),
-                words.next().unwrap_or("").to_string(),
-            ))
-        })
-        .collect()
-}
-
-fn field(rest: &str, key: &str) -> Option<u64> {
-    rest.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-}
 
 /// Two guests on a host whose budget (640 MiB) is less than their maximums (2 × 512): both
 /// start at 256 MiB with a 32 MiB workload, and the balancer shrinks them toward demand plus
@@ -393,21 +337,15 @@ fn field(rest: &str, key: &str) -> Option<u64> {
 /// guest's `memload`, a balloon driver and a workload in one freestanding program.
 #[test]
 fn a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill() {
-    if !kvm_available("balancer: a guest fills 300 MiB") {
-        return;
-    }
-    let mut host = TestHost::new(HostOptions {
-        memory_budget_mib: 640,
-        ..HostOptions::kvm()
-    });
-    let controller = FakeController::start_with(
-        &host.controller_socket,
-        Duration::from_secs(15),
-        Duration::from_secs(1),
+    skip_without_kvm!("balancer: a guest fills 300 MiB");
+    let (mut host, controller) = registered_host(
+        HostOptions {
+            memory_budget_mib: 640,
+            ..HostOptions::kvm()
+        },
+        LEASE_TTL,
     );
-    host.start_agent();
-    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
-    let kernel_sha256 = controller.add_image_file(&testguest_elf());
+    let kernel_sha256 = controller.add_image_file(&testguest::elf());
     // The hungry guest's first phase gives both guests time to boot and be shrunk.
     controller.set_assignments(vec![
         memload_assignment("vm-idle", &kernel_sha256, "32:3600.0"),
@@ -442,7 +380,7 @@ fn a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill() {
             started.elapsed() < Duration::from_secs(300),
             "the filling guest has not got its {FILL_MIB} MiB after {:?}\n{}\n{}",
             started.elapsed(),
-            common::tail(&console("vm-fill")),
+            tail(&console("vm-fill")),
             host.report()
         );
         if let Some(target) = balloon_target("vm-fill") {
@@ -451,31 +389,31 @@ fn a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill() {
         if let Some(target) = balloon_target("vm-idle") {
             largest_idle_balloon = largest_idle_balloon.max(target);
         }
-        let events = memload_events(&console("vm-fill"));
+        let events = MemloadEvent::all(&console("vm-fill"));
         for id in ["vm-idle", "vm-fill"] {
             let text = console(id);
             assert!(
                 !text.contains("memload: FAIL") && !text.contains("oom-kill"),
                 "{id}: {}\n{}",
-                common::tail(&text),
+                tail(&text),
                 host.report()
             );
         }
         let in_fill_phase = events
             .iter()
-            .position(|(e, rest)| e == "phase" && field(rest, "demand_mib") == Some(FILL_MIB));
+            .position(|e| e.kind == "phase" && e.num("demand_mib") == Some(FILL_MIB));
         if let Some(from) = in_fill_phase {
-            if let Some((_, rest)) = events[from..].iter().find(|(e, _)| e == "grown") {
-                break rest.clone();
+            if let Some(grown) = events[from..].iter().find(|e| e.kind == "grown") {
+                break grown.clone();
             }
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    let events = memload_events(&console("vm-fill"));
+    let events = MemloadEvent::all(&console("vm-fill"));
     let waited: Vec<u64> = events
         .iter()
-        .filter(|(e, _)| e == "wait-end")
-        .filter_map(|(_, rest)| field(rest, "waited_ms"))
+        .filter(|e| e.kind == "wait-end")
+        .filter_map(|e| e.num("waited_ms"))
         .collect();
     // The heartbeats' figures lag the guest's: the smallest balloon target reported for the
     // filling VM, followed for a few more seconds.
@@ -492,7 +430,8 @@ fn a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill() {
     }
     let fill_target = fill_target.min(LOAD_MAXIMUM_MIB);
     eprintln!(
-        "balancer: vm-fill: {grown}; waited for pages {} times, longest {} ms; shrunk to {} MiB usable before, balloon target now {} MiB (usable {} MiB); vm-idle's balloon up to {} MiB",
+        "balancer: vm-fill: {}; waited for pages {} times, longest {} ms; shrunk to {} MiB usable before, balloon target now {} MiB (usable {} MiB); vm-idle's balloon up to {} MiB",
+        grown.describe(),
         waited.len(),
         waited.iter().max().copied().unwrap_or(0),
         smallest_fill_usable,
@@ -500,7 +439,7 @@ fn a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill() {
         LOAD_MAXIMUM_MIB - fill_target,
         largest_idle_balloon,
     );
-    assert_eq!(field(&grown, "have_mib"), Some(FILL_MIB), "{grown}");
+    assert_eq!(grown.num("have_mib"), Some(FILL_MIB), "{grown:?}");
     // More than its startup memory: the balancer grew it.
     assert!(
         LOAD_MAXIMUM_MIB - fill_target > LOAD_STARTUP_MIB,
@@ -524,17 +463,17 @@ fn a_guest_that_fills_300_mib_is_grown_by_the_balancer_without_an_oom_kill() {
     std::thread::sleep(Duration::from_secs(3));
     for id in ["vm-idle", "vm-fill"] {
         let text = console(id);
-        let status = memload_events(&text)
+        let status = MemloadEvent::all(&text)
             .into_iter()
             .rev()
-            .find(|(e, _)| e == "status")
-            .map(|(_, rest)| rest)
-            .unwrap_or_default();
+            .find(|e| e.kind == "status");
         assert_eq!(
-            (field(&status, "oom_kills"), field(&status, "corrupt")),
-            (Some(0), Some(0)),
-            "{id}: {status}\n{}",
-            common::tail(&text)
+            status
+                .as_ref()
+                .map(|s| (s.num("oom_kills"), s.num("corrupt"))),
+            Some((Some(0), Some(0))),
+            "{id}: {status:?}\n{}",
+            tail(&text)
         );
         let (_, observed) = controller.observed(id).expect("reported");
         assert!(running(&observed), "{id}: {observed:?}");

@@ -1,49 +1,38 @@
 //! Every bad configuration gets one clear line on stderr and exit status 1, never a panic.
 
 use fabric_test_support::guest as common;
+use fabric_test_support::skip_without_kvm;
 
 use std::path::Path;
 use std::process::Command;
 
-struct Outcome {
-    code: Option<i32>,
-    stderr: String,
-}
-
-fn run_vmm(args: &[&str]) -> Outcome {
-    let out = Command::new(common::vmm_binary())
-        .args(args)
-        .args(["--console", "off"])
-        .output()
-        .expect("run fabric-vmm");
-    Outcome {
-        code: out.status.code(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
+/// fabric-vmm with `args` exits with status 1, its last line on stderr saying `message`.
 fn assert_refused(args: &[&str], message: &str) {
-    let out = run_vmm(args);
-    assert_eq!(out.code, Some(1), "args {args:?}: stderr {}", out.stderr);
-    let last = out.stderr.lines().last().unwrap_or_default();
+    let stderr = common::refusal(Command::new(common::vmm_binary()).args(args));
+    let last = stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("fabric-vmm: ") && last.contains(message),
-        "args {args:?}: expected one line with {message:?}, got:\n{}",
-        out.stderr
+        "args {args:?}: expected one line with {message:?}, got:\n{stderr}"
     );
-    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+/// A sparse file of `len` bytes named `name` in `dir`; its path.
+fn sparse_file(dir: &Path, name: &str, len: u64) -> String {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(len))
+        .expect("sparse file");
+    path.to_str().expect("utf8").to_string()
 }
 
 fn kernel() -> String {
-    let image = common::Image::load();
+    let image = common::Image::built();
     image.kernel().to_string_lossy().into_owned()
 }
 
 #[test]
 fn missing_kernel() {
-    if !common::kvm_available("missing_kernel") {
-        return;
-    }
+    skip_without_kvm!("missing_kernel");
     assert_refused(
         &["--kernel", "/nonexistent/bzImage"],
         "kernel /nonexistent/bzImage: cannot read: No such file or directory",
@@ -52,9 +41,7 @@ fn missing_kernel() {
 
 #[test]
 fn unreadable_kernel() {
-    if !common::kvm_available("unreadable_kernel") {
-        return;
-    }
+    skip_without_kvm!("unreadable_kernel");
     // A directory cannot be read as a file, even by root.
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().to_string_lossy().into_owned();
@@ -63,9 +50,7 @@ fn unreadable_kernel() {
 
 #[test]
 fn file_that_is_not_a_kernel() {
-    if !common::kvm_available("not_a_kernel") {
-        return;
-    }
+    skip_without_kvm!("not_a_kernel");
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("notes.txt");
     std::fs::write(&path, "not a kernel at all\n".repeat(100)).expect("write");
@@ -74,9 +59,7 @@ fn file_that_is_not_a_kernel() {
 
 #[test]
 fn memory_zero_and_more_than_the_host() {
-    if !common::kvm_available("memory") {
-        return;
-    }
+    skip_without_kvm!("memory");
     let k = kernel();
     assert_refused(
         &["--kernel", &k, "--memory", "0"],
@@ -90,9 +73,7 @@ fn memory_zero_and_more_than_the_host() {
 
 #[test]
 fn vcpus_zero_and_above_kvm_maximum() {
-    if !common::kvm_available("vcpus") {
-        return;
-    }
+    skip_without_kvm!("vcpus");
     let k = kernel();
     assert_refused(&["--kernel", &k, "--vcpus", "0"], "vcpus 0");
     assert_refused(
@@ -103,9 +84,7 @@ fn vcpus_zero_and_above_kvm_maximum() {
 
 #[test]
 fn command_line_too_long() {
-    if !common::kvm_available("cmdline") {
-        return;
-    }
+    skip_without_kvm!("cmdline");
     let k = kernel();
     let long = "x".repeat(3000);
     assert_refused(
@@ -116,42 +95,20 @@ fn command_line_too_long() {
 
 #[test]
 fn initramfs_that_does_not_fit() {
-    if !common::kvm_available("initrd") {
-        return;
-    }
+    skip_without_kvm!("initrd");
     let k = kernel();
     let dir = tempfile::tempdir().expect("tmp");
+    let refused_in_256_mib = |initrd: &str, message: &str| {
+        assert_refused(
+            &["--kernel", &k, "--memory", "256", "--initrd", initrd],
+            message,
+        );
+    };
     // Larger than all of guest memory: refused before anything is built.
-    let huge = dir.path().join("huge.cpio");
-    std::fs::File::create(&huge)
-        .and_then(|f| f.set_len(512 << 20))
-        .expect("sparse file");
-    assert_refused(
-        &[
-            "--kernel",
-            &k,
-            "--memory",
-            "256",
-            "--initrd",
-            huge.to_str().expect("utf8"),
-        ],
-        "does not fit",
-    );
+    let huge = sparse_file(dir.path(), "huge.cpio", 512 << 20);
+    refused_in_256_mib(&huge, "does not fit");
     // Smaller than memory, but no room between the kernel and the top of RAM.
-    let big = dir.path().join("big.cpio");
-    std::fs::File::create(&big)
-        .and_then(|f| f.set_len(250 << 20))
-        .expect("sparse file");
-    assert_refused(
-        &[
-            "--kernel",
-            &k,
-            "--memory",
-            "256",
-            "--initrd",
-            big.to_str().expect("utf8"),
-        ],
-        "does not fit in guest memory",
-    );
+    let big = sparse_file(dir.path(), "big.cpio", 250 << 20);
+    refused_in_256_mib(&big, "does not fit in guest memory");
     assert!(Path::new(&k).exists());
 }

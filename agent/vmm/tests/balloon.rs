@@ -7,13 +7,14 @@
 //! follows the host's target; and the default Linux guest kernel, whose virtio-balloon driver
 //! reports its real numbers and inflates on request (kernel-level, see `shared/KVM-HOST.md`).
 
-use fabric_test_support::guest as common;
+use fabric_test_support::guest::{runtime, Guest, GuestSpec, Image, BOOT_TIMEOUT};
+use fabric_test_support::process::rss_kib;
+use fabric_test_support::testguest;
+use fabric_test_support::{image_or_skip, skip_without_kvm};
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, runtime, tail, vmm_binary, Guest, GuestSpec, Image, BOOT_TIMEOUT};
 use fabric_proto::v1::vmm_client::VmmClient;
 use fabric_proto::v1::{GetMemoryStatsRequest, MemoryStats, SetBalloonTargetRequest};
 use fabric_vmm_api::client;
@@ -31,26 +32,9 @@ const TG_MEMORY_MIB: u64 = 256;
 /// The test guest boots in milliseconds; this bounds each wait for it.
 const TG_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn testguest_elf() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/out/testguest.elf");
-    assert!(
-        path.is_file(),
-        "{} is missing: build it with `bash images/build.sh`",
-        path.display()
-    );
-    path
-}
-
-/// Resident memory of process `pid` in KiB (VmRSS).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+/// Resident memory of the running fabric-vmm `pid`, KiB.
+fn vmm_rss_kib(pid: u32) -> u64 {
+    rss_kib(pid).unwrap_or_else(|| panic!("no VmRSS for fabric-vmm {pid}: has it exited?"))
 }
 
 /// When the guest posted the statistics, as (seconds, nanoseconds).
@@ -119,115 +103,43 @@ fn wait_stats(
     }
 }
 
-/// fabric-vmm running the test guest; killed (by its own PID) when dropped.
-struct TestguestVmm {
-    child: Child,
-    dir: tempfile::TempDir,
-    status: Option<ExitStatus>,
+/// The test guest's `balloon` scenario in [`TG_MEMORY_MIB`], with `balloon_args` (its
+/// `--balloon` device); waits until the guest has touched its 128 MiB.
+fn balloon_testguest(balloon_args: &[&str]) -> Guest {
+    let mut guest = Guest::testguest(
+        "balloon",
+        GuestSpec {
+            memory_mib: TG_MEMORY_MIB,
+            vmm_args: balloon_args,
+            ..Default::default()
+        },
+    );
+    guest.wait_console("touched 128 MiB", TG_TIMEOUT);
+    guest
 }
 
-impl TestguestVmm {
-    fn start(scenario: &str, extra: &[&str]) -> TestguestVmm {
-        let dir = tempfile::Builder::new()
-            .prefix("fabric-balloon-testguest-")
-            .tempdir()
-            .expect("temp dir");
-        let child = Command::new(vmm_binary())
-            .arg("--kernel")
-            .arg(testguest_elf())
-            .arg("--cmdline")
-            .arg(format!("fabric.test={scenario}"))
-            .args(["--memory", &TG_MEMORY_MIB.to_string()])
-            .arg("--console")
-            .arg(dir.path().join("console.log"))
-            .arg("--control-socket")
-            .arg(dir.path().join("control.sock"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("vmm.log")).expect("log"))
-            .spawn()
-            .expect("spawn fabric-vmm");
-        TestguestVmm {
-            child,
-            dir,
-            status: None,
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
-    }
-
-    fn console(&self) -> String {
-        let path = self.dir.path().join("console.log");
-        String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-    }
-
-    fn report(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("vmm.log")).unwrap_or_default();
-        format!(
-            "--- console ---\n{}\n--- vmm log ---\n{}",
-            tail(&self.console()),
-            tail(&log)
-        )
-    }
-
-    fn wait_console(&mut self, needle: &str) {
-        let deadline = Instant::now() + TG_TIMEOUT;
-        while !self.console().contains(needle) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.status = Some(status);
-                panic!(
-                    "fabric-vmm exited ({status}) before {needle:?}\n{}",
-                    self.report()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} after {TG_TIMEOUT:?}\n{}",
-                self.report()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + TG_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                self.status = Some(status);
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fabric-vmm still running after {TG_TIMEOUT:?}\n{}",
-                self.report()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for TestguestVmm {
-    fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// The image's Linux guest in 256 MiB with a balloon that reports free pages; waits until
+/// it has booted.
+fn balloon_linux_guest(image: &Image) -> Guest {
+    let mut guest = Guest::boot(
+        image,
+        GuestSpec {
+            memory_mib: 256,
+            vmm_args: &["--balloon", "free-page-reporting=on"],
+            ..Default::default()
+        },
+    );
+    guest.wait_console(&image.ready_marker(), BOOT_TIMEOUT);
+    guest
 }
 
 #[test]
 fn testguest_inflation_returns_its_memory_to_the_host_and_statistics_round_trip() {
-    if !kvm_available("balloon testguest") {
-        return;
-    }
-    let mut vmm = TestguestVmm::start("balloon", &["--balloon"]);
-    let pid = vmm.child.id();
-    vmm.wait_console("touched 128 MiB");
+    skip_without_kvm!("balloon testguest");
+    let mut vmm = balloon_testguest(&["--balloon"]);
+    let pid = vmm.pid();
     let rt = runtime();
-    let mut c = connect(&rt, &vmm.socket());
+    let mut c = connect(&rt, &vmm.socket);
 
     // The guest's first statistics, posted before DRIVER_OK; each call asks for fresh ones.
     let first = memory_stats(&rt, &mut c);
@@ -260,7 +172,7 @@ fn testguest_inflation_returns_its_memory_to_the_host_and_statistics_round_trip(
     );
 
     // Inflate: the guest gives its 128 MiB back; the VMM's RSS falls by that much.
-    let rss_before = rss_kib(pid);
+    let rss_before = vmm_rss_kib(pid);
     assert!(
         rss_before >= TG_TOUCH_MIB * 1024,
         "RSS {rss_before} KiB before inflating: the guest's touch did not commit memory"
@@ -274,7 +186,7 @@ fn testguest_inflation_returns_its_memory_to_the_host_and_statistics_round_trip(
         |s| s.balloon_actual_mib == TG_TOUCH_MIB,
         || vmm.report(),
     );
-    let rss_after = rss_kib(pid);
+    let rss_after = vmm_rss_kib(pid);
     let dropped = rss_before.saturating_sub(rss_after);
     eprintln!(
         "testguest balloon: RSS {:.1} MiB before, {:.1} MiB after inflating {TG_TOUCH_MIB} MiB \
@@ -309,21 +221,14 @@ fn testguest_inflation_returns_its_memory_to_the_host_and_statistics_round_trip(
 
     // Target 0: the guest deflates, checks the pages it gave read as zeros, and finishes.
     assert_eq!(set_target(&rt, &mut c, 0).0, 0);
-    let status = vmm.wait_exit();
-    let console = vmm.console();
+    let status = vmm.expect_exit(TG_TIMEOUT);
+    let console = vmm.console_text();
     assert!(status.success(), "{status}\n{}", vmm.report());
-    let verdict = console
-        .lines()
-        .find_map(|l| l.trim_end().strip_prefix("testguest: balloon: PASS"))
+    let verdict = testguest::verdict(&console, "balloon")
+        .filter(|v| v.starts_with("PASS"))
         .unwrap_or_else(|| panic!("no PASS\n{}", vmm.report()));
-    eprintln!("testguest balloon: PASS{verdict}");
-    let log = std::fs::read_to_string(vmm.dir.path().join("vmm.log")).unwrap_or_default();
-    for complaint in ["request refused", "misuse refused", "needs a reset"] {
-        assert!(
-            !log.contains(complaint),
-            "VMM log has {complaint:?}:\n{log}"
-        );
-    }
+    eprintln!("testguest balloon: {verdict}");
+    vmm.assert_no_device_complaints();
     assert!(
         console.contains("testguest: balloon: inflated to 32768 pages")
             && console.contains("testguest: balloon: deflated to 0 pages"),
@@ -334,13 +239,10 @@ fn testguest_inflation_returns_its_memory_to_the_host_and_statistics_round_trip(
 
 #[test]
 fn a_stats_period_refreshes_statistics_without_being_asked() {
-    if !kvm_available("balloon stats period") {
-        return;
-    }
-    let mut vmm = TestguestVmm::start("balloon", &["--balloon", "stats-period=1"]);
-    vmm.wait_console("touched 128 MiB");
+    skip_without_kvm!("balloon stats period");
+    let vmm = balloon_testguest(&["--balloon", "stats-period=1"]);
     let rt = runtime();
-    let mut c = connect(&rt, &vmm.socket());
+    let mut c = connect(&rt, &vmm.socket);
     // The first periodic refresh (the period starts when the driver is ready).
     let deadline = Instant::now() + Duration::from_secs(30);
     while memory_stats(&rt, &mut c).minor_faults.is_none() {
@@ -385,29 +287,12 @@ fn a_stats_period_refreshes_statistics_without_being_asked() {
 
 #[test]
 fn a_linux_guest_reports_its_statistics_and_inflates_on_request() {
-    if !kvm_available("balloon linux") {
-        return;
-    }
-    let image = Image::load();
-    let mut guest = Guest::boot(
-        &image,
-        GuestSpec {
-            memory_mib: 256,
-            vmm_args: &["--balloon", "free-page-reporting=on"],
-            ..Default::default()
-        },
-    );
+    let image = image_or_skip!("balloon linux");
+    let guest = balloon_linux_guest(&image);
     let pid = guest.pid();
-    guest.wait_console(&image.ready_marker(), BOOT_TIMEOUT);
     let rt = runtime();
     let mut c = connect(&rt, &guest.socket);
-    let report = || {
-        format!(
-            "--- console ---\n{}\n--- vmm log ---\n{}",
-            tail(&guest.console_text()),
-            tail(&guest.stderr_text())
-        )
-    };
+    let report = || guest.report();
 
     // The driver posts statistics at probe; each GetMemoryStats asks for fresh ones.
     let (before, took) = wait_stats(
@@ -437,7 +322,7 @@ fn a_linux_guest_reports_its_statistics_and_inflates_on_request() {
 
     // Inflate by 64 MiB: the guest acknowledges it, its fresh statistics count it, and the
     // host does not pay for the pages the guest allocated for the balloon.
-    let rss_before = rss_kib(pid);
+    let rss_before = vmm_rss_kib(pid);
     assert_eq!(set_target(&rt, &mut c, 64), (64, 0));
     let (_, took) = wait_stats(
         &rt,
@@ -455,7 +340,7 @@ fn a_linux_guest_reports_its_statistics_and_inflates_on_request() {
         |s| s.total_bytes.is_some_and(|t| t + (60 << 20) <= total),
         report,
     );
-    let rss_after = rss_kib(pid);
+    let rss_after = vmm_rss_kib(pid);
     eprintln!(
         "linux balloon: 64 MiB inflated in {} ms; guest total {:.1} -> {:.1} MiB; RSS {:.1} -> {:.1} MiB",
         took.as_millis(),
@@ -488,22 +373,13 @@ fn a_linux_guest_reports_its_statistics_and_inflates_on_request() {
     let log = guest.stderr_text();
     assert!(log.contains(reported), "no free page report\n{}", report());
     // Linux's driver never trips the device's checks.
-    for complaint in ["request refused", "misuse refused", "needs a reset"] {
-        assert!(
-            !log.contains(complaint),
-            "VMM log has {complaint:?}:\n{log}"
-        );
-    }
+    guest.assert_no_device_complaints();
     eprintln!(
-        "linux balloon: {} (kernel-only guest: user space {})",
+        "linux balloon: {} ({})",
         log.lines()
             .find(|l| l.contains(reported))
             .unwrap_or_default()
             .trim(),
-        if image.userspace() {
-            "runs"
-        } else {
-            "cannot run here"
-        }
+        image.userspace_note()
     );
 }

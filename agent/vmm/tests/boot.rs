@@ -8,11 +8,14 @@ use fabric_test_support::guest as common;
 
 use std::time::Duration;
 
-use common::{kvm_available, runtime, Guest, GuestSpec, Image, BOOT_TIMEOUT};
+use common::{runtime, Guest, GuestSpec, BOOT_TIMEOUT};
+use fabric_proto::v1::vmm_client::VmmClient;
 use fabric_proto::v1::{
     GetMemoryStatsRequest, GetStateRequest, PauseRequest, ResumeRequest, ShutdownPath,
-    ShutdownRequest, VmmState,
+    ShutdownRequest, ShutdownResponse, VmmState,
 };
+use fabric_test_support::image_or_skip;
+use tonic::transport::Channel;
 
 /// The kernel's line once it has brought up its CPUs.
 fn cpus_up(cpus: u32) -> String {
@@ -87,19 +90,20 @@ fn assert_memory_kib(console: &str, low: u64, high: u64) -> u64 {
     total
 }
 
-fn duration(secs: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: secs,
-        nanos: 0,
-    }
+/// Asks the VMM to stop its guest (Ctrl-Alt-Del), forcing it off after `timeout`.
+async fn shutdown(vmm: &mut VmmClient<Channel>, timeout: Duration) -> ShutdownResponse {
+    let timeout = prost_types::Duration::try_from(timeout).expect("a shutdown timeout");
+    vmm.shutdown(ShutdownRequest {
+        timeout: Some(timeout),
+    })
+    .await
+    .expect("Shutdown")
+    .into_inner()
 }
 
 #[test]
 fn two_vcpus_256mib_boot_pause_resume_and_graceful_shutdown() {
-    if !kvm_available("two_vcpus_256mib") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("two_vcpus_256mib");
     let mut guest = Guest::boot(
         &image,
         GuestSpec {
@@ -169,13 +173,7 @@ fn two_vcpus_256mib_boot_pause_resume_and_graceful_shutdown() {
         assert_eq!(resumed.into_inner().state(), VmmState::Running);
 
         // Ctrl-Alt-Del: the guest kernel restarts itself (reboot=k, through the i8042).
-        let reply = vmm
-            .shutdown(ShutdownRequest {
-                timeout: Some(duration(240)),
-            })
-            .await
-            .expect("Shutdown")
-            .into_inner();
+        let reply = shutdown(&mut vmm, Duration::from_secs(240)).await;
         assert_eq!(
             reply.path(),
             ShutdownPath::Graceful,
@@ -196,10 +194,7 @@ fn two_vcpus_256mib_boot_pause_resume_and_graceful_shutdown() {
 
 #[test]
 fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
-    if !kvm_available("four_vcpus") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("four_vcpus");
     // i8042.nokbd: the guest ignores its keyboard, so Ctrl-Alt-Del cannot stop it.
     // sched_verbose loglevel=8: the kernel prints each CPU's scheduling domains, which show
     // how it grouped the CPUs (cores, packages).
@@ -230,12 +225,7 @@ fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
         let mut vmm = fabric_vmm_api::client::connect(&guest.socket)
             .await
             .expect("connect");
-        vmm.shutdown(ShutdownRequest {
-            timeout: Some(duration(3)),
-        })
-        .await
-        .expect("Shutdown")
-        .into_inner()
+        shutdown(&mut vmm, Duration::from_secs(3)).await
     });
     assert_eq!(reply.path(), ShutdownPath::Forced);
     let elapsed = reply.elapsed.expect("elapsed");
@@ -249,10 +239,7 @@ fn four_vcpus_on_a_smaller_host_and_forced_shutdown_of_a_deaf_guest() {
 
 #[test]
 fn one_vcpu_64mib_boots_the_elf_vmlinux() {
-    if !kvm_available("one_vcpu_64mib") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("one_vcpu_64mib");
     let mut guest = Guest::boot(
         &image,
         GuestSpec {
@@ -269,10 +256,7 @@ fn one_vcpu_64mib_boots_the_elf_vmlinux() {
 
 #[test]
 fn a_guest_that_reboots_itself_ends_the_vmm_with_exit_0() {
-    if !kvm_available("guest_reboot") {
-        return;
-    }
-    let image = Image::load();
+    let image = image_or_skip!("guest_reboot");
     // Without `rootwait` the kernel gives up on the missing root disk, panics and, with
     // panic=-1 and reboot=k, resets through the i8042 at once.
     let cmdline = image.cmdline().replace(" rootwait", "");

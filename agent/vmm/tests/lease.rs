@@ -7,52 +7,45 @@ use fabric_test_support::guest as common;
 use std::time::{Duration, Instant};
 
 use common::{Guest, GuestSpec, Image};
+use fabric_test_support::skip_without_kvm;
 use fabric_vmm_api::lease::LeaseFile;
 
 #[test]
 fn an_expired_lease_refuses_to_start() {
-    if !common::kvm_available("an_expired_lease_refuses_to_start") {
-        return;
-    }
+    skip_without_kvm!("an_expired_lease_refuses_to_start");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lease.json");
     LeaseFile::expiring_in(Duration::ZERO).write(&path).unwrap();
-    let image = Image::load();
+    let image = Image::built();
     let start = || {
-        std::process::Command::new(common::vmm_binary())
-            .arg("--kernel")
-            .arg(image.kernel())
-            .args(["--console", "off", "--lease-file"])
-            .arg(&path)
-            .output()
-            .unwrap()
+        common::refusal(
+            std::process::Command::new(common::vmm_binary())
+                .arg("--kernel")
+                .arg(image.kernel())
+                .arg("--lease-file")
+                .arg(&path),
+        )
     };
-    let out = start();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = start();
     assert!(
         stderr.contains("has expired: not starting the guest"),
         "{stderr}"
     );
     // A missing lease file is refused too.
     std::fs::remove_file(&path).unwrap();
-    let out = start();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+    let stderr = start();
+    assert!(stderr.contains("cannot read"), "{stderr}");
 }
 
 #[test]
 fn the_guest_runs_while_the_lease_is_renewed_and_stops_when_it_lapses() {
-    if !common::kvm_available("the_guest_runs_while_the_lease_is_renewed_and_stops_when_it_lapses")
-    {
-        return;
-    }
+    skip_without_kvm!("the_guest_runs_while_the_lease_is_renewed_and_stops_when_it_lapses");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lease.json");
     let ttl = Duration::from_secs(3);
     LeaseFile::expiring_in(ttl).write(&path).unwrap();
     let lease_arg = path.to_string_lossy().into_owned();
-    let image = Image::load();
+    let image = Image::built();
     let mut guest = Guest::boot(
         &image,
         GuestSpec {

@@ -8,14 +8,13 @@
 //! resets the machine, so fabric-vmm exits with status 0. Each test checks the verdict and, where
 //! the scenario changes the host's side (a disk file), the host's side too.
 
-use fabric_test_support::guest as common;
+use fabric_test_support::guest::{tail, Guest, GuestSpec};
+use fabric_test_support::skip_without_kvm;
+use fabric_test_support::testguest;
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
-
-use common::{kvm_available, tail, vmm_binary};
 
 /// A scenario takes well under a second; this only bounds a guest or VMM that hangs.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -26,16 +25,6 @@ const PATTERN_LEN: usize = 4096;
 
 /// The scratch disks: 1 MiB.
 const DISK_SIZE: usize = 1 << 20;
-
-fn testguest_elf() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/out/testguest.elf");
-    assert!(
-        path.is_file(),
-        "{} is missing: build it with `bash images/build.sh` (its testguest stage takes a second)",
-        path.display()
-    );
-    path
-}
 
 /// What one fabric-vmm run of a scenario left behind.
 struct Run {
@@ -48,12 +37,7 @@ struct Run {
 impl Run {
     /// The verdict line, or a panic that shows the console and the VMM's log.
     fn verdict(&self, scenario: &str) -> &str {
-        let prefix = format!("testguest: {scenario}: ");
-        self.console
-            .lines()
-            .map(str::trim_end)
-            .filter_map(|l| l.strip_prefix(&prefix))
-            .find(|l| l.starts_with("PASS") || l.starts_with("FAIL"))
+        testguest::verdict(&self.console, scenario)
             .unwrap_or_else(|| panic!("no verdict for {scenario}\n{}", self.report()))
     }
 
@@ -75,17 +59,6 @@ impl Run {
         verdict["PASS".len()..].trim()
     }
 
-    /// The lines a scenario printed between its start and its verdict.
-    fn notes(&self, scenario: &str) -> Vec<String> {
-        let prefix = format!("testguest: {scenario}: ");
-        self.console
-            .lines()
-            .filter_map(|l| l.trim_end().strip_prefix(&prefix))
-            .filter(|l| !l.starts_with("PASS") && !l.starts_with("FAIL"))
-            .map(str::to_owned)
-            .collect()
-    }
-
     fn report(&self) -> String {
         format!(
             "--- console ---\n{}\n--- vmm log ---\n{}",
@@ -95,49 +68,24 @@ impl Run {
     }
 }
 
-/// Boots the test guest on scenario `name` with `device_args` added to fabric-vmm's command line,
-/// in `dir`, and waits for the VMM to exit (killing it, by its PID, after [`RUN_TIMEOUT`]).
-fn run_scenario(dir: &Path, name: &str, device_args: &[OsString]) -> Run {
-    let console = dir.join("console.log");
-    let vmm_log = dir.join("vmm.log");
+/// Boots the test guest on scenario `name` in 64 MiB with `device_args` added to fabric-vmm's
+/// command line, and waits for the VMM to exit (killing it, by its PID, after
+/// [`RUN_TIMEOUT`]).
+fn run_scenario(name: &str, device_args: &[&str]) -> Run {
     let start = Instant::now();
-    let mut child = Command::new(vmm_binary())
-        .arg("--kernel")
-        .arg(testguest_elf())
-        .arg("--cmdline")
-        .arg(format!("fabric.test={name}"))
-        .arg("--memory")
-        .arg("64")
-        .arg("--console")
-        .arg(&console)
-        .args(device_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&vmm_log).expect("vmm log file"))
-        .spawn()
-        .expect("spawn fabric-vmm");
-    let read =
-        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for fabric-vmm") {
-            break status;
-        }
-        if start.elapsed() > RUN_TIMEOUT {
-            // Only our own child, by its PID.
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "scenario {name}: fabric-vmm still running after {RUN_TIMEOUT:?}: killed it\n--- console ---\n{}\n--- vmm log ---\n{}",
-                tail(&read(&console)),
-                tail(&read(&vmm_log))
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut guest = Guest::testguest(
+        name,
+        GuestSpec {
+            memory_mib: 64,
+            vmm_args: device_args,
+            ..Default::default()
+        },
+    );
+    let status = guest.expect_exit(RUN_TIMEOUT);
     Run {
         status,
-        console: read(&console),
-        vmm_log: read(&vmm_log),
+        console: guest.console_text(),
+        vmm_log: guest.stderr_text(),
         elapsed: start.elapsed(),
     }
 }
@@ -156,19 +104,15 @@ fn scratch_disk(dir: &Path, fill: u8) -> PathBuf {
     path
 }
 
-fn disk_arg(path: &Path, suffix: &str) -> Vec<OsString> {
-    let mut spec = path.as_os_str().to_owned();
-    spec.push(suffix);
-    vec!["--disk".into(), spec]
+/// The `--disk` value for `path` with `suffix` (",ro") after it.
+fn disk_spec(path: &Path, suffix: &str) -> String {
+    format!("{}{suffix}", path.display())
 }
 
 #[test]
 fn hello_boots_and_reads_the_zero_page() {
-    if !kvm_available("testguest hello") {
-        return;
-    }
-    let dir = temp_dir("hello");
-    let run = run_scenario(dir.path(), "hello", &[]);
+    skip_without_kvm!("testguest hello");
+    let run = run_scenario("hello", &[]);
     let detail = run.assert_pass("hello");
     assert!(
         run.console.contains("testguest: start hello"),
@@ -193,11 +137,8 @@ fn hello_boots_and_reads_the_zero_page() {
 
 #[test]
 fn unknown_scenario_fails_cleanly() {
-    if !kvm_available("testguest unknown scenario") {
-        return;
-    }
-    let dir = temp_dir("unknown");
-    let run = run_scenario(dir.path(), "no-such-scenario", &[]);
+    skip_without_kvm!("testguest unknown scenario");
+    let run = run_scenario("no-such-scenario", &[]);
     assert!(run.status.success(), "{}\n{}", run.status, run.report());
     let verdict = run.verdict("no-such-scenario");
     assert!(
@@ -209,22 +150,17 @@ fn unknown_scenario_fails_cleanly() {
 
 #[test]
 fn rng_fills_a_buffer() {
-    if !kvm_available("testguest rng") {
-        return;
-    }
-    let dir = temp_dir("rng");
-    let run = run_scenario(dir.path(), "rng", &["--rng".into()]);
+    skip_without_kvm!("testguest rng");
+    let run = run_scenario("rng", &["--rng"]);
     run.assert_pass("rng");
 }
 
 #[test]
 fn blk_write_reaches_the_disk_file() {
-    if !kvm_available("testguest blk-write") {
-        return;
-    }
+    skip_without_kvm!("testguest blk-write");
     let dir = temp_dir("blk-write");
     let disk = scratch_disk(dir.path(), 0);
-    let run = run_scenario(dir.path(), "blk-write", &disk_arg(&disk, ""));
+    let run = run_scenario("blk-write", &["--disk", &disk_spec(&disk, "")]);
     let detail = run.assert_pass("blk-write");
     let want_capacity = format!("capacity {} sectors", DISK_SIZE / 512);
     assert!(
@@ -248,12 +184,10 @@ fn blk_write_reaches_the_disk_file() {
 
 #[test]
 fn blk_ro_refuses_writes() {
-    if !kvm_available("testguest blk-ro") {
-        return;
-    }
+    skip_without_kvm!("testguest blk-ro");
     let dir = temp_dir("blk-ro");
     let disk = scratch_disk(dir.path(), 0x5c);
-    let run = run_scenario(dir.path(), "blk-ro", &disk_arg(&disk, ",ro"));
+    let run = run_scenario("blk-ro", &["--disk", &disk_spec(&disk, ",ro")]);
     run.assert_pass("blk-ro");
     let contents = std::fs::read(&disk).expect("read disk");
     assert!(
@@ -264,27 +198,23 @@ fn blk_ro_refuses_writes() {
 
 #[test]
 fn blk_get_id_returns_a_serial() {
-    if !kvm_available("testguest blk-id") {
-        return;
-    }
+    skip_without_kvm!("testguest blk-id");
     let dir = temp_dir("blk-id");
     let disk = scratch_disk(dir.path(), 0);
-    let run = run_scenario(dir.path(), "blk-id", &disk_arg(&disk, ""));
+    let run = run_scenario("blk-id", &["--disk", &disk_spec(&disk, "")]);
     let detail = run.assert_pass("blk-id");
     assert!(detail.starts_with("id \""), "{detail:?}");
 }
 
 #[test]
 fn hostile_blk_requests_leave_the_device_serving() {
-    if !kvm_available("testguest hostile-blk") {
-        return;
-    }
+    skip_without_kvm!("testguest hostile-blk");
     let dir = temp_dir("hostile-blk");
     let disk = scratch_disk(dir.path(), 0x33);
-    let run = run_scenario(dir.path(), "hostile-blk", &disk_arg(&disk, ""));
+    let run = run_scenario("hostile-blk", &["--disk", &disk_spec(&disk, "")]);
     run.assert_pass("hostile-blk");
     // One line per sub-case, each saying what the device did.
-    let notes = run.notes("hostile-blk");
+    let notes = testguest::notes(&run.console, "hostile-blk");
     for case in [
         "addr-outside-ram",
         "addr-len-overflow",

@@ -9,13 +9,14 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use clap::Parser;
-use fabric_bench::median;
+use fabric_bench::interrupt::catch_signals;
+use fabric_bench::stats::median;
+use fabric_bench::vmm::{self, Boot, ConsoleVmm, VmmArgs, VmmKind};
 
 #[derive(Parser, Debug)]
 #[command(about = "Boot time and memory of fabric-vmm against QEMU")]
@@ -23,20 +24,17 @@ struct Args {
     /// Boots per VMM.
     #[arg(long, default_value_t = 10)]
     runs: usize,
-    /// Which VMMs, comma separated: fabric, qemu-microvm, qemu-pc.
+    /// Which VMMs, comma separated.
     #[arg(
         long,
-        default_value = "fabric,qemu-microvm,qemu-pc",
-        value_delimiter = ','
+        value_delimiter = ',',
+        default_value = "fabric,qemu-microvm,qemu-pc"
     )]
-    vmms: Vec<String>,
+    vmms: Vec<VmmKind>,
+    #[command(flatten)]
+    vmm: VmmArgs,
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
-    /// The fabric-vmm binary.
-    #[arg(long, default_value = "target/release/fabric-vmm")]
-    fabric_vmm: PathBuf,
     /// The guest image directory (images/build.sh output).
     #[arg(long, default_value = "images/out")]
     image: PathBuf,
@@ -53,23 +51,12 @@ struct Image {
 }
 
 fn load_image(dir: &Path) -> anyhow::Result<Image> {
-    let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: run images/build.sh first", path.display()))?;
-    let m: serde_json::Value = serde_json::from_str(&text).context("manifest.json")?;
-    let field = |k: &str| {
-        m[k].as_str()
-            .map(str::to_string)
-            .ok_or_else(|| anyhow!("manifest.json: no {k}"))
-    };
+    let image = fabric_test_support::image::Image::load_from(dir)?;
     Ok(Image {
-        kernel: dir.join("vmlinuz"),
-        initramfs: m["use_initramfs"]
-            .as_bool()
-            .unwrap_or(false)
-            .then(|| dir.join("initramfs.cpio.gz")),
-        cmdline: field("cmdline")?,
-        marker: field("ready_marker")?,
+        kernel: image.kernel(),
+        initramfs: image.use_initramfs().then(|| image.initramfs()),
+        cmdline: image.cmdline(),
+        marker: image.ready_marker(),
     })
 }
 
@@ -79,89 +66,55 @@ struct Sample {
     overhead_kib: Option<u64>,
 }
 
+/// One booted VMM, its control socket (fabric-vmm's API or QEMU's QMP) and its directory,
+/// removed once the VMM is gone.
 struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+    vmm: ConsoleVmm,
     control: PathBuf,
-    dir: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn spawn(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Running> {
-    let dir = std::env::temp_dir().join(format!(
-        "fabric-boot-bench-{}-{vmm}-{run}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir)?;
-    let control = dir.join("control.sock");
-    let mut cmd = match vmm {
-        "fabric" => {
-            let mut c = Command::new(&args.fabric_vmm);
-            c.arg("--kernel")
-                .arg(&image.kernel)
-                .args(["--cmdline", &image.cmdline])
-                .args(["--vcpus", &args.vcpus.to_string()])
-                .args(["--memory", &args.memory.to_string()])
-                .args(["--console", "stdout"])
-                .arg("--control-socket")
-                .arg(&control);
+fn spawn(vmm: VmmKind, args: &Args, image: &Image, run: usize) -> anyhow::Result<Running> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("fabric-boot-bench-{vmm}-{run}-"))
+        .tempdir()?;
+    let control = dir.path().join("control.sock");
+    let boot = Boot {
+        kernel: &image.kernel,
+        cmdline: &image.cmdline,
+        vcpus: args.vcpus,
+        memory_mib: args.vmm.memory,
+    };
+    let cmd = match vmm {
+        VmmKind::Fabric => {
+            let mut c = vmm::fabric_vmm(Command::new(&args.vmm.fabric_vmm), &boot);
+            c.arg("--control-socket").arg(&control);
             if let Some(initrd) = &image.initramfs {
                 c.arg("--initrd").arg(initrd);
             }
             c
         }
-        "qemu-microvm" | "qemu-pc" => {
-            let mut c = Command::new("qemu-system-x86_64");
-            let machine = if vmm == "qemu-pc" { "pc" } else { "microvm" };
-            // CX16 is hidden as fabric-vmm hides it; QEMU 7.2 cannot set IA32_ARCH_CAPABILITIES
-            // on a software-nested KVM and aborts unless the feature is off.
-            c.args(["-M", machine, "-enable-kvm"])
-                .args(["-cpu", "host,-cx16,-arch-capabilities"])
-                .args(["-m", &args.memory.to_string()])
-                .args(["-smp", &args.vcpus.to_string()])
-                .arg("-kernel")
-                .arg(&image.kernel)
-                .args(["-append", &image.cmdline])
-                .args(["-nodefaults", "-no-user-config", "-display", "none"])
-                .args(["-serial", "stdio", "-no-reboot"])
-                .arg("-qmp")
+        VmmKind::QemuMicrovm | VmmKind::QemuPc => {
+            let machine = if vmm == VmmKind::QemuPc {
+                "pc"
+            } else {
+                "microvm"
+            };
+            let mut c = vmm::qemu(Command::new("qemu-system-x86_64"), machine, &boot);
+            c.arg("-qmp")
                 .arg(format!("unix:{},server=on,wait=off", control.display()));
             if let Some(initrd) = &image.initramfs {
                 c.arg("-initrd").arg(initrd);
             }
             c
         }
-        other => bail!("unknown VMM {other:?}: use fabric, qemu-microvm or qemu-pc"),
     };
-    let stderr = std::fs::File::create(dir.join("stderr.log"))?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
+    let vmm = ConsoleVmm::spawn(cmd, dir.path().join("stderr.log"))
         .with_context(|| format!("starting {vmm}"))?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     Ok(Running {
-        child,
-        lines,
+        vmm,
         control,
-        dir,
+        _dir: dir,
     })
 }
 
@@ -210,9 +163,9 @@ fn qmp(socket: &Path, command: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn request_stop(vmm: &str, running: &Running) -> anyhow::Result<()> {
+fn request_stop(vmm: VmmKind, running: &Running) -> anyhow::Result<()> {
     match vmm {
-        "fabric" => {
+        VmmKind::Fabric => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -230,56 +183,35 @@ fn request_stop(vmm: &str, running: &Running) -> anyhow::Result<()> {
             })
         }
         // The PC has an i8042: Ctrl-Alt-Del reaches the guest kernel, which resets.
-        "qemu-pc" => qmp(
+        VmmKind::QemuPc => qmp(
             &running.control,
             r#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"ctrl"},{"type":"qcode","data":"alt"},{"type":"qcode","data":"delete"}]}}"#,
         ),
         // microvm has no keyboard controller: reset it from the monitor.
-        _ => qmp(&running.control, r#"{"execute":"system_reset"}"#),
+        VmmKind::QemuMicrovm => qmp(&running.control, r#"{"execute":"system_reset"}"#),
     }
 }
 
-fn sample(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<Sample> {
+fn sample(vmm: VmmKind, args: &Args, image: &Image, run: usize) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let mut running = spawn(vmm, args, image, run)?;
     let deadline = start + Duration::from_secs(args.timeout);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match running.lines.recv_timeout(left) {
-            Ok(line) if line.contains(&image.marker) => break,
-            Ok(_) => {}
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                bail!("{vmm}: no ready marker within {}s", args.timeout)
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = running.child.wait()?;
-                let stderr =
-                    std::fs::read_to_string(running.dir.join("stderr.log")).unwrap_or_default();
-                bail!(
-                    "{vmm} exited ({status}) before the ready marker: {}",
-                    stderr.trim()
-                )
-            }
-        }
-    }
+    running
+        .vmm
+        .wait_line("ready marker", deadline, |line| {
+            Ok(line.contains(&image.marker))
+        })
+        .with_context(|| format!("{vmm}: within {} s", args.timeout))?;
     let boot = start.elapsed();
-    let overhead_kib = memory_kib(running.child.id(), args.memory)
+    let overhead_kib = memory_kib(running.vmm.child.id(), args.vmm.memory)
         .filter(|(_, guest)| *guest > 0)
         .map(|(total, guest)| total.saturating_sub(guest));
     let asked = Instant::now();
     let stop = match request_stop(vmm, &running) {
-        Ok(()) => {
-            let give_up = asked + Duration::from_secs(180);
-            loop {
-                if running.child.try_wait()?.is_some() {
-                    break Some(asked.elapsed());
-                }
-                if Instant::now() > give_up {
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
+        Ok(()) => running
+            .vmm
+            .wait_exit(Duration::from_secs(180))
+            .then(|| asked.elapsed()),
         Err(err) => {
             eprintln!("  {vmm}: stop request failed: {err:#}");
             None
@@ -294,18 +226,19 @@ fn sample(vmm: &str, args: &Args, image: &Image, run: usize) -> anyhow::Result<S
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    catch_signals();
     let image = load_image(&args.image)?;
     println!(
         "boot bench: {} runs, {} vCPU, {} MiB, kernel {}, marker {:?}",
         args.runs,
         args.vcpus,
-        args.memory,
+        args.vmm.memory,
         image.kernel.display(),
         image.marker
     );
-    let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let mut results: BTreeMap<VmmKind, Vec<Sample>> = BTreeMap::new();
     for run in 0..args.runs {
-        for vmm in &args.vmms {
+        for &vmm in &args.vmms {
             match sample(vmm, &args, &image, run) {
                 Ok(s) => {
                     println!(
@@ -316,7 +249,7 @@ fn main() -> anyhow::Result<()> {
                         s.overhead_kib
                             .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
                     );
-                    results.entry(vmm.clone()).or_default().push(s);
+                    results.entry(vmm).or_default().push(s);
                 }
                 Err(err) => println!("  run {run:>2} {vmm:<13} FAILED: {err:#}"),
             }
@@ -328,7 +261,7 @@ fn main() -> anyhow::Result<()> {
         "| VMM | boots | boot to marker, median | min – max | stop → exit, median | VMM memory (PSS − guest), median |"
     );
     println!("|---|---|---|---|---|---|");
-    let mut medians: BTreeMap<String, (f64, Option<f64>, Option<f64>)> = BTreeMap::new();
+    let mut medians: BTreeMap<VmmKind, (f64, Option<f64>, Option<f64>)> = BTreeMap::new();
     for (vmm, samples) in &results {
         let boots: Vec<f64> = samples.iter().map(|s| s.boot.as_secs_f64()).collect();
         let min = boots.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -354,12 +287,12 @@ fn main() -> anyhow::Result<()> {
             stop.map_or("-".into(), |s| format!("{s:.2} s")),
             mem.map_or("-".into(), |m| format!("{m:.1} MiB")),
         );
-        medians.insert(vmm.clone(), (boot, stop, mem));
+        medians.insert(*vmm, (boot, stop, mem));
     }
-    if let Some((fb, fs, fm)) = medians.get("fabric").cloned() {
+    if let Some((fb, fs, fm)) = medians.get(&VmmKind::Fabric).cloned() {
         println!();
         for (vmm, (b, s, m)) in &medians {
-            if vmm == "fabric" {
+            if *vmm == VmmKind::Fabric {
                 continue;
             }
             let ratio = |other: Option<f64>, ours: Option<f64>| match (other, ours) {

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use fabric_bench::stats::percentile;
 use fabric_proto::v1::compute_client::ComputeClient;
-use fabric_proto::v1::{BootImage, CreateVmRequest, MemorySpec, VmSpec};
+use fabric_proto::v1::{CreateVmRequest, DesiredState};
+use fabric_test_support::cluster::{controller_command, path_appears, unix_channel, Process};
+use fabric_test_support::vmspec::simulated_vm;
 
 #[derive(Parser)]
 #[command(about = "Durable CreateVm throughput of fabric-controller")]
@@ -25,48 +28,23 @@ struct Args {
     seconds: u64,
 }
 
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn run(args: &Args, clients: usize) -> anyhow::Result<(f64, Vec<Duration>)> {
+/// Durable creates a second over `clients` concurrent clients, and every create's latency,
+/// in milliseconds.
+async fn run(args: &Args, clients: usize) -> anyhow::Result<(f64, Vec<f64>)> {
     let dir = tempfile::Builder::new()
         .prefix("fabric-bench-ctl")
         .tempdir_in("/var/tmp")?;
     let socket = dir.path().join("c.sock");
-    let _controller = Child(
-        std::process::Command::new(&args.controller)
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("FABRIC_LOG", "warn")
-            .spawn()
-            .with_context(|| format!("cannot start {}", args.controller.display()))?,
+    let mut command = controller_command(&args.controller, &socket, &dir.path().join("data"));
+    command.env("FABRIC_LOG", "warn");
+    let controller = Process::try_spawn("fabric-controller", command, dir.path().join("log"))
+        .with_context(|| format!("cannot start {}", args.controller.display()))?;
+    anyhow::ensure!(
+        path_appears(&socket, Duration::from_secs(20)),
+        "the controller did not start:\n{}",
+        controller.log_tail(20)
     );
-    let start = Instant::now();
-    while !socket.exists() {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "the controller did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let path = socket.clone();
-    let channel = tonic::transport::Endpoint::from_static("http://bench.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await?;
+    let channel = unix_channel(&socket).await;
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let began = Instant::now();
@@ -78,28 +56,18 @@ async fn run(args: &Args, clients: usize) -> anyhow::Result<(f64, Vec<Duration>)
             let mut mine = Vec::new();
             let mut i = 0u64;
             while Instant::now() < deadline {
-                let spec = VmSpec {
-                    name: format!("b-{w}-{i}"),
-                    vcpus: 1,
-                    memory: Some(MemorySpec {
-                        startup_mib: 256,
-                        ..Default::default()
-                    }),
-                    image: Some(BootImage {
-                        kernel_sha256: "0".repeat(64),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                };
+                let spec = simulated_vm(&format!("b-{w}-{i}"));
                 let t = Instant::now();
+                // Stopped: the controller stores the VM and places nothing.
+                let request = CreateVmRequest {
+                    spec: Some(spec),
+                    desired_state: DesiredState::Stopped as i32,
+                };
                 client
-                    .create_vm(CreateVmRequest {
-                        spec: Some(spec),
-                        desired_state: 2,
-                    })
+                    .create_vm(request)
                     .await
                     .map_err(|s| anyhow::anyhow!("CreateVm: {s}"))?;
-                mine.push(t.elapsed());
+                mine.push(t.elapsed().as_secs_f64() * 1000.0);
                 i += 1;
             }
             latencies
@@ -113,17 +81,8 @@ async fn run(args: &Args, clients: usize) -> anyhow::Result<(f64, Vec<Duration>)
         t.await??;
     }
     let elapsed = began.elapsed().as_secs_f64();
-    let mut all = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
-    all.sort();
+    let all = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
     Ok((all.len() as f64 / elapsed, all))
-}
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
 }
 
 #[tokio::main]
@@ -136,8 +95,8 @@ async fn main() -> anyhow::Result<()> {
         let (rate, latencies) = run(&args, clients).await?;
         println!(
             "| {clients} | {rate:.0} | {:.2} | {:.2} |",
-            pct(&latencies, 0.5),
-            pct(&latencies, 0.99)
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99)
         );
     }
     Ok(())

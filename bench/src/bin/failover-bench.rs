@@ -23,18 +23,21 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Parser;
+use fabric_bench::cleanup::{self, Made};
+use fabric_bench::interrupt::until_interrupted;
+use fabric_bench::require_kvm;
+use fabric_bench::stats::{percentile, secs};
 use fabric_proto::v1::compute_client::ComputeClient;
-use fabric_proto::v1::{
-    Event, EventKind, HostState, ListHostsRequest, ListVmsRequest, VmPhase, WatchEventsRequest,
-};
+use fabric_proto::v1::{Event, EventKind, HostState, ListVmsRequest, VmPhase, WatchEventsRequest};
 use fabric_test_support::cluster::Timing;
+use fabric_test_support::compute::list_hosts;
 use fabric_test_support::image::Image;
 use fabric_test_support::netcluster::NetCluster;
+use fabric_test_support::process::{cpu_share, loadavg};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
@@ -72,126 +75,6 @@ struct Args {
     failover_timeout: u64,
 }
 
-/// What a cluster made, for removing it when the program cannot unwind (the release profile
-/// aborts on panic, so `NetCluster`'s own Drop would not run).
-#[derive(Clone)]
-struct Made {
-    dir: PathBuf,
-    prefix: String,
-    namespaces: Vec<String>,
-}
-
-static MADE: Mutex<Option<Made>> = Mutex::new(None);
-
-fn made() -> Option<Made> {
-    MADE.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-/// Processes whose command line names `dir` (the controller, agents, fabric-vmm), zombies
-/// left out.
-fn processes_under(dir: &Path) -> Vec<(u32, String)> {
-    let marker = dir.display().to_string();
-    let me = std::process::id();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if !cmdline.contains(&marker) {
-            continue;
-        }
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rfind(')')
-                    .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if !zombie {
-            found.push((pid, cmdline.trim().to_string()));
-        }
-    }
-    found
-}
-
-/// cgroups of the cluster's hosts (cgroup v1: `<controller>/<prefix>-h<i>`).
-fn cgroups_of(prefix: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for controller in ["memory", "cpu", "cpuset", "pids"] {
-        let root = Path::new("/sys/fs/cgroup").join(controller);
-        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{prefix}-"))
-            {
-                found.push(entry.path());
-            }
-        }
-    }
-    found
-}
-
-fn namespaces_of(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&format!("{prefix}-")))
-        .collect()
-}
-
-/// Last-resort removal (panic, signal): processes, cgroups, namespaces, files.
-fn remove_everything(made: &Made) {
-    for (pid, _) in processes_under(&made.dir) {
-        // SAFETY: kill with a pid whose command line names this cluster's own directory.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    for cgroup in cgroups_of(&made.prefix) {
-        if let Ok(children) = std::fs::read_dir(&cgroup) {
-            for child in children.flatten() {
-                if child.path().is_dir() {
-                    let _ = std::fs::remove_dir(child.path());
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(&cgroup);
-    }
-    for ns in &made.namespaces {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", ns])
-            .output();
-    }
-    let _ = std::fs::remove_dir_all(&made.dir);
-}
-
-/// What is left of a dropped cluster (should be nothing).
-fn leftovers(made: &Made) -> Vec<String> {
-    let mut left = Vec::new();
-    for (pid, cmdline) in processes_under(&made.dir) {
-        left.push(format!("process {pid}: {cmdline}"));
-    }
-    for ns in namespaces_of(&made.prefix) {
-        left.push(format!("network namespace {ns}"));
-    }
-    for cgroup in cgroups_of(&made.prefix) {
-        left.push(format!("cgroup {}", cgroup.display()));
-    }
-    if made.dir.exists() {
-        left.push(format!("directory {}", made.dir.display()));
-    }
-    left
-}
-
 /// Forwards every controller event, stamped with the time it arrived, reconnecting (and
 /// resuming after the last sequence) if the stream breaks.
 async fn watch_events(mut c: ComputeClient<Channel>, tx: mpsc::UnboundedSender<(Instant, Event)>) {
@@ -221,24 +104,18 @@ async fn host_ids(
     c: &mut ComputeClient<Channel>,
     cluster: &NetCluster,
 ) -> Result<HashMap<String, usize>> {
-    let hosts = c
-        .list_hosts(ListHostsRequest::default())
+    Ok(list_hosts(c)
         .await
         .context("ListHosts")?
-        .into_inner()
-        .hosts;
-    Ok(hosts
         .into_iter()
         .filter_map(|h| cluster.host_by_name(&h.name).map(|i| (h.id, i)))
         .collect())
 }
 
 async fn host_states(c: &mut ComputeClient<Channel>) -> Result<HashMap<String, HostState>> {
-    Ok(c.list_hosts(ListHostsRequest::default())
+    Ok(list_hosts(c)
         .await
         .context("ListHosts")?
-        .into_inner()
-        .hosts
         .into_iter()
         .map(|h| (h.id.clone(), h.state()))
         .collect())
@@ -290,27 +167,6 @@ fn console_since(path: &Path, mark: Option<Mark>) -> String {
         _ => 0,
     };
     String::from_utf8_lossy(&data[from..]).into_owned()
-}
-
-/// CPU time (user + system) of a process as a fraction of the wall time since it started.
-fn cpu_share(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    // After the command: state is field 3, utime 14, stime 15, starttime 22 (1-based).
-    let ticks = |i: usize| fields.get(i - 3)?.parse::<f64>().ok();
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let alive = uptime - ticks(22)? / hz;
-    if alive <= 0.0 {
-        return None;
-    }
-    Some((ticks(14)? + ticks(15)?) / hz / alive)
 }
 
 fn console_path(cluster: &NetCluster, host: usize, vm: &str) -> PathBuf {
@@ -420,12 +276,7 @@ async fn one_run(
         }
     }
     while events.try_recv().is_ok() {}
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ");
+    let load = loadavg();
 
     let t0 = Instant::now();
     cluster.hosts[dead].kill();
@@ -612,23 +463,9 @@ async fn wait_host_ready(
 /// One phase of a run, seconds from the kill.
 type Phase = fn(&Run) -> f64;
 
-/// Nearest-rank percentile.
-fn pct(values: &[f64], p: f64) -> f64 {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
-fn secs(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.2}")
-    } else {
-        "–".to_string()
-    }
+/// Seconds as the table prints them.
+fn seconds(v: f64) -> String {
+    secs(v, "")
 }
 
 fn report(args: &Args, runs: &[Run], mode: &str, marker: &str) {
@@ -664,15 +501,15 @@ fn report(args: &Args, runs: &[Run], mode: &str, marker: &str) {
         let values: Vec<f64> = runs.iter().map(f).collect();
         println!(
             "| {name} | {} | {} |",
-            secs(pct(&values, 0.5)),
-            secs(pct(&values, 1.0))
+            seconds(percentile(&values, 0.5)),
+            seconds(percentile(&values, 1.0))
         );
     }
     let first: Vec<f64> = runs.iter().map(|r| r.first_ready).collect();
     println!(
         "| first guest shows the ready marker (guest boot, emulated) | {} | {} |",
-        secs(pct(&first, 0.5)),
-        secs(pct(&first, 1.0))
+        seconds(percentile(&first, 0.5)),
+        seconds(percentile(&first, 1.0))
     );
     let all: Vec<f64> = runs.iter().map(|r| r.ready).collect();
     let complete = all.iter().filter(|v| v.is_finite()).count();
@@ -692,11 +529,11 @@ fn report(args: &Args, runs: &[Run], mode: &str, marker: &str) {
         } else {
             String::new()
         },
-        secs(pct(&all, 0.5)),
-        secs(pct(&all, 1.0))
+        seconds(percentile(&all, 0.5)),
+        seconds(percentile(&all, 1.0))
     );
     let running: Vec<f64> = runs.iter().map(|r| r.running).collect();
-    let max = pct(&running, 1.0);
+    let max = percentile(&running, 1.0);
     println!();
     println!(
         "Target: ≤ 5 s from the host's death to its guests running elsewhere: {} \
@@ -704,8 +541,8 @@ fn report(args: &Args, runs: &[Run], mode: &str, marker: &str) {
          separately (~30 s of emulated kernel execution for one guest alone on these kvm-pvm \
          machines; here {} guests boot at once).",
         if max <= 5.0 { "met" } else { "NOT met" },
-        secs(pct(&running, 0.5)),
-        secs(max),
+        seconds(percentile(&running, 0.5)),
+        seconds(max),
         args.vms
     );
     println!(
@@ -734,15 +571,15 @@ fn describe(r: &Run) -> String {
         } else {
             String::new()
         },
-        secs(r.suspect),
-        secs(r.dead),
-        secs(r.placed),
-        secs(r.vmms),
-        secs(r.running),
-        secs(r.first_ready),
+        seconds(r.suspect),
+        seconds(r.dead),
+        seconds(r.placed),
+        seconds(r.vmms),
+        seconds(r.running),
+        seconds(r.first_ready),
         r.ready_count,
         r.victims,
-        secs(r.ready),
+        seconds(r.ready),
         r.stalled_at
             .iter()
             .map(|(line, n)| format!(" ({n} stopped at {line:?})"))
@@ -772,47 +609,17 @@ async fn bench(args: &Args, cluster: &mut NetCluster) -> Result<Vec<Run>> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let kernel = image.path("vmlinuz");
-    let kernel = kernel.to_str().context("image path")?;
-    cluster.fabricctl(&[
-        "image", "push", kernel, "--name", "default", "--role", "kernel",
-    ]);
-    if image.manifest.use_initramfs {
-        let initramfs = image.path("initramfs.cpio.gz");
-        cluster.fabricctl(&[
-            "image",
-            "push",
-            initramfs.to_str().context("image path")?,
-            "--name",
-            "default",
-            "--role",
-            "initramfs",
-        ]);
-    }
-    let mut vms = Vec::new();
-    let memory = args.memory_mib.to_string();
-    for i in 0..args.vms {
-        let out = cluster.fabricctl(&[
-            "vm",
-            "create",
-            "--name",
-            &format!("failover-{i}"),
-            "--vcpus",
-            "1",
-            "--memory",
-            &memory,
-            "--image",
-            "default",
-            "--cmdline",
-            &mode.cmdline,
-            "--nic",
-            "default",
-            "-o",
-            "json",
-        ]);
-        let json: serde_json::Value = serde_json::from_str(&out).context("vm create -o json")?;
-        vms.push(json["id"].as_str().context("vm create: no id")?.to_string());
-    }
+    cluster.push_guest_image(&image);
+    let vms: Vec<String> = (0..args.vms)
+        .map(|i| {
+            cluster.create_vm(
+                &format!("failover-{i}"),
+                args.memory_mib,
+                &mode.cmdline,
+                &[],
+            )
+        })
+        .collect();
     let ids = host_ids(&mut c, cluster).await?;
     let t = Instant::now();
     let placed = wait_all_running(
@@ -864,10 +671,7 @@ async fn bench(args: &Args, cluster: &mut NetCluster) -> Result<Vec<Run>> {
     report(
         args,
         &runs,
-        match image.manifest.guest_mode {
-            fabric_test_support::image::GuestMode::KernelOnly => "kernel-only",
-            fabric_test_support::image::GuestMode::Userspace => "userspace",
-        },
+        image.manifest.guest_mode.as_str(),
         &mode.ready_marker,
     );
     Ok(runs)
@@ -878,19 +682,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(args.hosts >= 2, "--hosts: at least 2");
     ensure!(args.vms >= 1, "--vms: at least 1");
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .context("/dev/kvm is not usable; this benchmark boots real guests")?;
-
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        if let Some(made) = made() {
-            remove_everything(&made);
-        }
-    }));
+    require_kvm()?;
+    // The release profile aborts on panic: NetCluster's own Drop would not run.
+    cleanup::remove_on_panic();
 
     let timing = Timing {
         lease_ttl: args.lease_ttl,
@@ -901,11 +695,8 @@ async fn main() -> Result<()> {
     let made = Made {
         dir: cluster.path().to_path_buf(),
         prefix: cluster.prefix.clone(),
-        namespaces: std::iter::once(cluster.net_ns.clone())
-            .chain(cluster.hosts.iter().map(|h| h.ns.clone()))
-            .collect(),
     };
-    *MADE.lock().unwrap_or_else(|e| e.into_inner()) = Some(made.clone());
+    cleanup::register(Some(made.clone()));
     eprintln!(
         "failover-bench: cluster {} ({} hosts) in {}",
         made.prefix,
@@ -913,12 +704,9 @@ async fn main() -> Result<()> {
         made.dir.display()
     );
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let result = tokio::select! {
-        r = bench(&args, &mut cluster) => r.map(|_| ()),
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-        _ = sigterm.recv() => Err(anyhow!("terminated")),
-    };
+    let result = until_interrupted(bench(&args, &mut cluster))
+        .await
+        .map(|_| ());
     if result.is_err() {
         eprintln!("failover-bench: stopping; logs in {}", made.dir.display());
         for host in &cluster.hosts {
@@ -932,13 +720,7 @@ async fn main() -> Result<()> {
         }
     }
     drop(cluster);
-    *MADE.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    let left = leftovers(&made);
-    if left.is_empty() {
-        eprintln!("failover-bench: cleaned up (no process, namespace, cgroup or file left)");
-    } else {
-        eprintln!("failover-bench: LEFT BEHIND:\n  {}", left.join("\n  "));
-        remove_everything(&made);
-    }
+    cleanup::register(None);
+    made.check_removed("failover-bench");
     result
 }

@@ -21,18 +21,22 @@
 //! Everything it makes (processes, namespace, cgroups, files) is removed at the end, also on
 //! an error, Ctrl-C or a panic, and it checks that nothing is left.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
+use fabric_bench::cleanup::{self, Made};
+use fabric_bench::interrupt::until_interrupted;
+use fabric_bench::require_kvm;
+use fabric_bench::stats::{percentile, secs};
 use fabric_proto::v1::vmm_client::VmmClient;
 use fabric_proto::v1::GetMemoryStatsRequest;
-use fabric_test_support::cluster::{wait_for_path, workspace_bin, Process};
+use fabric_test_support::cluster::{controller_command, wait_for_path, workspace_bin, Process};
+use fabric_test_support::process::{cpu_secs, loadavg, rss_kib};
+use fabric_test_support::testguest::{self, MemloadEvent};
 use tonic::transport::Channel;
 
 #[derive(Parser, Clone, Debug)]
@@ -198,107 +202,6 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-// --- what the run makes, and removing it ------------------------------------------------------
-
-/// What a run made, for removing it when the program cannot unwind (the release profile
-/// aborts on panic).
-#[derive(Clone)]
-struct Made {
-    dir: PathBuf,
-    prefix: String,
-}
-
-static MADE: Mutex<Option<Made>> = Mutex::new(None);
-
-fn set_made(made: Option<Made>) {
-    *MADE.lock().unwrap_or_else(|e| e.into_inner()) = made;
-}
-
-/// Processes whose command line names `dir` (controller, agent, fabric-vmm), zombies left out.
-fn processes_under(dir: &Path) -> Vec<(u32, String)> {
-    let marker = dir.display().to_string();
-    let me = std::process::id();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if !cmdline.contains(&marker) {
-            continue;
-        }
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rfind(')')
-                    .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if !zombie {
-            found.push((pid, cmdline.trim().to_string()));
-        }
-    }
-    found
-}
-
-/// The run's cgroups (v1: `<controller>/<prefix>`, with the VMs' below).
-fn cgroups_of(prefix: &str) -> Vec<PathBuf> {
-    ["memory", "cpu", "cpuset", "pids"]
-        .iter()
-        .map(|c| Path::new("/sys/fs/cgroup").join(c).join(prefix))
-        .filter(|p| p.exists())
-        .collect()
-}
-
-fn namespace_exists(prefix: &str) -> bool {
-    Path::new("/run/netns").join(prefix).exists()
-}
-
-fn remove_everything(made: &Made) {
-    for (pid, _) in processes_under(&made.dir) {
-        // SAFETY: kill with a pid whose command line names this run's own directory.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    for cgroup in cgroups_of(&made.prefix) {
-        if let Ok(children) = std::fs::read_dir(&cgroup) {
-            for child in children.flatten() {
-                if child.path().is_dir() {
-                    let _ = std::fs::remove_dir(child.path());
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(&cgroup);
-    }
-    let _ = Command::new("ip")
-        .args(["netns", "del", &made.prefix])
-        .output();
-    let _ = std::fs::remove_dir_all(&made.dir);
-}
-
-fn leftovers(made: &Made) -> Vec<String> {
-    let mut left = Vec::new();
-    for (pid, cmdline) in processes_under(&made.dir) {
-        left.push(format!("process {pid}: {cmdline}"));
-    }
-    if namespace_exists(&made.prefix) {
-        left.push(format!("network namespace {}", made.prefix));
-    }
-    for cgroup in cgroups_of(&made.prefix) {
-        left.push(format!("cgroup {}", cgroup.display()));
-    }
-    if made.dir.exists() {
-        left.push(format!("directory {}", made.dir.display()));
-    }
-    left
-}
-
 // --- the stack ---------------------------------------------------------------------------------
 
 /// A controller and one agent (in its own network namespace) for one run.
@@ -312,30 +215,28 @@ impl Stack {
     fn start(args: &Args, mode: Mode, n: usize) -> Result<Stack> {
         let prefix = format!("fmem{}{n}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("fabric-{prefix}"));
-        ensure!(
-            !dir.exists() && !namespace_exists(&prefix),
-            "{} or netns {prefix} exists already",
-            dir.display()
-        );
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let made = Made {
             dir: dir.clone(),
             prefix: prefix.clone(),
         };
-        set_made(Some(made.clone()));
+        ensure!(
+            made.leftovers().is_empty(),
+            "{} or netns {prefix} exists already",
+            dir.display()
+        );
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        cleanup::register(Some(made.clone()));
         let mut stack = Stack {
             made,
             controller: None,
             agent: None,
         };
         let socket = dir.join("controller.sock");
-        let mut controller = Command::new(workspace_bin("fabric-controller"));
-        controller
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .arg("--data-dir")
-            .arg(dir.join("controller"))
-            .env("FABRIC_LOG", "info");
+        let controller = controller_command(
+            &workspace_bin("fabric-controller"),
+            &socket,
+            &dir.join("controller"),
+        );
         stack.controller = Some(Process::spawn(
             "fabric-controller",
             controller,
@@ -462,51 +363,36 @@ impl Drop for Stack {
         // The agent first (it would start VMs again), then whatever fabric-vmm it left.
         self.agent = None;
         self.controller = None;
-        remove_everything(&self.made);
-        let left = leftovers(&self.made);
-        if left.is_empty() {
-            eprintln!(
-                "memory-bench: {}: cleaned up (no process, namespace, cgroup or file left)",
-                self.made.prefix
-            );
-            set_made(None);
-        } else {
-            eprintln!("memory-bench: LEFT BEHIND:\n  {}", left.join("\n  "));
+        self.made.remove_everything();
+        if self.made.check_removed("memory-bench") {
+            cleanup::register(None);
         }
     }
 }
 
 // --- the guests' console lines ----------------------------------------------------------------
 
-/// One `testguest: memload: t=MS EVENT key=value ...` line.
+/// One memload event of VM `vm`.
 #[derive(Debug, Clone)]
 struct GuestEvent {
     vm: usize,
-    t: u64,
-    kind: String,
-    fields: BTreeMap<String, String>,
+    event: MemloadEvent,
 }
 
 impl GuestEvent {
     fn parse(vm: usize, line: &str) -> Option<GuestEvent> {
-        let rest = line.trim().strip_prefix("testguest: memload: t=")?;
-        let mut words = rest.split_whitespace();
-        let t = words.next()?.parse().ok()?;
-        let kind = words.next()?.to_string();
-        let fields = words
-            .filter_map(|w| w.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
         Some(GuestEvent {
             vm,
-            t,
-            kind,
-            fields,
+            event: MemloadEvent::parse(line)?,
         })
     }
+}
 
-    fn num(&self, key: &str) -> Option<u64> {
-        self.fields.get(key)?.parse().ok()
+impl std::ops::Deref for GuestEvent {
+    type Target = MemloadEvent;
+
+    fn deref(&self) -> &MemloadEvent {
+        &self.event
     }
 }
 
@@ -574,34 +460,7 @@ struct Run {
 }
 
 fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
-}
-
-/// CPU time (user + system) of a process, seconds.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i - 3)?.parse::<f64>().ok();
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((ticks(14)? + ticks(15)?) / hz)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
+    rss_kib(pid).map(|kib| kib as f64 / 1024.0)
 }
 
 fn vm_pid(stack: &Stack, vm_id: &str) -> Option<u32> {
@@ -880,23 +739,9 @@ fn write_samples(path: &Path, samples: &[Sample], start_ms: u64) -> Result<()> {
 
 // --- analysis -------------------------------------------------------------------------------------
 
-/// Nearest-rank percentile of finite values.
-fn pct(values: &[f64], p: f64) -> f64 {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
-fn secs(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.2} s")
-    } else {
-        "–".to_string()
-    }
+/// Seconds as the table prints them.
+fn seconds(v: f64) -> String {
+    secs(v, " s")
 }
 
 /// A VM's demand rising to its peak, and what followed until its next phase.
@@ -1176,7 +1021,11 @@ fn report(args: &Args, runs: &[Run]) -> bool {
                 .iter()
                 .filter(|r| r.waited.is_some_and(|(_, ok)| !ok))
                 .count();
-            let mut text = format!("{} / {}", secs(pct(&done, 0.5)), secs(pct(&done, 1.0)));
+            let mut text = format!(
+                "{} / {}",
+                seconds(percentile(&done, 0.5)),
+                seconds(percentile(&done, 1.0))
+            );
             if never > 0 {
                 text.push_str(&format!(
                     "; never in {never} of {}",
@@ -1206,10 +1055,10 @@ fn report(args: &Args, runs: &[Run]) -> bool {
                 .collect();
             format!(
                 "{} / {}; {:.0}–{:.0} per wait",
-                secs(pct(&reaction, 0.5)),
-                secs(pct(&reaction, 1.0)),
-                pct(&steps, 0.0),
-                pct(&steps, 1.0)
+                seconds(percentile(&reaction, 0.5)),
+                seconds(percentile(&reaction, 1.0)),
+                percentile(&steps, 0.0),
+                percentile(&steps, 1.0)
             )
         },
     );
@@ -1223,7 +1072,11 @@ fn report(args: &Args, runs: &[Run]) -> bool {
                 .map(|ms| ms as f64 / 1000.0)
                 .collect();
             let never = s.rises.iter().filter(|r| r.got_all.is_none()).count();
-            let mut text = format!("{} / {}", secs(pct(&got, 0.5)), secs(pct(&got, 1.0)));
+            let mut text = format!(
+                "{} / {}",
+                seconds(percentile(&got, 0.5)),
+                seconds(percentile(&got, 1.0))
+            );
             if never > 0 {
                 text.push_str(&format!("; never in {never} of {}", s.rises.len()));
             }
@@ -1256,7 +1109,7 @@ fn report(args: &Args, runs: &[Run]) -> bool {
                 .map(|ms| *ms as f64 / 1000.0)
                 .collect();
             let open = these.iter().filter(|c| c.is_none()).count();
-            let mut text = format!("{} / {}", secs(pct(&done, 0.5)), secs(pct(&done, 1.0)));
+            let mut text = format!("{} / {}", seconds(percentile(&done, 0.5)), seconds(percentile(&done, 1.0)));
             if open > 0 {
                 text.push_str(&format!(
                     "; not settled before the VM's next step in {open} of {}",
@@ -1315,8 +1168,8 @@ fn report(args: &Args, runs: &[Run]) -> bool {
             if ok_oom { "met" } else { "NOT met" },
             s.oom_kills,
             if ok_time { "met" } else { "NOT met" },
-            secs(slowest_wait),
-            secs(convergence),
+            seconds(slowest_wait),
+            seconds(convergence),
         );
     }
     println!();
@@ -1371,12 +1224,7 @@ fn report(args: &Args, runs: &[Run]) -> bool {
 }
 
 async fn bench(args: &Args) -> Result<Vec<Run>> {
-    let testguest = fabric_test_support::image::repo_dir().join("images/out/testguest.elf");
-    ensure!(
-        testguest.is_file(),
-        "{} is missing: run images/build.sh",
-        testguest.display()
-    );
+    let testguest = testguest::elf();
     let mut runs = Vec::new();
     for (n, mode) in args.modes.iter().enumerate() {
         let run = run_mode(args, *mode, n, &testguest).await?;
@@ -1389,11 +1237,7 @@ async fn bench(args: &Args) -> Result<Vec<Run>> {
 async fn main() -> Result<()> {
     let args = Args::parse();
     args.check()?;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .context("/dev/kvm is not usable; this benchmark boots real guests")?;
+    require_kvm()?;
     for bin in [
         "fabric-controller",
         "fabricctl",
@@ -1402,24 +1246,12 @@ async fn main() -> Result<()> {
     ] {
         workspace_bin(bin);
     }
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        if let Some(made) = MADE.lock().ok().and_then(|m| m.clone()) {
-            remove_everything(&made);
-        }
-    }));
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let result = tokio::select! {
-        r = bench(&args) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-        _ = sigterm.recv() => Err(anyhow!("terminated")),
-    };
+    cleanup::remove_on_panic();
+    let result = until_interrupted(bench(&args)).await;
     // An interrupted run's stack was dropped with the future; anything left is removed here.
-    let leftover = MADE.lock().ok().and_then(|m| m.clone());
-    if let Some(made) = leftover {
-        remove_everything(&made);
-        let left = leftovers(&made);
+    if let Some(made) = cleanup::registered() {
+        made.remove_everything();
+        let left = made.leftovers();
         if !left.is_empty() {
             bail!("left behind:\n  {}", left.join("\n  "));
         }

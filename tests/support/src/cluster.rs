@@ -3,15 +3,15 @@
 //! directory under one temp dir, talking over Unix sockets. Every process is killed by PID
 //! when its handle drops, also when the test fails.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::compute_client::ComputeClient;
-use fabric_proto::v1::{Host, HostState, ListHostsRequest};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::host::tail_lines;
 
 /// A binary of this workspace, built by `cargo test --workspace` (or `cargo build`) next to
 /// the test executable (`target/<profile>/deps/..`), or next to the running workspace binary
@@ -47,17 +47,38 @@ pub async fn unix_channel(path: &Path) -> Channel {
     ))
 }
 
-/// Waits until `path` exists (a socket being bound).
+/// Waits until `path` exists (a socket being bound); panics after `timeout`.
 pub fn wait_for_path(path: &Path, timeout: Duration) {
+    assert!(
+        path_appears(path, timeout),
+        "{} did not appear within {timeout:?}",
+        path.display()
+    );
+}
+
+/// Waits until `path` exists (a socket being bound); false if it does not within `timeout`.
+pub fn path_appears(path: &Path, timeout: Duration) -> bool {
     let start = Instant::now();
     while !path.exists() {
-        assert!(
-            start.elapsed() < timeout,
-            "{} did not appear within {timeout:?}",
-            path.display()
-        );
+        if start.elapsed() >= timeout {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
+}
+
+/// `program` (a fabric-controller) listening on the Unix socket `socket` with its store in
+/// `data_dir`, logging at `info`.
+pub fn controller_command(program: &Path, socket: &Path, data_dir: &Path) -> Command {
+    let mut command = Command::new(program);
+    command
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("FABRIC_LOG", "info");
+    command
 }
 
 /// A child process killed (SIGKILL) and reaped on drop.
@@ -68,20 +89,26 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Process {
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
+    /// Starts `command` as `name`, its stdout and stderr in the file `log`; panics if it
+    /// cannot.
+    pub fn spawn(name: &str, command: Command, log: PathBuf) -> Process {
+        Self::try_spawn(name, command, log).unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+    }
+
+    /// [`spawn`](Self::spawn), failing instead of panicking.
+    pub fn try_spawn(name: &str, mut command: Command, log: PathBuf) -> std::io::Result<Process> {
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
         let child = command
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Process {
+            .spawn()?;
+        Ok(Process {
             child: Some(child),
             log,
             name: name.to_string(),
-        }
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -97,9 +124,10 @@ impl Process {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        tail_lines(
+            &std::fs::read_to_string(&self.log).unwrap_or_default(),
+            lines,
+        )
     }
 }
 
@@ -167,20 +195,19 @@ impl Controller {
 
     fn spawn(dir: &Path, socket: &Path, timing: Timing, extra_args: &[String]) -> Process {
         let _ = std::fs::remove_file(socket);
-        let mut command = Command::new(workspace_bin("fabric-controller"));
+        let mut command = controller_command(
+            &workspace_bin("fabric-controller"),
+            socket,
+            &dir.join("data"),
+        );
         command
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
             .arg("--lease-ttl")
             .arg(timing.lease_ttl.to_string())
             .arg("--heartbeat-interval")
             .arg(timing.heartbeat_interval.to_string())
             .arg("--fencing-margin")
             .arg(timing.fencing_margin.to_string())
-            .args(extra_args)
-            .env("FABRIC_LOG", "info");
+            .args(extra_args);
         let log = dir.join(format!(
             "controller-{}.log",
             std::time::SystemTime::now()
@@ -325,61 +352,5 @@ budget_mib = {memory_budget_mib}
             dir: dir.to_owned(),
             process,
         }
-    }
-}
-
-/// Waits until exactly `count` hosts are registered and every one is READY; their ids by name.
-pub async fn ready_hosts(
-    client: &ComputeClient<Channel>,
-    count: usize,
-    timeout: Duration,
-) -> HashMap<String, String> {
-    ready_hosts_where(client, count, timeout, |_| true).await
-}
-
-/// [`ready_hosts`], every host also passing `also` (e.g. its memory balancer reports).
-pub async fn ready_hosts_where(
-    client: &ComputeClient<Channel>,
-    count: usize,
-    timeout: Duration,
-    also: impl Fn(&Host) -> bool,
-) -> HashMap<String, String> {
-    let also = &also;
-    let what = format!("{count} hosts ready");
-    eventually(timeout, &what, || {
-        let mut client = client.clone();
-        async move {
-            let hosts = client
-                .list_hosts(ListHostsRequest::default())
-                .await
-                .ok()?
-                .into_inner()
-                .hosts;
-            let ready = hosts.len() == count
-                && hosts
-                    .iter()
-                    .all(|h| h.state() == HostState::Ready && also(h));
-            ready.then(|| hosts.into_iter().map(|h| (h.name, h.id)).collect())
-        }
-    })
-    .await
-}
-
-/// Polls `check` every 50 ms until it returns Some, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -1,10 +1,10 @@
 //! Harness for tests that run real fabric-vmm processes: the default guest image from
-//! `images/out`, a private temp dir per VM, and cleanup of the process when the test ends,
-//! pass or fail.
+//! `images/out` or the freestanding test guest, optionally inside a network namespace, a
+//! private temp dir per VM, and cleanup of the process when the test ends, pass or fail.
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,55 +12,7 @@ use std::time::{Duration, Instant};
 /// KVM is emulated (`shared/KVM-HOST.md`), longer when several boot at once on two cores.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 
-/// The guest image as `images/build.sh` describes it.
-pub struct Image {
-    pub dir: PathBuf,
-    pub manifest: serde_json::Value,
-}
-
-impl Image {
-    pub fn load() -> Image {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images/out");
-        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap_or_else(|e| {
-            panic!(
-                "{}/manifest.json: {e}: build the guest image first with images/build.sh",
-                dir.display()
-            )
-        });
-        let manifest = serde_json::from_str(&text).expect("manifest.json is JSON");
-        Image { dir, manifest }
-    }
-
-    fn str_field(&self, key: &str) -> String {
-        self.manifest[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("manifest.json has no string {key:?}"))
-            .to_string()
-    }
-
-    pub fn kernel(&self) -> PathBuf {
-        self.dir.join("vmlinuz")
-    }
-    pub fn vmlinux(&self) -> PathBuf {
-        self.dir.join("vmlinux")
-    }
-    pub fn initramfs(&self) -> PathBuf {
-        self.dir.join("initramfs.cpio.gz")
-    }
-    pub fn cmdline(&self) -> String {
-        self.str_field("cmdline")
-    }
-    pub fn ready_marker(&self) -> String {
-        self.str_field("ready_marker")
-    }
-    pub fn use_initramfs(&self) -> bool {
-        self.manifest["use_initramfs"].as_bool().unwrap_or(false)
-    }
-    /// True when guest user space can run on this host (hardware virtualization).
-    pub fn userspace(&self) -> bool {
-        self.manifest["guest_mode"].as_str() == Some("userspace")
-    }
-}
+pub use crate::image::Image;
 
 /// Returns false (after saying so loudly) when this host has no usable /dev/kvm.
 pub fn kvm_available(test: &str) -> bool {
@@ -78,9 +30,42 @@ pub fn kvm_available(test: &str) -> bool {
     }
 }
 
+/// Returns from the calling test, after saying why, where this host has no usable `/dev/kvm`:
+/// the first line of every test that runs fabric-vmm.
+#[macro_export]
+macro_rules! skip_without_kvm {
+    ($test:expr) => {
+        if !$crate::guest::kvm_available($test) {
+            return;
+        }
+    };
+}
+
+/// [`skip_without_kvm!`], then the guest image the test boots ([`Image::built`]).
+#[macro_export]
+macro_rules! image_or_skip {
+    ($test:expr) => {{
+        $crate::skip_without_kvm!($test);
+        $crate::image::Image::built()
+    }};
+}
+
 /// The fabric-vmm binary cargo built for these tests.
 pub fn vmm_binary() -> PathBuf {
     crate::cluster::workspace_bin("fabric-vmm")
+}
+
+/// Runs `vmm`, a fabric-vmm command line the VMM must refuse, with no console: asserts that it
+/// exits with status 1 and does not panic, and returns what it printed on stderr.
+pub fn refusal(vmm: &mut Command) -> String {
+    let out = vmm
+        .args(["--console", "off"])
+        .output()
+        .expect("run fabric-vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{vmm:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{vmm:?}: {stderr}");
+    stderr
 }
 
 /// Guests of one test binary boot one at a time: on a two-core host where KVM is emulated,
@@ -88,7 +73,8 @@ pub fn vmm_binary() -> PathBuf {
 /// its guest's kernel did, not how the host shares its cores.
 static BOOT_SLOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// A running fabric-vmm with its console in a file.
+/// A running fabric-vmm with its console and log in a private directory; killed (by its own
+/// pid) when dropped.
 pub struct Guest {
     _slot: std::sync::MutexGuard<'static, ()>,
     child: Child,
@@ -99,17 +85,24 @@ pub struct Guest {
     status: Option<ExitStatus>,
 }
 
-/// What to boot.
+/// What to boot. [`Guest::boot`] fills what is not set from the image, [`Guest::testguest`]
+/// from the test guest.
 pub struct GuestSpec<'a> {
     pub vcpus: u32,
     pub memory_mib: u64,
-    /// Appended to the manifest's command line.
+    /// Appended to the command line.
     pub extra_cmdline: &'a str,
     pub kernel: Option<PathBuf>,
-    /// Replaces the manifest's command line entirely.
+    /// Replaces the default command line entirely.
     pub cmdline: Option<String>,
     /// Extra fabric-vmm arguments (devices).
     pub vmm_args: &'a [&'a str],
+    /// Runs fabric-vmm inside this network namespace (`ip netns exec`, which execs it: the
+    /// pid stays the VMM's).
+    pub netns: Option<&'a str>,
+    /// Whether [`Guest::boot`] passes the image's initramfs where the image uses one (not for
+    /// a guest whose root is a disk).
+    pub initramfs: bool,
 }
 
 impl Default for GuestSpec<'_> {
@@ -121,12 +114,38 @@ impl Default for GuestSpec<'_> {
             kernel: None,
             cmdline: None,
             vmm_args: &[],
+            netns: None,
+            initramfs: true,
         }
     }
 }
 
 impl Guest {
+    /// Boots the image's Linux guest (its kernel, command line and, where the image uses one,
+    /// its initramfs) as `spec` changes it.
     pub fn boot(image: &Image, spec: GuestSpec<'_>) -> Guest {
+        let kernel = spec.kernel.clone().unwrap_or_else(|| image.kernel());
+        let cmdline = spec.cmdline.clone().unwrap_or_else(|| image.cmdline());
+        let initrd = (spec.initramfs && image.use_initramfs()).then(|| image.initramfs());
+        Guest::start(kernel, cmdline, initrd, &spec)
+    }
+
+    /// Boots the freestanding test guest on `scenario` (see [`crate::testguest`]).
+    pub fn testguest(scenario: &str, spec: GuestSpec<'_>) -> Guest {
+        let kernel = spec.kernel.clone().unwrap_or_else(crate::testguest::elf);
+        let cmdline = spec
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| crate::testguest::cmdline(scenario));
+        Guest::start(kernel, cmdline, None, &spec)
+    }
+
+    fn start(
+        kernel: PathBuf,
+        mut cmdline: String,
+        initrd: Option<PathBuf>,
+        spec: &GuestSpec<'_>,
+    ) -> Guest {
         let slot = BOOT_SLOT.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::Builder::new()
             .prefix("fabric-vmm-test-")
@@ -135,14 +154,20 @@ impl Guest {
         let console = dir.path().join("console.log");
         let stderr = dir.path().join("vmm.log");
         let socket = dir.path().join("control.sock");
-        let mut cmdline = spec.cmdline.unwrap_or_else(|| image.cmdline());
         if !spec.extra_cmdline.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(spec.extra_cmdline);
         }
-        let mut cmd = Command::new(vmm_binary());
+        let mut cmd = match spec.netns {
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns]).arg(vmm_binary());
+                cmd
+            }
+            None => Command::new(vmm_binary()),
+        };
         cmd.arg("--kernel")
-            .arg(spec.kernel.unwrap_or_else(|| image.kernel()))
+            .arg(kernel)
             .arg("--cmdline")
             .arg(&cmdline)
             .arg("--vcpus")
@@ -155,8 +180,8 @@ impl Guest {
             .arg(&socket)
             .arg("--vm-id")
             .arg("test-vm");
-        if image.use_initramfs() {
-            cmd.arg("--initrd").arg(image.initramfs());
+        if let Some(initrd) = initrd {
+            cmd.arg("--initrd").arg(initrd);
         }
         cmd.args(spec.vmm_args);
         let child = cmd
@@ -184,19 +209,69 @@ impl Guest {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// Waits until the console holds `needle`; panics with the console and the VMM's log if
-    /// the VMM exits first or the time runs out.
+    /// The tails of the console and of the VMM's log, for failure messages.
+    pub fn report(&self) -> String {
+        format!(
+            "--- console ---\n{}\n--- vmm log ---\n{}",
+            tail(&self.console_text()),
+            tail(&self.stderr_text())
+        )
+    }
+
+    /// Asserts that the guest's drivers never tripped the checks of the virtio transport or
+    /// of a device: fabric-vmm logs each refusal, and none is expected from a working driver.
+    pub fn assert_no_device_complaints(&self) {
+        let log = self.stderr_text();
+        for complaint in [
+            "chain refused",
+            "request refused",
+            "misuse refused",
+            "needs a reset",
+            "cannot start",
+        ] {
+            assert!(
+                !log.contains(complaint),
+                "VMM log has {complaint:?}:\n{log}"
+            );
+        }
+    }
+
+    /// The VMM's exit status once it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits until the console holds `needle` and returns the console; panics with the
+    /// console and the VMM's log if the VMM exits first or the time runs out.
     pub fn wait_console(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_for(needle, timeout, |console, _| console.contains(needle))
+    }
+
+    /// Waits until `found(console, vmm log)` holds and returns the console; panics with both
+    /// if the VMM exits first or the time runs out.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        found: impl Fn(&str, &str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.console_text();
-            if text.contains(needle) {
+            if found(&text, &self.stderr_text()) {
                 return text;
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.status = Some(status);
+            if let Some(status) = self.exited() {
+                // One last look: the VMM may have written it just before it exited.
+                let text = self.console_text();
+                if found(&text, &self.stderr_text()) {
+                    return text;
+                }
                 panic!(
-                    "fabric-vmm exited ({status}) before the console showed {needle:?}\n--- console ---\n{}\n--- vmm log ---\n{}",
+                    "fabric-vmm exited ({status}) before {what:?}\n--- console ---\n{}\n--- vmm log ---\n{}",
                     tail(&text),
                     self.stderr_text()
                 );
@@ -207,7 +282,7 @@ impl Guest {
                 unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGUSR2) };
                 std::thread::sleep(Duration::from_secs(1));
                 panic!(
-                    "no {needle:?} on the console after {timeout:?}\n--- console ---\n{}\n--- vmm log ---\n{}",
+                    "no {what:?} after {timeout:?}\n--- console ---\n{}\n--- vmm log ---\n{}",
                     tail(&text),
                     self.stderr_text()
                 );
@@ -216,20 +291,29 @@ impl Guest {
         }
     }
 
-    /// Waits for the VMM to exit.
+    /// Waits for the VMM to exit; None if it still runs after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        if self.status.is_some() {
-            return self.status;
-        }
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.status = Some(status);
-                return self.status;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        None
+    }
+
+    /// Waits for the VMM to exit and returns how; panics with the console and the VMM's log
+    /// if it still runs after `timeout` (the drop then kills it).
+    pub fn expect_exit(&mut self, timeout: Duration) -> ExitStatus {
+        self.wait_exit(timeout).unwrap_or_else(|| {
+            panic!(
+                "fabric-vmm still running after {timeout:?}\n{}",
+                self.report()
+            )
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -239,7 +323,7 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        if self.status.is_none() {
+        if self.exited().is_none() {
             // Only our own child, by its PID.
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -249,8 +333,7 @@ impl Drop for Guest {
 
 /// The last lines of a console, for failure messages.
 pub fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    crate::host::tail_lines(text, 40)
 }
 
 /// A tokio runtime for control-socket calls from synchronous tests.

@@ -4,8 +4,8 @@
 //!
 //! Dropping a `TestHost` (also when the test panics) kills the agent and every fabric-vmm it
 //! started (found through the VMs' `vm.json` and through command lines naming this host's data
-//! directory, each checked to be a fabric-vmm first), removes the host's cgroups, deletes the
-//! namespace with everything in it, and prints the logs if the test failed
+//! directory, each checked to be a fabric-vmm first), removes the host's cgroups, then deletes
+//! the namespace with everything in it, and prints the logs if the test failed
 //! (`FABRIC_TEST_LOG_DIR=DIR` keeps every agent log in DIR).
 
 #![allow(dead_code)]
@@ -16,13 +16,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use fabric_proto::v1::agent_client::AgentClient;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::netns::NetNs;
+use crate::process;
 
 /// How long the agent may take to bring up its local API or to register.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,11 +44,6 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn next_index() -> u32 {
     COUNTER.fetch_add(1, Ordering::SeqCst)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// The last `lines` lines of `text`.
@@ -95,51 +93,22 @@ pub struct Proc {
     start_ticks: u64,
 }
 
-/// State letter and start time (clock ticks since boot) from /proc/<pid>/stat.
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    // Field 22 of stat is starttime; `fields` starts at field 3.
-    let start = fields.get(19)?.parse().ok()?;
-    Some((state, start))
-}
-
-/// The arguments of a live process (empty for a zombie or a kernel thread).
-pub fn proc_cmdline(pid: u32) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|bytes| {
-            bytes
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn is_fabric_vmm(cmdline: &[String]) -> bool {
-    cmdline
-        .first()
-        .and_then(|a| a.rsplit('/').next())
-        .is_some_and(|name| name.contains("fabric-vmm"))
-}
-
 impl Proc {
     /// The live fabric-vmm with this pid, if there is one.
     pub fn fabric_vmm(pid: u32) -> Option<Proc> {
-        let (state, start_ticks) = proc_stat(pid)?;
-        if state == 'Z' || !is_fabric_vmm(&proc_cmdline(pid)) {
+        let stat = process::stat(pid)?;
+        if stat.state == 'Z' || !process::is_fabric_vmm(&process::cmdline(pid)) {
             return None;
         }
-        Some(Proc { pid, start_ticks })
+        Some(Proc {
+            pid,
+            start_ticks: stat.start,
+        })
     }
 
     /// Whether this very process still runs (not exited, not a zombie).
     pub fn alive(&self) -> bool {
-        matches!(proc_stat(self.pid), Some((state, start)) if state != 'Z' && start == self.start_ticks)
+        process::stat(self.pid).is_some_and(|s| s.state != 'Z' && s.start == self.start_ticks)
     }
 
     /// Sends SIGKILL to this process if it is still the one captured.
@@ -208,7 +177,7 @@ pub async fn uds_channel(path: &Path) -> Result<Channel, tonic::transport::Error
 /// One agent host of a test.
 pub struct TestHost {
     pub options: HostOptions,
-    pub netns: String,
+    pub netns: NetNs,
     pub name: String,
     pub machine_id: String,
     pub cgroup_parent: String,
@@ -231,13 +200,7 @@ impl TestHost {
     pub fn new(options: HostOptions) -> TestHost {
         let index = next_index();
         let pid = std::process::id();
-        let netns = format!("fab-a{pid}-{index}");
-        let out = run(Command::new("ip").args(["netns", "add", &netns]));
-        assert!(
-            out.status.success(),
-            "ip netns add {netns}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let netns = NetNs::new(&format!("fab-a{pid}-{index}")).unwrap_or_else(|e| panic!("{e:#}"));
         let dir = tempfile::Builder::new()
             .prefix("fabric-agent-test-")
             .tempdir()
@@ -317,22 +280,12 @@ budget_mib = {budget_mib}
 
     /// `program` run inside the namespace.
     pub fn ns_command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns]).arg(program);
-        cmd
+        self.netns.command(program)
     }
 
-    /// Runs a command in the namespace and panics if it fails.
+    /// Runs a command in the namespace and panics if it fails; its stdout.
     pub fn must(&self, args: &[&str]) -> String {
-        let out = run(self.ns_command(args[0]).args(&args[1..]));
-        assert!(
-            out.status.success(),
-            "in {}: {}: {}",
-            self.netns,
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.netns.run(args).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// `ip addr show dev NAME` in the namespace; panics if there is no such link.
@@ -347,20 +300,12 @@ budget_mib = {budget_mib}
 
     /// `ip link show dev NAME` in the namespace, or None if there is no such link.
     pub fn link(&self, name: &str) -> Option<String> {
-        let out = run(Command::new("ip").args(["-n", &self.netns, "link", "show", "dev", name]));
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        self.netns.link(name)
     }
 
     /// Names of every link in the namespace.
     pub fn links(&self) -> Vec<String> {
-        let out = run(Command::new("ip").args(["-n", &self.netns, "-o", "link", "show"]));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split(':').nth(1))
-            .map(|n| n.trim().split('@').next().unwrap_or_default().to_string())
-            .collect()
+        self.netns.links()
     }
 
     /// Starts (or starts again) the agent with the host's configuration.
@@ -381,7 +326,7 @@ budget_mib = {budget_mib}
         // exec`, which also remounts /sys for the namespace and so hides the cgroup v1
         // hierarchies under /sys/fs/cgroup that the agent needs; the network (netlink, /proc/net,
         // /proc/sys/net) is the namespace's either way.
-        let netns_path = Path::new("/run/netns").join(&self.netns);
+        let netns_path = self.netns.path();
         let netns = std::fs::File::open(&netns_path)
             .unwrap_or_else(|e| panic!("{}: {e}", netns_path.display()));
         let netns_fd = netns.as_raw_fd();
@@ -512,28 +457,11 @@ budget_mib = {budget_mib}
 
     /// Live fabric-vmm processes whose command line names this host's data directory.
     pub fn vmm_processes(&self) -> Vec<(Proc, Vec<String>)> {
-        let data_dir = self.data_dir.to_string_lossy().into_owned();
-        let mut found = Vec::new();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return found;
-        };
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let cmdline = proc_cmdline(pid);
-            if !is_fabric_vmm(&cmdline) || !cmdline.iter().any(|a| a.contains(&data_dir)) {
-                continue;
-            }
-            if let Some(proc) = Proc::fabric_vmm(pid) {
-                found.push((proc, cmdline));
-            }
-        }
-        found
+        process::naming(&self.data_dir.to_string_lossy())
+            .into_iter()
+            .filter(|(_, cmdline)| process::is_fabric_vmm(cmdline))
+            .filter_map(|(pid, cmdline)| Some((Proc::fabric_vmm(pid)?, cmdline)))
+            .collect()
     }
 
     /// Live fabric-vmm processes of one VM: a command line naming its directory or its id.
@@ -682,13 +610,6 @@ impl Drop for TestHost {
         }
         self.kill_vmms();
         self.remove_cgroups();
-        let out = run(Command::new("ip").args(["netns", "del", &self.netns]));
-        if !out.status.success() {
-            eprintln!(
-                "warning: ip netns del {}: {}",
-                self.netns,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        // The namespace goes last, with the `netns` field.
     }
 }

@@ -24,11 +24,50 @@ use fabric_proto::v1::{
     RegisterHostResponse, WatchAssignmentsRequest,
 };
 use sha2::{Digest, Sha256};
+
+use crate::host::{HostOptions, TestHost, AGENT_TIMEOUT};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// The response stream of a server-streaming call.
+pub type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// `items` as a response stream.
+pub fn stream_of<T: Send + 'static>(items: Vec<T>) -> ServerStream<T> {
+    Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))
+}
+
+/// What `PullImage` answers for `request` when `bytes` is the file it names: the header, then
+/// the bytes from the requested offset in data messages of at most `chunk_bytes`.
+/// OUT_OF_RANGE for an offset past the end.
+pub fn pull_image_responses(
+    request: &PullImageRequest,
+    bytes: &[u8],
+    chunk_bytes: usize,
+) -> Result<ServerStream<PullImageResponse>, Status> {
+    let rest = usize::try_from(request.offset)
+        .ok()
+        .and_then(|offset| bytes.get(offset..))
+        .ok_or_else(|| {
+            Status::out_of_range(format!(
+                "offset {} past the end ({} bytes)",
+                request.offset,
+                bytes.len()
+            ))
+        })?;
+    let header = PullImageResponse {
+        part: Some(pull_image_response::Part::Header(PullImageHeader {
+            sha256: request.sha256.clone(),
+            size_bytes: bytes.len() as u64,
+            offset: request.offset,
+        })),
+    };
+    let data = rest.chunks(chunk_bytes).map(|chunk| PullImageResponse {
+        part: Some(pull_image_response::Part::Data(chunk.to_vec())),
+    });
+    Ok(stream_of(std::iter::once(header).chain(data).collect()))
+}
 
 /// PullImage sends at most this much per data message (the contract's bound).
 const CHUNK_BYTES: usize = 1 << 20;
@@ -206,10 +245,10 @@ impl HostLink for Shared {
         &self,
         request: Request<WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
-        let request = request.into_inner();
+        let WatchAssignmentsRequest { host_id, .. } = request.into_inner();
         let mut state = self.lock();
-        if !state.host_id_known(&request.host_id) {
-            return Err(Status::not_found(format!("host {}", request.host_id)));
+        if !state.host_id_known(&host_id) {
+            return Err(Status::not_found(format!("host {host_id}")));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         if state.withhold_assignments {
@@ -233,6 +272,26 @@ impl HostLink for Shared {
 
 #[tonic::async_trait]
 impl Images for Shared {
+    type PullImageStream = ServerStream<PullImageResponse>;
+
+    async fn pull_image(
+        &self,
+        request: Request<PullImageRequest>,
+    ) -> Result<Response<Self::PullImageStream>, Status> {
+        let request = request.get_ref();
+        let bytes = {
+            let mut state = self.lock();
+            *state.pulls.entry(request.sha256.clone()).or_default() += 1;
+            state.images.get(&request.sha256).cloned()
+        };
+        let bytes = bytes.ok_or_else(|| Status::not_found(format!("image {}", request.sha256)))?;
+        Ok(Response::new(pull_image_responses(
+            request,
+            &bytes,
+            CHUNK_BYTES,
+        )?))
+    }
+
     async fn push_image(
         &self,
         _request: Request<Streaming<PushImageRequest>>,
@@ -250,44 +309,6 @@ impl Images for Shared {
             "the test controller is filled by the test",
         ))
     }
-
-    type PullImageStream = ServerStream<PullImageResponse>;
-
-    async fn pull_image(
-        &self,
-        request: Request<PullImageRequest>,
-    ) -> Result<Response<Self::PullImageStream>, Status> {
-        let request = request.into_inner();
-        let bytes = {
-            let mut state = self.lock();
-            *state.pulls.entry(request.sha256.clone()).or_default() += 1;
-            state.images.get(&request.sha256).cloned()
-        };
-        let bytes = bytes.ok_or_else(|| Status::not_found(format!("image {}", request.sha256)))?;
-        let offset = usize::try_from(request.offset).unwrap_or(usize::MAX);
-        if offset > bytes.len() {
-            return Err(Status::out_of_range(format!(
-                "offset {} past the end ({} bytes)",
-                request.offset,
-                bytes.len()
-            )));
-        }
-        let mut messages = vec![PullImageResponse {
-            part: Some(pull_image_response::Part::Header(PullImageHeader {
-                sha256: request.sha256.clone(),
-                size_bytes: bytes.len() as u64,
-                offset: request.offset,
-            })),
-        }];
-        for chunk in bytes[offset..].chunks(CHUNK_BYTES) {
-            messages.push(PullImageResponse {
-                part: Some(pull_image_response::Part::Data(chunk.to_vec())),
-            });
-        }
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            messages.into_iter().map(Ok),
-        ))))
-    }
 }
 
 /// One incarnation of the server: its own runtime, so that stopping it drops every task,
@@ -304,11 +325,27 @@ pub struct FakeController {
     server: Option<Server>,
 }
 
+/// The lease a [`FakeController`] grants unless a test asks for another.
+pub const LEASE_TTL: Duration = Duration::from_secs(4);
+/// The heartbeat interval a [`FakeController`] asks for.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A test host with `options` whose agent runs and has registered with a fake controller of
+/// its own, which grants leases of `lease_ttl`.
+pub fn registered_host(options: HostOptions, lease_ttl: Duration) -> (TestHost, FakeController) {
+    let mut host = TestHost::new(options);
+    let controller =
+        FakeController::start_with(&host.controller_socket, lease_ttl, HEARTBEAT_INTERVAL);
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    (host, controller)
+}
+
 impl FakeController {
-    /// Serves on `path` (a Unix socket; a stale one is replaced) with a 4 s lease and a 1 s
-    /// heartbeat interval.
+    /// Serves on `path` (a Unix socket; a stale one is replaced) with a [`LEASE_TTL`] lease
+    /// and a [`HEARTBEAT_INTERVAL`].
     pub fn start(path: &Path) -> FakeController {
-        Self::start_with(path, Duration::from_secs(4), Duration::from_secs(1))
+        Self::start_with(path, LEASE_TTL, HEARTBEAT_INTERVAL)
     }
 
     pub fn start_with(

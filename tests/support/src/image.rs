@@ -183,9 +183,57 @@ impl Image {
         Ok(Self { dir, manifest })
     }
 
+    /// The image for a test: panics, saying how to build it, when it is not there.
+    pub fn built() -> Self {
+        Self::load().unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Path of one output file.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The compressed kernel (bzImage).
+    pub fn kernel(&self) -> PathBuf {
+        self.path(VMLINUZ)
+    }
+
+    /// The ELF kernel.
+    pub fn vmlinux(&self) -> PathBuf {
+        self.path(VMLINUX)
+    }
+
+    pub fn initramfs(&self) -> PathBuf {
+        self.path(INITRAMFS)
+    }
+
+    /// The command line for this kind of host (without a per-VM `ip=`).
+    pub fn cmdline(&self) -> String {
+        self.manifest.cmdline.clone()
+    }
+
+    /// What the guest prints on its console once booted, on this kind of host.
+    pub fn ready_marker(&self) -> String {
+        self.manifest.ready_marker.clone()
+    }
+
+    /// Whether a guest boots with the initramfs on this kind of host.
+    pub fn use_initramfs(&self) -> bool {
+        self.manifest.use_initramfs
+    }
+
+    /// True when guest user space can run on this host (hardware virtualization).
+    pub fn userspace(&self) -> bool {
+        self.manifest.guest_mode == GuestMode::Userspace
+    }
+
+    /// Whether guest user space runs here, for a test's closing note on what it checked.
+    pub fn userspace_note(&self) -> &'static str {
+        if self.userspace() {
+            "guest user space runs here too"
+        } else {
+            "guest user space cannot run here"
+        }
     }
 
     /// The contents of one output file.

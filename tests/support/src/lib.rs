@@ -4,11 +4,18 @@
 //!
 //! - [`image`]: the guest image `images/build.sh` made (manifest, kernel, initramfs, parsers).
 //! - [`guest`]: one `fabric-vmm` process with its console in a file, killed on drop.
+//! - [`testguest`]: the freestanding device-test guest's ELF and what it prints.
 //! - [`host`]: a `fabric-agent` in a network namespace of its own, with its bridge and cgroups.
 //! - [`hostlink`]: a fake controller serving `HostLink` and `Images` to an agent under test.
 //! - [`cluster`]: a real controller and simulated hosts over Unix sockets.
+//! - [`compute`]: what tests ask the controller's Compute API again and again, and waiting.
+//! - [`vmspec`]: the VM specs and assignments tests and benches ask for.
 //! - [`netcluster`]: a real controller and real-KVM hosts, each in its own namespace.
-//! - [`netns`]: a bare network namespace with taps, for the VMM's network tests.
+//! - [`netns`]: network namespaces a test makes for itself, taps and raw packet sockets.
+//! - [`process`]: what `/proc` says about a process, and finding a test's processes.
+//!
+//! A test that runs fabric-vmm starts with [`skip_without_kvm!`] (or [`image_or_skip!`] when it
+//! boots the guest image), which returns early, saying why, on a host without `/dev/kvm`.
 //!
 //! It depends on no crate of the workspace but the protocol, so every crate's tests may use
 //! it. The binaries it starts are the workspace's own, found by [`cluster::workspace_bin`]:
@@ -16,9 +23,13 @@
 //! first.
 
 pub mod cluster;
+pub mod compute;
 pub mod guest;
 pub mod host;
 pub mod hostlink;
 pub mod image;
 pub mod netcluster;
 pub mod netns;
+pub mod process;
+pub mod testguest;
+pub mod vmspec;

@@ -16,6 +16,9 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use tonic::transport::Channel;
 
 use crate::cluster::{unix_channel, wait_for_path, workspace_bin, Process, Timing};
+use crate::host::tail_lines;
+use crate::image::Image;
+use crate::process;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -66,37 +69,19 @@ impl NetHost {
 
     /// fabric-vmm processes of this host: (pid, VM id from --vm-id).
     pub fn vmms(&self) -> Vec<(u32, String)> {
-        let marker = self.data_dir().display().to_string();
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = raw
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            if !args.first().is_some_and(|a| a.ends_with("fabric-vmm")) {
-                continue;
-            }
-            if !args.iter().any(|a| a.contains(&marker)) {
-                continue;
-            }
-            if is_zombie(pid) {
-                continue;
-            }
-            let vm = args
-                .iter()
-                .position(|a| a == "--vm-id")
-                .and_then(|i| args.get(i + 1))
-                .cloned()
-                .unwrap_or_default();
-            found.push((pid, vm));
-        }
-        found
+        process::naming(&self.data_dir().display().to_string())
+            .into_iter()
+            .filter(|(_, args)| process::is_fabric_vmm(args))
+            .map(|(pid, args)| {
+                let vm = args
+                    .iter()
+                    .position(|a| a == "--vm-id")
+                    .and_then(|i| args.get(i + 1))
+                    .cloned()
+                    .unwrap_or_default();
+                (pid, vm)
+            })
+            .collect()
     }
 
     /// Cuts the host's uplink (its agent and VMs keep running).
@@ -129,16 +114,6 @@ impl NetHost {
             .map(|o| o.status.success())
             .unwrap_or(false)
     }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
 }
 
 /// The cluster.
@@ -330,6 +305,32 @@ memory_mib = 512
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Pushes the guest image's kernel (and its initramfs, where the image uses one) as the
+    /// image "default".
+    pub fn push_guest_image(&self, image: &Image) {
+        let mut files = vec![(image.kernel(), "kernel")];
+        if image.use_initramfs() {
+            files.push((image.initramfs(), "initramfs"));
+        }
+        for (path, role) in files {
+            let path = path.to_str().expect("a UTF-8 image path");
+            self.fabricctl(&["image", "push", path, "--name", "default", "--role", role]);
+        }
+    }
+
+    /// Creates VM `name` of 1 vCPU and `memory_mib` booting image "default" with `cmdline`,
+    /// one NIC on the default network and `extra` fabricctl flags; its id.
+    pub fn create_vm(&self, name: &str, memory_mib: u32, cmdline: &str, extra: &[&str]) -> String {
+        let memory = memory_mib.to_string();
+        let mut args = vec!["vm", "create", "--name", name, "--image", "default"];
+        args.extend(["--vcpus", "1", "--memory", &memory, "--cmdline", cmdline]);
+        args.extend(["--nic", "default", "-o", "json"]);
+        args.extend(extra);
+        let out = self.fabricctl(&args);
+        let json: serde_json::Value = serde_json::from_str(&out).expect("vm create -o json");
+        json["id"].as_str().expect("vm create: an id").to_string()
+    }
+
     /// The host (index) whose controller id is `host_id`, by name.
     pub fn host_by_name(&self, name: &str) -> Option<usize> {
         self.hosts.iter().position(|h| h.name == name)
@@ -347,9 +348,7 @@ impl Drop for NetCluster {
             if panicking {
                 for (pid, vm) in host.vmms() {
                     eprintln!("--- {} VM {vm} (pid {pid}) console tail ---", host.name);
-                    let console = host.console(&vm);
-                    let lines: Vec<&str> = console.lines().collect();
-                    eprintln!("{}", lines[lines.len().saturating_sub(5)..].join("\n"));
+                    eprintln!("{}", tail_lines(&host.console(&vm), 5));
                 }
             }
             host.agent = None; // kills the agent
