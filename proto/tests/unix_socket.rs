@@ -9,8 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Channel, Server};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::ServingStatus;
@@ -32,15 +31,7 @@ async fn serve(socket: &Path) {
 }
 
 async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_owned();
-    Endpoint::from_static("http://fabric.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
+    fabric_test_support::host::uds_channel(socket)
         .await
         .expect("connect to the test socket")
 }

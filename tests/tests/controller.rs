@@ -183,11 +183,8 @@ async fn acknowledged_creates_survive_sigkill_with_their_placement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_hosts_vms_move_only_after_the_fencing_window() {
     let dir = tempfile::tempdir().unwrap();
-    let timing = Timing {
-        lease_ttl: 2.0,
-        heartbeat_interval: 0.5,
-        fencing_margin: 1.5,
-    };
+    // The support's default: a 2 s lease, 0.5 s heartbeats, a 1.5 s fencing margin.
+    let timing = Timing::default();
     let controller = Controller::start(&dir.path().join("controller"), timing);
     let mut hosts: Vec<SimHost> = (0..3)
         .map(|i| {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use fabric_proto::v1::{BootImage, CreateVmRequest, GetVmRequest, MemorySpec, VmPhase, VmSpec};
+use fabric_proto::v1::{CreateVmRequest, GetVmRequest, VmPhase};
 use fabric_test_support::cluster::{
     wait_for_path, workspace_bin, Controller, Process, SimHost, Timing,
 };
@@ -102,19 +102,7 @@ async fn python_grpcio_calls_the_controller_and_an_agent_over_their_unix_sockets
     let hosts = ready_hosts(&compute, 1, Duration::from_secs(30)).await;
     let vm = compute
         .create_vm(CreateVmRequest {
-            spec: Some(VmSpec {
-                name: "py-web".into(),
-                vcpus: 1,
-                memory: Some(MemorySpec {
-                    startup_mib: 256,
-                    ..Default::default()
-                }),
-                image: Some(BootImage {
-                    kernel_sha256: "0".repeat(64),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            spec: Some(fabric_test_support::vmspec::simulated_vm("py-web")),
             desired_state: 0,
         })
         .await

@@ -11,28 +11,11 @@ use std::time::{Duration, Instant};
 use fabric_proto::v1::agent_client::AgentClient;
 use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::{
-    BootImage, CreateVmRequest, GetVmRequest, ListLocalVmsRequest, MemorySpec, ObservedPhase,
-    VmPhase, VmSpec,
+    CreateVmRequest, GetVmRequest, ListLocalVmsRequest, ObservedPhase, VmPhase,
 };
 use fabric_test_support::cluster::{unix_channel, Controller, SimHost, SimHostSpec, Timing};
 use fabric_test_support::compute::{eventually, ready_hosts};
 use tonic::transport::Channel;
-
-fn spec(name: &str) -> VmSpec {
-    VmSpec {
-        name: name.to_string(),
-        vcpus: 1,
-        memory: Some(MemorySpec {
-            startup_mib: 256,
-            ..Default::default()
-        }),
-        image: Some(BootImage {
-            kernel_sha256: "0".repeat(64),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 /// The phase of `vm_id` as the agent listening on `socket` sees it (UNSPECIFIED: it does not
 /// know the VM); None if the agent did not answer within 500 ms.
@@ -171,7 +154,7 @@ async fn check_one_runner(
 async fn running_vm(c: &mut ComputeClient<Channel>) -> String {
     let vm_id = c
         .create_vm(CreateVmRequest {
-            spec: Some(spec("web")),
+            spec: Some(fabric_test_support::vmspec::simulated_vm("web")),
             desired_state: 0,
         })
         .await
@@ -193,11 +176,8 @@ async fn running_vm(c: &mut ComputeClient<Channel>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_agents_with_one_machine_id_never_both_run_the_hosts_vms() {
     let dir = tempfile::tempdir().unwrap();
-    let timing = Timing {
-        lease_ttl: 2.0,
-        heartbeat_interval: 0.5,
-        fencing_margin: 1.5,
-    };
+    // The support's default: a 2 s lease, 0.5 s heartbeats, a 1.5 s fencing margin.
+    let timing = Timing::default();
     let controller = Controller::start(&dir.path().join("controller"), timing);
     let machine = SimHostSpec::new("h1", 0, 0).with_machine_id("machine-cloned");
     let first = SimHost::start_spec(&dir.path().join("first"), &controller.address(), &machine);
@@ -241,11 +221,8 @@ async fn two_agents_with_one_machine_id_never_both_run_the_hosts_vms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_controller_restart_during_the_hold_keeps_the_vm_on_one_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let timing = Timing {
-        lease_ttl: 2.0,
-        heartbeat_interval: 0.5,
-        fencing_margin: 1.5,
-    };
+    // The support's default: a 2 s lease, 0.5 s heartbeats, a 1.5 s fencing margin.
+    let timing = Timing::default();
     let mut controller = Controller::start(&dir.path().join("controller"), timing);
     let machine = SimHostSpec::new("h1", 0, 0).with_machine_id("machine-cloned");
     let first = SimHost::start_spec(&dir.path().join("first"), &controller.address(), &machine);
