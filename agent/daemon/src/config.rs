@@ -62,7 +62,7 @@ impl Default for SimConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryConfig {
-    /// Balance memory between the VMs with their balloons every second.
+    /// Balance memory between the VMs with their balloons every half second.
     pub balancer: bool,
     /// How fast memory is taken from a guest, MiB per second (given back at once).
     pub rate_mib_per_s: u64,

@@ -47,9 +47,9 @@ struct Args {
     /// Memory relief: a host whose VMs have wanted more memory than its budget for this long
     /// (its balancer reports it short) has one VM moved to the host with the most room (stopped
     /// there and started on the other host); after a move, the host must stay short for this
-    /// long again before the next. Seconds; 0 turns memory relief off. The default, 30 s, is
-    /// three times the balancer's 10 s pressure hold: a burst that sharing by weight carries
-    /// moves nothing, a lasting over-commitment is relieved within a minute.
+    /// long again before the next. Seconds; 0 turns memory relief off. The default, 30 s, is ten
+    /// times the balancer's 3 s pressure hold: a burst that sharing by weight carries moves
+    /// nothing, a lasting over-commitment is relieved within a minute.
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     memory_relief_window: f64,
 }
