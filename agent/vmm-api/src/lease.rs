@@ -133,6 +133,15 @@ impl LeaseFile {
         (!left.is_zero()).then(|| BootInstant::now().saturating_add(left))
     }
 
+    /// The expiry on the real CLOCK_BOOTTIME of this boot ([`boottime_ns`]), nanoseconds; 0
+    /// when the lease is from another boot (expired).
+    pub fn expiry_boottime_ns(&self) -> u64 {
+        if self.boot_id != boot_id() {
+            return 0;
+        }
+        self.expires_boottime_ns
+    }
+
     /// Time left; zero when expired or from another boot.
     pub fn remaining(&self) -> Duration {
         if self.boot_id != boot_id() {

@@ -19,7 +19,7 @@ use fabric_vmm::control::ControlServer;
 use fabric_vmm::runner::{
     block_dump_signal, control_channel, run_vm, Command, ControlSender, VmInfo,
 };
-use fabric_vmm::vcpu::ExitReason;
+use fabric_vmm::vcpu::{set_lease_expiry, ExitReason};
 use fabric_vmm_api::lease::LeaseFile;
 
 /// Runs one virtual machine on KVM.
@@ -107,6 +107,7 @@ fn main() -> ExitCode {
 /// cannot be read keeps the last lease seen.
 fn enforce_lease(path: &Path, mut lease: LeaseFile, control: &ControlSender) {
     loop {
+        set_lease_expiry(lease.expiry_boottime_ns());
         let left = lease.remaining();
         if left.is_zero() {
             tracing::warn!(lease = %path.display(), "the host's lease expired: stopping the guest (fenced)");
@@ -169,6 +170,8 @@ fn run(args: Args, start: Instant) -> anyhow::Result<ExitCode> {
                     path.display()
                 );
             }
+            // Checked by every vCPU before each entry into the guest from the first on.
+            set_lease_expiry(lease.expiry_boottime_ns());
             Some((path.clone(), lease))
         }
         None => None,

@@ -31,6 +31,24 @@ pub enum ExitReason {
     Failed(String),
 }
 
+/// The host's lease as the vCPUs enforce it: its expiry on CLOCK_BOOTTIME, nanoseconds
+/// (`u64::MAX`: no lease). One VM per process, so one value per process; set by whoever reads
+/// the lease file ([`set_lease_expiry`]).
+static LEASE_EXPIRY_BOOTTIME_NS: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Sets the lease every vCPU checks before each entry into the guest. A vCPU that finds it
+/// expired does not enter the guest again and ends the VM: a VMM that was paused (SIGSTOP,
+/// a suspended host) past its lease runs not one more guest instruction when it resumes,
+/// even before the thread that watches the lease file has looked.
+pub fn set_lease_expiry(expires_boottime_ns: u64) {
+    LEASE_EXPIRY_BOOTTIME_NS.store(expires_boottime_ns, Ordering::SeqCst);
+}
+
+fn lease_expired() -> bool {
+    let expiry = LEASE_EXPIRY_BOOTTIME_NS.load(Ordering::SeqCst);
+    expiry != u64::MAX && fabric_vmm_api::lease::boottime_ns() >= expiry
+}
+
 /// What the vCPU threads should be doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
@@ -217,6 +235,14 @@ fn run_vcpu(mut vcpu: Vcpu, control: Arc<VcpuControl>) {
         if wanted_dump != dumped {
             dumped = wanted_dump;
             log_state(id, &vcpu.fd);
+        }
+        if lease_expired() {
+            tracing::warn!(
+                vcpu = id,
+                "the host's lease expired: not entering the guest again"
+            );
+            control.request_exit(ExitReason::Forced);
+            return;
         }
         match vcpu.fd.run() {
             Ok(exit) => match exit {
