@@ -44,7 +44,15 @@ pub struct StartRequest<'a> {
     /// Its record; the backend fills what it allocates (address, taps, pid).
     pub record: &'a mut VmRecord,
     pub progress: Progress<'a>,
+    /// Asked immediately before the VM is started, after everything it needs is ready (which
+    /// may have taken long: image pulls, disk copies): an error (why not) abandons the start.
+    /// The supervisor answers whether the start is still wanted and allowed now (the VM still
+    /// assigned and wanted running, the fence not raised since the start was decided).
+    pub proceed: Proceed<'a>,
 }
+
+/// See [`StartRequest::proceed`].
+pub type Proceed<'a> = &'a (dyn Fn() -> Result<(), String> + Send + Sync);
 
 /// A running VM.
 pub trait Instance: Send {
@@ -59,6 +67,9 @@ pub trait Instance: Send {
     /// Shuts the guest down, gracefully for up to `timeout`, then by force; resolves when
     /// the instance has ended.
     fn stop(&mut self, timeout: Duration) -> BoxFuture<'_, Exit>;
+    /// Ends the instance at once (SIGKILL), without asking the guest: the fence's stop, when
+    /// the VM may already be starting elsewhere. Resolves when it has ended.
+    fn kill(&mut self) -> BoxFuture<'_, Exit>;
     /// Looks at the instance (state, memory statistics).
     fn probe(&mut self) -> BoxFuture<'_, Probe>;
     /// The handle that sizes the instance's balloon; None when it has none. The memory
@@ -86,8 +97,10 @@ pub trait Hypervisor: Send + Sync {
         &'a self,
         request: StartRequest<'a>,
     ) -> BoxFuture<'a, Result<Box<dyn Instance>, String>>;
-    /// Takes over an instance a previous agent process started, if it still runs.
-    fn adopt(&self, record: &VmRecord, dir: &std::path::Path) -> Option<Box<dyn Instance>>;
+    /// Takes over an instance a previous agent process started, if it still runs, and
+    /// updates the record to it (the pid of a VMM started but not recorded). Any other
+    /// process of the VM is killed: one VMM per VM.
+    fn adopt(&self, record: &mut VmRecord, dir: &std::path::Path) -> Option<Box<dyn Instance>>;
     /// Releases what `start` made for the VM outside its directory (taps, cgroups). The
     /// instance has ended.
     fn cleanup<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), String>>;

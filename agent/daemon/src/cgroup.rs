@@ -110,6 +110,25 @@ impl Cgroups {
         Ok(VmCgroup { dirs })
     }
 
+    /// Every process in the VM's cgroup (any of its hierarchies), in pid order: the VMM the
+    /// agent started for it, whether or not its pid was recorded, and nothing else. Missing
+    /// groups have none.
+    pub fn procs(&self, vm_id: &str) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .dirs_of(vm_id)
+            .iter()
+            .filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
     /// Removes the VM's cgroup (its processes must have exited). Missing groups are fine.
     pub async fn remove(&self, vm_id: &str) -> Result<(), String> {
         for dir in self.dirs_of(vm_id) {

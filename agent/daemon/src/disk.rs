@@ -21,6 +21,7 @@ pub fn copy_image(src: &Path, dst: &Path) -> Result<(), String> {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        crate::testhook::kill_point("during-copy");
         // SAFETY: FICLONE takes the source fd by value and touches no memory of ours; both
         // descriptors are open files that outlive the call.
         let cloned = unsafe { ficlone(to.as_raw_fd(), from.as_raw_fd()) }.is_ok();

@@ -142,6 +142,7 @@ impl ImageCache {
             file.write_all(&data)
                 .await
                 .map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+            crate::testhook::kill_point("during-pull");
         }
         if received != header.size_bytes {
             return Err(format!(

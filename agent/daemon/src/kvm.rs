@@ -115,6 +115,7 @@ impl Kvm {
             dir,
             record,
             progress,
+            proceed,
         } = request;
         check_spec(spec, &self.network)?;
         let memory = spec.memory.unwrap_or_default();
@@ -184,7 +185,10 @@ impl Kvm {
                     .await
                     .map_err(|e| e.to_string())?;
                 if !ours {
+                    // Saved at once: an agent killed before the VM's record is saved again
+                    // would otherwise find its own tap "taken" at every start after.
                     record.taps.push(tap.clone());
+                    record.save(&dir)?;
                 }
                 let mac = if nic.mac.is_empty() {
                     network::default_mac(&record.vm_id, index)
@@ -208,6 +212,9 @@ impl Kvm {
             },
         )?;
         let join_fds = cgroup.join_fds()?;
+        // One VMM per VM: whatever still runs in the VM's cgroup (a VMM that an earlier agent
+        // started without recording it, and that adoption did not take) ends first.
+        self.kill_cgroup(&record.vm_id).await?;
 
         let socket = dir.join(CONTROL_SOCKET);
         let _ = std::fs::remove_file(&socket);
@@ -281,18 +288,38 @@ impl Kvm {
                 Ok(())
             });
         }
+        // The intent, durable before the spawn: an agent killed between the spawn and the
+        // record of the pid leaves a VMM that its successor must find (in the VM's cgroup).
+        record.spawning = true;
+        record.pid = None;
+        record.pid_start_ticks = None;
+        record
+            .save(&dir)
+            .map_err(|e| format!("cannot record the start before it: {e}"))?;
+        // The last look before the spawn: the start may have been decided long ago.
+        if let Err(why) = proceed() {
+            record.spawning = false;
+            let _ = record.save(&dir);
+            return Err(why);
+        }
         let child = command
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.vmm_binary.display()))?;
         drop(join_fds);
         let pid = child.id();
+        crate::testhook::kill_point("after-spawn");
         // The pidfd takes over watching and reaping; std's Child is not waited on.
         drop(child);
         let pidfd = PidFd::open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
-        let started_at = SystemTime::now();
+        let started_at = fabric_proto::clock::now();
         record.pid = Some(pid);
         record.pid_start_ticks = process::start_ticks(pid);
         record.started_at_ms = Some(process::unix_ms(started_at));
+        record.spawning = false;
+        if let Err(err) = record.save(&dir) {
+            // The VMM runs and is found again by its cgroup if the agent dies now.
+            tracing::error!(vm = %record.vm_id, error = %err, "cannot save the VM record");
+        }
         let balloon_mib = max_mib.saturating_sub(effective_startup(&memory));
         Ok(Box::new(KvmInstance {
             pidfd,
@@ -304,6 +331,35 @@ impl Kvm {
             client: None,
             initial_balloon_mib: (balloon_mib > 0).then_some(balloon_mib),
         }))
+    }
+}
+
+impl Kvm {
+    /// SIGKILLs every process in the VM's cgroup and waits (up to 5 s) until it is empty.
+    async fn kill_cgroup(&self, vm_id: &str) -> Result<(), String> {
+        let strays = self.cgroups.procs(vm_id);
+        if strays.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(vm = %vm_id, pids = ?strays, "processes of the VM still run in its cgroup: killing them before the start");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = self.cgroups.procs(vm_id);
+            if left.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "processes {left:?} of the VM still run in its cgroup and do not end"
+                ));
+            }
+            for pid in left {
+                if let Ok(fd) = PidFd::open(pid) {
+                    let _ = fd.signal(nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -390,25 +446,65 @@ impl Hypervisor for Kvm {
         self.prepare_and_spawn(request).boxed()
     }
 
-    fn adopt(&self, record: &VmRecord, dir: &Path) -> Option<Box<dyn Instance>> {
+    fn adopt(&self, record: &mut VmRecord, dir: &Path) -> Option<Box<dyn Instance>> {
         if let Some(ip) = record.ip {
             self.ips().insert(ip);
         }
-        let pid = record.pid?;
-        let ticks = record.pid_start_ticks?;
         let socket = dir.join(CONTROL_SOCKET);
-        let same = |pid| {
-            process::start_ticks(pid) == Some(ticks)
-                && process::cmdline(pid).is_some_and(|c| c.contains(&socket.display().to_string()))
-        };
-        if !same(pid) {
-            return None;
+        let socket_arg = socket.display().to_string();
+        // A VMM of this VM: in its cgroup (or recorded), and started for its control socket.
+        let vmm_of_vm = |pid: u32| process::cmdline(pid).is_some_and(|c| c.contains(&socket_arg));
+        let recorded = record
+            .pid
+            .zip(record.pid_start_ticks)
+            .filter(|&(pid, ticks)| process::start_ticks(pid) == Some(ticks) && vmm_of_vm(pid));
+        // The recorded VMM first; else one the previous agent started but did not record.
+        let in_cgroup = self.cgroups.procs(&record.vm_id);
+        let mut candidates: Vec<(u32, Option<u64>)> = recorded
+            .map(|(pid, ticks)| (pid, Some(ticks)))
+            .into_iter()
+            .collect();
+        candidates.extend(
+            in_cgroup
+                .iter()
+                .filter(|&&pid| Some(pid) != record.pid && vmm_of_vm(pid))
+                .map(|&pid| (pid, process::start_ticks(pid))),
+        );
+        record.spawning = false;
+        let mut adopted: Option<(PidFd, u64)> = None;
+        for (pid, ticks) in candidates {
+            let Some(ticks) = ticks else { continue };
+            let Ok(pidfd) = PidFd::open(pid) else {
+                continue;
+            };
+            // The pid could have been reused between the check and the open: check again now
+            // that the pidfd pins the process.
+            if process::start_ticks(pid) != Some(ticks) || !vmm_of_vm(pid) || pidfd.has_exited() {
+                continue;
+            }
+            adopted = Some((pidfd, ticks));
+            break;
         }
-        let pidfd = PidFd::open(pid).ok()?;
-        // The pid could have been reused between the check and the open: check again now
-        // that the pidfd pins the process.
-        if !same(pid) || pidfd.has_exited() {
+        // Anything else in the VM's cgroup is a second VMM of the VM (or a child that had not
+        // yet become one when its agent died): it ends, one VMM per VM.
+        let keep = adopted.as_ref().map(|(fd, _)| fd.pid());
+        for pid in in_cgroup.into_iter().filter(|&pid| Some(pid) != keep) {
+            tracing::warn!(vm = %record.vm_id, pid, "killing a second process of the VM found in its cgroup");
+            if let Ok(fd) = PidFd::open(pid) {
+                let _ = fd.signal(nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let Some((pidfd, ticks)) = adopted else {
+            record.pid = None;
+            record.pid_start_ticks = None;
             return None;
+        };
+        let pid = pidfd.pid();
+        if record.pid != Some(pid) {
+            tracing::warn!(vm = %record.vm_id, pid, "found a VMM the previous agent started but did not record: adopting it");
+            record.pid = Some(pid);
+            record.pid_start_ticks = Some(ticks);
+            record.started_at_ms = process::start_time(pid).map(process::unix_ms);
         }
         let started_at = record
             .started_at_ms
@@ -711,6 +807,18 @@ impl Instance for KvmInstance {
 
     fn stop(&mut self, timeout: Duration) -> BoxFuture<'_, Exit> {
         self.shutdown(timeout).boxed()
+    }
+
+    fn kill(&mut self) -> BoxFuture<'_, Exit> {
+        async move {
+            if let Err(e) = self.pidfd.signal(nix::sys::signal::Signal::SIGKILL) {
+                tracing::warn!(pid = self.pidfd.pid(), error = %e, "cannot kill fabric-vmm");
+            }
+            let mut exit = self.wait_exit().await;
+            exit.clean = true;
+            exit
+        }
+        .boxed()
     }
 
     fn probe(&mut self) -> BoxFuture<'_, Probe> {

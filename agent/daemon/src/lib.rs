@@ -34,6 +34,7 @@ pub mod process;
 pub mod record;
 pub mod service;
 pub mod sim;
+pub mod testhook;
 pub mod vm;
 
 use std::collections::{BTreeMap, HashSet};
@@ -195,14 +196,20 @@ impl Host {
             if !is_safe_name(&vm_id) || !vm_dir.is_dir() {
                 continue;
             }
-            let record = match VmRecord::load(&vm_dir) {
+            let mut record = match VmRecord::load(&vm_dir) {
                 Ok(record) => record,
                 Err(err) => {
                     tracing::error!(vm = %vm_id, error = %err, "unreadable VM record; leaving the directory alone");
                     continue;
                 }
             };
-            let instance = self.backend.adopt(&record, &vm_dir);
+            let loaded = record.clone();
+            let instance = self.backend.adopt(&mut record, &vm_dir);
+            if record != loaded {
+                if let Err(err) = record.save(&vm_dir) {
+                    tracing::error!(vm = %vm_id, error = %err, "cannot save the VM record");
+                }
+            }
             match &instance {
                 Some(i) => tracing::info!(vm = %vm_id, pid = i.pid(), "re-adopted a running VM"),
                 None if record.pid.is_some() => {
@@ -475,7 +482,7 @@ impl Host {
                     })
                 })
                 .collect();
-            let plan = balancer.step(std::time::SystemTime::now(), &inputs);
+            let plan = balancer.step(fabric_proto::clock::now(), &inputs);
             self.publish_memory_balance(&plan);
             let host = &plan.host;
             if host.short != was_short {

@@ -87,6 +87,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
             fabric_vmm_api::lease::TEST_OFFSET_ENV
         );
     }
+    let kill_points = fabric_agent::testhook::kill_points();
+    if !kill_points.is_empty() {
+        if let Some(unknown) = kill_points
+            .iter()
+            .find(|p| !fabric_agent::testhook::KILL_POINTS.contains(&p.as_str()))
+        {
+            anyhow::bail!(
+                "{}: unknown kill point {unknown:?} (known: {})",
+                fabric_agent::testhook::KILL_AT_ENV,
+                fabric_agent::testhook::KILL_POINTS.join(", ")
+            );
+        }
+        tracing::warn!(
+            points = %kill_points.join(","),
+            "{} is set: the agent kills itself at these points of a VM start (TEST ONLY); never set it in production",
+            fabric_agent::testhook::KILL_AT_ENV
+        );
+    }
     // The lease a previous agent process left decides whether the VMs it ran may go on.
     let probe_host = Host::new(config.clone(), backend.clone(), false);
     let previous_lease = link::load_lease(&probe_host);

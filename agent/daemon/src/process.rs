@@ -190,7 +190,7 @@ mod tests {
             .unwrap();
         let pidfd = PidFd::open(child.id()).unwrap();
         assert!(start_ticks(child.id()).is_some());
-        assert!(start_time(child.id()).unwrap() <= SystemTime::now());
+        assert!(start_time(child.id()).unwrap() <= fabric_proto::clock::now());
         // Right after fork the child may not have exec'd yet.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !cmdline(child.id()).unwrap_or_default().contains("sleep 30") {

@@ -32,6 +32,11 @@ pub struct VmRecord {
     pub pid: Option<u32>,
     #[serde(default)]
     pub pid_start_ticks: Option<u64>,
+    /// Set (and saved) right before a VMM process is started, cleared once its pid is saved:
+    /// while set, a VMM may run whose pid is not recorded (the agent died in between). A
+    /// restarted agent then finds it in the VM's cgroup ([`crate::kvm`]'s adoption).
+    #[serde(default)]
+    pub spawning: bool,
     /// When the current VMM process started, ms since the Unix epoch.
     #[serde(default)]
     pub started_at_ms: Option<u64>,

@@ -220,7 +220,8 @@ impl Hypervisor for Sim {
             if let Some(complaint) = &complaint {
                 tracing::warn!(vm = %request.record.vm_id, "simulated guest: {complaint}");
             }
-            let started_at = SystemTime::now();
+            (request.proceed)()?;
+            let started_at = fabric_proto::clock::now();
             request.record.pid = None;
             request.record.started_at_ms = Some(super::process::unix_ms(started_at));
             let memory = SimMemory::new(&limits, demand_mib, started_at);
@@ -236,7 +237,7 @@ impl Hypervisor for Sim {
         .boxed()
     }
 
-    fn adopt(&self, _record: &VmRecord, _dir: &Path) -> Option<Box<dyn Instance>> {
+    fn adopt(&self, _record: &mut VmRecord, _dir: &Path) -> Option<Box<dyn Instance>> {
         // Simulated VMs live in the agent's memory only; a restarted agent starts them again.
         None
     }
@@ -301,8 +302,18 @@ impl Instance for SimInstance {
         .boxed()
     }
 
+    fn kill(&mut self) -> BoxFuture<'_, Exit> {
+        async {
+            Exit {
+                clean: true,
+                description: "simulated VM killed".to_string(),
+            }
+        }
+        .boxed()
+    }
+
     fn probe(&mut self) -> BoxFuture<'_, Probe> {
-        let now = SystemTime::now();
+        let now = fabric_proto::clock::now();
         let age = now.duration_since(self.started_at).unwrap_or_default();
         let running = age >= self.ready_after;
         let memory = running.then(|| self.memory.memory().sample(now));

@@ -21,9 +21,6 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// Longest wait between restarts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Graceful-shutdown time when the lease has expired (the controller may place the VM
-/// elsewhere soon: it must be gone first).
-const FENCE_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the agent knows of a VM, for heartbeats and the Agent service.
 #[derive(Debug, Clone, Default)]
@@ -213,16 +210,16 @@ impl Supervisor {
                 || (self.instance.is_none() && starts_fenced)
             {
                 if let Some(mut instance) = self.instance.take() {
-                    let (timeout, why) = if fenced {
-                        (FENCE_STOP_TIMEOUT, "fenced: stopping")
+                    // The fence's stop is immediate: the controller may place the VM
+                    // elsewhere once the lease and the margin have run out, and the margin
+                    // is no time for a guest's shutdown.
+                    let exit = if fenced {
+                        self.set_phase(ObservedPhase::Stopping, "fenced: killing the VM");
+                        instance.kill().await
                     } else {
-                        (
-                            self.host.config.stop_timeout,
-                            "stopping: desired state STOPPED",
-                        )
+                        self.set_phase(ObservedPhase::Stopping, "stopping: desired state STOPPED");
+                        instance.stop(self.host.config.stop_timeout).await
                     };
-                    self.set_phase(ObservedPhase::Stopping, why);
-                    let exit = instance.stop(timeout).await;
                     tracing::info!(vm = %self.vm_id, "{}", exit.description);
                     self.instance_gone();
                     self.save();
@@ -266,7 +263,7 @@ impl Supervisor {
                     }
                     retry_at = None;
                 }
-                match self.start(&assignment).await {
+                match self.start(&assignment, fence.epoch).await {
                     Ok(()) => {
                         // Checked against the epoch the start was decided in: a fencing
                         // during the start stops it at the next turn of the loop.
@@ -278,6 +275,11 @@ impl Supervisor {
                         }
                         restarting = false;
                         self.save();
+                    }
+                    Err(_) if self.may_start(&assignment, fence.epoch).is_err() => {
+                        // Not a failure: the loop looks at what is wanted now.
+                        self.save();
+                        continue;
                     }
                     Err(err) => {
                         failures += 1;
@@ -291,7 +293,11 @@ impl Supervisor {
                         // start elsewhere while this retry is still due.
                         self.set_phase(
                             ObservedPhase::Starting,
-                            retry_message(&format!("start failed: {err}"), wait, SystemTime::now()),
+                            retry_message(
+                                &format!("start failed: {err}"),
+                                wait,
+                                fabric_proto::clock::now(),
+                            ),
                         );
                         continue;
                     }
@@ -327,7 +333,7 @@ impl Supervisor {
                             retry_message(
                                 &format!("{} (policy {})", exit.description, policy.as_str_name()),
                                 wait,
-                                SystemTime::now(),
+                                fabric_proto::clock::now(),
                             ),
                         );
                     } else {
@@ -353,7 +359,21 @@ impl Supervisor {
         }
     }
 
-    async fn start(&mut self, assignment: &Assignment) -> Result<(), String> {
+    /// Whether a start decided in fence epoch `epoch` for `assignment` may still go ahead:
+    /// the VM is still assigned here and wanted running (the same generation), and the fence
+    /// has not been raised since. Asked right before the spawn, after a preparation that may
+    /// have taken long (a host partitioned meanwhile, declared dead and registered again may
+    /// no longer hold the VM: it may be running elsewhere).
+    fn may_start(&self, assignment: &Assignment, epoch: u64) -> Result<(), String> {
+        check_start(
+            &self.host.fence_state(),
+            epoch,
+            self.desired.borrow().as_ref(),
+            assignment,
+        )
+    }
+
+    async fn start(&mut self, assignment: &Assignment, epoch: u64) -> Result<(), String> {
         let spec = assignment
             .spec
             .clone()
@@ -369,12 +389,24 @@ impl Supervisor {
             view.observed.message = message.to_string();
         };
         let backend = self.host.backend.clone();
+        let (host, desired, wanted) = (self.host.clone(), self.desired.clone(), assignment.clone());
+        let vm_id = self.vm_id.clone();
+        let proceed = move || {
+            check_start(
+                &host.fence_state(),
+                epoch,
+                desired.borrow().as_ref(),
+                &wanted,
+            )
+            .inspect_err(|why| tracing::info!(vm = %vm_id, "start abandoned: {why}"))
+        };
         let result = backend
             .start(StartRequest {
                 spec: &spec,
                 dir: self.dir.clone(),
                 record: &mut self.record,
                 progress: &progress,
+                proceed: &proceed,
             })
             .await;
         // Whatever was allocated before a failure is in the record, for cleanup.
@@ -389,8 +421,19 @@ impl Supervisor {
     /// Stops and forgets the VM. Returns false when it was assigned again meanwhile.
     async fn remove(&mut self) -> bool {
         if let Some(mut instance) = self.instance.take() {
-            self.set_phase(ObservedPhase::Stopping, "removed from this host: stopping");
-            let exit = instance.stop(self.host.config.stop_timeout).await;
+            let fence = self.host.fence_state();
+            // Started before a fencing (or fenced now): the controller may have placed it
+            // elsewhere already; it ends at once, as the fence ends VMs.
+            let exit = if fence.fenced() || self.instance_epoch != fence.epoch {
+                self.set_phase(
+                    ObservedPhase::Stopping,
+                    "removed from this host while fenced: killing",
+                );
+                instance.kill().await
+            } else {
+                self.set_phase(ObservedPhase::Stopping, "removed from this host: stopping");
+                instance.stop(self.host.config.stop_timeout).await
+            };
             tracing::info!(vm = %self.vm_id, "{}", exit.description);
             self.instance_gone();
         }
@@ -412,6 +455,33 @@ impl Supervisor {
     }
 }
 
+/// The rule of [`Supervisor::may_start`]: Ok when a start decided in fence epoch
+/// `epoch` for `started` may go ahead, else why not.
+pub fn check_start(
+    fence: &super::FenceState,
+    epoch: u64,
+    desired: Option<&Assignment>,
+    started: &Assignment,
+) -> Result<(), String> {
+    if fence.epoch != epoch || !fence.lease_valid {
+        return Err("the host was fenced while the VM was being prepared".to_string());
+    }
+    if fence.fenced() {
+        return Err("the host's assignments have not been read since it was fenced".to_string());
+    }
+    match desired {
+        None => Err("the VM was removed from this host while it was being prepared".to_string()),
+        Some(now) if now.desired_state() == DesiredState::Stopped => {
+            Err("the VM's desired state became STOPPED while it was being prepared".to_string())
+        }
+        Some(now) if now.generation != started.generation => Err(format!(
+            "the VM's assignment changed (generation {} to {}) while it was being prepared",
+            started.generation, now.generation
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 async fn fence_changed(host: &Host) {
     let mut fence = host.fence_rx();
     fence.borrow_and_update();
@@ -420,7 +490,7 @@ async fn fence_changed(host: &Host) {
 
 /// The current time as a protobuf timestamp.
 pub fn now_timestamp() -> prost_types::Timestamp {
-    prost_types::Timestamp::from(SystemTime::now())
+    prost_types::Timestamp::from(fabric_proto::clock::now())
 }
 
 #[cfg(test)]

@@ -109,6 +109,9 @@ struct State {
     heartbeats_held: u64,
     images: HashMap<String, Arc<Vec<u8>>>,
     pulls: HashMap<String, u64>,
+    /// While set, image pulls are received (and counted) but not answered until
+    /// [`FakeController::release_pulls`]: a slow download.
+    hold_pulls: bool,
     heartbeats: Vec<HeartbeatRecord>,
     /// Latest observed state per VM id, with the seq of the heartbeat that carried it.
     observed: HashMap<String, (u64, ObservedVm)>,
@@ -155,6 +158,8 @@ struct Shared {
     open_watch_streams: Arc<AtomicUsize>,
     /// Wakes held heartbeats when they are released.
     heartbeats_released: Arc<tokio::sync::Notify>,
+    /// Wakes held image pulls when they are released.
+    pulls_released: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -279,11 +284,16 @@ impl Images for Shared {
         request: Request<PullImageRequest>,
     ) -> Result<Response<Self::PullImageStream>, Status> {
         let request = request.get_ref();
-        let bytes = {
+        // Registered before the hold is looked at, so a release in between is not missed.
+        let released = self.pulls_released.notified();
+        let (bytes, held) = {
             let mut state = self.lock();
             *state.pulls.entry(request.sha256.clone()).or_default() += 1;
-            state.images.get(&request.sha256).cloned()
+            (state.images.get(&request.sha256).cloned(), state.hold_pulls)
         };
+        if held {
+            released.await;
+        }
         let bytes = bytes.ok_or_else(|| Status::not_found(format!("image {}", request.sha256)))?;
         Ok(Response::new(pull_image_responses(
             request,
@@ -366,6 +376,7 @@ impl FakeController {
             withhold_assignments: false,
             withheld: Vec::new(),
             hold_heartbeats: false,
+            hold_pulls: false,
             heartbeats_held: 0,
             images: HashMap::new(),
             pulls: HashMap::new(),
@@ -378,6 +389,7 @@ impl FakeController {
                 state: Arc::new(Mutex::new(state)),
                 open_watch_streams: Arc::new(AtomicUsize::new(0)),
                 heartbeats_released: Arc::new(tokio::sync::Notify::new()),
+                pulls_released: Arc::new(tokio::sync::Notify::new()),
             },
             server: None,
         };
@@ -507,6 +519,18 @@ impl FakeController {
     pub fn release_heartbeats(&self) {
         self.shared.lock().hold_heartbeats = false;
         self.shared.heartbeats_released.notify_waiters();
+    }
+
+    /// From now on, image pulls are counted but not answered until
+    /// [`release_pulls`](Self::release_pulls): a download that takes as long as the test wants.
+    pub fn hold_pulls(&self) {
+        self.shared.lock().hold_pulls = true;
+    }
+
+    /// Answers every held pull and stops holding them.
+    pub fn release_pulls(&self) {
+        self.shared.lock().hold_pulls = false;
+        self.shared.pulls_released.notify_waiters();
     }
 
     /// Heartbeats that were (or are) held so far.

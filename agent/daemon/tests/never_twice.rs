@@ -1,0 +1,214 @@
+//! Two paths to a second copy of a VM in the agent's own start-up of a VM (issue 14), each
+//! with a real `fabric-vmm` running the test guest, against the in-test controller
+//! (`tests/support/src/hostlink.rs`):
+//!
+//! - the agent is killed between spawning a VMM and recording its pid: the restarted agent
+//!   must find that VMM (in the VM's cgroup) and adopt it, not start a second one;
+//! - a start whose preparation (here an image pull) outlives a fencing, during which the VM
+//!   was moved away: the agent must not spawn it once the preparation is done.
+//!
+//! A sampler looks at the host's `fabric-vmm` processes every 10 ms throughout.
+
+use fabric_test_support::{host, hostlink, skip_without_kvm, testguest, vmspec};
+
+use std::time::{Duration, Instant};
+
+use fabric_proto::v1::{Assignment, ObservedPhase, RestartPolicy, VmSpec};
+use fabric_vmm_api::lease::LeaseFile;
+use host::{HostOptions, TestHost, AGENT_TIMEOUT};
+use hostlink::FakeController;
+
+/// A test guest that keeps running (the memload scenario holds its last phase).
+fn running_guest(vm_id: &str, kernel_sha256: &str) -> Assignment {
+    let spec = vmspec::vm_spec(
+        vm_id,
+        vmspec::memory(64, 0, 0),
+        "testguest",
+        kernel_sha256,
+        RestartPolicy::Always,
+    );
+    vmspec::assignment(
+        vm_id,
+        VmSpec {
+            kernel_cmdline: format!("{} memload.phases=8:1", testguest::cmdline("memload")),
+            ..spec
+        },
+    )
+}
+
+fn phase(vm: &fabric_proto::v1::ObservedVm) -> ObservedPhase {
+    ObservedPhase::try_from(vm.phase).unwrap_or(ObservedPhase::Unspecified)
+}
+
+fn agent_log(host: &TestHost) -> String {
+    std::fs::read_to_string(&host.log_path).unwrap_or_default()
+}
+
+/// Samples the VM's VMM processes every 10 ms for `period`: panics at the first sample with
+/// more than `most` of them.
+fn sample_vmms(host: &TestHost, vm_id: &str, period: Duration, most: usize) -> usize {
+    let end = Instant::now() + period;
+    let mut samples = 0;
+    while Instant::now() < end {
+        let vmms = host.vmm_processes_of(vm_id);
+        assert!(
+            vmms.len() <= most,
+            "{vm_id}: {} fabric-vmm processes at once ({vmms:?}), at most {most} allowed\n{}",
+            vmms.len(),
+            host::tail_lines(&agent_log(host), 40)
+        );
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    samples
+}
+
+/// The agent dies (SIGKILL, from the test-only kill point `after-spawn`) right after it
+/// started the VM's `fabric-vmm` and before it recorded the pid. Before the fix the restarted
+/// agent did not know that VMM: it started a second one for the same VM (two guests on one
+/// disk), and the orphan kept obeying the lease file the new agent renewed.
+#[test]
+fn a_vmm_whose_agent_died_before_recording_it_is_adopted_not_doubled() {
+    skip_without_kvm!("a_vmm_whose_agent_died_before_recording_it_is_adopted_not_doubled");
+    let mut host = TestHost::new(HostOptions::kvm());
+    host.agent_env
+        .push(("FABRIC_TEST_KILL_AT".into(), "after-spawn".into()));
+    let controller = FakeController::start_with(
+        &host.controller_socket,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let kernel = controller.add_image_file(&testguest::elf());
+    controller.set_assignments(vec![running_guest("orphan", &kernel)]);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while host.agent_exited().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not reach its kill point\n{}",
+            host::tail_lines(&agent_log(&host), 40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let orphans = host.vmm_processes_of("orphan");
+    assert_eq!(
+        orphans.len(),
+        1,
+        "one fabric-vmm expected after the kill: {orphans:?}\n{}",
+        host::tail_lines(&agent_log(&host), 40)
+    );
+    let orphan = orphans[0];
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(host.vm_dir("orphan").join("vm.json")).expect("the VM's record"),
+    )
+    .expect("a JSON record");
+    assert!(
+        record["pid"].is_null(),
+        "the kill point is after the record of the pid: {record}"
+    );
+
+    host.agent_env.clear();
+    host.restart();
+    controller.wait_registrations(&host.machine_id, 2, AGENT_TIMEOUT);
+    // The restarted agent reports the orphan as its VM, running.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        sample_vmms(&host, "orphan", Duration::from_millis(100), 1);
+        if let Some((_, o)) = controller.observed("orphan") {
+            if o.pid == orphan.pid && phase(&o) == ObservedPhase::Running {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent does not report the orphan ({orphan:?}) running: {:?}\n{}",
+            controller.observed("orphan"),
+            host::tail_lines(&agent_log(&host), 40)
+        );
+    }
+    // And never starts a second one.
+    sample_vmms(&host, "orphan", Duration::from_secs(5), 1);
+    assert!(orphan.alive(), "the orphan was not kept: {orphan:?}");
+    assert!(
+        agent_log(&host).contains("did not record: adopting it"),
+        "the agent does not say it adopted an unrecorded VMM"
+    );
+    host.assert_agent_running();
+}
+
+/// A start whose image pull (held by the test) outlives the host's lease; meanwhile the
+/// controller moves the VM away (the set the re-registered host reads no longer holds it).
+/// Before the fix the agent, once the pull finished, spawned the VM all the same, and then
+/// stopped it gracefully (the test host's 5 s; 40 s by default) while it could already run
+/// elsewhere. Now it looks again right before the spawn and abandons the start.
+#[test]
+fn a_start_prepared_across_a_fencing_is_abandoned_when_the_vm_was_moved() {
+    skip_without_kvm!("a_start_prepared_across_a_fencing_is_abandoned_when_the_vm_was_moved");
+    let mut host = TestHost::new(HostOptions::kvm());
+    let ttl = Duration::from_secs(2);
+    let controller =
+        FakeController::start_with(&host.controller_socket, ttl, Duration::from_millis(500));
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let kernel = controller.add_image_file(&testguest::elf());
+    controller.hold_pulls();
+    controller.set_assignments(vec![running_guest("moving", &kernel)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while controller.pulls(&kernel) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never pulled the kernel\n{}",
+            host::tail_lines(&agent_log(&host), 40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The host loses its lease while the pull hangs...
+    controller.hold_heartbeats();
+    let lease_file = host.data_dir.join("lease.json");
+    let deadline = Instant::now() + ttl * 10;
+    while LeaseFile::read(&lease_file).is_ok_and(|l| !l.remaining().is_zero()) {
+        assert!(Instant::now() < deadline, "the lease never ran out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...the controller moves the VM elsewhere, and the host gets its lease back and reads a
+    // set without the VM.
+    controller.set_assignments(Vec::new());
+    let opened = controller.watch_streams_opened();
+    controller.release_heartbeats();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while controller.watch_streams_opened() == opened
+        || !LeaseFile::read(&lease_file).is_ok_and(|l| !l.remaining().is_zero())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the host did not renew its lease and read its assignments again\n{}",
+            host::tail_lines(&agent_log(&host), 40)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The pull completes: nothing may start.
+    controller.release_pulls();
+    let samples = sample_vmms(&host, "moving", Duration::from_secs(8), 0);
+    assert!(samples > 100, "too few samples: {samples}");
+    let log = agent_log(&host);
+    assert!(
+        log.contains("start abandoned"),
+        "the agent does not say it abandoned the start\n{}",
+        host::tail_lines(&log, 40)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while host.vm_dir("moving").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the moved VM's directory is still there\n{}",
+            host::tail_lines(&agent_log(&host), 40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host.assert_agent_running();
+}
