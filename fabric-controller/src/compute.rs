@@ -2,7 +2,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use fabric_proto::v1::compute_server::Compute;
 use fabric_proto::v1::{
@@ -65,7 +64,7 @@ impl Compute for ComputeService {
         }
         let id = new_id("vm");
         validate::fill_defaults(&mut spec, &id);
-        let now = prost_types::Timestamp::from(SystemTime::now());
+        let now = prost_types::Timestamp::from(fabric_proto::clock::now());
         let (phase, reason) = match desired {
             DesiredState::Stopped => (VmPhase::Stopped, "created stopped"),
             _ => (VmPhase::Pending, "waiting for placement"),

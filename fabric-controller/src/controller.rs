@@ -83,7 +83,7 @@ impl HostLive {
         HostLive {
             lease_expires: now + lease_ttl,
             last_heartbeat: now,
-            last_heartbeat_wall: SystemTime::now(),
+            last_heartbeat_wall: fabric_proto::clock::now(),
             observed: HashMap::new(),
             usage: None,
             assignments: watch::channel(0).0,
@@ -143,6 +143,9 @@ pub struct Controller {
     /// The state last announced per host, so each change is one event.
     announced: Mutex<HashMap<String, HostState>>,
     generation: AtomicU64,
+    /// Generations below this may be handed out without writing to the store: it is stored
+    /// (`meta/generation-ceiling`) before any generation at or above the stored value is.
+    generation_ceiling: Mutex<u64>,
     /// Held by RegisterHost from its name check to its commit, so that two machines
     /// registering the same new name at once cannot both get it (this process is the store's
     /// only writer).
@@ -163,7 +166,7 @@ fn machine_key(machine_id: &str) -> String {
 }
 
 fn now_ts() -> prost_types::Timestamp {
-    prost_types::Timestamp::from(SystemTime::now())
+    prost_types::Timestamp::from(fabric_proto::clock::now())
 }
 
 /// A store failure as the API reports it.
@@ -180,13 +183,29 @@ pub fn new_id(prefix: &str) -> String {
     if n != bytes.len() as isize {
         // Fall back to time and a counter: ids only need to be unique.
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let t = SystemTime::now()
+        let t = fabric_proto::clock::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         bytes = (t ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(40)).to_le_bytes();
     }
     format!("{prefix}-{}", hex::encode(bytes))
+}
+
+/// Where the controller keeps the generation ceiling ([`Controller::next_generation`]).
+pub const GENERATION_CEILING_KEY: &str = "meta/generation-ceiling";
+/// Generations handed out between two writes of the ceiling.
+const GENERATION_BLOCK: u64 = 1 << 20;
+
+fn parse_ceiling(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+fn store_ceiling(store: &dyn Store, ceiling: u64) -> Result<(), String> {
+    store
+        .txn(Txn::new().put(GENERATION_CEILING_KEY, ceiling.to_string().into_bytes()))
+        .map(|_| ())
+        .map_err(|e| format!("cannot store {GENERATION_CEILING_KEY}: {e}"))
 }
 
 impl Controller {
@@ -257,11 +276,26 @@ impl Controller {
             revision,
             "loaded the store"
         );
-        let start_generation = SystemTime::now()
+        // Agents ignore an assignment update older than the one they applied, so the
+        // generations of this process must start above every earlier process's. The wall
+        // clock alone does not ensure it (it may have been set back since, by an hour or by
+        // years): the store keeps a ceiling that no earlier generation reached.
+        let stored_ceiling = match store
+            .get(GENERATION_CEILING_KEY)
+            .map_err(|e| e.to_string())?
+        {
+            Some(kv) => parse_ceiling(&kv.value)
+                .ok_or_else(|| format!("{GENERATION_CEILING_KEY}: not a generation"))?,
+            None => 0,
+        };
+        let start_generation = fabric_proto::clock::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0)
-            .max(revision);
+            .max(revision)
+            .max(stored_ceiling);
+        let ceiling = start_generation.saturating_add(GENERATION_BLOCK);
+        store_ceiling(store.as_ref(), ceiling)?;
         Ok(Arc::new(Controller {
             settings,
             store,
@@ -271,6 +305,7 @@ impl Controller {
             kick: tokio::sync::Notify::new(),
             announced: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(start_generation),
+            generation_ceiling: Mutex::new(ceiling),
             registering: tokio::sync::Mutex::new(()),
         }))
     }
@@ -285,7 +320,22 @@ impl Controller {
 
     /// A new assignment-stream generation, greater than every earlier one.
     pub fn next_generation(&self) -> u64 {
-        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut ceiling = self
+            .generation_ceiling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if generation >= *ceiling {
+            // Once per GENERATION_BLOCK generations. A store that cannot take it now leaves
+            // the old ceiling: the next call tries again, and a restart in between starts
+            // from the wall clock and the revision as well.
+            let raised = generation.saturating_add(GENERATION_BLOCK);
+            match store_ceiling(self.store.as_ref(), raised) {
+                Ok(()) => *ceiling = raised,
+                Err(err) => tracing::error!(error = %err, "cannot store the generation ceiling"),
+            }
+        }
+        generation
     }
 
     async fn commit(&self, txn: Txn) -> Result<TxnOutcome, Status> {
@@ -674,7 +724,9 @@ impl Controller {
             .live
             .lease_expires
             .saturating_duration_since(Instant::now());
-        host.lease_expires_at = Some(prost_types::Timestamp::from(SystemTime::now() + left));
+        host.lease_expires_at = Some(prost_types::Timestamp::from(
+            fabric_proto::clock::now() + left,
+        ));
         let mut allocated = Resources::default();
         for e in model.vms.values() {
             let Some(status) = &e.vm.status else { continue };

@@ -27,7 +27,7 @@ impl Default for Events {
 
 impl Events {
     pub fn new() -> Events {
-        let start = std::time::SystemTime::now()
+        let start = fabric_proto::clock::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
@@ -42,7 +42,7 @@ impl Events {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.0 += 1;
         event.sequence = log.0;
-        event.time = Some(prost_types::Timestamp::from(std::time::SystemTime::now()));
+        event.time = Some(prost_types::Timestamp::from(fabric_proto::clock::now()));
         tracing::debug!(kind = ?event.kind(), vm = %event.vm_id, host = %event.host_id, "{}", event.message);
         if log.1.len() == RETAINED {
             log.1.pop_front();

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use fabric_proto::v1::host_link_server::HostLink;
 use fabric_proto::v1::{
@@ -100,7 +100,9 @@ impl HostLink for HostLinkService {
                     Host {
                         id: host_id.clone(),
                         state: HostState::Ready as i32,
-                        registered_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+                        registered_at: Some(prost_types::Timestamp::from(
+                            fabric_proto::clock::now(),
+                        )),
                         ..Default::default()
                     },
                     None,
@@ -178,7 +180,7 @@ impl HostLink for HostLinkService {
                         entry.rev = new_rev;
                         entry.live.lease_expires = live_lease;
                         entry.live.last_heartbeat = now;
-                        entry.live.last_heartbeat_wall = SystemTime::now();
+                        entry.live.last_heartbeat_wall = fabric_proto::clock::now();
                         entry.live.observed.clear();
                         // Stops acknowledged in an earlier session say nothing about what this
                         // one runs (a restarted agent re-adopts VMMs that were still stopping):
@@ -239,7 +241,7 @@ impl HostLink for HostLinkService {
                 lease_ttl: Some(duration(settings.lease_ttl)),
                 heartbeat_interval: Some(duration(settings.heartbeat_interval)),
                 lease_expires_at: Some(prost_types::Timestamp::from(
-                    SystemTime::now() + settings.lease_ttl,
+                    fabric_proto::clock::now() + settings.lease_ttl,
                 )),
                 session: host.agent_session,
             }));
@@ -277,7 +279,7 @@ impl HostLink for HostLinkService {
             }
             entry.live.lease_expires = now + settings.lease_ttl;
             entry.live.last_heartbeat = now;
-            entry.live.last_heartbeat_wall = SystemTime::now();
+            entry.live.last_heartbeat_wall = fabric_proto::clock::now();
             entry.live.usage = req.usage;
             memory_change = note_memory_balance(&mut entry.live, now, settings.heartbeat_interval);
             host_name = entry.host.name.clone();
@@ -345,7 +347,7 @@ impl HostLink for HostLinkService {
                             status.phase = phase as i32;
                             status.reason = reason.clone();
                             status.phase_changed_at =
-                                Some(prost_types::Timestamp::from(SystemTime::now()));
+                                Some(prost_types::Timestamp::from(fabric_proto::clock::now()));
                             Ok(true)
                         })
                         .await;
@@ -361,7 +363,7 @@ impl HostLink for HostLinkService {
         Ok(Response::new(HeartbeatResponse {
             lease_ttl: Some(duration(settings.lease_ttl)),
             lease_expires_at: Some(prost_types::Timestamp::from(
-                SystemTime::now() + settings.lease_ttl,
+                fabric_proto::clock::now() + settings.lease_ttl,
             )),
         }))
     }

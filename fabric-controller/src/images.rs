@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use fabric_proto::v1::images_server::Images;
 use fabric_proto::v1::pull_image_response::Part as PullPart;
@@ -240,7 +239,7 @@ impl Images for ImagesService {
             sha256: header.sha256.clone(),
             size_bytes: size,
             file_name: header.file_name.chars().take(255).collect(),
-            pushed_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+            pushed_at: Some(prost_types::Timestamp::from(fabric_proto::clock::now())),
         };
         let image = self.attach(&header.image_name, file.clone()).await?;
         Ok(Response::new(PushImageResponse {

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use fabric_proto::v1::{DesiredState, EventKind, HostState, ObservedPhase, VmPhase};
 
@@ -35,7 +35,7 @@ pub struct Reconciler {
 }
 
 fn ts() -> prost_types::Timestamp {
-    prost_types::Timestamp::from(SystemTime::now())
+    prost_types::Timestamp::from(fabric_proto::clock::now())
 }
 
 impl Reconciler {

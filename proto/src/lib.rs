@@ -45,6 +45,7 @@ use tonic_reflection::server::v1alpha::{
     ServerReflectionServer as ServerReflectionServerV1Alpha,
 };
 
+pub mod clock;
 pub mod unix;
 
 /// Messages, clients (`v1::compute_client::ComputeClient`, ...) and servers

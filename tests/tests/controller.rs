@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use fabric_proto::v1::{
     CreateVmRequest, EventKind, GetHostRequest, GetVmRequest, HostState, ListVmsRequest, Placement,
-    VmPhase, VmSpec, WatchEventsRequest,
+    StopVmRequest, VmPhase, VmSpec, WatchEventsRequest,
 };
 use fabric_test_support::cluster::{Controller, SimHost, Timing};
 use fabric_test_support::compute::{
@@ -430,4 +430,55 @@ async fn draining_moves_every_vm_one_update_domain_at_a_time() {
         .await;
         assert_eq!(host.allocated.unwrap_or_default().cpus, 0);
     }
+}
+
+/// Agents ignore an assignment update older than the last one they applied, and a
+/// controller numbers its updates from where the previous process stopped. It used to take
+/// that from the wall clock: a controller restarted after its clock was set back an hour (a
+/// wall-clock jump as the daemon sees it, made with the test-only offset) sent updates that
+/// the agent took for stale and ignored, so a VM told to stop kept running, for an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_restarted_with_its_clock_set_back_is_still_obeyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("wall-clock-offset-ms");
+    std::fs::write(&offset, "0").unwrap();
+    let offset_arg = offset.display().to_string();
+    let mut controller = Controller::start_with_env(
+        &dir.path().join("controller"),
+        Timing::default(),
+        &[],
+        &[(fabric_proto::clock::TEST_OFFSET_ENV, offset_arg.as_str())],
+    );
+    let _host = SimHost::start(&dir.path().join("h1"), "h1", &controller.address(), 0, 0);
+    let client = controller.compute().await;
+    ready_hosts(&client, 1, Duration::from_secs(30)).await;
+    let id = create_vm(&client, simulated_vm("clocked")).await.unwrap();
+    eventually(Duration::from_secs(60), "the VM running", || {
+        let ids = vec![id.clone()];
+        let client = client.clone();
+        async move { running_placement(&client, &ids).await }
+    })
+    .await;
+
+    std::fs::write(&offset, "-3600000").unwrap();
+    controller.kill9_and_restart();
+    let mut client = controller.compute().await;
+    ready_hosts(&client, 1, Duration::from_secs(30)).await;
+    client
+        .stop_vm(StopVmRequest { id: id.clone() })
+        .await
+        .expect("StopVm");
+    eventually(
+        Duration::from_secs(30),
+        "the agent to stop the VM after the controller's restart",
+        || {
+            let client = client.clone();
+            let id = id.clone();
+            async move {
+                let status = vm_status(&client, &id).await?;
+                (status.phase() == VmPhase::Stopped).then_some(())
+            }
+        },
+    )
+    .await;
 }

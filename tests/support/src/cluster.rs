@@ -170,6 +170,8 @@ pub struct Controller {
     pub timing: Timing,
     /// More flags, kept across restarts (e.g. `--memory-relief-window 4`).
     pub extra_args: Vec<String>,
+    /// Environment variables, kept across restarts (e.g. a test-only clock offset).
+    pub env: Vec<(String, String)>,
     pub process: Process,
 }
 
@@ -180,20 +182,41 @@ impl Controller {
 
     /// A controller with more flags than the timing.
     pub fn start_with_args(dir: &Path, timing: Timing, extra_args: &[&str]) -> Controller {
+        Self::start_with_env(dir, timing, extra_args, &[])
+    }
+
+    /// A controller with more flags and environment variables.
+    pub fn start_with_env(
+        dir: &Path,
+        timing: Timing,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Controller {
         std::fs::create_dir_all(dir).expect("controller dir");
         let socket = dir.join("controller.sock");
         let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
-        let process = Self::spawn(dir, &socket, timing, &extra_args);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let process = Self::spawn(dir, &socket, timing, &extra_args, &env);
         Controller {
             dir: dir.to_owned(),
             socket,
             timing,
             extra_args,
+            env,
             process,
         }
     }
 
-    fn spawn(dir: &Path, socket: &Path, timing: Timing, extra_args: &[String]) -> Process {
+    fn spawn(
+        dir: &Path,
+        socket: &Path,
+        timing: Timing,
+        extra_args: &[String],
+        env: &[(String, String)],
+    ) -> Process {
         let _ = std::fs::remove_file(socket);
         let mut command = controller_command(
             &workspace_bin("fabric-controller"),
@@ -207,7 +230,8 @@ impl Controller {
             .arg(timing.heartbeat_interval.to_string())
             .arg("--fencing-margin")
             .arg(timing.fencing_margin.to_string())
-            .args(extra_args);
+            .args(extra_args)
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let log = dir.join(format!(
             "controller-{}.log",
             std::time::SystemTime::now()
@@ -223,7 +247,13 @@ impl Controller {
     /// SIGKILL, then start again on the same data.
     pub fn kill9_and_restart(&mut self) {
         self.process.kill9();
-        self.process = Self::spawn(&self.dir, &self.socket, self.timing, &self.extra_args);
+        self.process = Self::spawn(
+            &self.dir,
+            &self.socket,
+            self.timing,
+            &self.extra_args,
+            &self.env,
+        );
     }
 
     pub async fn compute(&self) -> ComputeClient<Channel> {
