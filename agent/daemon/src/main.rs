@@ -87,6 +87,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             fabric_vmm_api::lease::TEST_OFFSET_ENV
         );
     }
+    if let Some(path) = fabric_proto::clock::test_offset_file() {
+        tracing::warn!(
+            file = %path.display(),
+            "{} is set: the wall clock is moved by a TEST-ONLY offset; never set it in production",
+            fabric_proto::clock::TEST_OFFSET_ENV
+        );
+    }
     let kill_points = fabric_agent::testhook::kill_points();
     if !kill_points.is_empty() {
         if let Some(unknown) = kill_points

@@ -88,6 +88,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(path) = fabric_proto::clock::test_offset_file() {
+        tracing::warn!(
+            file = %path.display(),
+            "{} is set: the wall clock is moved by a TEST-ONLY offset; never set it in production",
+            fabric_proto::clock::TEST_OFFSET_ENV
+        );
+    }
     let settings = Settings {
         data_dir: args.data_dir.clone(),
         lease_ttl: seconds("lease-ttl", args.lease_ttl)?,
