@@ -109,6 +109,29 @@ pub fn check_sha256(field: &str, digest: &str) -> Result<(), String> {
     }
 }
 
+/// The longest encoded spec CreateVm accepts. Every field has its own limit, which bounds the
+/// spec well below this; the check keeps it so whatever fields are added.
+pub const MAX_SPEC_BYTES: usize = 16 * 1024;
+
+/// A short name inside a spec (a network, a zone, an availability set): at most 63 of
+/// `[A-Za-z0-9._-]`, and not empty when `required`.
+fn check_token(field: &str, value: &str, required: bool) -> Result<(), String> {
+    let ok = (!required || !value.is_empty())
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        return Ok(());
+    }
+    let shown: String = value.chars().take(64).collect();
+    Err(format!(
+        "{field} {shown:?}{}: {}..=63 of [A-Za-z0-9._-]",
+        if value.len() > 64 { "..." } else { "" },
+        usize::from(required)
+    ))
+}
+
 fn check_label(field: &str, key: &str, value: &str) -> Result<(), String> {
     let ok_key = !key.is_empty()
         && key.len() <= 63
@@ -146,6 +169,12 @@ pub fn memory_sizes(memory: &MemorySpec) -> (u64, u64, u64) {
 
 /// Checks a spec as CreateVm receives it (before image names are resolved).
 pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
+    let encoded = prost::Message::encoded_len(spec);
+    if encoded > MAX_SPEC_BYTES {
+        return Err(format!(
+            "spec: {encoded} bytes encoded, at most {MAX_SPEC_BYTES}"
+        ));
+    }
     check_vm_name(&spec.name)?;
     if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
         return Err(format!(
@@ -210,9 +239,7 @@ pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
         return Err(format!("spec.nics: at most {MAX_NICS}"));
     }
     for (i, nic) in spec.nics.iter().enumerate() {
-        if nic.network.is_empty() {
-            return Err(format!("spec.nics[{i}].network: required"));
-        }
+        check_token(&format!("spec.nics[{i}].network"), &nic.network, true)?;
         if !nic.mac.is_empty() {
             check_mac(&nic.mac).map_err(|e| format!("spec.nics[{i}].mac: {e}"))?;
         }
@@ -245,9 +272,12 @@ pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
         for (k, v) in &placement.anti_affinity_labels {
             check_label("spec.placement.anti_affinity_labels", k, v)?;
         }
-        if placement.availability_set.len() > 63 {
-            return Err("spec.placement.availability_set: at most 63 characters".to_string());
-        }
+        check_token(
+            "spec.placement.availability_set",
+            &placement.availability_set,
+            false,
+        )?;
+        check_token("spec.placement.zone", &placement.zone, false)?;
     }
     if !(0..=3).contains(&spec.restart_policy) {
         return Err(format!(
@@ -392,6 +422,36 @@ mod tests {
             (
                 Box::new(|s| s.nics[0].network = String::new()),
                 "spec.nics[0].network",
+            ),
+            (
+                Box::new(|s| s.nics[0].network = "n".repeat(3 << 20)),
+                "spec: 3145",
+            ),
+            (
+                Box::new(|s| s.nics[0].network = "n".repeat(64)),
+                "spec.nics[0].network",
+            ),
+            (
+                Box::new(|s| s.nics[0].network = "a/b".into()),
+                "spec.nics[0].network",
+            ),
+            (
+                Box::new(|s| {
+                    s.placement = Some(Placement {
+                        zone: "z".repeat(1000),
+                        ..Default::default()
+                    })
+                }),
+                "spec.placement.zone",
+            ),
+            (
+                Box::new(|s| {
+                    s.placement = Some(Placement {
+                        availability_set: "a set".into(),
+                        ..Default::default()
+                    })
+                }),
+                "spec.placement.availability_set",
             ),
             (
                 Box::new(|s| s.nics[0].mac = "01:00:00:00:00:00".into()),
