@@ -88,6 +88,25 @@ pub fn load_lease(host: &Host) -> Option<BootInstant> {
     LeaseFile::read(&lease_path(host)).ok()?.expiry()
 }
 
+/// Makes sure the lease file exists at its fixed size, so that every renewal after overwrites
+/// it in place and needs no free space (a full disk must not stop the VMs). Keeps a valid
+/// lease it finds (`previous`); else writes one that has run out. Called at start-up.
+pub fn reserve_lease_file(host: &Host, previous: Option<BootInstant>) {
+    let path = lease_path(host);
+    let reserved = std::fs::metadata(&path)
+        .is_ok_and(|m| m.len() == fabric_vmm_api::lease::LEASE_FILE_BYTES as u64);
+    if reserved {
+        return;
+    }
+    let lease = match previous {
+        Some(expiry) => LeaseFile::expiring_at(expiry),
+        None => LeaseFile::expiring_in(std::time::Duration::ZERO),
+    };
+    if let Err(err) = lease.write(&path) {
+        tracing::error!(error = %err, "cannot make the lease file: the lease cannot be renewed until it can be written");
+    }
+}
+
 /// Writes the lease for the VMMs (and a restarted agent). A failed write leaves the previous,
 /// earlier expiry in the file: the VMMs then stop sooner than they must, never later.
 fn save_lease(host: &Host, expires: BootInstant) {

@@ -117,6 +117,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let previous_lease = link::load_lease(&probe_host);
     drop(probe_host);
     let host = Host::new(config.clone(), backend, previous_lease.is_some());
+    if let Err(err) = std::fs::create_dir_all(&config.data_dir) {
+        tracing::error!(dir = %config.data_dir.display(), error = %err, "cannot create the data directory");
+    }
+    link::reserve_lease_file(&host, previous_lease);
     match previous_lease {
         Some(t) => tracing::info!(
             left_ms = t.remaining().as_millis() as u64,

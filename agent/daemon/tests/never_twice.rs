@@ -8,6 +8,9 @@
 //!   was moved away: the agent must not spawn it once the preparation is done.
 //!
 //! A sampler looks at the host's `fabric-vmm` processes every 10 ms throughout.
+//!
+//! And the opposite failure, a VM lost for nothing: a host whose disk is full keeps its lease
+//! and its VMs (issue 15).
 
 use fabric_test_support::{host, hostlink, skip_without_kvm, testguest, vmspec};
 
@@ -210,5 +213,104 @@ fn a_start_prepared_across_a_fencing_is_abandoned_when_the_vm_was_moved() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    host.assert_agent_running();
+}
+
+/// A tmpfs of `size` mounted at `path` for the test (lazily unmounted when dropped).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount tmpfs on {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_owned())
+    }
+
+    /// Writes a file of zeros until the filesystem is full; its size.
+    fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.0.join("filler")).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        let mut written = 0u64;
+        while let Ok(n) = file.write(&chunk) {
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+        }
+        let _ = file.sync_all();
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The agent's data directory on a small filesystem that the test then fills to the last
+/// byte. The lease is renewed all the same (the lease file is overwritten in place), so the
+/// VM keeps running. Before, each renewal wrote a new file and renamed it: with the disk full
+/// no renewal reached the file, and fabric-vmm stopped its guest when the lease in it ran out.
+#[test]
+fn a_host_whose_disk_is_full_keeps_its_lease_and_its_vms() {
+    skip_without_kvm!("a_host_whose_disk_is_full_keeps_its_lease_and_its_vms");
+    let mut host = TestHost::new(HostOptions::kvm());
+    let ttl = Duration::from_secs(2);
+    let controller =
+        FakeController::start_with(&host.controller_socket, ttl, Duration::from_millis(500));
+    let disk = Tmpfs::mount(&host.data_dir, "64m");
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let kernel = controller.add_image_file(&testguest::elf());
+    controller.set_assignments(vec![running_guest("steady", &kernel)]);
+    let running = controller.wait_observed("steady", Duration::from_secs(60), |o| {
+        phase(o) == ObservedPhase::Running && o.pid != 0
+    });
+    let vmm = host.vmm_processes_of("steady");
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
+    assert_eq!(vmm[0].pid, running.pid);
+
+    let filled = disk.fill();
+    assert!(filled > 0, "nothing written to fill the disk");
+    let lease_file = host.data_dir.join("lease.json");
+    let expiry_before = LeaseFile::read(&lease_file)
+        .expect("the lease")
+        .expires_boottime_ns;
+    // Four lease lifetimes on a full disk.
+    let end = Instant::now() + ttl * 4;
+    while Instant::now() < end {
+        assert!(
+            vmm[0].alive(),
+            "the VM stopped on a full disk\n{}",
+            host::tail_lines(&agent_log(&host), 40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lease = LeaseFile::read(&lease_file).expect("the lease");
+    assert!(
+        lease.expires_boottime_ns > expiry_before && !lease.remaining().is_zero(),
+        "the lease was not renewed on the full disk: {lease:?}\n{}",
+        host::tail_lines(&agent_log(&host), 40)
+    );
+    assert!(
+        !agent_log(&host).contains("cannot persist the lease"),
+        "{}",
+        host::tail_lines(&agent_log(&host), 40)
+    );
     host.assert_agent_running();
 }

@@ -13,5 +13,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), String> {
         file.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
+    if result.is_err() {
+        // A full disk must not also be left with the half-written copy.
+        let _ = std::fs::remove_file(&tmp);
+    }
     result.map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

@@ -3,7 +3,10 @@
 //!
 //! The expiry is on CLOCK_BOOTTIME, which every process of the machine shares and which keeps
 //! counting through suspend, together with the boot id, so a lease never survives a reboot.
-//! The file is replaced atomically, so a reader sees a whole lease or the previous one.
+//! The file has a fixed size ([`LEASE_FILE_BYTES`]) and each renewal overwrites it in place, so
+//! renewing needs no free space: a full disk does not stop the host's VMs. A checksum in the
+//! file tells a whole lease from a read that met a write half done; readers keep the lease
+//! they had when it does not match.
 //!
 //! [`BootInstant`] is the agent's lease clock: CLOCK_BOOTTIME too, so that the lease the agent
 //! holds in memory, the one it checks a heartbeat answer against and the one in the file all
@@ -150,16 +153,90 @@ impl LeaseFile {
         Duration::from_nanos(self.expires_boottime_ns.saturating_sub(boottime_ns()))
     }
 
-    pub fn read(path: &Path) -> Result<LeaseFile, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    fn check(&self) -> u64 {
+        fnv1a64(format!("{}/{}", self.boot_id, self.expires_boottime_ns).as_bytes())
     }
 
-    /// Replaces the file atomically (temporary file, fsync, rename).
-    pub fn write(&self, path: &Path) -> Result<(), String> {
-        crate::fs::write_atomic(path, &serde_json::to_vec(self).unwrap_or_default())
+    /// The file's contents: JSON with its checksum, padded with spaces to
+    /// [`LEASE_FILE_BYTES`].
+    pub fn encode(&self) -> Vec<u8> {
+        let stored = Stored {
+            boot_id: self.boot_id.clone(),
+            expires_boottime_ns: self.expires_boottime_ns,
+            check: Some(self.check()),
+        };
+        let mut bytes = serde_json::to_vec(&stored).unwrap_or_default();
+        if bytes.len() < LEASE_FILE_BYTES {
+            bytes.resize(LEASE_FILE_BYTES - 1, b' ');
+            bytes.push(b'\n');
+        }
+        bytes
     }
+
+    /// Parses the file's contents. A file of [`LEASE_FILE_BYTES`] must carry a matching
+    /// checksum (else it was read in the middle of a write); a file of another size was
+    /// written whole by an older agent (temporary file and rename).
+    pub fn decode(bytes: &[u8]) -> Result<LeaseFile, String> {
+        let stored: Stored = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let lease = LeaseFile {
+            boot_id: stored.boot_id,
+            expires_boottime_ns: stored.expires_boottime_ns,
+        };
+        match stored.check {
+            Some(check) if check == lease.check() => Ok(lease),
+            None if bytes.len() != LEASE_FILE_BYTES => Ok(lease),
+            _ => Err("checksum mismatch (read during a write)".to_string()),
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<LeaseFile, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        LeaseFile::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Writes the lease: in place over a lease file of [`LEASE_FILE_BYTES`] (which needs no
+    /// free space), else (first write, or a file an older agent wrote) as a new file,
+    /// atomically. Durable on return.
+    pub fn write(&self, path: &Path) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let bytes = self.encode();
+        let in_place = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .ok()
+            .filter(|f| {
+                f.metadata()
+                    .is_ok_and(|m| m.len() == LEASE_FILE_BYTES as u64)
+            });
+        match in_place {
+            Some(file) if bytes.len() == LEASE_FILE_BYTES => file
+                .write_all_at(&bytes, 0)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| format!("cannot write {}: {e}", path.display())),
+            _ => crate::fs::write_atomic(path, &bytes),
+        }
+    }
+}
+
+/// The size of every lease file this version writes.
+pub const LEASE_FILE_BYTES: usize = 256;
+
+/// The lease file's JSON.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    boot_id: String,
+    expires_boottime_ns: u64,
+    /// FNV-1a of `"{boot_id}/{expires_boottime_ns}"`; absent in files of older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    check: Option<u64>,
+}
+
+/// FNV-1a, 64 bits: enough to tell a torn read, not a defence against anyone.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -187,6 +264,60 @@ mod tests {
         );
         std::fs::write(&path, "{").unwrap();
         assert!(LeaseFile::read(&path).is_err());
+    }
+
+    #[test]
+    fn renewals_overwrite_the_file_in_place_and_a_torn_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lease.json");
+        let first = LeaseFile::expiring_in(Duration::from_secs(10));
+        first.write(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            LEASE_FILE_BYTES as u64
+        );
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+        let second = LeaseFile::expiring_in(Duration::from_secs(20));
+        second.write(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&meta),
+            inode,
+            "not in place"
+        );
+        assert_eq!(LeaseFile::read(&path).unwrap(), second);
+
+        // Half of one write over the other: the checksum no longer matches.
+        let (a, b) = (first.encode(), second.encode());
+        let digits = a.iter().zip(&b).position(|(x, y)| x != y).unwrap();
+        let mut torn = b.clone();
+        torn[..digits + 1].copy_from_slice(&b[..digits + 1]);
+        torn[digits + 1..].copy_from_slice(&a[digits + 1..]);
+        if torn != a && torn != b {
+            assert!(
+                LeaseFile::decode(&torn).is_err(),
+                "{}",
+                String::from_utf8_lossy(&torn)
+            );
+        }
+        let mut forged = b.clone();
+        let at = forged.iter().position(|&c| c == b'"').unwrap();
+        forged[at + 1] = b'X';
+        assert!(LeaseFile::decode(&forged).is_err());
+
+        // A file an older agent wrote (no checksum, its own size) still reads.
+        let old = format!(
+            "{{\"boot_id\":\"{}\",\"expires_boottime_ns\":{}}}",
+            second.boot_id, second.expires_boottime_ns
+        );
+        std::fs::write(&path, &old).unwrap();
+        assert_eq!(LeaseFile::read(&path).unwrap(), second);
+        // ...and is replaced by one of the fixed size at the next write.
+        first.write(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            LEASE_FILE_BYTES as u64
+        );
     }
 
     #[test]
