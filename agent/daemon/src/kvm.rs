@@ -777,15 +777,25 @@ impl KvmInstance {
 
 /// Appends the last line fabric-vmm logged (its error, when it failed) to `text`.
 fn with_log_tail(mut text: String, log: &Path) -> String {
-    if let Ok(data) = std::fs::read(log) {
-        let tail = &data[data.len().saturating_sub(4096)..];
-        let tail = String::from_utf8_lossy(tail);
+    if let Some(data) = read_tail(log, 4096) {
+        let tail = String::from_utf8_lossy(&data);
         if let Some(line) = tail.lines().rev().find(|l| !l.trim().is_empty()) {
             text.push_str(": ");
             text.push_str(line.trim());
         }
     }
     text
+}
+
+/// The last `bytes` of the file at `path` (never more in memory, however long the file).
+fn read_tail(path: &Path, bytes: u64) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(bytes))).ok()?;
+    let mut data = Vec::new();
+    file.take(bytes).read_to_end(&mut data).ok()?;
+    Some(data)
 }
 
 impl Instance for KvmInstance {

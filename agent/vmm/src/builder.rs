@@ -5,7 +5,7 @@
 //! slot, its queue eventfds become ioeventfds on QueueNotify and its interrupt an irqfd on its
 //! GSI; the transports are also returned as event subscribers for the runner's loop.
 
-use std::fs::OpenOptions;
+use crate::logging::{RotatingFile, MAX_CONSOLE_BYTES};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -119,14 +119,10 @@ fn console_sink(console: &ConsoleOutput) -> Result<ConsoleSink, BuildError> {
         ConsoleOutput::Stdout => ConsoleSink::Stdout(std::io::stdout()),
         ConsoleOutput::Off => ConsoleSink::Off,
         ConsoleOutput::File(path) => ConsoleSink::File(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::Console {
-                    path: path.clone(),
-                    source,
-                })?,
+            RotatingFile::open(path, MAX_CONSOLE_BYTES).map_err(|source| BuildError::Console {
+                path: path.clone(),
+                source,
+            })?,
         ),
     })
 }

@@ -12,6 +12,7 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod logging;
 pub mod memory;
 pub mod runner;
 pub mod vcpu;

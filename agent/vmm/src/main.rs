@@ -16,6 +16,7 @@ use clap::Parser;
 use fabric_vmm::builder::{build_vm, open_kvm};
 use fabric_vmm::config::{ConsoleOutput, VmRequest};
 use fabric_vmm::control::ControlServer;
+use fabric_vmm::logging::{log_layer, LogWriter};
 use fabric_vmm::runner::{
     block_dump_signal, control_channel, run_vm, Command, ControlSender, VmInfo,
 };
@@ -85,14 +86,7 @@ fn main() -> ExitCode {
         eprintln!("fabric-vmm: cannot block SIGUSR2: {err}");
         return ExitCode::from(1);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FABRIC_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging();
     let args = Args::parse();
     match run(args, start) {
         Ok(code) => code,
@@ -101,6 +95,23 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The log on stderr, bounded: each call site rate-limited, the file rotated
+/// ([`fabric_vmm::logging`]): a guest drives much of what is logged.
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    LogWriter::init();
+    let env = tracing_subscriber::EnvFilter::try_from_env("FABRIC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(log_layer(
+            env,
+            || LogWriter,
+            std::io::stderr().is_terminal(),
+        ))
+        .init();
 }
 
 /// Stops the guest once the lease in `path` runs out. The agent renews the file; a file that

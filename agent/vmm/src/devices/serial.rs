@@ -1,6 +1,5 @@
 //! The COM1 16550 UART (vm-superio), its interrupt, and where its output goes.
 
-use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -29,7 +28,8 @@ impl Trigger for EventFdTrigger {
 /// Where console output goes. A shared buffer sink lets tests and the control endpoint read it.
 pub enum ConsoleSink {
     Stdout(std::io::Stdout),
-    File(File),
+    /// A file, rotated at its limit ([`crate::logging::RotatingFile`]).
+    File(crate::logging::RotatingFile),
     Buffer(Arc<Mutex<Vec<u8>>>),
     Off,
 }
