@@ -76,6 +76,10 @@ pub(crate) struct HostLive {
     /// superseded one whose lease (plus the fencing margin) may not have run out yet, so the
     /// machine that held it may still run the VMs until it fences.
     pub assignments_held_until: Option<Instant>,
+    /// Set when the host is declared DEAD, cleared once no VM is placed on it any more: its
+    /// VMs are being moved elsewhere, so it may be sent no assignments (a registration in
+    /// the meantime does not clear it) and nothing is placed on it.
+    pub evicting: bool,
 }
 
 impl HostLive {
@@ -92,6 +96,7 @@ impl HostLive {
             memory_short_since: None,
             memory_fits_run: None,
             assignments_held_until: None,
+            evicting: false,
         }
     }
 }
@@ -795,7 +800,7 @@ impl Controller {
                     if let Some(entry) = model.hosts.get_mut(id) {
                         entry.host = host;
                         entry.rev = new_rev;
-                        let state = effective_state(&self.settings, entry);
+                        let state = placement_state(&self.settings, entry);
                         self.placer().sync_host(&entry.host, state);
                         let name = entry.host.name.clone();
                         drop(model);
@@ -840,6 +845,15 @@ impl Controller {
 }
 
 /// A host's state from its stored administrative state and its lease.
+/// The state placement sees: DEAD while the host's VMs are being moved off it after it was
+/// declared dead ([`HostLive::evicting`]), even once it has registered again.
+pub(crate) fn placement_state(settings: &Settings, entry: &HostEntry) -> HostState {
+    if entry.live.evicting {
+        return HostState::Dead;
+    }
+    effective_state(settings, entry)
+}
+
 pub(crate) fn effective_state(settings: &Settings, entry: &HostEntry) -> HostState {
     let now = Instant::now();
     if now >= entry.live.lease_expires + settings.fencing_margin {

@@ -14,7 +14,9 @@ use fabric_proto::v1::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::controller::{derived_phase, effective_state, new_id, Controller, HostEntry, HostLive};
+use crate::controller::{
+    derived_phase, effective_state, new_id, placement_state, Controller, HostEntry, HostLive,
+};
 
 pub struct HostLinkService {
     controller: Arc<Controller>,
@@ -201,7 +203,7 @@ impl HostLink for HostLinkService {
                     }
                 }
                 let entry = &model.hosts[&host_id];
-                let state = effective_state(settings, entry);
+                let state = placement_state(settings, entry);
                 c.placer().sync_host(&entry.host, state);
                 state
             };
@@ -387,7 +389,7 @@ impl HostLink for HostLinkService {
             let mut first = true;
             loop {
                 notifier.borrow_and_update();
-                let (current, held_until) = match c.session_check(&host_id, session) {
+                let (current, hold) = match c.session_check(&host_id, session) {
                     Ok(checked) => checked,
                     Err(status) => {
                         // Superseded: the stream ends, so that the agent learns it at once.
@@ -395,10 +397,17 @@ impl HostLink for HostLinkService {
                         return;
                     }
                 };
-                if let (true, Some(held_until)) = (first, held_until) {
-                    // The previous session may still run the VMs: nothing yet.
+                // The previous session may still run the VMs (its first set waits), or the
+                // host was declared dead and its VMs are being moved off it (nothing is sent
+                // until that is done).
+                let wait = match hold {
+                    Hold::Until(t) if first => Some(Some(t)),
+                    Hold::Evicting => Some(None),
+                    _ => None,
+                };
+                if let Some(until) = wait {
                     tokio::select! {
-                        _ = tokio::time::sleep_until(held_until.into()) => {}
+                        _ = sleep_until_some(until) => {}
                         changed = notifier.changed() => if changed.is_err() { return },
                         _ = tx.closed() => return,
                     }
@@ -407,6 +416,9 @@ impl HostLink for HostLinkService {
                 if first {
                     c.release_session_hold(&host_id, current).await;
                 }
+                // Taken before the set is read: a set read later always carries a greater
+                // generation than any stop recorded for what an earlier read held.
+                let generation = c.next_generation();
                 let now = c.assignments(&host_id);
                 let update = if first {
                     first = false;
@@ -415,7 +427,7 @@ impl HostLink for HostLinkService {
                         .map(|a| (a.vm_id.clone(), (a.generation, a.desired_state)))
                         .collect();
                     Some(AssignmentUpdate {
-                        generation: c.next_generation(),
+                        generation,
                         full: true,
                         upserts: now,
                         removed_vm_ids: Vec::new(),
@@ -436,8 +448,8 @@ impl HostLink for HostLinkService {
                         .cloned()
                         .collect();
                     sent = current;
-                    (!upserts.is_empty() || !removed.is_empty()).then(|| AssignmentUpdate {
-                        generation: c.next_generation(),
+                    (!upserts.is_empty() || !removed.is_empty()).then_some(AssignmentUpdate {
+                        generation,
                         full: false,
                         upserts,
                         removed_vm_ids: removed,
@@ -452,6 +464,9 @@ impl HostLink for HostLinkService {
                                     host.live
                                         .stop_sent
                                         .insert(a.vm_id.clone(), update.generation);
+                                } else {
+                                    // Told to run again: an earlier stop says nothing now.
+                                    host.live.stop_sent.remove(&a.vm_id);
                                 }
                             }
                         }
@@ -490,7 +505,7 @@ fn superseded(host_id: &str, session: u64, current: u64) -> Status {
 impl Controller {
     /// Whether `session` may act for `host_id` (0: an agent without sessions, not checked):
     /// the host's current session, and until when its assignments are held.
-    fn session_check(&self, host_id: &str, session: u64) -> Result<(u64, Option<Instant>), Status> {
+    fn session_check(&self, host_id: &str, session: u64) -> Result<(u64, Hold), Status> {
         let model = self.model();
         let Some(entry) = model.hosts.get(host_id) else {
             return Err(Status::not_found(format!(
@@ -500,11 +515,32 @@ impl Controller {
         if session != 0 && session != entry.host.agent_session {
             return Err(superseded(host_id, session, entry.host.agent_session));
         }
-        let held_until = entry
-            .live
-            .assignments_held_until
-            .filter(|t| *t > Instant::now());
-        Ok((entry.host.agent_session, held_until))
+        let hold = if entry.live.evicting {
+            Hold::Evicting
+        } else {
+            match entry.live.assignments_held_until {
+                Some(t) if t > Instant::now() => Hold::Until(t),
+                _ => Hold::None,
+            }
+        };
+        Ok((entry.host.agent_session, hold))
+    }
+}
+
+/// Whether a host's assignment stream may send now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    None,
+    /// Its session superseded one whose lease may not have run out: no first set before.
+    Until(Instant),
+    /// Declared dead, its VMs being moved off it: nothing until the reconciler lifts it.
+    Evicting,
+}
+
+async fn sleep_until_some(until: Option<Instant>) {
+    match until {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => futures::future::pending().await,
     }
 }
 

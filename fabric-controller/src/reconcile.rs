@@ -60,10 +60,30 @@ impl Reconciler {
 
     /// Recomputes host states from leases; announces and applies changes.
     fn host_states(&mut self, c: &Controller) {
-        let model = c.model();
+        let mut model = c.model();
+        let mut placed: HashMap<String, usize> = HashMap::new();
+        for entry in model.vms.values() {
+            if let Some(status) = &entry.vm.status {
+                if !status.host_id.is_empty() {
+                    *placed.entry(status.host_id.clone()).or_default() += 1;
+                }
+            }
+        }
         let mut changed = Vec::new();
-        for (id, entry) in &model.hosts {
-            let state = effective_state(&c.settings, entry);
+        for (id, entry) in model.hosts.iter_mut() {
+            let mut state = effective_state(&c.settings, entry);
+            // DEAD is sticky until the host's VMs have all been moved off it: decided here,
+            // under the model lock, so that a registration either came first (and renewed the
+            // lease: not DEAD) or finds the host evicting and gets no assignments.
+            if state == HostState::Dead {
+                entry.live.evicting = true;
+            } else if entry.live.evicting && placed.get(id).copied().unwrap_or(0) == 0 {
+                entry.live.evicting = false;
+                entry.live.assignments.send_modify(|v| *v += 1);
+            }
+            if entry.live.evicting {
+                state = HostState::Dead;
+            }
             if self.host_states.get(id) != Some(&state) {
                 self.host_states.insert(id.clone(), state);
                 changed.push((id.clone(), entry.host.clone(), state));
@@ -230,16 +250,20 @@ impl Reconciler {
                     continue;
                 };
                 let observed = host.live.observed.get(&entry.vm.id);
-                // Stopped there, or absent from the agent's report although the agent has
-                // applied the update that told it to stop the VM.
-                let stopped = match observed {
-                    Some(o) => matches!(o.phase(), ObservedPhase::Stopped | ObservedPhase::Failed),
-                    None => host
-                        .live
-                        .stop_sent
-                        .get(&entry.vm.id)
-                        .is_some_and(|g| host.live.acked_generation >= *g),
-                };
+                // The agent has applied the update that told it to stop the VM, and reports
+                // it stopped (or not at all) since. A "stopped" report alone may predate the
+                // stop: a VM stopped by a fence blip and started again at once still reads
+                // STOPPED until the next heartbeat. (The agent reads its applied generation
+                // before its VMs' states, so this report is at least that recent.)
+                let stop_applied = host
+                    .live
+                    .stop_sent
+                    .get(&entry.vm.id)
+                    .is_some_and(|g| host.live.acked_generation >= *g);
+                let stopped = stop_applied
+                    && observed.is_none_or(|o| {
+                        matches!(o.phase(), ObservedPhase::Stopped | ObservedPhase::Failed)
+                    });
                 if stopped && relief {
                     relieved.push((entry.vm.id.clone(), status.host_id.clone()));
                 } else if stopped {

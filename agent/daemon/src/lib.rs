@@ -287,23 +287,23 @@ impl Host {
     /// Applies one message of the assignment stream. `epoch` is the fence epoch when the
     /// stream was opened.
     pub fn apply(self: &Arc<Self>, update: AssignmentUpdate, epoch: u64) {
-        {
-            let mut generation = self.generation.lock().unwrap_or_else(|e| e.into_inner());
-            let stale = if update.full {
-                update.generation < *generation
-            } else {
-                update.generation <= *generation
-            };
-            if stale {
-                tracing::warn!(
-                    got = update.generation,
-                    have = *generation,
-                    "ignoring an assignment update older than the one applied"
-                );
-                return;
-            }
-            *generation = update.generation;
+        // Held to the end: the generation is published (and heartbeats report it) only once
+        // every VM has been handed what the update says.
+        let mut generation = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = if update.full {
+            update.generation < *generation
+        } else {
+            update.generation <= *generation
+        };
+        if stale {
+            tracing::warn!(
+                got = update.generation,
+                have = *generation,
+                "ignoring an assignment update older than the one applied"
+            );
+            return;
         }
+        let applied = update.generation;
         let mut removed: Vec<String> = update.removed_vm_ids.clone();
         if update.full {
             let wanted: HashSet<&str> = update.upserts.iter().map(|a| a.vm_id.as_str()).collect();
@@ -357,6 +357,8 @@ impl Host {
                 }
             }
         }
+        *generation = applied;
+        drop(generation);
         if update.full {
             let state = self.fence_state();
             if state.need_sync && state.epoch == epoch && state.lease_valid {

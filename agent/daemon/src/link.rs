@@ -251,6 +251,9 @@ fn memory_pressure() -> Option<MemoryPressure> {
 }
 
 fn heartbeat_request(host: &Host, host_id: &str, session: u64) -> HeartbeatRequest {
+    // Read before the VMs' states: the controller takes the states as at least as recent as
+    // the generation (a stop it sent counts as done once acknowledged and reported).
+    let assignments_generation = host.generation();
     let views = host.views();
     let mut usage = HostUsage::default();
     for view in &views {
@@ -282,7 +285,7 @@ fn heartbeat_request(host: &Host, host_id: &str, session: u64) -> HeartbeatReque
         capacity: Some(host.capacity()),
         usage: Some(usage),
         vms: host.observed(),
-        assignments_generation: host.generation(),
+        assignments_generation,
         session,
     }
 }

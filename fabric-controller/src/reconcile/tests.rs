@@ -23,7 +23,7 @@ use crate::store::redb::RedbStore;
 pub(crate) struct Harness {
     pub c: Arc<Controller>,
     pub reconciler: Reconciler,
-    hostlink: HostLinkService,
+    pub hostlink: HostLinkService,
     _dir: tempfile::TempDir,
 }
 
@@ -148,6 +148,19 @@ impl Harness {
         vms: Vec<ObservedVm>,
         memory: Option<HostMemoryBalance>,
     ) {
+        // As if the host's assignment stream had sent it its current set (stops recorded as
+        // the stream records them) and the agent had applied it before reporting.
+        let generation = self.c.next_generation();
+        let set = self.c.assignments(host_id);
+        if let Some(host) = self.c.model().hosts.get_mut(host_id) {
+            for a in set {
+                if a.desired_state() == DesiredState::Stopped {
+                    host.live.stop_sent.insert(a.vm_id, generation);
+                } else {
+                    host.live.stop_sent.remove(&a.vm_id);
+                }
+            }
+        }
         self.hostlink
             .heartbeat(Request::new(HeartbeatRequest {
                 host_id: host_id.to_string(),
@@ -156,7 +169,7 @@ impl Harness {
                     memory_balance: memory,
                     ..Default::default()
                 }),
-                assignments_generation: self.c.next_generation(),
+                assignments_generation: generation,
                 ..Default::default()
             }))
             .await
@@ -165,6 +178,12 @@ impl Harness {
 
     pub async fn pass(&mut self) {
         self.reconciler.pass(&self.c).await;
+    }
+
+    /// A pass without its first step (host states, as last computed, are kept).
+    pub async fn dead_and_lost_then_place(&mut self) {
+        self.reconciler.dead_and_lost(&self.c).await;
+        self.reconciler.place(&self.c).await;
     }
 
     pub fn vm(&self, vm_id: &str) -> Vm {
@@ -268,4 +287,109 @@ async fn a_vm_reported_failed_is_released_one_still_starting_is_not() {
         ("", VmPhase::Stopped)
     );
     assert_eq!(h.host_of(&moving), b);
+}
+
+/// A "stopped" report that predates the stop does not release the VM: the host's fence
+/// stopped it (reported STOPPED), it was started again at once (not yet reported), and an
+/// operator's StopVm in that window used to release it on the old report; a StartVm could
+/// then place it on another host while the first still ran it. Only a stop the agent has
+/// acknowledged, reported stopped since, releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_stopped_report_does_not_release_a_vm() {
+    let mut h = Harness::new(Duration::ZERO).await;
+    let a = h.add_host("node-a", 0).await;
+    let vm = h.create_vm("blip", plain()).await;
+    h.pass().await;
+    assert_eq!(h.host_of(&vm), a);
+    // The fence blip: STOPPED, reported while the VM is wanted running.
+    h.heartbeat(&a, vec![observed(&h.vm(&vm), ObservedPhase::Stopped)], None)
+        .await;
+    h.c.set_desired(&vm, DesiredState::Stopped)
+        .await
+        .expect("stop");
+    for _ in 0..3 {
+        h.pass().await;
+    }
+    assert_eq!(
+        h.host_of(&vm),
+        a,
+        "released on a report from before the stop was sent"
+    );
+    // The agent applies the stop and reports the VM stopped: released.
+    h.heartbeat(&a, vec![observed(&h.vm(&vm), ObservedPhase::Stopped)], None)
+        .await;
+    h.pass().await;
+    assert_eq!(h.host_of(&vm), "");
+}
+
+/// A host declared DEAD that registers again before its VMs have all been moved off gets no
+/// assignments until they have: its first set used to hold the VMs the reconciler was still
+/// evicting (decided from the DEAD it had seen), so the host started them while they were
+/// placed elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_host_registering_again_gets_nothing_until_its_vms_are_moved() {
+    use fabric_proto::v1::WatchAssignmentsRequest;
+    use tokio_stream::StreamExt;
+    let mut h = Harness::new(Duration::ZERO).await;
+    let a = h.add_host("node-a", 0).await;
+    let vm = h.create_vm("moved", plain()).await;
+    h.place_on(&a).await;
+    assert_eq!(h.host_of(&vm), a);
+    let b = h.add_host("node-b", 1).await;
+    h.heartbeat(&a, vec![observed(&h.vm(&vm), ObservedPhase::Running)], None)
+        .await;
+
+    // Lease and margin run out: the reconciler sees DEAD (the eviction is decided next).
+    {
+        let mut model = h.c.model();
+        let entry = model.hosts.get_mut(&a).expect("host a");
+        entry.live.lease_expires = std::time::Instant::now() - Duration::from_secs(3600);
+    }
+    h.reconciler.host_states(&h.c);
+    // The agent registers again at once, continuing its session.
+    let session = h.c.model().hosts[&a].host.agent_session;
+    let registered = h
+        .hostlink
+        .register_host(Request::new(RegisterHostRequest {
+            machine_id: "machine-node-a".to_string(),
+            name: "node-a".to_string(),
+            zone: "z1".to_string(),
+            capacity: Some(Resources {
+                cpus: 8,
+                memory_mib: 16_384,
+            }),
+            allocatable: Some(Resources {
+                cpus: 8,
+                memory_mib: 16_384,
+            }),
+            previous_session: session,
+            ..Default::default()
+        }))
+        .await
+        .expect("register")
+        .into_inner();
+    let mut stream = h
+        .hostlink
+        .watch_assignments(Request::new(WatchAssignmentsRequest {
+            host_id: a.clone(),
+            session: registered.session,
+        }))
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
+    assert!(
+        first.is_err(),
+        "the re-registered host was sent a set while its VMs were being moved: {first:?}"
+    );
+    // The reconciler moves the VM (to node-b), then lifts the hold: an empty set.
+    h.dead_and_lost_then_place().await;
+    h.pass().await;
+    assert_eq!(h.host_of(&vm), b);
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a set once the VMs are moved")
+        .expect("stream open")
+        .expect("a set");
+    assert!(first.full && first.upserts.is_empty(), "{first:?}");
 }
