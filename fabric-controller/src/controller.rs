@@ -197,6 +197,81 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(bytes))
 }
 
+/// Where the controller keeps the largest lease TTL and fencing margin it has used
+/// ([`LeaseBound`]).
+pub const LEASE_BOUND_KEY: &str = "meta/lease-bound";
+
+/// The largest lease TTL and fencing margin any controller process may have granted with:
+/// a process started with shorter ones must still wait out the leases of the earlier ones
+/// before it declares a host dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseBound {
+    pub ttl: Duration,
+    pub margin: Duration,
+}
+
+impl LeaseBound {
+    pub fn of(settings: &Settings) -> LeaseBound {
+        LeaseBound {
+            ttl: settings.lease_ttl,
+            margin: settings.fencing_margin,
+        }
+    }
+
+    fn widest(stored: Option<LeaseBound>, current: LeaseBound) -> LeaseBound {
+        let stored = stored.unwrap_or(current);
+        LeaseBound {
+            ttl: stored.ttl.max(current.ttl),
+            margin: stored.margin.max(current.margin),
+        }
+    }
+
+    /// The stored bound, if any ("TTL_MS MARGIN_MS").
+    pub fn read(store: &dyn Store) -> Result<Option<LeaseBound>, String> {
+        let Some(kv) = store.get(LEASE_BOUND_KEY).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&kv.value).into_owned();
+        let mut parts = text.split_whitespace().map(|p| p.parse::<u64>());
+        match (parts.next(), parts.next()) {
+            (Some(Ok(ttl)), Some(Ok(margin))) => Ok(Some(LeaseBound {
+                ttl: Duration::from_millis(ttl),
+                margin: Duration::from_millis(margin),
+            })),
+            _ => Err(format!(
+                "{LEASE_BOUND_KEY}: {text:?} is not \"TTL_MS MARGIN_MS\""
+            )),
+        }
+    }
+
+    pub fn write(self, store: &dyn Store) -> Result<(), String> {
+        let value = format!("{} {}", self.ttl.as_millis(), self.margin.as_millis());
+        store
+            .txn(Txn::new().put(LEASE_BOUND_KEY, value.into_bytes()))
+            .map(|_| ())
+            .map_err(|e| format!("cannot store {LEASE_BOUND_KEY}: {e}"))
+    }
+}
+
+impl Controller {
+    /// Once every lease an earlier process may have granted has run out (the stored bound's
+    /// TTL and margin after start-up), lowers the stored bound to this process's own TTL and
+    /// margin: later restarts then wait only as long as they must.
+    pub async fn settle_lease_bound(self: Arc<Self>) {
+        let Ok(Some(stored)) = LeaseBound::read(self.store.as_ref()) else {
+            return;
+        };
+        let own = LeaseBound::of(&self.settings);
+        if stored == own {
+            return;
+        }
+        tokio::time::sleep(stored.ttl + stored.margin).await;
+        if let Err(err) = own.write(self.store.as_ref()) {
+            tracing::warn!(error = %err, "cannot lower the stored lease bound");
+        }
+    }
+}
+
 /// Where the controller keeps the generation ceiling ([`Controller::next_generation`]).
 pub const GENERATION_CEILING_KEY: &str = "meta/generation-ceiling";
 /// Generations handed out between two writes of the ceiling.
@@ -218,17 +293,25 @@ impl Controller {
     /// before it had a full TTL to reach this controller.
     pub fn load(settings: Settings, store: Arc<dyn Store>) -> Result<Arc<Controller>, String> {
         let mut model = Model::default();
+        // The leases agents hold now were granted by earlier processes, perhaps with a longer
+        // TTL or margin than this one's: the largest ever used bounds them.
+        let stored = LeaseBound::read(store.as_ref())?;
+        let bound = LeaseBound::widest(stored, LeaseBound::of(&settings));
+        if Some(bound) != stored {
+            bound.write(store.as_ref())?;
+        }
         let (hosts, _) = store.list("hosts/").map_err(|e| e.to_string())?;
         let now = Instant::now();
         for kv in hosts {
             let host = Host::decode(kv.value.as_slice()).map_err(|e| format!("{}: {e}", kv.key))?;
-            let mut live = HostLive::new(now, settings.lease_ttl);
+            // DEAD no sooner than the bound's TTL and margin from now.
+            let first_lease = bound.ttl + bound.margin.saturating_sub(settings.fencing_margin);
+            let mut live = HostLive::new(now, first_lease);
             if host.agent_session_held {
                 // The superseded session's lease was granted by an earlier controller process,
                 // at the latest just before this one started: it has surely run out one TTL
-                // plus the margin from now.
-                live.assignments_held_until =
-                    Some(now + settings.lease_ttl + settings.fencing_margin);
+                // plus the margin (the largest ever used) from now.
+                live.assignments_held_until = Some(now + bound.ttl + bound.margin);
             }
             model.hosts.insert(
                 host.id.clone(),

@@ -482,3 +482,63 @@ async fn a_controller_restarted_with_its_clock_set_back_is_still_obeyed() {
     )
     .await;
 }
+
+/// A controller restarted with a shorter lease TTL and margin than the process before it
+/// must still wait out the leases that process granted before it declares a host dead. It
+/// used to give every host a fresh lease of its own (shorter) TTL: a host paused just after
+/// renewing a 10 s lease was declared dead 3 s after the restart and its VM placed elsewhere,
+/// while its own VMM could run on for 7 s more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_restarted_with_a_shorter_lease_waits_out_the_longer_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = Timing {
+        lease_ttl: 10.0,
+        heartbeat_interval: 1.0,
+        fencing_margin: 2.0,
+    };
+    let mut controller = Controller::start(&dir.path().join("controller"), long);
+    let h1 = SimHost::start(&dir.path().join("h1"), "h1", &controller.address(), 0, 0);
+    let h2 = SimHost::start(&dir.path().join("h2"), "h2", &controller.address(), 1, 1);
+    let client = controller.compute().await;
+    let hosts = ready_hosts(&client, 2, Duration::from_secs(30)).await;
+    let id = create_vm(&client, simulated_vm("leased")).await.unwrap();
+    let placed = eventually(Duration::from_secs(60), "the VM running", || {
+        let ids = vec![id.clone()];
+        let client = client.clone();
+        async move { running_placement(&client, &ids).await }
+    })
+    .await;
+    let on = placed[&id].clone();
+    let paused = if hosts["h1"] == on { &h1 } else { &h2 };
+    // Paused right after a heartbeat: its lease (10 s) runs on, and so would its VMs.
+    let heartbeats = std::time::Instant::now();
+    while heartbeats.elapsed() < Duration::from_millis(1200) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SAFETY: kill(2) on the pid of the agent this test started.
+    unsafe { libc::kill(paused.process.pid() as i32, libc::SIGSTOP) };
+    let stopped_at = std::time::Instant::now();
+    controller.timing = Timing {
+        lease_ttl: 2.0,
+        heartbeat_interval: 1.0,
+        fencing_margin: 1.0,
+    };
+    controller.kill9_and_restart();
+    let client = controller.compute().await;
+    // The paused host's lease may run 10 s from its last heartbeat (at most ~1 s before the
+    // pause): for 8 s after the pause, the VM may not be anywhere else.
+    while stopped_at.elapsed() < Duration::from_secs(8) {
+        if let Some(status) = vm_status(&client, &id).await {
+            assert!(
+                status.host_id == on,
+                "{:.1} s after the pause the VM is {:?} on {:?}, not on the paused host {on}",
+                stopped_at.elapsed().as_secs_f64(),
+                status.phase(),
+                status.host_id
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(paused.process.pid() as i32, libc::SIGCONT) };
+}

@@ -128,6 +128,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let controller = Controller::load(settings, store.clone()).map_err(anyhow::Error::msg)?;
     let images = Arc::new(ImageStore::new(&args.data_dir, store)?);
     tokio::spawn(Reconciler::default().run(controller.clone()));
+    tokio::spawn(controller.clone().settle_lease_bound());
 
     let services = fabric_proto::standard_services(&[
         fabric_proto::COMPUTE_SERVICE,
