@@ -47,6 +47,9 @@ fn check_register(req: &RegisterHostRequest) -> Result<(), Status> {
     if req.labels.len() > 64 {
         return bad("labels: at most 64".into());
     }
+    if req.boot_id.len() > 64 {
+        return bad("boot_id: at most 64 characters".into());
+    }
     if req.allocatable.is_none() || req.capacity.is_none() {
         return bad("capacity and allocatable: required".into());
     }
@@ -126,8 +129,14 @@ impl HostLink for HostLinkService {
             // assignments until that lease has surely run out (decided below, from the lease
             // as it stands when the new session is installed).
             let superseded = host.agent_session;
-            let continues = rev.is_some() && req.previous_session == superseded && superseded != 0;
+            // From the same boot too: a clone made from a running machine's disk presents
+            // the session file it copied, from another boot (an agent that sends no boot id
+            // continues on the session alone, as before).
+            let same_boot = req.boot_id == host.agent_boot_id;
+            let continues =
+                rev.is_some() && req.previous_session == superseded && superseded != 0 && same_boot;
             host.agent_session = superseded + 1;
+            host.agent_boot_id = req.boot_id.clone();
             if rev.is_some() && !continues {
                 host.agent_session_held = true;
             }

@@ -101,6 +101,9 @@ pub trait Hypervisor: Send + Sync {
     /// updates the record to it (the pid of a VMM started but not recorded). Any other
     /// process of the VM is killed: one VMM per VM.
     fn adopt(&self, record: &mut VmRecord, dir: &std::path::Path) -> Option<Box<dyn Instance>>;
+    /// Ends every process the VM may have on this host (its cgroup's), known or not: for a
+    /// VM whose record cannot be read, whose VMM therefore cannot be adopted.
+    fn kill_all(&self, vm_id: &str) -> BoxFuture<'_, Result<(), String>>;
     /// Releases what `start` made for the VM outside its directory (taps, cgroups). The
     /// instance has ended.
     fn cleanup<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), String>>;

@@ -523,6 +523,11 @@ impl Hypervisor for Kvm {
         }))
     }
 
+    fn kill_all(&self, vm_id: &str) -> BoxFuture<'_, Result<(), String>> {
+        let vm_id = vm_id.to_string();
+        async move { self.kill_cgroup(&vm_id).await }.boxed()
+    }
+
     fn cleanup<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), String>> {
         async move {
             let mut errors = Vec::new();

@@ -199,7 +199,15 @@ impl Host {
             let mut record = match VmRecord::load(&vm_dir) {
                 Ok(record) => record,
                 Err(err) => {
-                    tracing::error!(vm = %vm_id, error = %err, "unreadable VM record; leaving the directory alone");
+                    // Its VMM cannot be adopted (nor told apart from a new one): it ends, so
+                    // that it never runs beside a copy the controller starts elsewhere.
+                    tracing::error!(vm = %vm_id, error = %err, "unreadable VM record; ending the VM's processes and leaving the directory alone");
+                    let backend = self.backend.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = backend.kill_all(&vm_id).await {
+                            tracing::error!(vm = %vm_id, error = %err, "cannot end the VM's processes");
+                        }
+                    });
                     continue;
                 }
             };

@@ -232,6 +232,7 @@ fn register_request(host: &Host, previous_session: u64) -> RegisterHostRequest {
         agent_address: host.config.advertise.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         previous_session,
+        boot_id: fabric_vmm_api::lease::boot_id(),
     }
 }
 

@@ -112,14 +112,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             fabric_agent::testhook::KILL_AT_ENV
         );
     }
+    // One agent per data directory: two would both supervise (and restart) its VMs.
+    let _data_dir_lock = lock_data_dir(&config.data_dir)?;
     // The lease a previous agent process left decides whether the VMs it ran may go on.
     let probe_host = Host::new(config.clone(), backend.clone(), false);
     let previous_lease = link::load_lease(&probe_host);
     drop(probe_host);
     let host = Host::new(config.clone(), backend, previous_lease.is_some());
-    if let Err(err) = std::fs::create_dir_all(&config.data_dir) {
-        tracing::error!(dir = %config.data_dir.display(), error = %err, "cannot create the data directory");
-    }
     link::reserve_lease_file(&host, previous_lease);
     match previous_lease {
         Some(t) => tracing::info!(
@@ -175,4 +174,37 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Takes `<data_dir>/agent.lock` (flock, exclusive) for as long as the returned value lives;
+/// fails, naming the holder, when another agent has it. The descriptor is close-on-exec, so
+/// the VMMs the agent starts do not keep the lock after it ends.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use anyhow::Context;
+    use std::io::Write;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let path = data_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(lock) => lock,
+        Err((_, errno)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "another fabric-agent (pid {}) uses the data directory {}: one agent per data directory ({errno})",
+                holder.trim(),
+                data_dir.display()
+            );
+        }
+    };
+    let _ = lock.set_len(0);
+    let _ = write!(lock, "{}", std::process::id());
+    Ok(lock)
 }

@@ -242,6 +242,10 @@ impl Hypervisor for Sim {
         None
     }
 
+    fn kill_all(&self, _vm_id: &str) -> BoxFuture<'_, Result<(), String>> {
+        async { Ok(()) }.boxed()
+    }
+
     fn cleanup<'a>(&'a self, _record: &'a VmRecord) -> BoxFuture<'a, Result<(), String>> {
         async { Ok(()) }.boxed()
     }

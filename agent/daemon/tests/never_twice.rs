@@ -314,3 +314,64 @@ fn a_host_whose_disk_is_full_keeps_its_lease_and_its_vms() {
     );
     host.assert_agent_running();
 }
+
+/// Two agents on one data directory would both supervise its VMs (each could restart one
+/// that exited): the second refuses to start, naming the first.
+#[test]
+fn a_second_agent_on_the_same_data_directory_refuses_to_start() {
+    let mut host = TestHost::new(HostOptions::sim());
+    let controller = FakeController::start(&host.controller_socket);
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let first = host.agent_pid().expect("the first agent");
+    let second = host
+        .ns_command(fabric_test_support::cluster::workspace_bin("fabric-agent"))
+        .arg("--config")
+        .arg(host.dir.path().join("agent.toml"))
+        .output()
+        .expect("run a second agent");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "the second agent started: {stderr}"
+    );
+    assert!(
+        stderr.contains("one agent per data directory") && stderr.contains(&first.to_string()),
+        "{stderr}"
+    );
+    host.assert_agent_running();
+}
+
+/// A VM whose record cannot be read after an agent restart cannot be adopted: its VMM used to
+/// run on unsupervised (obeying the lease the agent kept renewing) while the controller, told
+/// nothing of it, could place the VM elsewhere. It is ended now.
+#[test]
+fn a_vmm_whose_record_is_unreadable_is_ended_not_left_running() {
+    skip_without_kvm!("a_vmm_whose_record_is_unreadable_is_ended_not_left_running");
+    let mut host = TestHost::new(HostOptions::kvm());
+    let controller = FakeController::start_with(
+        &host.controller_socket,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let kernel = controller.add_image_file(&testguest::elf());
+    controller.set_assignments(vec![running_guest("garbled", &kernel)]);
+    controller.wait_observed("garbled", Duration::from_secs(60), |o| {
+        phase(o) == ObservedPhase::Running && o.pid != 0
+    });
+    let vmm = host.vmm_processes_of("garbled");
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
+    host.kill9();
+    std::fs::write(host.vm_dir("garbled").join("vm.json"), "{ not json").unwrap();
+    controller.withhold_assignments();
+    host.restart();
+    controller.wait_registrations(&host.machine_id, 2, AGENT_TIMEOUT);
+    assert!(
+        vmm[0].wait_gone(Duration::from_secs(20)),
+        "the VMM of the unreadable record still runs\n{}",
+        host::tail_lines(&agent_log(&host), 40)
+    );
+    host.assert_agent_running();
+}

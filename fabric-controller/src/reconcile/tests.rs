@@ -393,3 +393,50 @@ async fn a_dead_host_registering_again_gets_nothing_until_its_vms_are_moved() {
         .expect("a set");
     assert!(first.full && first.upserts.is_empty(), "{first:?}");
 }
+
+/// A registration continues the host's session (no hold) only from the same boot: a machine
+/// cloned from a running one's disk presents the session it copied, from another boot, and
+/// used to continue it, so both machines ran the host's VMs until the first heard it was
+/// superseded (or, paused, until its lease ran out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_same_boot_continues_a_session() {
+    let h = Harness::new(Duration::ZERO).await;
+    let register = |machine: &'static str, boot: &'static str, previous: u64| {
+        let hostlink = &h.hostlink;
+        async move {
+            let resources = Some(Resources {
+                cpus: 8,
+                memory_mib: 16_384,
+            });
+            let response = hostlink
+                .register_host(Request::new(RegisterHostRequest {
+                    machine_id: machine.to_string(),
+                    name: machine.to_string(),
+                    zone: "z1".to_string(),
+                    capacity: resources,
+                    allocatable: resources,
+                    previous_session: previous,
+                    boot_id: boot.to_string(),
+                    ..Default::default()
+                }))
+                .await
+                .expect("register")
+                .into_inner();
+            (response.host_id, response.session)
+        }
+    };
+    let held = |host_id: &str| h.c.model().hosts[host_id].host.agent_session_held;
+
+    // The same agent after a restart, same boot: continues.
+    let (restarted, s1) = register("restarted", "boot-1", 0).await;
+    register("restarted", "boot-1", s1).await;
+    assert!(!held(&restarted), "a restart on the same boot was held");
+
+    // A clone of a running machine: same session file, another boot: held.
+    let (cloned, s1) = register("cloned", "boot-1", 0).await;
+    register("cloned", "boot-2", s1).await;
+    assert!(
+        held(&cloned),
+        "a registration from another boot continued the session"
+    );
+}
