@@ -177,6 +177,7 @@ pub fn host(id: &str) -> Host {
         registered_at: Some(ts(1_699_000_000)),
         agent_session: 3,
         agent_session_held: true,
+        agent_boot_id: "6a1c0e3b-2f4d-4c8e-9b7a-1d2e3f405162".to_owned(),
     }
 }
 
@@ -299,6 +300,7 @@ pub fn register_host_request() -> RegisterHostRequest {
         agent_address: "10.0.0.7:7001".to_owned(),
         agent_version: "0.1.0".to_owned(),
         previous_session: 2,
+        boot_id: "6a1c0e3b-2f4d-4c8e-9b7a-1d2e3f405162".to_owned(),
     }
 }
 
