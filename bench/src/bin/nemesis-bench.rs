@@ -37,6 +37,9 @@ struct Args {
     /// VMs the workload keeps, about.
     #[arg(long, default_value_t = 6)]
     vms: usize,
+    /// Fault streams injecting at once (overlapping faults).
+    #[arg(long, default_value_t = 2)]
+    nemeses: usize,
     /// Only these fault kinds, comma-separated (default: all). Kinds: agent-kill,
     /// agent-pause, vmm-kill, vmm-pause, controller-kill, controller-pause, partition,
     /// partition-host-to-controller, partition-controller-to-host, slow-disk,
@@ -95,6 +98,7 @@ async fn main() -> Result<()> {
     config.kvm_hosts = args.kvm_hosts;
     config.sim_hosts = args.sim_hosts;
     config.vms = args.vms;
+    config.nemeses = args.nemeses;
     config.settle_time = Duration::from_secs(args.settle_secs);
     config.log_dir = args.log_dir.clone();
     config.on_start = Some(register);

@@ -327,7 +327,7 @@ fn inject(
             }
             let start = Instant::now();
             let mut fired = false;
-            while start.elapsed() < Duration::from_secs(20) && !stop.load(Ordering::SeqCst) {
+            while start.elapsed() < Duration::from_secs(10) && !stop.load(Ordering::SeqCst) {
                 let exited = {
                     let mut c = lock(cluster);
                     c.hosts[h]

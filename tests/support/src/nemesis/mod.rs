@@ -95,6 +95,9 @@ pub struct Config {
     pub timing: Timing,
     pub faults: Vec<Fault>,
     pub fault_timing: FaultTiming,
+    /// Fault streams injecting at once (each from its own stream of the seed), so faults
+    /// overlap.
+    pub nemeses: usize,
     /// Pause between two workload calls, ms.
     pub workload_gap_ms: (u64, u64),
     pub agent_env: Vec<(String, String)>,
@@ -127,6 +130,7 @@ impl Config {
             },
             faults: Fault::ALL.to_vec(),
             fault_timing: FaultTiming::default(),
+            nemeses: 2,
             workload_gap_ms: (200, 1500),
             agent_env: Vec::new(),
             controller_env: Vec::new(),
@@ -367,19 +371,26 @@ async fn drive(
         config.workload_gap_ms,
         stop.clone(),
     ));
-    let nemesis = {
-        let (cluster, stop, history) = (cluster.clone(), stop.clone(), history.clone());
-        let (kinds, timing) = (config.faults.clone(), config.fault_timing);
-        std::thread::spawn(move || {
-            faults::run(cluster, Rng::stream(seed, 2), kinds, timing, stop, history)
+    let nemeses: Vec<_> = (0..config.nemeses.max(1))
+        .map(|k| {
+            let (cluster, stop, history) = (cluster.clone(), stop.clone(), history.clone());
+            let (kinds, timing) = (config.faults.clone(), config.fault_timing);
+            let rng = Rng::stream(seed, 2 + k as u64);
+            std::thread::spawn(move || faults::run(cluster, rng, kinds, timing, stop, history))
         })
-    };
+        .collect();
     tokio::time::sleep(config.fault_time).await;
     stop.store(true, Ordering::SeqCst);
     let _ = workload.await;
-    let fault_counts = tokio::task::spawn_blocking(move || nemesis.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the nemesis thread panicked"))?;
+    let mut fault_counts = std::collections::BTreeMap::new();
+    for nemesis in nemeses {
+        let counts = tokio::task::spawn_blocking(move || nemesis.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("a nemesis thread panicked"))?;
+        for (kind, n) in counts {
+            *fault_counts.entry(kind).or_insert(0) += n;
+        }
+    }
     let fault_secs = fault_start.elapsed().as_secs_f64();
     history.line("faults stop; settling");
     tokio::task::block_in_place(|| faults::heal_everything(cluster, history));
@@ -435,9 +446,10 @@ async fn drive(
         fault_secs,
         total_secs: 0.0,
         hosts: format!(
-            "{kvm} KVM + {} simulated hosts, ~{} VMs; heartbeat {} s, lease TTL {} s, fencing margin {} s",
+            "{kvm} KVM + {} simulated hosts, ~{} VMs, {} overlapping fault streams; heartbeat {} s, lease TTL {} s, fencing margin {} s",
             config.sim_hosts,
             config.vms,
+            config.nemeses.max(1),
             config.timing.heartbeat_interval,
             config.timing.lease_ttl,
             config.timing.fencing_margin
