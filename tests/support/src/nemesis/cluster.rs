@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::cluster::{wait_for_path, workspace_bin, Process, Timing};
+use crate::cluster::{path_appears, workspace_bin, Process, Timing};
 use crate::process;
 
 /// Runs `ip` with `args`; panics on failure.
@@ -301,7 +301,15 @@ impl Cluster {
             });
         }
         cluster.make_disk();
-        cluster.start_controller();
+        assert!(
+            cluster.start_controller(),
+            "the controller did not start:\n{}",
+            cluster
+                .controller
+                .as_ref()
+                .map(|c| c.log_tail(30))
+                .unwrap_or_default()
+        );
         for i in 0..count {
             cluster.start_agent(i, &[]);
         }
@@ -366,8 +374,11 @@ impl Cluster {
             .filter(|p| *p != 0)
     }
 
-    /// Starts the controller (its store on the loop device, in the blkio cgroup).
-    pub fn start_controller(&mut self) {
+    /// Starts the controller (its store on the loop device, in the blkio cgroup), after
+    /// killing the one running, if any: never two at once. False if its socket did not
+    /// appear within 30 s (see its log).
+    pub fn start_controller(&mut self) -> bool {
+        self.kill9_controller();
         let socket = self.socket();
         let _ = std::fs::remove_file(&socket);
         let data = disk_mount(self.dir.path()).join("data");
@@ -401,7 +412,7 @@ impl Cluster {
             let _ = std::fs::write(blkio.join("cgroup.procs"), process.pid().to_string());
         }
         self.controller = Some(process);
-        wait_for_path(&socket, Duration::from_secs(30));
+        path_appears(&socket, Duration::from_secs(30))
     }
 
     pub fn kill9_controller(&mut self) {
@@ -411,8 +422,10 @@ impl Cluster {
         self.controller = None;
     }
 
-    /// Starts host `i`'s agent with its environment and `extra` variables.
+    /// Starts host `i`'s agent with its environment and `extra` variables, after killing the
+    /// one running, if any: never two agents of one host at once.
     pub fn start_agent(&mut self, i: usize, extra: &[(String, String)]) {
+        self.kill9_agent(i);
         let host = &self.hosts[i];
         let common = format!(
             r#"controller = "http://10.99.0.1:7070"

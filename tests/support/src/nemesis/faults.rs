@@ -175,8 +175,24 @@ pub fn run(
             *counts.entry(what).or_default() += 1;
         }
     }
-    heal_everything(&cluster, &history);
     counts
+}
+
+/// Starts the controller again, up to three times; says so in the history.
+fn restart_controller(c: &mut Cluster, history: &History) {
+    for attempt in 1..=3 {
+        if c.start_controller() {
+            return;
+        }
+        let tail = c
+            .controller
+            .as_ref()
+            .map(|p| p.log_tail(10))
+            .unwrap_or_default();
+        history.line(&format!(
+            "HARNESS: the controller did not start (attempt {attempt}):\n{tail}"
+        ));
+    }
 }
 
 /// One fault, held for `hold` and healed; its name as counted (None if nothing was done).
@@ -232,7 +248,7 @@ fn inject(
             say(&format!("SIGKILL controller, restart after {hold:?}"));
             lock(cluster).kill9_controller();
             nap(hold, stop);
-            lock(cluster).start_controller();
+            restart_controller(&mut lock(cluster), history);
             say("controller started again");
         }
         Fault::ControllerPause => {
@@ -407,14 +423,21 @@ fn inject(
 }
 
 /// Leaves nothing broken: every process continued and running, links up, routes gone, the
-/// disk unthrottled, the wall clocks back.
+/// disk unthrottled, the wall clocks back. Called once every fault stream has ended.
 pub fn heal_everything(cluster: &Mutex<Cluster>, history: &History) {
     let mut c = lock(cluster);
     if let Some(pid) = c.controller_pid() {
         signal(pid, libc::SIGCONT);
     }
-    if c.controller.is_none() {
-        c.start_controller();
+    let exited = c
+        .controller
+        .as_mut()
+        .and_then(|p| p.child.as_mut())
+        .map(|child| matches!(child.try_wait(), Ok(Some(_))))
+        .unwrap_or(true);
+    if exited {
+        history.line("heal: the controller was not running; starting it");
+        restart_controller(&mut c, history);
     }
     for (_, pid, _) in c.all_vmms() {
         signal(pid, libc::SIGCONT);

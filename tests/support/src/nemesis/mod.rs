@@ -208,6 +208,22 @@ fn keep_logs(from: &Path, to: &Path) {
     }
 }
 
+/// The fault threads: stopped and awaited when dropped, also when the run panics, so that
+/// none outlives the cluster (they hold it) and the cluster is removed.
+struct Nemeses {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<std::collections::BTreeMap<String, usize>>>,
+}
+
+impl Drop for Nemeses {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Runs the nemesis as `config` says; the verdict.
 pub async fn run(config: &Config) -> anyhow::Result<Verdict> {
     let started = Instant::now();
@@ -371,19 +387,22 @@ async fn drive(
         config.workload_gap_ms,
         stop.clone(),
     ));
-    let nemeses: Vec<_> = (0..config.nemeses.max(1))
-        .map(|k| {
-            let (cluster, stop, history) = (cluster.clone(), stop.clone(), history.clone());
-            let (kinds, timing) = (config.faults.clone(), config.fault_timing);
-            let rng = Rng::stream(seed, 2 + k as u64);
-            std::thread::spawn(move || faults::run(cluster, rng, kinds, timing, stop, history))
-        })
-        .collect();
+    let mut nemeses = Nemeses {
+        stop: stop.clone(),
+        threads: (0..config.nemeses.max(1))
+            .map(|k| {
+                let (cluster, stop, history) = (cluster.clone(), stop.clone(), history.clone());
+                let (kinds, timing) = (config.faults.clone(), config.fault_timing);
+                let rng = Rng::stream(seed, 2 + k as u64);
+                std::thread::spawn(move || faults::run(cluster, rng, kinds, timing, stop, history))
+            })
+            .collect(),
+    };
     tokio::time::sleep(config.fault_time).await;
     stop.store(true, Ordering::SeqCst);
     let _ = workload.await;
     let mut fault_counts = std::collections::BTreeMap::new();
-    for nemesis in nemeses {
+    for nemesis in std::mem::take(&mut nemeses.threads) {
         let counts = tokio::task::spawn_blocking(move || nemesis.join())
             .await?
             .map_err(|_| anyhow::anyhow!("a nemesis thread panicked"))?;
