@@ -332,7 +332,11 @@ fn inject(
             if let (Some((_, vm)), "during-copy") = (&victim, point) {
                 let _ = std::fs::remove_file(data.join("vms").join(vm).join("rootfs.img"));
             }
-            lock(cluster).start_agent(h, &[(KILL_AT_ENV.to_string(), point.to_string())]);
+            let hooked = {
+                let mut c = lock(cluster);
+                c.start_agent(h, &[(KILL_AT_ENV.to_string(), point.to_string())]);
+                c.hosts[h].agent_pid().unwrap_or(0)
+            };
             // The restarted agent re-adopts its VMMs; one killed now is started again.
             nap(Duration::from_millis(1500), stop);
             if let Some((pid, vm)) = &victim {
@@ -344,14 +348,17 @@ fn inject(
             let start = Instant::now();
             let mut fired = false;
             while start.elapsed() < Duration::from_secs(10) && !stop.load(Ordering::SeqCst) {
+                // Only the agent started here, exiting on its own, counts (another fault
+                // stream may have replaced it meanwhile).
                 let exited = {
                     let mut c = lock(cluster);
-                    c.hosts[h]
-                        .agent
-                        .as_mut()
-                        .and_then(|a| a.child.as_mut())
-                        .map(|child| matches!(child.try_wait(), Ok(Some(_))))
-                        .unwrap_or(true)
+                    match c.hosts[h].agent.as_mut() {
+                        Some(a) if a.pid() == hooked => a
+                            .child
+                            .as_mut()
+                            .is_some_and(|child| matches!(child.try_wait(), Ok(Some(_)))),
+                        _ => break,
+                    }
                 };
                 if exited {
                     fired = true;
