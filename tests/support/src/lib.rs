@@ -11,14 +11,16 @@
 //! - [`compute`]: what tests ask the controller's Compute API again and again, and waiting.
 //! - [`vmspec`]: the VM specs and assignments tests and benches ask for.
 //! - [`netcluster`]: a real controller and real-KVM hosts, each in its own namespace.
+//! - [`nemesis`]: the fault-injection harness that hunts double runs (a cluster of KVM and
+//!   simulated hosts, a workload, faults from a seed, a sampler, a checker, a verdict).
 //! - [`netns`]: network namespaces a test makes for itself, taps and raw packet sockets.
 //! - [`process`]: what `/proc` says about a process, and finding a test's processes.
 //!
 //! A test that runs fabric-vmm starts with [`skip_without_kvm!`] (or [`image_or_skip!`] when it
 //! boots the guest image), which returns early, saying why, on a host without `/dev/kvm`.
 //!
-//! It depends on no crate of the workspace but the protocol, so every crate's tests may use
-//! it. The binaries it starts are the workspace's own, found by [`cluster::workspace_bin`]:
+//! It depends on no crate of the workspace but the protocol and `fabric-vmm-api` (the lease
+//! file the nemesis's sampler reads), so every crate's tests may use it. The binaries it starts are the workspace's own, found by [`cluster::workspace_bin`]:
 //! `cargo test --workspace` builds them; a single crate's tests need `cargo build --workspace`
 //! first.
 
@@ -28,6 +30,7 @@ pub mod guest;
 pub mod host;
 pub mod hostlink;
 pub mod image;
+pub mod nemesis;
 pub mod netcluster;
 pub mod netns;
 pub mod process;
