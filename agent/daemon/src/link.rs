@@ -216,6 +216,26 @@ fn duration(d: Option<prost_types::Duration>, default: Duration) -> Duration {
         .unwrap_or(default)
 }
 
+/// The longest lease the agent takes from a controller: a controller (or anything answering
+/// in its place) cannot make the host's VMs outlive its reach by more than this.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
+/// The shortest heartbeat interval the agent takes: a controller cannot make it spin.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The lease TTL a controller's answer gives, bounded by [`MAX_LEASE_TTL`].
+fn lease_ttl(d: Option<prost_types::Duration>, default: Duration) -> Duration {
+    let ttl = duration(d, default);
+    if ttl > MAX_LEASE_TTL {
+        tracing::warn!(
+            ttl_ms = ttl.as_millis() as u64,
+            "the controller's lease TTL is longer than {} s; taking {} s",
+            MAX_LEASE_TTL.as_secs(),
+            MAX_LEASE_TTL.as_secs()
+        );
+    }
+    ttl.min(MAX_LEASE_TTL)
+}
+
 fn register_request(host: &Host, previous_session: u64) -> RegisterHostRequest {
     let mut labels: std::collections::HashMap<String, String> =
         host.config.labels.clone().into_iter().collect();
@@ -329,8 +349,10 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
         };
         retry = MIN_RETRY;
         last_complaint = None;
-        let ttl = duration(response.lease_ttl, Duration::from_secs(10));
-        let interval = duration(response.heartbeat_interval, Duration::from_secs(1)).min(ttl / 2);
+        let ttl = lease_ttl(response.lease_ttl, Duration::from_secs(10));
+        let interval = duration(response.heartbeat_interval, Duration::from_secs(1))
+            .min(ttl / 2)
+            .max(MIN_HEARTBEAT_INTERVAL);
         let host_id = response.host_id;
         session = response.session;
         save_session(&host, session);
@@ -365,7 +387,7 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
             let request = heartbeat_request(&host, &host_id, session);
             match tokio::time::timeout(ttl, client.heartbeat(request)).await {
                 Ok(Ok(response)) => {
-                    let ttl = duration(response.into_inner().lease_ttl, ttl);
+                    let ttl = lease_ttl(response.into_inner().lease_ttl, ttl);
                     lease.renew(&host, sent, ttl);
                     if failing {
                         tracing::info!("heartbeats answered again");
@@ -512,6 +534,29 @@ mod tests {
 
     fn at_ms(ms: u64) -> BootInstant {
         BootInstant::from_nanos(1_000_000_000_000 + ms * 1_000_000)
+    }
+
+    #[test]
+    fn a_controllers_lease_ttl_is_bounded() {
+        let proto = |secs: i64| {
+            Some(prost_types::Duration {
+                seconds: secs,
+                nanos: 0,
+            })
+        };
+        assert_eq!(
+            lease_ttl(proto(10), Duration::ZERO),
+            Duration::from_secs(10)
+        );
+        assert_eq!(lease_ttl(proto(i64::MAX), Duration::ZERO), MAX_LEASE_TTL);
+        assert_eq!(
+            lease_ttl(proto(-5), Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            lease_ttl(None, Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
     }
 
     #[test]
