@@ -207,6 +207,7 @@ impl Compute for ComputeService {
         request: Request<CordonHostRequest>,
     ) -> Result<Response<Host>, Status> {
         let req = request.into_inner();
+        crate::validate::check_reason(&req.reason).map_err(Status::invalid_argument)?;
         let current = self.controller.get_host(&req.id)?;
         if current.state() == HostState::Draining {
             // Already cordoned, and draining: cordoning again does not stop the drain.
@@ -236,6 +237,7 @@ impl Compute for ComputeService {
         request: Request<DrainHostRequest>,
     ) -> Result<Response<Host>, Status> {
         let req = request.into_inner();
+        crate::validate::check_reason(&req.reason).map_err(Status::invalid_argument)?;
         Ok(Response::new(
             self.controller
                 .set_host_admin(&req.id, HostState::Draining, &req.reason)
@@ -251,10 +253,7 @@ impl Compute for ComputeService {
     ) -> Result<Response<EventStream>, Status> {
         let req = request.into_inner();
         // since_sequence 0: only what happens from now on.
-        let (mut past, mut live) = self.controller.events.subscribe(req.since_sequence);
-        if req.since_sequence == 0 {
-            past.clear();
-        }
+        let (past, mut live) = self.controller.events.subscribe(req.since_sequence);
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let wanted = move |e: &Event| {
             (req.vm_id.is_empty() || e.vm_id == req.vm_id)
@@ -264,7 +263,7 @@ impl Compute for ComputeService {
             let mut last = req.since_sequence;
             for event in past {
                 last = event.sequence;
-                if wanted(&event) && tx.send(Ok(event)).await.is_err() {
+                if wanted(&event) && tx.send(Ok(event.as_ref().clone())).await.is_err() {
                     return;
                 }
             }
@@ -276,7 +275,7 @@ impl Compute for ComputeService {
                                 continue;
                             }
                             last = event.sequence;
-                            if wanted(&event) && tx.send(Ok(event)).await.is_err() {
+                            if wanted(&event) && tx.send(Ok(event.as_ref().clone())).await.is_err() {
                                 return;
                             }
                         }

@@ -6,23 +6,49 @@
 //! from before a restart receives what the new process has seen).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fabric_proto::v1::{Event, EventKind, HostState, VmPhase};
 use tokio::sync::broadcast;
 
-/// Events kept for resuming clients.
+/// Events kept for resuming clients, at most: this many...
 const RETAINED: usize = 100_000;
+/// ...taking at most this many bytes (encoded).
+const RETAINED_BYTES: usize = 32 << 20;
+/// Longest message or reason an event carries (longer ones are cut, marked with "…").
+pub const MAX_EVENT_TEXT: usize = 1024;
+/// Events a live watcher may fall behind before it is cut off (DATA_LOSS, resume from its
+/// last sequence).
+const LIVE_BACKLOG: usize = 8192;
+
+struct Log {
+    last: u64,
+    events: VecDeque<Arc<Event>>,
+    bytes: usize,
+}
 
 pub struct Events {
-    log: Mutex<(u64, VecDeque<Event>)>,
-    live: broadcast::Sender<Event>,
+    log: Mutex<Log>,
+    live: broadcast::Sender<Arc<Event>>,
 }
 
 impl Default for Events {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `text` cut to at most [`MAX_EVENT_TEXT`] bytes on a character boundary.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_EVENT_TEXT {
+        let mut end = MAX_EVENT_TEXT - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 impl Events {
@@ -32,22 +58,34 @@ impl Events {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         Events {
-            log: Mutex::new((start, VecDeque::new())),
-            live: broadcast::channel(65536).0,
+            log: Mutex::new(Log {
+                last: start,
+                events: VecDeque::new(),
+                bytes: 0,
+            }),
+            live: broadcast::channel(LIVE_BACKLOG).0,
         }
     }
 
-    /// Records an event (its sequence and time are filled here).
+    /// Records an event (its sequence and time are filled here, its texts bounded).
     pub fn emit(&self, mut event: Event) {
+        event.message = bounded(std::mem::take(&mut event.message));
+        event.reason = bounded(std::mem::take(&mut event.reason));
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.0 += 1;
-        event.sequence = log.0;
+        log.last += 1;
+        event.sequence = log.last;
         event.time = Some(prost_types::Timestamp::from(fabric_proto::clock::now()));
         tracing::debug!(kind = ?event.kind(), vm = %event.vm_id, host = %event.host_id, "{}", event.message);
-        if log.1.len() == RETAINED {
-            log.1.pop_front();
+        let size = prost::Message::encoded_len(&event);
+        let event = Arc::new(event);
+        log.bytes += size;
+        log.events.push_back(event.clone());
+        while log.events.len() > RETAINED || log.bytes > RETAINED_BYTES {
+            let Some(old) = log.events.pop_front() else {
+                break;
+            };
+            log.bytes -= prost::Message::encoded_len(old.as_ref());
         }
-        log.1.push_back(event.clone());
         let _ = self.live.send(event);
     }
 
@@ -96,17 +134,68 @@ impl Events {
         });
     }
 
-    /// The retained events after `since`, and a receiver for what follows (subscribed before
-    /// the copy, so nothing falls between; duplicates are skipped by sequence).
-    pub fn subscribe(&self, since: u64) -> (Vec<Event>, broadcast::Receiver<Event>) {
+    /// The retained events after `since` (none for 0: only what follows), and a receiver
+    /// for what follows (subscribed before the copy, so nothing falls between; duplicates are
+    /// skipped by sequence). The copy is of pointers, from the first event after `since` on.
+    pub fn subscribe(&self, since: u64) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>) {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.live.subscribe();
-        let past = log
-            .1
+        if since == 0 {
+            return (Vec::new(), rx);
+        }
+        let first = log.events.partition_point(|e| e.sequence <= since);
+        (log.events.range(first..).cloned().collect(), rx)
+    }
+
+    /// Every retained event (tests).
+    pub fn retained(&self) -> Vec<Event> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.events.iter().map(|e| e.as_ref().clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_are_bounded_and_the_log_by_count_and_bytes() {
+        let events = Events::new();
+        let long = "é".repeat(100_000);
+        for _ in 0..3 {
+            events.host_state("h", HostState::Cordoned, &long, long.clone());
+        }
+        let kept = events.retained();
+        assert_eq!(kept.len(), 3);
+        for e in &kept {
+            assert!(e.message.len() <= MAX_EVENT_TEXT && e.message.ends_with('…'));
+            assert!(e.reason.len() <= MAX_EVENT_TEXT);
+        }
+        // Bytes: ~2 KiB events, far more than RETAINED_BYTES of them.
+        for _ in 0..(RETAINED_BYTES / 2048 + 1000) {
+            events.host_state("h", HostState::Cordoned, &long, long.clone());
+        }
+        let log = events.log.lock().unwrap();
+        assert!(log.bytes <= RETAINED_BYTES, "{}", log.bytes);
+        assert!(log.events.len() < RETAINED_BYTES / 2048 + 1000);
+        let sum: usize = log
+            .events
             .iter()
-            .filter(|e| e.sequence > since)
-            .cloned()
-            .collect();
-        (past, rx)
+            .map(|e| prost::Message::encoded_len(e.as_ref()))
+            .sum();
+        assert_eq!(sum, log.bytes);
+    }
+
+    #[test]
+    fn a_resuming_subscriber_gets_what_follows_its_sequence() {
+        let events = Events::new();
+        for i in 0..10 {
+            events.host_state("h", HostState::Ready, "", format!("{i}"));
+        }
+        let all = events.retained();
+        let (past, _) = events.subscribe(all[6].sequence);
+        let messages: Vec<&str> = past.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages, ["7", "8", "9"]);
+        assert!(events.subscribe(0).0.is_empty());
     }
 }

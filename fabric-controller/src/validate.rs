@@ -109,6 +109,21 @@ pub fn check_sha256(field: &str, digest: &str) -> Result<(), String> {
     }
 }
 
+/// The longest reason an operator may give (cordon, drain): it is kept with the host and
+/// in events.
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// A reason given with a cordon or drain: at most [`MAX_REASON_BYTES`], no control characters.
+pub fn check_reason(reason: &str) -> Result<(), String> {
+    if reason.len() > MAX_REASON_BYTES || reason.chars().any(char::is_control) {
+        return Err(format!(
+            "reason: at most {MAX_REASON_BYTES} bytes, no control characters (got {} bytes)",
+            reason.len()
+        ));
+    }
+    Ok(())
+}
+
 /// The longest encoded spec CreateVm accepts. Every field has its own limit, which bounds the
 /// spec well below this; the check keeps it so whatever fields are added.
 pub const MAX_SPEC_BYTES: usize = 16 * 1024;
@@ -386,6 +401,9 @@ mod tests {
             check_host_name(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         assert!(check_host_name("").is_err());
+        check_reason("RMA ticket 1234").unwrap();
+        assert!(check_reason(&"r".repeat(257)).unwrap_err().contains("256"));
+        assert!(check_reason("a\nb").is_err());
         assert!(check_host_name(&"h".repeat(254)).is_err());
     }
 

@@ -206,7 +206,7 @@ impl Harness {
 
     /// Every event so far.
     pub fn events(&self) -> Vec<Event> {
-        self.c.events.subscribe(0).0
+        self.c.events.retained()
     }
 
     /// Places the pending VMs on `host_id`: every other host is cordoned for the pass.
