@@ -440,6 +440,7 @@ impl HostLink for HostLinkService {
                         full: true,
                         upserts: now,
                         removed_vm_ids: Vec::new(),
+                        continued: false,
                     })
                 } else {
                     let mut upserts = Vec::new();
@@ -462,6 +463,7 @@ impl HostLink for HostLinkService {
                         full: false,
                         upserts,
                         removed_vm_ids: removed,
+                        continued: false,
                     })
                 };
                 if let Some(update) = update {
@@ -480,8 +482,10 @@ impl HostLink for HostLinkService {
                             }
                         }
                     }
-                    if tx.send(Ok(update)).await.is_err() {
-                        return;
+                    for part in into_parts(update, MAX_UPDATE_PART_BYTES) {
+                        if tx.send(Ok(part)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 tokio::select! {
@@ -494,6 +498,57 @@ impl HostLink for HostLinkService {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+/// The largest message of an assignment stream: a larger update goes in parts
+/// (`AssignmentUpdate.continued`), so a host with many VMs never gets a message its agent
+/// cannot decode (tonic's default limit is 4 MiB).
+pub const MAX_UPDATE_PART_BYTES: usize = 1 << 20;
+
+/// `update` cut into parts of at most `max_bytes` encoded each (one assignment larger than
+/// that goes alone), every part but the last marked `continued`, all with its generation.
+pub fn into_parts(update: AssignmentUpdate, max_bytes: usize) -> Vec<AssignmentUpdate> {
+    use prost::Message;
+    if update.encoded_len() <= max_bytes {
+        return vec![update];
+    }
+    let empty = || AssignmentUpdate {
+        generation: update.generation,
+        full: update.full,
+        upserts: Vec::new(),
+        removed_vm_ids: Vec::new(),
+        continued: true,
+    };
+    let mut parts = vec![empty()];
+    let mut size = 0;
+    // Room for the fields every part has, and a field's tag and length.
+    let overhead = 32;
+    for assignment in update.upserts {
+        let len = assignment.encoded_len() + 8;
+        if size > 0 && size + len + overhead > max_bytes {
+            parts.push(empty());
+            size = 0;
+        }
+        size += len;
+        if let Some(part) = parts.last_mut() {
+            part.upserts.push(assignment);
+        }
+    }
+    for id in update.removed_vm_ids {
+        let len = id.len() + 8;
+        if size > 0 && size + len + overhead > max_bytes {
+            parts.push(empty());
+            size = 0;
+        }
+        size += len;
+        if let Some(part) = parts.last_mut() {
+            part.removed_vm_ids.push(id);
+        }
+    }
+    if let Some(last) = parts.last_mut() {
+        last.continued = false;
+    }
+    parts
 }
 
 /// The refusal of a superseded session's heartbeat or stream: FAILED_PRECONDITION (an older

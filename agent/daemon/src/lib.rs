@@ -626,6 +626,7 @@ mod tests {
             full: true,
             upserts: Vec::new(),
             removed_vm_ids: Vec::new(),
+            continued: false,
         }
     }
 

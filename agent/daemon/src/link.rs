@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use fabric_proto::v1::host_link_client::HostLinkClient;
 use fabric_proto::v1::{
-    HeartbeatRequest, HostUsage, MemoryPressure, ObservedPhase, RegisterHostRequest,
-    WatchAssignmentsRequest,
+    AssignmentUpdate, HeartbeatRequest, HostUsage, MemoryPressure, ObservedPhase,
+    RegisterHostRequest, WatchAssignmentsRequest,
 };
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -454,6 +454,56 @@ async fn stay_out(host: &Host, lease: &Lease, host_id: &str, session: u64, statu
     }
 }
 
+/// The most parts one update may come in, and the most assignments it may hold: a stream
+/// that sends more is reopened rather than followed into unbounded memory.
+pub const MAX_UPDATE_PARTS: usize = 1024;
+pub const MAX_UPDATE_ASSIGNMENTS: usize = 100_000;
+
+/// Gathers an assignment update sent in parts (`AssignmentUpdate.continued`).
+#[derive(Default)]
+pub struct Parts {
+    pending: Option<AssignmentUpdate>,
+    count: usize,
+}
+
+impl Parts {
+    /// Takes the next message: the whole update once its last part is in, else None; an
+    /// error (the stream is then reopened) for a part of another update or too many.
+    pub fn add(&mut self, part: AssignmentUpdate) -> Result<Option<AssignmentUpdate>, String> {
+        let update = match self.pending.take() {
+            None => {
+                self.count = 1;
+                part
+            }
+            Some(mut pending) => {
+                if pending.generation != part.generation || pending.full != part.full {
+                    return Err(format!(
+                        "a part of update {} (full {}) in the middle of update {} (full {})",
+                        part.generation, part.full, pending.generation, pending.full
+                    ));
+                }
+                self.count += 1;
+                pending.upserts.extend(part.upserts);
+                pending.removed_vm_ids.extend(part.removed_vm_ids);
+                pending.continued = part.continued;
+                pending
+            }
+        };
+        if self.count > MAX_UPDATE_PARTS
+            || update.upserts.len() + update.removed_vm_ids.len() > MAX_UPDATE_ASSIGNMENTS
+        {
+            return Err(format!(
+                "an update of more than {MAX_UPDATE_PARTS} parts or {MAX_UPDATE_ASSIGNMENTS} assignments"
+            ));
+        }
+        if update.continued {
+            self.pending = Some(update);
+            return Ok(None);
+        }
+        Ok(Some(update))
+    }
+}
+
 /// Keeps a WatchAssignments stream open, reopening it after errors and after each fencing.
 async fn watch_assignments(
     host: Arc<Host>,
@@ -486,12 +536,23 @@ async fn watch_assignments(
         };
         // The stream's complete set has been read (its first message).
         let mut full_read = false;
+        // The parts of an update sent in several messages, so far.
+        let mut parts = Parts::default();
         loop {
             tokio::select! {
                 message = stream.message() => match message {
-                    Ok(Some(update)) => {
-                        full_read |= update.full;
-                        host.apply(update, epoch);
+                    Ok(Some(part)) => {
+                        match parts.add(part) {
+                            Ok(Some(update)) => {
+                                full_read |= update.full;
+                                host.apply(update, epoch);
+                            }
+                            Ok(None) => {}
+                            Err(why) => {
+                                tracing::warn!("the assignment stream sent {why}; reopening");
+                                break;
+                            }
+                        }
                     }
                     Ok(None) => {
                         tracing::warn!("the assignment stream ended; reopening");
@@ -534,6 +595,48 @@ mod tests {
 
     fn at_ms(ms: u64) -> BootInstant {
         BootInstant::from_nanos(1_000_000_000_000 + ms * 1_000_000)
+    }
+
+    #[test]
+    fn an_update_in_parts_is_applied_whole_and_a_stray_part_is_refused() {
+        use fabric_proto::v1::Assignment;
+        let part = |generation, continued, ids: &[&str]| AssignmentUpdate {
+            generation,
+            full: true,
+            continued,
+            upserts: ids
+                .iter()
+                .map(|id| Assignment {
+                    vm_id: id.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            removed_vm_ids: Vec::new(),
+        };
+        let mut parts = Parts::default();
+        assert!(parts.add(part(7, true, &["a", "b"])).unwrap().is_none());
+        assert!(parts.add(part(7, true, &["c"])).unwrap().is_none());
+        let whole = parts.add(part(7, false, &["d"])).unwrap().unwrap();
+        let ids: Vec<&str> = whole.upserts.iter().map(|a| a.vm_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c", "d"]);
+        assert!(!whole.continued);
+        // A single message is its own whole.
+        assert_eq!(
+            parts
+                .add(part(8, false, &["x"]))
+                .unwrap()
+                .unwrap()
+                .upserts
+                .len(),
+            1
+        );
+        // A part of another update in the middle: refused.
+        assert!(parts.add(part(9, true, &["y"])).unwrap().is_none());
+        assert!(parts.add(part(10, false, &["z"])).is_err());
+        // Endless parts: refused.
+        let mut parts = Parts::default();
+        let refused = (0..=MAX_UPDATE_PARTS).any(|_| parts.add(part(11, true, &[])).is_err());
+        assert!(refused);
     }
 
     #[test]

@@ -440,3 +440,49 @@ async fn only_the_same_boot_continues_a_session() {
         "a registration from another boot continued the session"
     );
 }
+
+/// A host's update larger than a message may be goes in parts, each within the limit, that
+/// together hold every assignment, in order, the last one marked final.
+#[test]
+fn a_large_update_goes_in_parts_within_the_limit() {
+    use crate::hostlink::{into_parts, MAX_UPDATE_PART_BYTES};
+    use fabric_proto::v1::{Assignment, AssignmentUpdate};
+    use prost::Message;
+    let assignment = |i: usize| Assignment {
+        vm_id: format!("vm-{i:016x}"),
+        spec: Some(VmSpec {
+            name: format!("vm{i}"),
+            kernel_cmdline: "x".repeat(2000),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let update = AssignmentUpdate {
+        generation: 9,
+        full: true,
+        upserts: (0..3000).map(assignment).collect(),
+        removed_vm_ids: (0..500).map(|i| format!("vm-gone-{i}")).collect(),
+        continued: false,
+    };
+    assert!(update.encoded_len() > 4 << 20);
+    let parts = into_parts(update.clone(), MAX_UPDATE_PART_BYTES);
+    assert!(parts.len() > 4, "{}", parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        assert!(part.encoded_len() <= MAX_UPDATE_PART_BYTES, "part {i}");
+        assert_eq!((part.generation, part.full), (9, true));
+        assert_eq!(part.continued, i + 1 < parts.len());
+    }
+    let upserts: Vec<Assignment> = parts.iter().flat_map(|p| p.upserts.clone()).collect();
+    let removed: Vec<String> = parts
+        .iter()
+        .flat_map(|p| p.removed_vm_ids.clone())
+        .collect();
+    assert_eq!(upserts, update.upserts);
+    assert_eq!(removed, update.removed_vm_ids);
+    // A small one is one message.
+    let small = AssignmentUpdate {
+        upserts: vec![assignment(1)],
+        ..update
+    };
+    assert_eq!(into_parts(small.clone(), MAX_UPDATE_PART_BYTES), vec![small]);
+}

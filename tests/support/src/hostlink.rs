@@ -132,6 +132,7 @@ impl State {
             full: true,
             upserts: self.assignments.values().cloned().collect(),
             removed_vm_ids: Vec::new(),
+            continued: false,
         }
     }
 
@@ -564,6 +565,7 @@ impl FakeController {
             full: false,
             upserts,
             removed_vm_ids,
+            continued: false,
         };
         state.broadcast(update);
         state.generation
