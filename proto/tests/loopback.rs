@@ -213,18 +213,21 @@ impl HostLink for TestHostLink {
                 full: true,
                 upserts: vec![assignment("vm-1", "web-1")],
                 removed_vm_ids: vec![],
+                continued: false,
             },
             AssignmentUpdate {
                 generation: 11,
                 full: false,
                 upserts: vec![assignment("vm-2", "web-2")],
                 removed_vm_ids: vec![],
+                continued: false,
             },
             AssignmentUpdate {
                 generation: 12,
                 full: false,
                 upserts: vec![],
                 removed_vm_ids: vec!["vm-1".to_owned()],
+                continued: false,
             },
         ];
         Ok(Response::new(stream_of(updates)))

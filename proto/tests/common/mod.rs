@@ -338,6 +338,7 @@ pub fn assignment_update(generation: u64) -> AssignmentUpdate {
         full: true,
         upserts: vec![assignment("vm-1", "web-1")],
         removed_vm_ids: vec!["vm-9".to_owned()],
+        continued: true,
     }
 }
 
