@@ -48,6 +48,25 @@ use tonic_reflection::server::v1alpha::{
 pub mod clock;
 pub mod unix;
 
+/// Streams (calls in flight) one client connection may have open at once on a Fabric server:
+/// beyond it the client's new calls wait for one to end (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// How often a server pings an idle connection, and how long it waits for the answer before
+/// it closes the connection: a client that vanished without closing frees what it held.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The server builder every Fabric daemon starts from: bounded streams per connection and
+/// HTTP/2 keepalive, so that neither a greedy client nor a vanished one holds resources
+/// without limit. (Message sizes are limited per service: tonic decodes at most 4 MiB.)
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+}
+
 /// Messages, clients (`v1::compute_client::ComputeClient`, ...) and servers
 /// (`v1::compute_server::ComputeServer`, ...) of the `fabric.v1` package.
 pub mod v1 {

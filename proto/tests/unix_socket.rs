@@ -125,3 +125,60 @@ async fn reflection_v1alpha_lists_and_describes_what_v1_does() {
     .await
     .expect("test finished in time");
 }
+
+/// A server from `fabric_proto::server()` holds at most `MAX_CONCURRENT_STREAMS` calls of one
+/// connection open: 300 health watches (streams that stay open) on one connection, and only
+/// that many are answered; the rest wait until one ends, and are answered then.
+#[tokio::test]
+async fn one_connection_gets_at_most_the_stream_limit() {
+    tokio::time::timeout(TEST_TIMEOUT * 2, async {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let socket = dir.path().join("server.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let standard = fabric_proto::standard_services(&[fabric_proto::AGENT_SERVICE]).await;
+        let router = fabric_proto::server().add_service(standard.health);
+        tokio::spawn(router.serve_with_incoming(fabric_proto::unix::incoming(listener)));
+        let channel = connect(&socket).await;
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut watches = Vec::new();
+        for _ in 0..300 {
+            let mut health = HealthClient::new(channel.clone());
+            let answered = answered.clone();
+            watches.push(tokio::spawn(async move {
+                let mut stream = health
+                    .watch(HealthCheckRequest {
+                        service: fabric_proto::AGENT_SERVICE.to_owned(),
+                    })
+                    .await
+                    .expect("watch")
+                    .into_inner();
+                stream.message().await.expect("a status").expect("open");
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Held open until the test ends it.
+                let _ = stream.message().await;
+            }));
+        }
+        let count = || answered.load(std::sync::atomic::Ordering::SeqCst);
+        let limit = fabric_proto::MAX_CONCURRENT_STREAMS as usize;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while count() < limit && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(count(), limit, "answered watches on one connection");
+        // Ending some lets as many waiting ones in.
+        for watch in watches.iter().take(10) {
+            watch.abort();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while count() < limit + 10 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(count(), limit + 10);
+        for watch in watches {
+            watch.abort();
+        }
+    })
+    .await
+    .expect("the test timed out");
+}

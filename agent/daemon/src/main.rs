@@ -134,7 +134,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(host.clone().run_memory_balancer());
 
     let standard = fabric_proto::standard_services(&[fabric_proto::AGENT_SERVICE]).await;
-    let router = tonic::transport::Server::builder()
+    let router = fabric_proto::server()
         .add_service(standard.health)
         .add_service(standard.reflection)
         .add_service(standard.reflection_v1alpha)

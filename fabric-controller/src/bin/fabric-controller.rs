@@ -136,7 +136,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fabric_proto::IMAGES_SERVICE,
     ])
     .await;
-    let router = tonic::transport::Server::builder()
+    let router = fabric_proto::server()
         .add_service(services.health)
         .add_service(services.reflection)
         .add_service(services.reflection_v1alpha)

@@ -484,5 +484,8 @@ fn a_large_update_goes_in_parts_within_the_limit() {
         upserts: vec![assignment(1)],
         ..update
     };
-    assert_eq!(into_parts(small.clone(), MAX_UPDATE_PART_BYTES), vec![small]);
+    assert_eq!(
+        into_parts(small.clone(), MAX_UPDATE_PART_BYTES),
+        vec![small]
+    );
 }

@@ -312,7 +312,7 @@ impl ControlServer {
                     let standard =
                         fabric_proto::standard_services(&[fabric_proto::VMM_SERVICE]).await;
                     let incoming = fabric_proto::unix::incoming(listener);
-                    let result = tonic::transport::Server::builder()
+                    let result = fabric_proto::server()
                         .add_service(standard.health)
                         .add_service(standard.reflection)
                         .add_service(standard.reflection_v1alpha)
