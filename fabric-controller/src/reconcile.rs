@@ -26,12 +26,30 @@ const PERIOD: Duration = Duration::from_millis(250);
 /// Most placements committed per pass (they commit concurrently, sharing fsyncs).
 const PLACEMENTS_PER_PASS: usize = 4096;
 
-#[derive(Default)]
+/// Longest wait before an unplaceable VM is considered again (it doubles from 250 ms).
+const MAX_PLACEMENT_BACKOFF: Duration = Duration::from_secs(5);
+
 pub struct Reconciler {
     host_states: HashMap<String, HostState>,
     /// The unplaceable reason last announced per VM (to announce changes only).
     unplaceable: HashMap<String, String>,
+    /// Unplaceable VMs: when each may be considered again, and how many tries failed.
+    backoff: HashMap<String, (Instant, u32)>,
+    /// Pending VMs considered per pass, oldest first.
+    placements_per_pass: usize,
     relief: memory_relief::ReliefMemory,
+}
+
+impl Default for Reconciler {
+    fn default() -> Self {
+        Reconciler {
+            host_states: HashMap::new(),
+            unplaceable: HashMap::new(),
+            backoff: HashMap::new(),
+            placements_per_pass: PLACEMENTS_PER_PASS,
+            relief: memory_relief::ReliefMemory::default(),
+        }
+    }
 }
 
 fn ts() -> prost_types::Timestamp {
@@ -90,6 +108,10 @@ impl Reconciler {
             }
         }
         drop(model);
+        if !changed.is_empty() {
+            // A host opened or closed: what could not be placed may fit now.
+            self.backoff.clear();
+        }
         for (id, host, state) in changed {
             c.placer().sync_host(&host, state);
             let reason = match state {
@@ -322,10 +344,12 @@ impl Reconciler {
     async fn place(&mut self, c: &Arc<Controller>) {
         // Each pending VM with the host it must avoid: the one a memory-relief move took it
         // off, while it waits for another (`reconcile/memory_relief.rs`).
+        // Oldest first (by when they became pending), each unplaceable one only once its
+        // back-off has passed: new VMs are not starved by old ones that cannot be placed.
         let pending: Vec<(fabric_proto::v1::Vm, Option<String>)> = {
             let model = c.model();
             let (window, now) = (c.settings.memory_relief_window, Instant::now());
-            model
+            let all: Vec<&crate::controller::VmEntry> = model
                 .vms
                 .values()
                 .filter(|e| {
@@ -335,7 +359,32 @@ impl Reconciler {
                             && s.phase() != VmPhase::Failed
                     })
                 })
-                .take(PLACEMENTS_PER_PASS)
+                .collect();
+            // What no longer waits is forgotten.
+            let waiting: std::collections::HashSet<&str> =
+                all.iter().map(|e| e.vm.id.as_str()).collect();
+            self.backoff.retain(|id, _| waiting.contains(id.as_str()));
+            self.unplaceable
+                .retain(|id, _| waiting.contains(id.as_str()));
+            // A memory-relief move waiting for a host other than its source is not held back:
+            // its constraint lapses at a moment of its own (the relief window), and such
+            // moves are few.
+            let mut due: Vec<&crate::controller::VmEntry> = all
+                .into_iter()
+                .filter(|e| {
+                    self.backoff.get(&e.vm.id).is_none_or(|(t, _)| *t <= now)
+                        || model.relieving.contains_key(&e.vm.id)
+                })
+                .collect();
+            let since = |e: &crate::controller::VmEntry| {
+                e.vm.status
+                    .as_ref()
+                    .and_then(|s| s.phase_changed_at)
+                    .map_or((0, 0), |t| (t.seconds, t.nanos))
+            };
+            due.sort_by(|a, b| since(a).cmp(&since(b)).then_with(|| a.vm.id.cmp(&b.vm.id)));
+            due.into_iter()
+                .take(self.placements_per_pass)
                 .map(|e| {
                     let avoid = memory_relief::placement_avoids(&model, &e.vm.id, window, now);
                     (e.vm.clone(), avoid.map(str::to_string))
@@ -358,9 +407,15 @@ impl Reconciler {
                         // Counted now so the next decision sees it; undone if the commit fails.
                         placer.assign(&vm, &host_id);
                         self.unplaceable.remove(&vm.id);
+                        self.backoff.remove(&vm.id);
                         decisions.push((vm.id.clone(), host_id, avoid.is_some()));
                     }
                     Err(reason) => {
+                        let tries = self.backoff.get(&vm.id).map_or(0, |(_, n)| *n) + 1;
+                        let wait = (Duration::from_millis(250) * (1 << tries.min(8)) / 2)
+                            .min(MAX_PLACEMENT_BACKOFF);
+                        self.backoff
+                            .insert(vm.id.clone(), (Instant::now() + wait, tries));
                         if self.unplaceable.get(&vm.id) != Some(&reason) {
                             self.unplaceable.insert(vm.id.clone(), reason.clone());
                             decisions.push((vm.id.clone(), String::new(), false));

@@ -158,6 +158,8 @@ impl Reconciler {
             if let Some(m) = model.relieving.remove(&vm_id) {
                 tracing::info!(vm = %vm_id, source = %m.source, placed_on = ?m.placed_on, "memory relief move finished");
                 self.relief.done.insert(m.source, now);
+                // Its constraint is gone: it may fit where it did not.
+                self.backoff.remove(&vm_id);
             }
         }
     }

@@ -489,3 +489,35 @@ fn a_large_update_goes_in_parts_within_the_limit() {
         vec![small]
     );
 }
+
+/// Pending VMs are considered oldest first, and one that cannot be placed waits a while
+/// before it is considered again: VMs that fit nowhere do not starve a new one. (They were
+/// taken in id order, the same first ones every pass.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplaceable_vms_do_not_starve_a_new_one() {
+    let mut h = Harness::new(Duration::ZERO).await;
+    h.reconciler.placements_per_pass = 4;
+    h.add_host("node-a", 0).await;
+    let huge = MemorySpec {
+        startup_mib: 1 << 20,
+        ..Default::default()
+    };
+    for i in 0..6 {
+        h.create_vm(&format!("a{i}"), huge).await;
+    }
+    h.pass().await;
+    let newcomer = h.create_vm("z", plain()).await;
+    for _ in 0..3 {
+        h.pass().await;
+    }
+    assert!(!h.host_of(&newcomer).is_empty(), "the new VM was starved");
+    for i in 0..6 {
+        assert_eq!(h.host_of(&format!("vm-a{i}")), "");
+    }
+    // Forgotten once they no longer wait.
+    for i in 0..6 {
+        h.c.delete_vm(&format!("vm-a{i}")).await.expect("delete");
+    }
+    h.pass().await;
+    assert!(h.reconciler.backoff.is_empty() && h.reconciler.unplaceable.is_empty());
+}
