@@ -109,6 +109,61 @@ pub fn check_sha256(field: &str, digest: &str) -> Result<(), String> {
     }
 }
 
+/// What a host adds to every VM, counted here so that a spec the controller accepts can boot
+/// (tests/tests/limits.rs checks these against fabric-agent's and fabric-vmm's own values):
+/// the longest kernel command line fabric-vmm passes (x86 COMMAND_LINE_SIZE less its NUL)...
+pub const HOST_MAX_CMDLINE: usize = 2047;
+/// ...the virtio devices it can wire (one IOAPIC pin each)...
+pub const HOST_MAX_DEVICES: usize = 19;
+/// ...the devices the agent gives every VM (entropy, balloon)...
+pub const HOST_AGENT_DEVICES: usize = 2;
+/// ...what the agent puts before the spec's command line (console, reboot and PCI settings,
+/// and a space)...
+pub const HOST_CMDLINE_BASE: usize = 40;
+/// ...` root=/dev/vda rw` with a root filesystem...
+pub const HOST_CMDLINE_ROOT: usize = 17;
+/// ...` ip=ADDR::GATEWAY:NETMASK::eth0:off` with NICs (dotted quads at their longest)...
+pub const HOST_CMDLINE_IP: usize = 63;
+/// ...and what fabric-vmm announces per device (` virtio_mmio.device=4K@0xADDR:GSI`).
+pub const HOST_CMDLINE_PER_DEVICE: usize = 40;
+
+/// The devices and kernel command line the spec's VM gets on a host, with what the host
+/// adds: an error naming the field when they exceed what a host can give.
+fn check_host_fit(spec: &VmSpec) -> Result<(), String> {
+    let rootfs = spec
+        .image
+        .as_ref()
+        .is_some_and(|i| !i.rootfs_sha256.is_empty() || !i.name.is_empty());
+    let devices = usize::from(rootfs) + spec.disks.len() + spec.nics.len() + HOST_AGENT_DEVICES;
+    if devices > HOST_MAX_DEVICES {
+        return Err(format!(
+            "spec: {} disks and {} NICs{}: a host wires at most {} virtio devices, {} of them its own",
+            spec.disks.len(),
+            spec.nics.len(),
+            if rootfs { " and the image's root disk" } else { "" },
+            HOST_MAX_DEVICES,
+            HOST_AGENT_DEVICES
+        ));
+    }
+    let added = HOST_CMDLINE_BASE
+        + if rootfs { HOST_CMDLINE_ROOT } else { 0 }
+        + if spec.nics.is_empty() {
+            0
+        } else {
+            HOST_CMDLINE_IP
+        }
+        + devices * HOST_CMDLINE_PER_DEVICE;
+    let room = HOST_MAX_CMDLINE.saturating_sub(added);
+    if spec.kernel_cmdline.len() > room {
+        return Err(format!(
+            "spec.kernel_cmdline: {} bytes; with what the host adds for this VM ({added} bytes) \
+             at most {room} fit",
+            spec.kernel_cmdline.len()
+        ));
+    }
+    Ok(())
+}
+
 /// The longest reason an operator may give (cordon, drain): it is kept with the host and
 /// in events.
 pub const MAX_REASON_BYTES: usize = 256;
@@ -294,6 +349,7 @@ pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
         )?;
         check_token("spec.placement.zone", &placement.zone, false)?;
     }
+    check_host_fit(spec)?;
     if !(0..=3).contains(&spec.restart_policy) {
         return Err(format!(
             "spec.restart_policy {}: unknown",
@@ -492,6 +548,24 @@ mod tests {
             (
                 Box::new(|s| s.kernel_cmdline = "a\nb".into()),
                 "spec.kernel_cmdline",
+            ),
+            (
+                // Under MAX_CMDLINE, but not with what the host adds.
+                Box::new(|s| s.kernel_cmdline = "x".repeat(MAX_CMDLINE - 10)),
+                "with what the host adds",
+            ),
+            (
+                Box::new(|s| {
+                    s.disks = vec![
+                        DiskSpec {
+                            source: Some(disk_spec::Source::SizeMib(1)),
+                            read_only: false,
+                        };
+                        MAX_DISKS
+                    ];
+                    s.nics = vec![s.nics[0].clone(); 3];
+                }),
+                "virtio devices",
             ),
         ];
         for (change, field) in cases {
