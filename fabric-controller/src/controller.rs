@@ -822,10 +822,10 @@ impl Controller {
                 continue;
             }
             if let Some(spec) = &e.vm.spec {
-                allocated.cpus += spec.vcpus;
+                allocated.cpus = allocated.cpus.saturating_add(spec.vcpus);
                 let (_, minimum, _) =
                     crate::validate::memory_sizes(&spec.memory.unwrap_or_default());
-                allocated.memory_mib += minimum;
+                allocated.memory_mib = allocated.memory_mib.saturating_add(minimum);
             }
         }
         host.allocated = Some(allocated);

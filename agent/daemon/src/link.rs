@@ -283,7 +283,7 @@ fn heartbeat_request(host: &Host, host_id: &str, session: u64) -> HeartbeatReque
         }
         usage.running_vms += 1;
         if let Some(spec) = view.assignment.as_ref().and_then(|a| a.spec.as_ref()) {
-            usage.vcpus += spec.vcpus;
+            usage.vcpus = usage.vcpus.saturating_add(spec.vcpus);
             let memory = spec.memory.unwrap_or_default();
             let max = memory.maximum_mib.max(memory.startup_mib);
             let balloon = view
@@ -292,7 +292,7 @@ fn heartbeat_request(host: &Host, host_id: &str, session: u64) -> HeartbeatReque
                 .as_ref()
                 .map(|m| m.balloon_actual_mib)
                 .unwrap_or(0);
-            usage.vm_memory_mib += max.saturating_sub(balloon);
+            usage.vm_memory_mib = usage.vm_memory_mib.saturating_add(max.saturating_sub(balloon));
         }
     }
     let total = super::meminfo_kib("MemTotal").unwrap_or(0) / 1024;
