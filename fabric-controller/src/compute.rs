@@ -7,8 +7,8 @@ use fabric_proto::v1::compute_server::Compute;
 use fabric_proto::v1::{
     CordonHostRequest, CreateVmRequest, DeleteVmRequest, DeleteVmResponse, DesiredState,
     DrainHostRequest, Event, GetHostRequest, GetVmRequest, Host, HostState, ListHostsRequest,
-    ListHostsResponse, ListVmsRequest, ListVmsResponse, StartVmRequest, StopVmRequest,
-    UncordonHostRequest, Vm, VmPhase, VmStatus, WatchEventsRequest,
+    ListHostsResponse, ListVmsRequest, ListVmsResponse, RemoveHostRequest, RemoveHostResponse,
+    StartVmRequest, StopVmRequest, UncordonHostRequest, Vm, VmPhase, VmStatus, WatchEventsRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -243,6 +243,15 @@ impl Compute for ComputeService {
                 .set_host_admin(&req.id, HostState::Draining, &req.reason)
                 .await?,
         ))
+    }
+
+    async fn remove_host(
+        &self,
+        request: Request<RemoveHostRequest>,
+    ) -> Result<Response<RemoveHostResponse>, Status> {
+        let req = request.into_inner();
+        self.controller.remove_host(&req.id).await?;
+        Ok(Response::new(RemoveHostResponse {}))
     }
 
     type WatchEventsStream = EventStream;

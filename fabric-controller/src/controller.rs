@@ -841,6 +841,78 @@ impl Controller {
         Ok(self.host_view(&model, entry))
     }
 
+    /// Forgets host `id`, which must be DEAD and hold no VM: its record, its machine ids and
+    /// (with the record) its name. Serialized with registrations.
+    pub async fn remove_host(&self, id: &str) -> Result<(), Status> {
+        let _registering = self.registering.lock().await;
+        let (rev, machines, name) = {
+            let model = self.model();
+            let entry = model
+                .hosts
+                .get(id)
+                .ok_or_else(|| Status::not_found(format!("no host with id {id:?}")))?;
+            let name = entry.host.name.clone();
+            let state = effective_state(&self.settings, entry);
+            if state != HostState::Dead {
+                return Err(Status::failed_precondition(format!(
+                    "host {id} ({name}) is {}: only a DEAD host is removed (stop its agent, or \
+                     drain the host first, then wait for its lease and the fencing margin)",
+                    short_host_state(state)
+                )));
+            }
+            let placed = model
+                .vms
+                .values()
+                .filter(|e| e.vm.status.as_ref().is_some_and(|s| s.host_id == id))
+                .count();
+            if placed > 0 {
+                return Err(Status::failed_precondition(format!(
+                    "host {id} ({name}) still holds {placed} VMs; they are moved off a DEAD \
+                     host by the reconciler: try again shortly"
+                )));
+            }
+            let machines: Vec<String> = model
+                .machines
+                .iter()
+                .filter(|(_, host)| host.as_str() == id)
+                .map(|(machine, _)| machine.clone())
+                .collect();
+            (entry.rev, machines, name)
+        };
+        let mut txn = Txn::new()
+            .when(Compare::ModRevision(host_key(id), rev))
+            .delete(host_key(id));
+        for machine in &machines {
+            txn = txn.delete(machine_key(machine));
+        }
+        match self.commit(txn).await? {
+            TxnOutcome::Committed(_) => {}
+            TxnOutcome::Failed(_) => {
+                return Err(Status::aborted("host changed concurrently; retry"))
+            }
+        }
+        {
+            let mut model = self.model();
+            model.hosts.remove(id);
+            model.machines.retain(|_, host| host != id);
+        }
+        if let Err(err) = self.placer().scheduler_mut().remove_host(id) {
+            tracing::debug!(host = %id, error = %err, "scheduler bookkeeping");
+        }
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.events.emit(fabric_proto::v1::Event {
+            kind: EventKind::HostRemoved as i32,
+            host_id: id.to_string(),
+            message: format!("host {name} removed"),
+            ..Default::default()
+        });
+        tracing::info!(host = %id, name = %name, "host removed");
+        Ok(())
+    }
+
     /// Sets a host's administrative state (cordon, drain, uncordon).
     pub async fn set_host_admin(
         &self,

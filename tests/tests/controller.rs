@@ -542,3 +542,59 @@ async fn a_controller_restarted_with_a_shorter_lease_waits_out_the_longer_one() 
     // SAFETY: as above.
     unsafe { libc::kill(paused.process.pid() as i32, libc::SIGCONT) };
 }
+
+/// A machine retired for good leaves no record behind: RemoveHost forgets a DEAD host that
+/// holds no VM (and refuses one that is not DEAD, saying why); its agent, should it return,
+/// registers as a new host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_host_is_removed_and_a_live_one_is_not() {
+    use fabric_proto::v1::RemoveHostRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&dir.path().join("controller"), Timing::default());
+    let _h1 = SimHost::start(&dir.path().join("h1"), "h1", &controller.address(), 0, 0);
+    let mut h2 = SimHost::start(&dir.path().join("h2"), "h2", &controller.address(), 1, 1);
+    let mut client = controller.compute().await;
+    let hosts = ready_hosts(&client, 2, Duration::from_secs(30)).await;
+    let refused = client
+        .remove_host(RemoveHostRequest {
+            id: hosts["h2"].clone(),
+        })
+        .await
+        .expect_err("a READY host removed");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("only a DEAD host"), "{refused:?}");
+
+    h2.process.kill9();
+    let id = hosts["h2"].clone();
+    eventually(Duration::from_secs(30), "h2 DEAD", || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move {
+            let host = client
+                .get_host(GetHostRequest { id })
+                .await
+                .ok()?
+                .into_inner();
+            (host.state() == HostState::Dead).then_some(())
+        }
+    })
+    .await;
+    client
+        .remove_host(RemoveHostRequest { id: id.clone() })
+        .await
+        .expect("remove the DEAD host");
+    let gone = client.get_host(GetHostRequest { id: id.clone() }).await;
+    assert_eq!(gone.expect_err("removed").code(), tonic::Code::NotFound);
+    let left = client
+        .list_hosts(fabric_proto::v1::ListHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(left.len(), 1);
+
+    // The machine comes back: a new host, under its old name.
+    let _h2 = SimHost::start(&dir.path().join("h2"), "h2", &controller.address(), 1, 1);
+    let again = ready_hosts(&client, 2, Duration::from_secs(30)).await;
+    assert_ne!(again["h2"], id);
+}

@@ -292,7 +292,9 @@ fn heartbeat_request(host: &Host, host_id: &str, session: u64) -> HeartbeatReque
                 .as_ref()
                 .map(|m| m.balloon_actual_mib)
                 .unwrap_or(0);
-            usage.vm_memory_mib = usage.vm_memory_mib.saturating_add(max.saturating_sub(balloon));
+            usage.vm_memory_mib = usage
+                .vm_memory_mib
+                .saturating_add(max.saturating_sub(balloon));
         }
     }
     let total = super::meminfo_kib("MemTotal").unwrap_or(0) / 1024;

@@ -18,8 +18,8 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::images_client::ImagesClient;
 use fabric_proto::v1::{
     CordonHostRequest, DeleteVmRequest, DrainHostRequest, Event, GetHostRequest, GetVmRequest,
-    Host, HostState, ListHostsRequest, ListImagesRequest, ListVmsRequest, StartVmRequest,
-    StopVmRequest, UncordonHostRequest, Vm, VmPhase, WatchEventsRequest,
+    Host, HostState, ListHostsRequest, ListImagesRequest, ListVmsRequest, RemoveHostRequest,
+    StartVmRequest, StopVmRequest, UncordonHostRequest, Vm, VmPhase, WatchEventsRequest,
 };
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -154,6 +154,12 @@ pub enum HostCommand {
     },
     /// Make a cordoned or draining host schedulable again.
     Uncordon {
+        /// Host id (host- and 16 hex digits) or name.
+        host: String,
+    },
+    /// Forget a host retired for good: it must be DEAD (its agent stopped for longer than
+    /// the lease and the fencing margin) and hold no VM.
+    Remove {
         /// Host id (host- and 16 hex digits) or name.
         host: String,
     },
@@ -656,6 +662,19 @@ async fn host(clients: &mut Clients, command: HostCommand, output: Output) -> an
                     .uncordon_host(UncordonHostRequest { id })
                     .await,
             )?
+        }
+        HostCommand::Remove { host } => {
+            let id = clients.host_id(&host).await?;
+            reply(
+                clients
+                    .compute
+                    .remove_host(RemoveHostRequest { id: id.clone() })
+                    .await,
+            )?;
+            return match output {
+                Output::Json => print_json(&json!({ "removed": id })),
+                Output::Table => print(&format!("host {id} removed\n")),
+            };
         }
         HostCommand::Drain { host, reason } => {
             let id = clients.host_id(&host).await?;
