@@ -149,6 +149,13 @@ impl Compute for TestCompute {
         not_needed()
     }
 
+    async fn remove_host(
+        &self,
+        _: Request<RemoveHostRequest>,
+    ) -> Result<Response<RemoveHostResponse>, Status> {
+        not_needed()
+    }
+
     type WatchEventsStream = ServerStream<Event>;
 
     /// Three events after `since_sequence`, about the requested VM.

@@ -562,7 +562,10 @@ async fn a_dead_host_is_removed_and_a_live_one_is_not() {
         .await
         .expect_err("a READY host removed");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(refused.message().contains("only a DEAD host"), "{refused:?}");
+    assert!(
+        refused.message().contains("only a DEAD host"),
+        "{refused:?}"
+    );
 
     h2.process.kill9();
     let id = hosts["h2"].clone();
