@@ -100,6 +100,16 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "fabric.v1.RemoveHostRequest",
+            round_trip(RemoveHostRequest {
+                id: "host-1".to_owned(),
+            }),
+        ),
+        (
+            "fabric.v1.RemoveHostResponse",
+            round_trip(RemoveHostResponse {}),
+        ),
+        (
             "fabric.v1.WatchEventsRequest",
             round_trip(watch_events_request()),
         ),
