@@ -21,14 +21,26 @@ use crate::validate;
 const DEFAULT_PAGE: usize = 500;
 const MAX_PAGE: usize = 5000;
 
+/// WatchEvents streams served at once; more are refused (RESOURCE_EXHAUSTED): each holds
+/// buffers the controller cannot shed while its client does not read.
+pub const MAX_EVENT_WATCHERS: usize = 256;
+/// Events queued for one watcher before it must read (then the broadcast's backlog, then
+/// DATA_LOSS).
+const WATCHER_QUEUE: usize = 32;
+
 pub struct ComputeService {
     controller: Arc<Controller>,
     images: Arc<ImageStore>,
+    watchers: Arc<tokio::sync::Semaphore>,
 }
 
 impl ComputeService {
     pub fn new(controller: Arc<Controller>, images: Arc<ImageStore>) -> ComputeService {
-        ComputeService { controller, images }
+        ComputeService {
+            controller,
+            images,
+            watchers: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_WATCHERS)),
+        }
     }
 }
 
@@ -261,14 +273,20 @@ impl Compute for ComputeService {
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let req = request.into_inner();
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{MAX_EVENT_WATCHERS} event watchers are connected: the controller takes no more"
+            ))
+        })?;
         // since_sequence 0: only what happens from now on.
         let (past, mut live) = self.controller.events.subscribe(req.since_sequence);
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCHER_QUEUE);
         let wanted = move |e: &Event| {
             (req.vm_id.is_empty() || e.vm_id == req.vm_id)
                 && (req.host_id.is_empty() || e.host_id == req.host_id)
         };
         tokio::spawn(async move {
+            let _permit = permit;
             let mut last = req.since_sequence;
             for event in past {
                 last = event.sequence;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fabric_proto::v1::images_server::Images;
 use fabric_proto::v1::pull_image_response::Part as PullPart;
@@ -26,10 +27,32 @@ use crate::validate::{check_image_name, check_sha256};
 const CHUNK: usize = 1 << 20;
 /// Largest file accepted.
 const MAX_FILE: u64 = 64 << 30;
+/// Pushes received at once; more are refused (RESOURCE_EXHAUSTED) rather than queued.
+pub const MAX_CONCURRENT_PUSHES: usize = 8;
+/// How long a push may go without a message before it is dropped.
+pub const PUSH_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Prefix of a push's file while it is received.
+const PARTIAL_PREFIX: &str = ".push-";
 
 pub struct ImageStore {
     blobs: PathBuf,
     store: Arc<dyn Store>,
+    pushes: Arc<tokio::sync::Semaphore>,
+}
+
+/// A push's partial file, removed when the push ends without being stored, also when the
+/// client goes away mid-stream (the handler's future is then dropped, not finished).
+struct Partial {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn image_key(name: &str) -> String {
@@ -40,7 +63,21 @@ impl ImageStore {
     pub fn new(data_dir: &std::path::Path, store: Arc<dyn Store>) -> std::io::Result<ImageStore> {
         let blobs = data_dir.join("images").join("blobs");
         std::fs::create_dir_all(&blobs)?;
-        Ok(ImageStore { blobs, store })
+        // Pushes cut short by a crash left their partial files.
+        for entry in std::fs::read_dir(&blobs)?.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(PARTIAL_PREFIX)
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(ImageStore {
+            blobs,
+            store,
+            pushes: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PUSHES)),
+        })
     }
 
     fn blob(&self, digest: &str) -> PathBuf {
@@ -138,6 +175,20 @@ impl std::ops::Deref for ImagesService {
     }
 }
 
+/// The next message of a push, or an error when none comes within [`PUSH_IDLE_TIMEOUT`].
+async fn next_part(
+    stream: &mut Streaming<PushImageRequest>,
+) -> Result<Option<PushImageRequest>, Status> {
+    tokio::time::timeout(PUSH_IDLE_TIMEOUT, stream.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "no data for {} s: push dropped",
+                PUSH_IDLE_TIMEOUT.as_secs()
+            ))
+        })?
+}
+
 type PullStream = Pin<Box<dyn Stream<Item = Result<PullImageResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -146,8 +197,13 @@ impl Images for ImagesService {
         &self,
         request: Request<Streaming<PushImageRequest>>,
     ) -> Result<Response<PushImageResponse>, Status> {
+        let _push = self.pushes.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{MAX_CONCURRENT_PUSHES} image pushes are in progress: try again when one is done"
+            ))
+        })?;
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
+        let header = match next_part(&mut stream).await? {
             Some(PushImageRequest {
                 part: Some(PushPart::Header(header)),
             }) => header,
@@ -170,17 +226,23 @@ impl Images for ImagesService {
             )));
         }
         let partial = self.blobs.join(format!(
-            ".push-{}-{}",
+            "{PARTIAL_PREFIX}{}-{}",
             header.sha256,
             crate::controller::new_id("p")
         ));
+        let mut guard = Partial {
+            path: partial.clone(),
+            keep: false,
+        };
         let result = async {
-            let mut file = tokio::fs::File::create(&partial)
-                .await
+            // Created here, not on a blocking thread (tokio::fs): a handler dropped while
+            // that thread ran would have its guard remove the file before it existed.
+            let mut file = std::fs::File::create(&partial)
+                .map(tokio::fs::File::from_std)
                 .map_err(|e| Status::internal(format!("cannot store: {e}")))?;
             let mut hasher = Sha256::new();
             let mut size: u64 = 0;
-            while let Some(message) = stream.message().await? {
+            while let Some(message) = next_part(&mut stream).await? {
                 let Some(PushPart::Data(data)) = message.part else {
                     return Err(Status::invalid_argument("a second header in the stream"));
                 };
@@ -233,6 +295,7 @@ impl Images for ImagesService {
             tokio::fs::rename(&partial, &blob)
                 .await
                 .map_err(|e| Status::internal(format!("cannot store: {e}")))?;
+            guard.keep = true;
         }
         let file = ImageFile {
             role: role as i32,

@@ -601,3 +601,129 @@ async fn a_dead_host_is_removed_and_a_live_one_is_not() {
     let again = ready_hosts(&client, 2, Duration::from_secs(30)).await;
     assert_ne!(again["h2"], id);
 }
+
+/// The controller's resident memory, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// 1,000 image pushes cancelled after their first chunk leave no partial file behind (the
+/// handler is dropped, not finished, when a client goes away: its file used to stay), and
+/// 1,000 event watchers that never read, then go away, leave the controller's memory where it
+/// was. The figures are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelled_pushes_and_unread_watchers_leave_nothing_behind() {
+    use fabric_proto::v1::images_client::ImagesClient;
+    use fabric_proto::v1::push_image_request::Part;
+    use fabric_proto::v1::{ImageFileRole, PushImageHeader, PushImageRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&dir.path().join("controller"), Timing::default());
+    let pid = controller.process.pid();
+    let blobs = dir.path().join("controller/data/images/blobs");
+    let channel = fabric_test_support::cluster::unix_channel(&controller.socket).await;
+    let _host = SimHost::start(&dir.path().join("h1"), "h1", &controller.address(), 0, 0);
+    let client = controller.compute().await;
+    ready_hosts(&client, 1, Duration::from_secs(30)).await;
+    let before = rss_kib(pid);
+
+    for i in 0..1000u32 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(PushImageRequest {
+            part: Some(Part::Header(PushImageHeader {
+                image_name: "cancelled".into(),
+                role: ImageFileRole::Disk as i32,
+                sha256: format!("{:064x}", i),
+                size_bytes: 1 << 20,
+                file_name: "disk.img".into(),
+            })),
+        })
+        .await
+        .unwrap();
+        tx.send(PushImageRequest {
+            part: Some(Part::Data(vec![0u8; 64 << 10])),
+        })
+        .await
+        .unwrap();
+        let mut images = ImagesClient::new(channel.clone());
+        let push = tokio::spawn(async move {
+            let _tx = tx; // held open: the push waits for more
+            images
+                .push_image(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        push.abort();
+    }
+    let partial_files = || {
+        std::fs::read_dir(&blobs)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(".push-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    println!(
+        "partial push files right after the cancels: {}",
+        partial_files()
+    );
+    // Most handlers see their stream reset and remove their file at once; one whose client
+    // went away without a reset reaching it is dropped by the push idle timeout (60 s).
+    eventually(Duration::from_secs(75), "no partial push files", || {
+        let n = partial_files();
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+    let after_pushes = rss_kib(pid);
+
+    // 1,000 watchers on 4 connections that never read while events flow, then go away: the
+    // controller serves MAX_EVENT_WATCHERS of them and refuses the rest, naming the limit.
+    let mut watchers = Vec::new();
+    let mut refused = 0;
+    for _ in 0..4 {
+        let channel = fabric_test_support::cluster::unix_channel(&controller.socket).await;
+        for _ in 0..250 {
+            let mut compute = fabric_proto::v1::compute_client::ComputeClient::new(channel.clone());
+            let request = fabric_proto::v1::WatchEventsRequest {
+                since_sequence: 1,
+                ..Default::default()
+            };
+            match compute.watch_events(request).await {
+                Ok(stream) => watchers.push(stream.into_inner()),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    assert!(
+                        status.message().contains("256 event watchers"),
+                        "{status:?}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert_eq!((watchers.len(), refused), (256, 744));
+    for i in 0..200 {
+        let _ = create_vm(&client, simulated_vm(&format!("churn-{i}"))).await;
+    }
+    let with_watchers = rss_kib(pid);
+    drop(watchers);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(pid);
+    println!(
+        "controller RSS: {before} KiB at start, {after_pushes} KiB after 1000 cancelled pushes, \
+         {with_watchers} KiB with 1000 unread watchers, {after} KiB after they left"
+    );
+    assert!(
+        after_pushes < before + 32 * 1024,
+        "1000 cancelled pushes grew the controller from {before} to {after_pushes} KiB"
+    );
+    assert!(
+        after < before + 16 * 1024,
+        "the watchers' memory was not given back: {before} -> {with_watchers} -> {after} KiB"
+    );
+}
