@@ -1,0 +1,98 @@
+//! A hostile or careless client against a real controller (issue 15): every oversized or
+//! malformed request is refused with a status naming the limit, and the controller keeps
+//! serving. What each limit is: docs/limits.md.
+
+use std::time::Duration;
+
+use fabric_proto::v1::{CordonHostRequest, CreateVmRequest, NicSpec, Placement, VmSpec};
+use fabric_test_support::cluster::{Controller, SimHost, Timing};
+use fabric_test_support::compute::{create_vm, ready_hosts};
+use fabric_test_support::vmspec::simulated_vm;
+
+fn create(spec: VmSpec) -> CreateVmRequest {
+    CreateVmRequest {
+        spec: Some(spec),
+        desired_state: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_requests_are_refused_naming_the_limit_and_the_controller_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&dir.path().join("controller"), Timing::default());
+    let _host = SimHost::start(&dir.path().join("h1"), "h1", &controller.address(), 0, 0);
+    let mut client = controller.compute().await;
+    let hosts = ready_hosts(&client, 1, Duration::from_secs(30)).await;
+
+    let refusals: Vec<(&str, VmSpec, &str)> = vec![
+        (
+            // A few MiB in one field used to be accepted, and then broke the host's whole
+            // assignment stream.
+            "a 3 MiB NIC network name",
+            VmSpec {
+                nics: vec![NicSpec {
+                    network: "n".repeat(3 << 20),
+                    mac: String::new(),
+                }],
+                ..simulated_vm("huge-nic")
+            },
+            "at most 16384",
+        ),
+        (
+            "a zone of 1,000 bytes",
+            VmSpec {
+                placement: Some(Placement {
+                    zone: "z".repeat(1000),
+                    ..Default::default()
+                }),
+                ..simulated_vm("huge-zone")
+            },
+            "spec.placement.zone",
+        ),
+        (
+            "a command line that fits the spec's limit but not with what the host adds",
+            VmSpec {
+                kernel_cmdline: "x".repeat(2000),
+                ..simulated_vm("long-cmdline")
+            },
+            "with what the host adds",
+        ),
+    ];
+    for (what, spec, names) in refusals {
+        let status = client.create_vm(create(spec)).await.expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
+        assert!(status.message().contains(names), "{what}: {status:?}");
+    }
+
+    // Larger than any message a server decodes.
+    let status = client
+        .create_vm(create(VmSpec {
+            kernel_cmdline: "x".repeat(5 << 20),
+            ..simulated_vm("five-mib")
+        }))
+        .await
+        .expect_err("a 5 MiB request");
+    assert!(
+        status.message().contains("4194304"),
+        "the refusal does not name the limit: {status:?}"
+    );
+
+    let status = client
+        .cordon_host(CordonHostRequest {
+            id: hosts["h1"].clone(),
+            reason: "r".repeat(10_000),
+        })
+        .await
+        .expect_err("a 10 KB reason");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("256 bytes"), "{status:?}");
+
+    // And it serves on.
+    create_vm(&client, simulated_vm("after"))
+        .await
+        .expect("a good create");
+}
