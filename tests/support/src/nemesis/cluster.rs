@@ -134,6 +134,8 @@ pub struct ClusterSpec {
     pub timing: Timing,
     /// Environment variables of every agent (each host also gets its own clock files).
     pub agent_env: Vec<(String, String)>,
+    /// More environment variables for one host's agent: (host index, name, value).
+    pub host_env: Vec<(usize, String, String)>,
     /// Environment variables of the controller.
     pub controller_env: Vec<(String, String)>,
     /// vCPUs and memory (MiB) of a simulated host.
@@ -292,7 +294,17 @@ impl Cluster {
                 dir,
                 address,
                 agent: None,
-                env: spec.agent_env.clone(),
+                env: spec
+                    .agent_env
+                    .iter()
+                    .cloned()
+                    .chain(
+                        spec.host_env
+                            .iter()
+                            .filter(|(h, _, _)| *h == i)
+                            .map(|(_, k, v)| (k.clone(), v.clone())),
+                    )
+                    .collect(),
                 boottime_file,
                 boottime_ms: 0,
                 wallclock_file,

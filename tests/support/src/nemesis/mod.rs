@@ -101,6 +101,8 @@ pub struct Config {
     /// Pause between two workload calls, ms.
     pub workload_gap_ms: (u64, u64),
     pub agent_env: Vec<(String, String)>,
+    /// More variables for one agent: (host index, name, value); KVM hosts come first.
+    pub host_env: Vec<(usize, String, String)>,
     pub controller_env: Vec<(String, String)>,
     /// Where the history (and, after a run that is not clean, the daemons' logs) go.
     pub log_dir: PathBuf,
@@ -133,6 +135,7 @@ impl Config {
             nemeses: 2,
             workload_gap_ms: (200, 1500),
             agent_env: Vec::new(),
+            host_env: Vec::new(),
             controller_env: Vec::new(),
             log_dir: std::env::temp_dir(),
             echo: true,
@@ -245,6 +248,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Verdict> {
         sim_hosts: config.sim_hosts,
         timing: config.timing,
         agent_env: config.agent_env.clone(),
+        host_env: config.host_env.clone(),
         controller_env: config.controller_env.clone(),
         sim_cpus: 4,
         sim_memory_mib: 8192,
