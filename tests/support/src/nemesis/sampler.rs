@@ -67,10 +67,22 @@ pub struct Sampler {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Whether the host's lease file holds a valid lease. A read that meets a renewal half
+/// written (the file is overwritten in place; its checksum tells) is read again, so that a
+/// torn read never hides a live copy.
 fn lease_valid(data_dir: &std::path::Path) -> bool {
-    LeaseFile::read(&data_dir.join("lease.json"))
-        .map(|l| !l.remaining().is_zero())
-        .unwrap_or(false)
+    let path = data_dir.join("lease.json");
+    for _ in 0..3 {
+        match LeaseFile::read(&path) {
+            Ok(lease) => return !lease.remaining().is_zero(),
+            Err(err) if err.contains("checksum") => {
+                std::thread::sleep(std::time::Duration::from_millis(1))
+            }
+            Err(_) => return false,
+        }
+    }
+    // Still being written: an agent is renewing it.
+    true
 }
 
 /// Asks a simulated agent what it runs; None if it does not answer within 300 ms.
