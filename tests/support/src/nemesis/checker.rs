@@ -295,6 +295,8 @@ pub struct Verdict {
     pub total_secs: f64,
     pub hosts: String,
     pub ops: BTreeMap<&'static str, (usize, usize)>,
+    /// Memory-relief moves the controller started.
+    pub relief_moves: u64,
     pub faults: BTreeMap<String, usize>,
     pub samples: u64,
     pub controller_samples: u64,
@@ -340,6 +342,11 @@ impl Verdict {
             t,
             "| operations (acknowledged/issued) | {} |",
             ops.join(", ")
+        );
+        let _ = writeln!(
+            t,
+            "| memory-relief moves (started by the controller) | {} |",
+            self.relief_moves
         );
         let faults: Vec<String> = self
             .faults

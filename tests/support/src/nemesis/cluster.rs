@@ -138,6 +138,11 @@ pub struct ClusterSpec {
     pub host_env: Vec<(usize, String, String)>,
     /// Environment variables of the controller.
     pub controller_env: Vec<(String, String)>,
+    /// The controller's memory-relief window, seconds (0: off), and the memory balancer's
+    /// budget on simulated hosts (MiB; 0: their memory): a small budget makes hosts short of
+    /// memory, and the controller then moves VMs off them.
+    pub relief_window_s: f64,
+    pub sim_budget_mib: u64,
     /// vCPUs and memory (MiB) of a simulated host.
     pub sim_cpus: u32,
     pub sim_memory_mib: u64,
@@ -155,6 +160,8 @@ pub struct Cluster {
     pub hosts: Vec<Host>,
     sim_cpus: u32,
     sim_memory_mib: u64,
+    relief_window_s: f64,
+    sim_budget_mib: u64,
     disk: Option<LoopDisk>,
     blkio: Option<PathBuf>,
     controller_starts: usize,
@@ -247,6 +254,8 @@ impl Cluster {
             hosts: Vec::new(),
             sim_cpus: spec.sim_cpus,
             sim_memory_mib: spec.sim_memory_mib,
+            relief_window_s: spec.relief_window_s,
+            sim_budget_mib: spec.sim_budget_mib,
             disk: None,
             blkio: None,
             controller_starts: 0,
@@ -408,6 +417,8 @@ impl Cluster {
             .arg(self.timing.heartbeat_interval.to_string())
             .arg("--fencing-margin")
             .arg(self.timing.fencing_margin.to_string())
+            .arg("--memory-relief-window")
+            .arg(self.relief_window_s.to_string())
             .env("FABRIC_LOG", "info")
             .env(WALLCLOCK_OFFSET_ENV, &self.controller_wallclock_file);
         for (k, v) in &self.controller_env {
@@ -478,9 +489,12 @@ memory_mib = 0
 start_delay_ms = 100
 cpus = {cpus}
 memory_mib = {memory}
+[memory]
+budget_mib = {budget}
 "#,
                 cpus = self.sim_cpus,
                 memory = self.sim_memory_mib,
+                budget = self.sim_budget_mib,
             ),
         };
         let path = host.dir.join("agent.toml");

@@ -92,6 +92,8 @@ pub struct Config {
     /// VMs the workload keeps, about.
     pub vms: usize,
     pub memory_mib: u64,
+    /// The controller's memory-relief window, seconds (0: no memory-relief moves).
+    pub relief_window_s: f64,
     pub timing: Timing,
     pub faults: Vec<Fault>,
     pub fault_timing: FaultTiming,
@@ -125,6 +127,7 @@ impl Config {
             sim_hosts: 3,
             vms: 6,
             memory_mib: 64,
+            relief_window_s: 3.0,
             timing: Timing {
                 lease_ttl: 2.0,
                 heartbeat_interval: 1.0,
@@ -144,18 +147,70 @@ impl Config {
     }
 }
 
+/// The memory balancer's budget on simulated hosts when memory relief is on: VMs of up to
+/// [`DEMAND_MAX_MIB`] each make a host of a few of them short, and the controller moves one.
+pub const SIM_BUDGET_MIB: u64 = 1024;
+pub const DEMAND_MAX_MIB: u64 = 450;
+
 /// The VMs the nemesis runs: the freestanding test guest's `clock` scenario, which idles in
-/// 100 ms sleeps for years (`fabric.mib` sleeps), cheap on CPU even under emulation.
+/// 100 ms sleeps for years (`fabric.mib` sleeps), cheap on CPU even under emulation. Their
+/// memory may grow to 512 MiB; on simulated hosts each wants a demand of its own (from its
+/// name, 32..=DEMAND_MAX_MIB MiB), so that hosts run short and memory-relief moves happen.
 pub fn guest_spec(name: &str, memory_mib: u64) -> VmSpec {
     let mut spec = crate::vmspec::vm_spec(
         name,
-        crate::vmspec::memory(memory_mib, 0, 0),
+        crate::vmspec::memory(memory_mib, 0, memory_mib.max(512)),
         "default",
         "",
         RestartPolicy::Unspecified,
     );
     spec.kernel_cmdline = "fabric.test=clock fabric.mib=100000000000".to_string();
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let demand = 32 + hash % (DEMAND_MAX_MIB - 31);
+    spec.placement = Some(fabric_proto::v1::Placement {
+        labels: [(
+            "fabric.sim/memory-demand-mib".to_string(),
+            demand.to_string(),
+        )]
+        .into(),
+        ..Default::default()
+    });
     spec
+}
+
+/// Counts the memory-relief moves the controller starts (VM_EVICTED events with reason
+/// `MemoryRelief`), following its event stream across its restarts.
+struct ReliefCounter {
+    moves: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn relief_counter(socket: PathBuf, history: Arc<History>) -> ReliefCounter {
+    let moves = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = moves.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let mut c = ComputeClient::new(unix_channel(&socket).await);
+            if let Ok(stream) = c
+                .watch_events(fabric_proto::v1::WatchEventsRequest::default())
+                .await
+            {
+                let mut stream = stream.into_inner();
+                while let Ok(Some(event)) = stream.message().await {
+                    if event.kind() == fabric_proto::v1::EventKind::VmEvicted
+                        && event.reason == "MemoryRelief"
+                    {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        history.line(&format!("relief move: {}", event.message));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    ReliefCounter { moves, task }
 }
 
 /// What the controller has at the end.
@@ -252,6 +307,12 @@ pub async fn run(config: &Config) -> anyhow::Result<Verdict> {
         controller_env: config.controller_env.clone(),
         sim_cpus: 4,
         sim_memory_mib: 8192,
+        relief_window_s: config.relief_window_s,
+        sim_budget_mib: if config.relief_window_s > 0.0 {
+            SIM_BUDGET_MIB
+        } else {
+            0
+        },
     };
     let cluster = tokio::task::block_in_place(|| Cluster::start(&spec));
     if let Some(on_start) = config.on_start {
@@ -346,6 +407,7 @@ async fn drive(
         }
     }
     let sampler = Sampler::start(infos, cluster_dir, socket.clone(), history.clone());
+    let relief = relief_counter(socket.clone(), history.clone());
     let ops = Arc::new(Mutex::new(Vec::new()));
     let client = Client {
         socket: socket.clone(),
@@ -452,6 +514,8 @@ async fn drive(
     history.line(&format!("settled after {:?}", settle_start.elapsed()));
     let last = sampler.last();
     let state = sampler.stop().await;
+    relief.task.abort();
+    let relief_moves = relief.moves.load(std::sync::atomic::Ordering::SeqCst);
     let ops = ops.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (lost_writes, open_checks) = checker::lost_writes(&ops, &final_state);
     let (lost_vms, pending_capacity) = checker::lost_vms(&final_state, &last);
@@ -478,6 +542,7 @@ async fn drive(
             config.timing.fencing_margin
         ),
         ops: op_counts,
+        relief_moves,
         faults: fault_counts,
         samples: state.samples,
         controller_samples: state.controller_samples,
