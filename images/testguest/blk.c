@@ -164,6 +164,28 @@ int scenario_blk_ro(struct result *r)
     return pass(r, "write refused with IOERR; reads still work (capacity %lu sectors)", b.capacity);
 }
 
+/* --- config-flood ------------------------------------------------------------------------ */
+
+/* A driver that writes the block device's read-only configuration space in a loop
+ * (fabric.mib=N times, default 100000): every write is refused, and the VMM must neither log
+ * each one nor stop serving the device. */
+int scenario_config_flood(struct result *r)
+{
+    struct blk b;
+    const char *err = blk_open(&b);
+    if (err)
+        return fail(r, "init: %s", err);
+    uint64_t writes = bench_mib ? bench_mib : 100000;
+    for (uint64_t i = 0; i < writes; i++)
+        virtio_write(b.dev, VIRTIO_MMIO_CONFIG, (uint32_t)i);
+    uint64_t capacity = virtio_config64(b.dev, 0);
+    if (capacity != b.capacity)
+        return fail(r, "capacity changed from %lu to %lu sectors", b.capacity, capacity);
+    if ((err = blk_ok(&b, "read after the flood", VIRTIO_BLK_T_IN, 0, SECTOR_SIZE)))
+        return fail(r, "%s", err);
+    return pass(r, "%lu config writes refused; capacity unchanged, reads still work", writes);
+}
+
 int scenario_blk_id(struct result *r)
 {
     struct blk b;

@@ -51,6 +51,7 @@ static const struct {
     {"blk-ro", scenario_blk_ro},
     {"blk-id", scenario_blk_id},
     {"hostile-blk", scenario_hostile_blk},
+    {"config-flood", scenario_config_flood},
     {"net", scenario_net},
     {"balloon", scenario_balloon},
     {"clock", scenario_clock},

@@ -37,6 +37,7 @@ int scenario_blk_write(struct result *r);
 int scenario_blk_ro(struct result *r);
 int scenario_blk_id(struct result *r);
 int scenario_hostile_blk(struct result *r);
+int scenario_config_flood(struct result *r);
 int scenario_net(struct result *r);
 int scenario_balloon(struct result *r);
 /* kvmclock and sleeping in ring 3 (memload.c). */

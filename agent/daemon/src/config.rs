@@ -81,6 +81,9 @@ impl Default for MemoryConfig {
 }
 
 /// The file format: every key optional.
+/// The image cache's default size, MiB.
+pub const DEFAULT_IMAGE_CACHE_MIB: u64 = 16 * 1024;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -100,6 +103,7 @@ struct FileConfig {
     vm_subnet: Option<String>,
     cgroup_parent: Option<String>,
     stop_timeout_secs: Option<u64>,
+    image_cache_mib: Option<u64>,
     reserve: Option<Reserve>,
     labels: Option<BTreeMap<String, String>>,
     sim: Option<SimConfig>,
@@ -160,6 +164,8 @@ pub struct Config {
     pub vm_subnet: Subnet,
     pub cgroup_parent: String,
     pub stop_timeout: Duration,
+    /// Size the image cache is trimmed to (least recently used first), MiB.
+    pub image_cache_mib: u64,
     pub reserve: Reserve,
     pub labels: BTreeMap<String, String>,
     pub sim: SimConfig,
@@ -300,6 +306,7 @@ impl Config {
             vm_subnet,
             cgroup_parent,
             stop_timeout: Duration::from_secs(file.stop_timeout_secs.unwrap_or(30)),
+            image_cache_mib: file.image_cache_mib.unwrap_or(DEFAULT_IMAGE_CACHE_MIB),
             reserve: file.reserve.unwrap_or_default(),
             labels: file.labels.unwrap_or_default(),
             sim,

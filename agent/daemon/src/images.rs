@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use fabric_proto::v1::images_client::ImagesClient;
 use fabric_proto::v1::pull_image_response::Part;
@@ -13,6 +14,53 @@ use fabric_proto::v1::PullImageRequest;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tonic::transport::Channel;
+
+/// Marks a cached file as just used (its modification time), for [`trim`].
+fn touch(path: &Path) {
+    if let Ok(file) = std::fs::File::options().append(true).open(path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Removes the least recently used cached files (by modification time) until the cache holds
+/// at most `budget` bytes; a file used less than `min_age` ago stays whatever the size (it
+/// may be about to be opened). Downloads in progress (dot files) are not counted. Returns
+/// what it removed.
+pub fn trim(dir: &Path, budget: u64, min_age: Duration) -> Vec<String> {
+    let now = std::time::SystemTime::now();
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .filter_map(|e| {
+                    let meta = e.metadata().ok().filter(|m| m.is_file())?;
+                    Some((meta.modified().ok()?, meta.len(), e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+    files.sort();
+    let mut evicted = Vec::new();
+    for (modified, len, path) in files {
+        if total <= budget {
+            break;
+        }
+        if now.duration_since(modified).unwrap_or_default() < min_age {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total = total.saturating_sub(len);
+            evicted.push(
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    evicted
+}
 
 /// Checks that `digest` is a sha256 as fabric.v1 writes them: 64 lowercase hex characters.
 pub fn check_sha256(digest: &str) -> Result<(), String> {
@@ -35,14 +83,28 @@ pub struct ImageCache {
     channel: Channel,
     /// One download at a time per digest.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// What the cache is trimmed to after a download, bytes.
+    budget_bytes: u64,
 }
 
+/// A cached file used this recently is never evicted: a VM start may be about to open it.
+pub const EVICT_AFTER: Duration = Duration::from_secs(120);
+
 impl ImageCache {
-    pub fn new(dir: PathBuf, channel: Channel) -> ImageCache {
+    /// The cache in `dir`, trimmed to `budget_mib`; downloads a crash cut short are removed.
+    pub fn new(dir: PathBuf, channel: Channel, budget_mib: u64) -> ImageCache {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".partial-") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         ImageCache {
             dir,
             channel,
             locks: Mutex::new(HashMap::new()),
+            budget_bytes: budget_mib.saturating_mul(1 << 20),
         }
     }
 
@@ -55,6 +117,7 @@ impl ImageCache {
         check_sha256(digest)?;
         let path = self.path_of(digest);
         if path.is_file() {
+            touch(&path);
             return Ok(path);
         }
         let lock = {
@@ -73,6 +136,10 @@ impl ImageCache {
             Ok(()) => {
                 std::fs::rename(&partial, &path)
                     .map_err(|e| format!("cannot store image {digest}: {e}"))?;
+                let evicted = trim(&self.dir, self.budget_bytes, EVICT_AFTER);
+                if !evicted.is_empty() {
+                    tracing::info!(evicted = ?evicted, budget_mib = self.budget_bytes >> 20, "image cache trimmed");
+                }
                 Ok(path)
             }
             Err(err) => {
@@ -166,6 +233,31 @@ impl ImageCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_is_trimmed_least_recently_used_first_and_never_what_was_just_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        for (name, age_s) in [
+            ("old", 3600),
+            ("older", 7200),
+            ("recent", 10),
+            ("newer", 1800),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![0u8; 1000]).unwrap();
+            let file = std::fs::File::options().append(true).open(&path).unwrap();
+            file.set_modified(now - Duration::from_secs(age_s)).unwrap();
+        }
+        std::fs::write(dir.path().join(".partial-x"), vec![0u8; 5000]).unwrap();
+        // 4,000 bytes cached, 2,000 allowed: the two oldest go.
+        let mut evicted = trim(dir.path(), 2000, Duration::from_secs(60));
+        evicted.sort();
+        assert_eq!(evicted, ["old", "older"]);
+        // Below the budget only by evicting a file used 10 s ago: it stays.
+        assert_eq!(trim(dir.path(), 0, Duration::from_secs(60)), ["newer"]);
+        assert!(dir.path().join("recent").exists() && dir.path().join(".partial-x").exists());
+    }
 
     #[test]
     fn digests_are_checked() {

@@ -61,6 +61,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let images = Arc::new(ImageCache::new(
                 config.data_dir.join("images"),
                 channel.clone(),
+                config.image_cache_mib,
             ));
             Arc::new(kvm::Kvm::new(&config, images))
         }

@@ -243,3 +243,26 @@ fn hostile_blk_requests_leave_the_device_serving() {
         "malformed read requests changed the disk file"
     );
 }
+
+/// A guest writing the block device's read-only configuration space 100,000 times: each write
+/// is refused, the VMM logs a burst of the warning (not one per write: the host's disk is
+/// not the guest's to fill), and the device keeps serving.
+#[test]
+fn a_config_space_flood_is_refused_without_flooding_the_log() {
+    skip_without_kvm!("testguest config-flood");
+    let dir = temp_dir("config-flood");
+    let disk = scratch_disk(dir.path(), 0);
+    let run = run_scenario("config-flood", &["--disk", &disk_spec(&disk, "")]);
+    run.assert_pass("config-flood");
+    let warnings = run.vmm_log.matches("read-only configuration space").count();
+    assert!(
+        (1..=fabric_vmm::logging::RATE_BURST as usize).contains(&warnings),
+        "{warnings} warnings for 100,000 refused writes\n{}",
+        run.report()
+    );
+    assert!(
+        run.vmm_log.len() < 64 << 10,
+        "the VMM logged {} bytes for the flood",
+        run.vmm_log.len()
+    );
+}
