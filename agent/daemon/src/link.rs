@@ -302,6 +302,11 @@ fn heartbeat_request(host: &Host, host_id: &str, session: u64) -> HeartbeatReque
     usage.memory_used_mib = total.saturating_sub(available);
     usage.memory_available_mib = available;
     usage.memory_pressure = memory_pressure();
+    if let Ok(fs) = nix::sys::statvfs::statvfs(&host.config.data_dir) {
+        let block = fs.fragment_size();
+        usage.disk_total_mib = fs.blocks().saturating_mul(block) >> 20;
+        usage.disk_available_mib = fs.blocks_available().saturating_mul(block) >> 20;
+    }
     usage.memory_balance = host.memory_balance();
     HeartbeatRequest {
         host_id: host_id.to_string(),

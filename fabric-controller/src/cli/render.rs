@@ -328,6 +328,8 @@ pub fn host_json(host: &Host) -> Value {
             "memory_used_mib": u.memory_used_mib,
             "memory_available_mib": u.memory_available_mib,
             "vm_memory_mib": u.vm_memory_mib,
+            "disk_total_mib": u.disk_total_mib,
+            "disk_available_mib": u.disk_available_mib,
             "memory_pressure": pressure,
             "memory_balance": u.memory_balance.as_ref().map_or(Value::Null, host_balance_json),
         })
@@ -652,6 +654,15 @@ pub fn host_details(host: &Host) -> String {
                 usage.running_vms, usage.vcpus, usage.memory_used_mib, usage.memory_available_mib
             ),
         ));
+        if usage.disk_total_mib > 0 {
+            lines.push((
+                "Disk",
+                format!(
+                    "{} MiB available of {} MiB (data directory)",
+                    usage.disk_available_mib, usage.disk_total_mib
+                ),
+            ));
+        }
         if let Some(b) = usage.memory_balance {
             lines.push((
                 "Memory balance",

@@ -122,6 +122,8 @@ pub fn host_usage() -> HostUsage {
         memory_used_mib: 20_000,
         memory_available_mib: 44_000,
         vm_memory_mib: 9_000,
+        disk_total_mib: 400_000,
+        disk_available_mib: 120_000,
         memory_pressure: Some(MemoryPressure {
             some_avg10_percent: 1.5,
             full_avg10_percent: 0.25,
