@@ -47,6 +47,12 @@ fn check_register(req: &RegisterHostRequest) -> Result<(), Status> {
     if req.labels.len() > 64 {
         return bad("labels: at most 64".into());
     }
+    for (key, value) in &req.labels {
+        crate::validate::check_label("labels", key, value).map_err(Status::invalid_argument)?;
+    }
+    if req.agent_address.len() > 255 || req.agent_version.len() > 64 {
+        return bad("agent_address: at most 255 characters; agent_version: at most 64".into());
+    }
     if req.boot_id.len() > 64 {
         return bad("boot_id: at most 64 characters".into());
     }

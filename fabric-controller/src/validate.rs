@@ -202,7 +202,7 @@ fn check_token(field: &str, value: &str, required: bool) -> Result<(), String> {
     ))
 }
 
-fn check_label(field: &str, key: &str, value: &str) -> Result<(), String> {
+pub fn check_label(field: &str, key: &str, value: &str) -> Result<(), String> {
     let ok_key = !key.is_empty()
         && key.len() <= 63
         && key

@@ -91,6 +91,35 @@ async fn oversized_requests_are_refused_naming_the_limit_and_the_controller_serv
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("256 bytes"), "{status:?}");
 
+    // A registration with a label of 10 KB, and one with 65 labels.
+    let mut hostlink = fabric_proto::v1::host_link_client::HostLinkClient::new(
+        fabric_test_support::cluster::unix_channel(&controller.socket).await,
+    );
+    let register =
+        |labels: std::collections::HashMap<String, String>| fabric_proto::v1::RegisterHostRequest {
+            machine_id: "hostile-machine".into(),
+            name: "hostile".into(),
+            capacity: Some(Default::default()),
+            allocatable: Some(Default::default()),
+            labels,
+            ..Default::default()
+        };
+    let long = [("rack".to_string(), "r".repeat(10_000))].into();
+    let status = hostlink
+        .register_host(register(long))
+        .await
+        .expect_err("a 10 KB label");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("0..=63"), "{status:?}");
+    let many = (0..65)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    let status = hostlink
+        .register_host(register(many))
+        .await
+        .expect_err("65 labels");
+    assert!(status.message().contains("at most 64"), "{status:?}");
+
     // And it serves on.
     create_vm(&client, simulated_vm("after"))
         .await
