@@ -5,8 +5,10 @@
 //!   T, t, Z, X), and the host's lease file (`<data_dir>/lease.json`) is still valid — each
 //!   fabric-vmm enforces that lease itself and does not run its guest past it;
 //! - on a simulated host: the agent reports it RUNNING or STARTING with a start time (its own
-//!   view, `ListLocalVms` on its Unix socket, asked every ~20 ms with a short timeout), and
-//!   the host's lease file is valid. An agent that does not answer (stopped, or dead) counts
+//!   view, `ListLocalVms` on its Unix socket, asked every ~20 ms with a short timeout), the
+//!   host's lease file was valid both just before and just after it answered (a simulated VM
+//!   has no VMM to enforce the lease: an agent resumed after its lease ran out reports its VMs
+//!   running for the few milliseconds until its fence kills them), and is valid now. An agent that does not answer (stopped, or dead) counts
 //!   as still running what it last reported until its lease file says the lease ran out;
 //!   from then on its last report is forgotten.
 //!
@@ -132,15 +134,28 @@ impl Sampler {
                 continue;
             }
             let (socket, view, stop) = (host.socket.clone(), view.clone(), stop.clone());
+            let data_dir = host.data_dir.clone();
             tasks.push(tokio::spawn(async move {
                 let mut client = AgentClient::new(unix_channel(&socket).await);
                 while !stop.load(Ordering::SeqCst) {
+                    // What a simulated agent runs counts only under a valid lease, before and
+                    // after it answered: a simulated VM has no VMM of its own to stop it when
+                    // the lease runs out (a KVM host's fabric-vmm does), so an agent resumed
+                    // after its lease ran out, which kills its VMs within milliseconds, would
+                    // otherwise count as running them then — and a lease renewed a moment
+                    // later must not revive that answer.
+                    let valid_before = lease_valid(&data_dir);
                     let answer = ask_agent(&mut client).await;
+                    let valid_after = lease_valid(&data_dir);
                     {
                         let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
                         match answer {
                             Some(live) => {
-                                v.live = live;
+                                v.live = if valid_before && valid_after {
+                                    live
+                                } else {
+                                    BTreeMap::new()
+                                };
                                 v.answered = true;
                             }
                             None => v.answered = false,
