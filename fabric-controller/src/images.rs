@@ -38,6 +38,22 @@ pub struct ImageStore {
     blobs: PathBuf,
     store: Arc<dyn Store>,
     pushes: Arc<tokio::sync::Semaphore>,
+    /// Bytes the stored blobs take plus those reserved by pushes in progress, and the quota.
+    used: std::sync::Mutex<u64>,
+    quota: u64,
+}
+
+/// Bytes reserved for a push in progress, given back when it ends unless stored.
+struct Reservation<'a> {
+    store: &'a ImageStore,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut used = self.store.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(self.bytes);
+    }
 }
 
 /// A push's partial file, removed when the push ends without being stored, also when the
@@ -60,24 +76,49 @@ fn image_key(name: &str) -> String {
 }
 
 impl ImageStore {
-    pub fn new(data_dir: &std::path::Path, store: Arc<dyn Store>) -> std::io::Result<ImageStore> {
+    /// The image store under `data_dir`, its files limited to `quota_mib`.
+    pub fn new(
+        data_dir: &std::path::Path,
+        store: Arc<dyn Store>,
+        quota_mib: u64,
+    ) -> std::io::Result<ImageStore> {
         let blobs = data_dir.join("images").join("blobs");
         std::fs::create_dir_all(&blobs)?;
-        // Pushes cut short by a crash left their partial files.
+        let mut used = 0u64;
         for entry in std::fs::read_dir(&blobs)?.flatten() {
             if entry
                 .file_name()
                 .to_string_lossy()
                 .starts_with(PARTIAL_PREFIX)
             {
+                // Pushes cut short by a crash left their partial files.
                 let _ = std::fs::remove_file(entry.path());
+            } else if let Ok(meta) = entry.metadata() {
+                used = used.saturating_add(meta.len());
             }
         }
         Ok(ImageStore {
             blobs,
             store,
             pushes: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PUSHES)),
+            used: std::sync::Mutex::new(used),
+            quota: quota_mib.saturating_mul(1 << 20),
         })
+    }
+
+    /// Reserves `bytes` within the quota, or says why not.
+    fn reserve(&self, bytes: u64) -> Result<Reservation<'_>, Status> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.saturating_add(bytes) > self.quota {
+            return Err(Status::resource_exhausted(format!(
+                "image quota: {bytes} more bytes would take the images to {} of {} MiB \
+                 (--image-quota-mib); delete images or raise the quota",
+                used.saturating_add(bytes) >> 20,
+                self.quota >> 20
+            )));
+        }
+        *used += bytes;
+        Ok(Reservation { store: self, bytes })
     }
 
     fn blob(&self, digest: &str) -> PathBuf {
@@ -225,6 +266,7 @@ impl Images for ImagesService {
                 header.size_bytes
             )));
         }
+        let mut reservation = self.reserve(header.size_bytes)?;
         let partial = self.blobs.join(format!(
             "{PARTIAL_PREFIX}{}-{}",
             header.sha256,
@@ -296,6 +338,8 @@ impl Images for ImagesService {
                 .await
                 .map_err(|e| Status::internal(format!("cannot store: {e}")))?;
             guard.keep = true;
+            // Stored: the bytes stay counted.
+            reservation.bytes = 0;
         }
         let file = ImageFile {
             role: role as i32,

@@ -727,3 +727,57 @@ async fn cancelled_pushes_and_unread_watchers_leave_nothing_behind() {
         "the watchers' memory was not given back: {before} -> {with_watchers} -> {after} KiB"
     );
 }
+
+/// Pushes `bytes` as a disk image `name`; the controller's answer.
+async fn push_bytes(
+    channel: tonic::transport::Channel,
+    name: &str,
+    bytes: Vec<u8>,
+) -> Result<(), tonic::Status> {
+    use fabric_proto::v1::images_client::ImagesClient;
+    use fabric_proto::v1::push_image_request::Part;
+    use fabric_proto::v1::{ImageFileRole, PushImageHeader, PushImageRequest};
+    use sha2::Digest;
+    let mut messages = vec![PushImageRequest {
+        part: Some(Part::Header(PushImageHeader {
+            image_name: name.into(),
+            role: ImageFileRole::Disk as i32,
+            sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+            size_bytes: bytes.len() as u64,
+            file_name: "disk.img".into(),
+        })),
+    }];
+    for chunk in bytes.chunks(1 << 20) {
+        messages.push(PushImageRequest {
+            part: Some(Part::Data(chunk.to_vec())),
+        });
+    }
+    ImagesClient::new(channel)
+        .push_image(tokio_stream::iter(messages))
+        .await
+        .map(|_| ())
+}
+
+/// The images a controller stores are held to `--image-quota-mib`: a push that would exceed
+/// it is refused, naming the quota, and takes nothing (a later push that fits goes through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn image_pushes_beyond_the_quota_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start_with_args(
+        &dir.path().join("controller"),
+        Timing::default(),
+        &["--image-quota-mib", "2"],
+    );
+    let channel = fabric_test_support::cluster::unix_channel(&controller.socket).await;
+    push_bytes(channel.clone(), "a", vec![1u8; 1 << 20])
+        .await
+        .expect("1 MiB of a 2 MiB quota");
+    let refused = push_bytes(channel.clone(), "b", vec![2u8; 1536 << 10])
+        .await
+        .expect_err("1.5 MiB more");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("of 2 MiB"), "{refused:?}");
+    push_bytes(channel, "c", vec![3u8; 512 << 10])
+        .await
+        .expect("what still fits");
+}

@@ -52,6 +52,10 @@ struct Args {
     /// nothing, a lasting over-commitment is relieved within a minute.
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     memory_relief_window: f64,
+    /// Most space image files may take in the data directory, MiB; a push beyond it is refused
+    /// (RESOURCE_EXHAUSTED) and takes nothing.
+    #[arg(long, default_value_t = 256 * 1024, value_name = "MIB")]
+    image_quota_mib: u64,
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
@@ -126,7 +130,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let controller = Controller::load(settings, store.clone()).map_err(anyhow::Error::msg)?;
-    let images = Arc::new(ImageStore::new(&args.data_dir, store)?);
+    let images = Arc::new(ImageStore::new(
+        &args.data_dir,
+        store,
+        args.image_quota_mib,
+    )?);
     tokio::spawn(Reconciler::default().run(controller.clone()));
     tokio::spawn(controller.clone().settle_lease_bound());
 
