@@ -71,6 +71,9 @@ impl Compute for ComputeService {
                 )))
             }
         };
+        // No image file is collected between resolving the image and committing the VM
+        // that refers to its files.
+        let _resolving = self.images.collecting.read().await;
         if let Some(image) = spec.image.as_mut() {
             self.images.resolve(image).await?;
         }

@@ -10,8 +10,9 @@ use fabric_proto::v1::images_server::Images;
 use fabric_proto::v1::pull_image_response::Part as PullPart;
 use fabric_proto::v1::push_image_request::Part as PushPart;
 use fabric_proto::v1::{
-    BootImage, Image, ImageFile, ImageFileRole, ListImagesRequest, ListImagesResponse,
-    PullImageHeader, PullImageRequest, PullImageResponse, PushImageRequest, PushImageResponse,
+    BootImage, DeleteImageRequest, DeleteImageResponse, Image, ImageFile, ImageFileRole,
+    ListImagesRequest, ListImagesResponse, PullImageHeader, PullImageRequest, PullImageResponse,
+    PushImageRequest, PushImageResponse,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -41,6 +42,10 @@ pub struct ImageStore {
     /// Bytes the stored blobs take plus those reserved by pushes in progress, and the quota.
     used: std::sync::Mutex<u64>,
     quota: u64,
+    /// Held for writing while files are collected; for reading while a file is stored and
+    /// attached to its image, and while CreateVm resolves an image and commits the VM, so
+    /// that no file is collected between being stored (or resolved) and being referred to.
+    pub collecting: tokio::sync::RwLock<()>,
 }
 
 /// Bytes reserved for a push in progress, given back when it ends unless stored.
@@ -103,7 +108,63 @@ impl ImageStore {
             pushes: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PUSHES)),
             used: std::sync::Mutex::new(used),
             quota: quota_mib.saturating_mul(1 << 20),
+            collecting: tokio::sync::RwLock::new(()),
         })
+    }
+
+    /// Forgets image `name` and collects the files nothing refers to any more.
+    pub async fn delete(&self, name: &str) -> Result<(Vec<String>, u64), Status> {
+        let _collecting = self.collecting.write().await;
+        let Some((_, rev)) = self.get(name).await? else {
+            return Err(Status::not_found(format!("no image named {name:?}")));
+        };
+        let txn = Txn::new()
+            .when(Compare::ModRevision(image_key(name), rev))
+            .delete(image_key(name));
+        let store = self.store.clone();
+        let outcome = tokio::task::spawn_blocking(move || store.txn(txn))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(unavailable)?;
+        if !matches!(outcome, TxnOutcome::Committed(_)) {
+            return Err(Status::aborted("the image changed concurrently; retry"));
+        }
+        self.collect().await
+    }
+
+    /// Removes every stored file that no image and no VM refers to; what it removed and the
+    /// bytes freed. The caller holds `collecting` for writing.
+    async fn collect(&self) -> Result<(Vec<String>, u64), Status> {
+        let store = self.store.clone();
+        let referenced = tokio::task::spawn_blocking(move || referenced_digests(store.as_ref()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let mut removed = Vec::new();
+        let mut freed = 0u64;
+        let entries = std::fs::read_dir(&self.blobs)
+            .map_err(|e| Status::internal(format!("cannot list the image files: {e}")))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || referenced.contains(&name) {
+                continue;
+            }
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            if std::fs::remove_file(entry.path()).is_ok() {
+                freed += len;
+                removed.push(name);
+            }
+        }
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(freed);
+        drop(used);
+        if !removed.is_empty() {
+            tracing::info!(
+                files = removed.len(),
+                freed_bytes = freed,
+                "image files collected"
+            );
+        }
+        Ok((removed, freed))
     }
 
     /// Reserves `bytes` within the quota, or says why not.
@@ -216,6 +277,40 @@ impl std::ops::Deref for ImagesService {
     }
 }
 
+/// Every digest an image or a VM refers to.
+fn referenced_digests(store: &dyn Store) -> Result<std::collections::HashSet<String>, Status> {
+    use fabric_proto::v1::{disk_spec, Vm};
+    let mut digests = std::collections::HashSet::new();
+    let (images, _) = store.list("images/").map_err(unavailable)?;
+    for kv in images {
+        let image =
+            Image::decode(kv.value.as_slice()).map_err(|e| Status::internal(e.to_string()))?;
+        digests.extend(image.files.into_iter().map(|f| f.sha256));
+    }
+    let (vms, _) = store.list("vms/").map_err(unavailable)?;
+    for kv in vms {
+        let vm = Vm::decode(kv.value.as_slice()).map_err(|e| Status::internal(e.to_string()))?;
+        let Some(spec) = vm.spec else { continue };
+        if let Some(image) = spec.image {
+            digests.extend(
+                [
+                    image.kernel_sha256,
+                    image.initramfs_sha256,
+                    image.rootfs_sha256,
+                ]
+                .into_iter()
+                .filter(|d| !d.is_empty()),
+            );
+        }
+        for disk in spec.disks {
+            if let Some(disk_spec::Source::ImageSha256(d)) = disk.source {
+                digests.insert(d);
+            }
+        }
+    }
+    Ok(digests)
+}
+
 /// The next message of a push, or an error when none comes within [`PUSH_IDLE_TIMEOUT`].
 async fn next_part(
     stream: &mut Streaming<PushImageRequest>,
@@ -267,6 +362,8 @@ impl Images for ImagesService {
             )));
         }
         let mut reservation = self.reserve(header.size_bytes)?;
+        // From storing the file to attaching it to its image, no collection may run.
+        let _storing = self.collecting.read().await;
         let partial = self.blobs.join(format!(
             "{PARTIAL_PREFIX}{}-{}",
             header.sha256,
@@ -353,6 +450,19 @@ impl Images for ImagesService {
             image: Some(image),
             file: Some(file),
             already_stored,
+        }))
+    }
+
+    async fn delete_image(
+        &self,
+        request: Request<DeleteImageRequest>,
+    ) -> Result<Response<DeleteImageResponse>, Status> {
+        let name = request.into_inner().name;
+        check_image_name(&name).map_err(Status::invalid_argument)?;
+        let (removed_sha256, freed_bytes) = self.delete(&name).await?;
+        Ok(Response::new(DeleteImageResponse {
+            removed_sha256,
+            freed_bytes,
         }))
     }
 

@@ -313,6 +313,13 @@ impl Images for TestImages {
         not_needed()
     }
 
+    async fn delete_image(
+        &self,
+        _: Request<DeleteImageRequest>,
+    ) -> Result<Response<DeleteImageResponse>, Status> {
+        not_needed()
+    }
+
     type PullImageStream = ServerStream<PullImageResponse>;
 
     async fn pull_image(

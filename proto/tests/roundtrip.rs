@@ -100,6 +100,19 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "fabric.v1.DeleteImageRequest",
+            round_trip(DeleteImageRequest {
+                name: "alpine-3.20".to_owned(),
+            }),
+        ),
+        (
+            "fabric.v1.DeleteImageResponse",
+            round_trip(DeleteImageResponse {
+                removed_sha256: vec!["ab".repeat(32)],
+                freed_bytes: 4096,
+            }),
+        ),
+        (
             "fabric.v1.RemoveHostRequest",
             round_trip(RemoveHostRequest {
                 id: "host-1".to_owned(),

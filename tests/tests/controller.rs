@@ -775,9 +775,124 @@ async fn image_pushes_beyond_the_quota_are_refused() {
     let refused = push_bytes(channel.clone(), "b", vec![2u8; 1536 << 10])
         .await
         .expect_err("1.5 MiB more");
-    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
     assert!(refused.message().contains("of 2 MiB"), "{refused:?}");
     push_bytes(channel, "c", vec![3u8; 512 << 10])
         .await
         .expect("what still fits");
+}
+
+/// DeleteImage forgets an image and removes the files nothing refers to: not a file a VM
+/// still uses (collected by a later deletion once the VM is gone), and a file replaced by a
+/// newer push of the same role is collected too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleted_images_free_their_files_but_not_those_a_vm_uses() {
+    use fabric_proto::v1::images_client::ImagesClient;
+    use fabric_proto::v1::{BootImage, DeleteImageRequest, DeleteVmRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&dir.path().join("controller"), Timing::default());
+    let blobs = dir.path().join("controller/data/images/blobs");
+    let count = || std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+    let channel = fabric_test_support::cluster::unix_channel(&controller.socket).await;
+    let mut images = ImagesClient::new(channel.clone());
+    let mut client = controller.compute().await;
+
+    push_bytes(channel.clone(), "scratch", vec![1u8; 4096])
+        .await
+        .unwrap();
+    push_bytes(channel.clone(), "scratch", vec![2u8; 4096])
+        .await
+        .unwrap(); // replaces the first
+    push_kernel(channel.clone(), "used", vec![3u8; 4096]).await;
+    assert_eq!(count(), 3);
+    let vm = client
+        .create_vm(CreateVmRequest {
+            spec: Some(VmSpec {
+                image: Some(BootImage {
+                    name: "used".into(),
+                    ..Default::default()
+                }),
+                ..simulated_vm("uses-it")
+            }),
+            desired_state: 0,
+        })
+        .await
+        .expect("a VM of image used")
+        .into_inner();
+
+    let deleted = images
+        .delete_image(DeleteImageRequest {
+            name: "scratch".into(),
+        })
+        .await
+        .expect("delete scratch")
+        .into_inner();
+    assert_eq!(deleted.removed_sha256.len(), 2, "{deleted:?}");
+    assert_eq!(deleted.freed_bytes, 8192);
+    let deleted = images
+        .delete_image(DeleteImageRequest {
+            name: "used".into(),
+        })
+        .await
+        .expect("delete used")
+        .into_inner();
+    assert!(
+        deleted.removed_sha256.is_empty(),
+        "a file the VM uses was removed: {deleted:?}"
+    );
+    assert_eq!(count(), 1);
+    let missing = images
+        .delete_image(DeleteImageRequest {
+            name: "used".into(),
+        })
+        .await
+        .expect_err("deleted twice");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    client
+        .delete_vm(DeleteVmRequest { id: vm.id })
+        .await
+        .expect("delete the VM");
+    push_bytes(channel.clone(), "later", vec![4u8; 10])
+        .await
+        .unwrap();
+    let deleted = images
+        .delete_image(DeleteImageRequest {
+            name: "later".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.removed_sha256.len(), 2, "{deleted:?}");
+    assert_eq!(count(), 0);
+}
+
+/// Pushes `bytes` as the kernel of image `name`.
+async fn push_kernel(channel: tonic::transport::Channel, name: &str, bytes: Vec<u8>) {
+    use fabric_proto::v1::images_client::ImagesClient;
+    use fabric_proto::v1::push_image_request::Part;
+    use fabric_proto::v1::{ImageFileRole, PushImageHeader, PushImageRequest};
+    use sha2::Digest;
+    let messages = vec![
+        PushImageRequest {
+            part: Some(Part::Header(PushImageHeader {
+                image_name: name.into(),
+                role: ImageFileRole::Kernel as i32,
+                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+                size_bytes: bytes.len() as u64,
+                file_name: "vmlinux".into(),
+            })),
+        },
+        PushImageRequest {
+            part: Some(Part::Data(bytes)),
+        },
+    ];
+    ImagesClient::new(channel)
+        .push_image(tokio_stream::iter(messages))
+        .await
+        .expect("push the kernel");
 }

@@ -234,6 +234,11 @@ pub enum ImageCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Forget an image; files no image and no VM refers to any more are removed.
+    Delete {
+        /// Name of the image.
+        name: String,
+    },
 }
 
 /// A failed RPC, shown as the gRPC code name and the controller's message on one line
@@ -526,6 +531,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "pushed": pushed.iter().map(render::pushed_json).collect::<Vec<_>>(),
                 })),
                 Output::Table => print(&render::pushed_table(&name, &pushed).to_string()),
+            }
+        }
+        Command::Image(ImageCommand::Delete { name }) => {
+            let deleted = reply(
+                clients
+                    .images
+                    .delete_image(fabric_proto::v1::DeleteImageRequest { name: name.clone() })
+                    .await,
+            )?;
+            match output {
+                Output::Json => print_json(&json!({
+                    "deleted": name,
+                    "removed_sha256": deleted.removed_sha256,
+                    "freed_bytes": deleted.freed_bytes,
+                })),
+                Output::Table => print(&format!(
+                    "image {name} deleted; {} files removed ({} bytes freed)\n",
+                    deleted.removed_sha256.len(),
+                    deleted.freed_bytes
+                )),
             }
         }
         Command::Image(ImageCommand::List { name }) => {

@@ -312,6 +312,15 @@ impl Images for Shared {
         ))
     }
 
+    async fn delete_image(
+        &self,
+        _request: Request<fabric_proto::v1::DeleteImageRequest>,
+    ) -> Result<Response<fabric_proto::v1::DeleteImageResponse>, Status> {
+        Err(Status::unimplemented(
+            "the test controller is filled by the test",
+        ))
+    }
+
     async fn list_images(
         &self,
         _request: Request<ListImagesRequest>,
