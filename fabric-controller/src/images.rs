@@ -362,8 +362,6 @@ impl Images for ImagesService {
             )));
         }
         let mut reservation = self.reserve(header.size_bytes)?;
-        // From storing the file to attaching it to its image, no collection may run.
-        let _storing = self.collecting.read().await;
         let partial = self.blobs.join(format!(
             "{PARTIAL_PREFIX}{}-{}",
             header.sha256,
@@ -426,6 +424,9 @@ impl Images for ImagesService {
                 return Err(status);
             }
         };
+        // From storing the file to attaching it to its image, no collection may run (the
+        // partial file, a dot file, is never collected).
+        let _storing = self.collecting.read().await;
         let blob = self.blob(&header.sha256);
         let already_stored = blob.exists();
         if already_stored {
