@@ -734,14 +734,24 @@ async fn push_bytes(
     name: &str,
     bytes: Vec<u8>,
 ) -> Result<(), tonic::Status> {
+    push_file(channel, name, fabric_proto::v1::ImageFileRole::Disk, bytes).await
+}
+
+/// Pushes `bytes` as the file of `role` of image `name`; the controller's answer.
+async fn push_file(
+    channel: tonic::transport::Channel,
+    name: &str,
+    role: fabric_proto::v1::ImageFileRole,
+    bytes: Vec<u8>,
+) -> Result<(), tonic::Status> {
     use fabric_proto::v1::images_client::ImagesClient;
     use fabric_proto::v1::push_image_request::Part;
-    use fabric_proto::v1::{ImageFileRole, PushImageHeader, PushImageRequest};
+    use fabric_proto::v1::{PushImageHeader, PushImageRequest};
     use sha2::Digest;
     let mut messages = vec![PushImageRequest {
         part: Some(Part::Header(PushImageHeader {
             image_name: name.into(),
-            role: ImageFileRole::Disk as i32,
+            role: role as i32,
             sha256: hex::encode(sha2::Sha256::digest(&bytes)),
             size_bytes: bytes.len() as u64,
             file_name: "disk.img".into(),
@@ -873,26 +883,12 @@ async fn deleted_images_free_their_files_but_not_those_a_vm_uses() {
 
 /// Pushes `bytes` as the kernel of image `name`.
 async fn push_kernel(channel: tonic::transport::Channel, name: &str, bytes: Vec<u8>) {
-    use fabric_proto::v1::images_client::ImagesClient;
-    use fabric_proto::v1::push_image_request::Part;
-    use fabric_proto::v1::{ImageFileRole, PushImageHeader, PushImageRequest};
-    use sha2::Digest;
-    let messages = vec![
-        PushImageRequest {
-            part: Some(Part::Header(PushImageHeader {
-                image_name: name.into(),
-                role: ImageFileRole::Kernel as i32,
-                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
-                size_bytes: bytes.len() as u64,
-                file_name: "vmlinux".into(),
-            })),
-        },
-        PushImageRequest {
-            part: Some(Part::Data(bytes)),
-        },
-    ];
-    ImagesClient::new(channel)
-        .push_image(tokio_stream::iter(messages))
-        .await
-        .expect("push the kernel");
+    push_file(
+        channel,
+        name,
+        fabric_proto::v1::ImageFileRole::Kernel,
+        bytes,
+    )
+    .await
+    .expect("push the kernel");
 }
