@@ -70,6 +70,8 @@ fn hosts(count: usize, rng: &mut Rng) -> Vec<HostSpec> {
                 update_domain: ((i / 30) % 5) as u32,
                 allocatable_cpus: cpus,
                 allocatable_memory_mib: memory_gib * GIB,
+                // 16 MiB of disk per MiB of memory: memory binds first, disk is still judged.
+                allocatable_disk_mib: Some(memory_gib * GIB * 16),
                 labels: Labels::new(),
                 state,
             }
@@ -92,6 +94,9 @@ fn demand(rng: &mut Rng) -> Demand {
         vcpus: rng.pick(&[1, 1, 2, 2, 2, 4]),
         memory_minimum_mib: minimum,
         memory_maximum_mib: maximum,
+        // A root disk of 8 MiB per MiB of memory and the logs, drawing no random number
+        // (the mix stays the one the published figures were measured with).
+        disk_mib: 32 + 8 * minimum,
         ..Demand::default()
     };
     if rng.below(2) == 0 {

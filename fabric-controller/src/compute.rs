@@ -77,6 +77,7 @@ impl Compute for ComputeService {
         if let Some(image) = spec.image.as_mut() {
             self.images.resolve(image).await?;
         }
+        let disk_mib = self.images.vm_disk_mib(&spec).await?;
         let id = new_id("vm");
         validate::fill_defaults(&mut spec, &id);
         let now = prost_types::Timestamp::from(fabric_proto::clock::now());
@@ -98,6 +99,7 @@ impl Compute for ComputeService {
             generation: 1,
             created_at: Some(now),
             updated_at: Some(now),
+            disk_mib,
         };
         Ok(Response::new(self.controller.create_vm(vm).await?))
     }

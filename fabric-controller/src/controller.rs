@@ -827,6 +827,9 @@ impl Controller {
                     crate::validate::memory_sizes(&spec.memory.unwrap_or_default());
                 allocated.memory_mib = allocated.memory_mib.saturating_add(minimum);
             }
+            allocated.disk_mib = allocated
+                .disk_mib
+                .saturating_add(crate::placement::disk_mib(&e.vm));
         }
         host.allocated = Some(allocated);
         host

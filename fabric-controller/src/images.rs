@@ -186,6 +186,45 @@ impl ImageStore {
         self.blobs.join(digest)
     }
 
+    /// The size of a stored file, MiB rounded up; INVALID_ARGUMENT naming `field` when the
+    /// store has no file of that digest (a VM could never get it to its host).
+    pub async fn file_mib(&self, field: &str, digest: &str) -> Result<u64, Status> {
+        match tokio::fs::metadata(self.blob(digest)).await {
+            Ok(meta) if meta.is_file() => Ok(meta.len().div_ceil(1 << 20)),
+            Ok(_) => Err(Status::invalid_argument(format!(
+                "{field} {digest}: no such file in the image store (push it first)"
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Status::invalid_argument(
+                format!("{field} {digest}: no such file in the image store (push it first)"),
+            )),
+            Err(e) => Err(Status::unavailable(format!("image store: {e}"))),
+        }
+    }
+
+    /// The host disk space a VM with this (resolved) spec may take, MiB: its rootfs and
+    /// image disks as copied, its sparse disks full, its logs.
+    pub async fn vm_disk_mib(&self, spec: &fabric_proto::v1::VmSpec) -> Result<u64, Status> {
+        use fabric_proto::v1::disk_spec::Source;
+        let mut total = crate::placement::spec_disk_mib(spec);
+        if let Some(image) = &spec.image {
+            if !image.rootfs_sha256.is_empty() {
+                let size = self
+                    .file_mib("spec.image.rootfs_sha256", &image.rootfs_sha256)
+                    .await?;
+                total = total.saturating_add(size);
+            }
+        }
+        for (i, disk) in spec.disks.iter().enumerate() {
+            if let Some(Source::ImageSha256(digest)) = &disk.source {
+                let size = self
+                    .file_mib(&format!("spec.disks[{i}].image_sha256"), digest)
+                    .await?;
+                total = total.saturating_add(size);
+            }
+        }
+        Ok(total)
+    }
+
     async fn get(&self, name: &str) -> Result<Option<(Image, u64)>, Status> {
         let store = self.store.clone();
         let key = image_key(name);

@@ -23,6 +23,31 @@ pub fn host_state(state: HostState) -> scheduler::HostState {
     }
 }
 
+/// The host disk space a VM's logs may take, MiB: fabric-vmm's log and the console, each
+/// rotated once at 8 MiB.
+pub const LOG_DISK_MIB: u64 = 32;
+
+/// The host disk space a VM's spec asks for on its own, MiB: its sparse disks at full size
+/// and its logs. The sizes of image files (rootfs, image disks) come on top: the controller
+/// adds them at CreateVm into `Vm.disk_mib`.
+pub fn spec_disk_mib(spec: &fabric_proto::v1::VmSpec) -> u64 {
+    use fabric_proto::v1::disk_spec::Source;
+    spec.disks
+        .iter()
+        .filter_map(|d| match d.source {
+            Some(Source::SizeMib(size)) => Some(size),
+            _ => None,
+        })
+        .fold(LOG_DISK_MIB, u64::saturating_add)
+}
+
+/// The host disk space a VM reserves, MiB: `Vm.disk_mib`, and at least what its spec alone
+/// asks for (a VM stored before disk accounting has no `disk_mib`).
+pub fn disk_mib(vm: &Vm) -> u64 {
+    let from_spec = vm.spec.as_ref().map_or(LOG_DISK_MIB, spec_disk_mib);
+    vm.disk_mib.max(from_spec)
+}
+
 /// What a VM asks of its host.
 pub fn demand(vm: &Vm) -> Demand {
     let spec = vm.spec.clone().unwrap_or_default();
@@ -39,6 +64,7 @@ pub fn demand(vm: &Vm) -> Demand {
         anti_affinity_labels: placement.anti_affinity_labels.into_iter().collect(),
         labels: placement.labels.into_iter().collect(),
         strategy,
+        disk_mib: disk_mib(vm),
         ..Demand::default()
     }
     .with_memory_spec(memory.startup_mib, memory.minimum_mib, memory.maximum_mib)
@@ -64,6 +90,7 @@ impl Placer {
             update_domain: host.update_domain,
             allocatable_cpus: allocatable.cpus,
             allocatable_memory_mib: allocatable.memory_mib,
+            allocatable_disk_mib: (allocatable.disk_mib > 0).then_some(allocatable.disk_mib),
             labels: host.labels.clone().into_iter().collect(),
             state: host_state(state),
         };

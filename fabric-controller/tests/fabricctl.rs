@@ -584,7 +584,11 @@ fn fake_agent_link(
 }
 
 fn resources(cpus: u32, memory_mib: u64) -> fabric_proto::v1::Resources {
-    fabric_proto::v1::Resources { cpus, memory_mib }
+    fabric_proto::v1::Resources {
+        cpus,
+        memory_mib,
+        disk_mib: 0,
+    }
 }
 
 /// Host `name` of zone z1 (machine `machine-NAME`, 8 CPUs, 8 GiB).

@@ -68,6 +68,7 @@ async fn register(
     let resources = Resources {
         cpus: 8,
         memory_mib: 8192,
+        disk_mib: 0,
     };
     let response = link
         .register_host(RegisterHostRequest {

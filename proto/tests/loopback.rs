@@ -84,6 +84,7 @@ impl Compute for TestCompute {
             generation: 1,
             created_at: Some(ts(1_700_000_000)),
             updated_at: Some(ts(1_700_000_000)),
+            disk_mib: 0,
         };
         vms.insert(id, vm.clone());
         Ok(Response::new(vm))

@@ -892,3 +892,125 @@ async fn push_kernel(channel: tonic::transport::Channel, name: &str, bytes: Vec<
     .await
     .expect("push the kernel");
 }
+
+/// Host disk is reserved at placement: a VM counts its disks at their full size (a sparse
+/// one too), its image disks as stored and 32 MiB of logs; a host offers its data
+/// directory's filesystem less the agent's reserve. A VM that does not fit waits, saying
+/// "insufficient disk", and is placed once space is freed; a disk image the store does not
+/// have is refused at CreateVm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn host_disk_is_reserved_at_placement() {
+    use fabric_proto::v1::{disk_spec, DeleteVmRequest, DiskSpec};
+    use fabric_test_support::cluster::SimHostSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let controller = Controller::start(&dir.path().join("controller"), Timing::default());
+    // 4 GiB announced, 1 GiB kept back by the agent's default reserve: 3,072 MiB offered.
+    let _h1 = SimHost::start_spec(
+        &dir.path().join("h1"),
+        &controller.address(),
+        &SimHostSpec::new("h1", 0, 0).with_disk(4096),
+    );
+    let mut client = controller.compute().await;
+    let hosts = ready_hosts(&client, 1, Duration::from_secs(30)).await;
+    let host_id = hosts["h1"].clone();
+    let with_disk = |name: &str, source: disk_spec::Source| VmSpec {
+        disks: vec![DiskSpec {
+            source: Some(source),
+            read_only: false,
+        }],
+        ..spec(name, "")
+    };
+
+    let a = create_vm(&client, with_disk("a", disk_spec::Source::SizeMib(2000)))
+        .await
+        .expect("create a");
+    let vm_a = client
+        .get_vm(GetVmRequest { id: a.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vm_a.disk_mib, 2000 + 32, "a sparse disk counts in full");
+    eventually(Duration::from_secs(30), "a running", || {
+        let ids = vec![a.clone()];
+        let client = client.clone();
+        async move { running_placement(&client, &ids).await }
+    })
+    .await;
+
+    let b = create_vm(&client, with_disk("b", disk_spec::Source::SizeMib(1100)))
+        .await
+        .expect("create b");
+    let reason = eventually(Duration::from_secs(30), "b waiting for disk", || {
+        let (client, b) = (client.clone(), b.clone());
+        async move {
+            let status = vm_status(&client, &b).await?;
+            (status.phase() == VmPhase::Pending && status.reason.contains("insufficient disk"))
+                .then_some(status.reason)
+        }
+    })
+    .await;
+    assert!(reason.contains("1 insufficient disk"), "{reason}");
+    let host = client
+        .get_host(GetHostRequest {
+            id: host_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(host.capacity.unwrap().disk_mib, 4096);
+    assert_eq!(host.allocatable.unwrap().disk_mib, 4096 - 1024);
+    assert_eq!(host.allocated.unwrap().disk_mib, 2032);
+
+    // An image disk counts as stored; one the store does not have is refused.
+    let missing = create_vm(
+        &client,
+        with_disk("c", disk_spec::Source::ImageSha256("ab".repeat(32))),
+    )
+    .await
+    .expect_err("a disk image nobody pushed");
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument, "{missing:?}");
+    assert!(
+        missing
+            .message()
+            .contains("no such file in the image store"),
+        "{missing:?}"
+    );
+    let bytes = vec![7u8; 3 << 20];
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    let channel = fabric_test_support::cluster::unix_channel(&controller.socket).await;
+    push_file(
+        channel,
+        "data",
+        fabric_proto::v1::ImageFileRole::Disk,
+        bytes,
+    )
+    .await
+    .expect("push a disk image");
+    let c = create_vm(
+        &client,
+        with_disk("c", disk_spec::Source::ImageSha256(digest)),
+    )
+    .await
+    .expect("create c");
+    let vm_c = client
+        .get_vm(GetVmRequest { id: c.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vm_c.disk_mib, 3 + 32);
+
+    // Space freed: b is placed.
+    client
+        .delete_vm(DeleteVmRequest { id: a })
+        .await
+        .expect("delete a");
+    eventually(Duration::from_secs(30), "b running once a is gone", || {
+        let ids = vec![b.clone(), c.clone()];
+        let client = client.clone();
+        async move { running_placement(&client, &ids).await }
+    })
+    .await;
+}

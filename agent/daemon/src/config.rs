@@ -22,13 +22,34 @@ pub enum HypervisorKind {
 }
 
 /// Host resources kept back from VMs.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Reserve {
     #[serde(default)]
     pub cpus: u32,
     #[serde(default)]
     pub memory_mib: u64,
+    /// Space on the data directory's filesystem that VM disks and logs never get, MiB
+    /// (besides the image cache's budget): for the agent's records and lease, and slack.
+    #[serde(default = "default_disk_reserve_mib")]
+    pub disk_mib: u64,
+}
+
+/// The disk space kept back from VMs by default, MiB.
+pub const DEFAULT_DISK_RESERVE_MIB: u64 = 1024;
+
+fn default_disk_reserve_mib() -> u64 {
+    DEFAULT_DISK_RESERVE_MIB
+}
+
+impl Default for Reserve {
+    fn default() -> Self {
+        Reserve {
+            cpus: 0,
+            memory_mib: 0,
+            disk_mib: DEFAULT_DISK_RESERVE_MIB,
+        }
+    }
 }
 
 /// Settings of the simulated backend.
@@ -45,6 +66,9 @@ pub struct SimConfig {
     pub cpus: u32,
     /// The capacity a hollow host announces (memory, MiB); 0: the real machine's.
     pub memory_mib: u64,
+    /// The disk a hollow host announces (its data directory's filesystem, MiB); 0: the real
+    /// one's.
+    pub disk_mib: u64,
 }
 
 impl Default for SimConfig {
@@ -54,6 +78,7 @@ impl Default for SimConfig {
             memory_used_percent: 40,
             cpus: 0,
             memory_mib: 0,
+            disk_mib: 0,
         }
     }
 }
@@ -360,6 +385,7 @@ mod tests {
             [reserve]
             cpus = 2
             memory_mib = 2048
+            disk_mib = 512
             [labels]
             rack = "r7"
             [sim]
@@ -379,6 +405,7 @@ mod tests {
         assert_eq!(config.fault_domain, 3);
         assert_eq!(config.hypervisor, HypervisorKind::Sim);
         assert_eq!(config.reserve.memory_mib, 2048);
+        assert_eq!(config.reserve.disk_mib, 512);
         assert_eq!(config.labels["rack"], "r7");
         assert_eq!(config.sim.start_delay_ms, 10);
         assert_eq!(config.gateway(), Ipv4Addr::new(10, 9, 0, 1));

@@ -85,6 +85,28 @@ pub fn create_sparse(path: &Path, size_mib: u64) -> Result<(), String> {
         .map_err(|e| format!("cannot size {} to {size_mib} MiB: {e}", path.display()))
 }
 
+/// The space files under `dir` take on disk (allocated blocks, so a sparse file counts what
+/// it holds), bytes, looking `depth` directory levels down; what cannot be read counts 0.
+/// Symbolic links are not followed.
+pub fn allocated_bytes(dir: &Path, depth: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0u64;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_dir() {
+            if depth > 0 {
+                total = total.saturating_add(allocated_bytes(&entry.path(), depth - 1));
+            }
+        } else {
+            total = total.saturating_add(meta.blocks().saturating_mul(512));
+        }
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -412,12 +412,59 @@ impl Host {
         all
     }
 
+    /// The data directory's filesystem: (its size, what is free for unprivileged writers),
+    /// MiB; a hollow host's `[sim] disk_mib` as both when set. (0, 0) when it cannot be read.
+    fn data_disk_mib(&self) -> (u64, u64) {
+        let sim = self.config.sim.disk_mib;
+        if self.config.hypervisor == HypervisorKind::Sim && sim > 0 {
+            return (sim, sim);
+        }
+        match nix::sys::statvfs::statvfs(&self.config.data_dir) {
+            Ok(fs) => {
+                let block = fs.fragment_size();
+                (
+                    fs.blocks().saturating_mul(block) >> 20,
+                    fs.blocks_available().saturating_mul(block) >> 20,
+                )
+            }
+            Err(_) => (0, 0),
+        }
+    }
+
+    /// What VM disks and logs may take on the data directory's filesystem, MiB: the space
+    /// free now plus what this agent's VMs and image cache already hold there, less the image
+    /// cache's budget and `[reserve] disk_mib`. Space other programs use is not offered, so
+    /// the VMs filling every disk they were given still leave the reserve. A hollow host
+    /// with `[sim] disk_mib` offers that less the reserve. At least 1 when the filesystem
+    /// could be read (0 would say "not counted").
+    pub fn allocatable_disk_mib(&self) -> u64 {
+        let (total, available) = self.data_disk_mib();
+        if total == 0 {
+            return 0;
+        }
+        let reserve = self.config.reserve.disk_mib;
+        if self.config.hypervisor == HypervisorKind::Sim && self.config.sim.disk_mib > 0 {
+            return total.saturating_sub(reserve).max(1);
+        }
+        let ours = disk::allocated_bytes(&self.vms_dir(), 3).saturating_add(disk::allocated_bytes(
+            &self.config.data_dir.join("images"),
+            1,
+        )) >> 20;
+        available
+            .saturating_add(ours)
+            .min(total)
+            .saturating_sub(self.config.image_cache_mib)
+            .saturating_sub(reserve)
+            .max(1)
+    }
+
     /// The machine's resources (or the simulated host's).
     pub fn capacity(&self) -> Resources {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(1);
         let memory_mib = meminfo_kib("MemTotal").unwrap_or(0) / 1024;
+        let (disk_mib, _) = self.data_disk_mib();
         let sim = &self.config.sim;
         if self.config.hypervisor == HypervisorKind::Sim {
             Resources {
@@ -427,9 +474,14 @@ impl Host {
                 } else {
                     memory_mib
                 },
+                disk_mib,
             }
         } else {
-            Resources { cpus, memory_mib }
+            Resources {
+                cpus,
+                memory_mib,
+                disk_mib,
+            }
         }
     }
 
@@ -440,6 +492,7 @@ impl Host {
             memory_mib: capacity
                 .memory_mib
                 .saturating_sub(self.config.reserve.memory_mib),
+            disk_mib: self.allocatable_disk_mib(),
         }
     }
 }

@@ -253,6 +253,71 @@ impl Tmpfs {
     }
 }
 
+/// An ext4 filesystem in a file, mounted through a loop device (not tmpfs: a VMM writing a
+/// guest's disk to tmpfs would have every page charged to its memory cgroup).
+struct LoopFs {
+    mount: std::path::PathBuf,
+    _image_dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    fn mount(path: &std::path::Path, size_mib: u64) -> LoopFs {
+        let image_dir = tempfile::tempdir().unwrap();
+        let image = image_dir.path().join("fs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(size_mib << 20)
+            .unwrap();
+        let run = |program: &str, args: &[&std::ffi::OsStr]| {
+            let out = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("run {program}: {e}"));
+            assert!(
+                out.status.success(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        // No blocks reserved for root: the agent (root) would otherwise see less than it has.
+        run(
+            "mkfs.ext4",
+            &[
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-m".as_ref(),
+                "0".as_ref(),
+                image.as_os_str(),
+            ],
+        );
+        std::fs::create_dir_all(path).unwrap();
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                image.as_os_str(),
+                path.as_os_str(),
+            ],
+        );
+        LoopFs {
+            mount: path.to_owned(),
+            _image_dir: image_dir,
+        }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // Lazy, as the agent may still hold files there; the loop device (mounted with
+        // autoclear) goes once the last of them is closed.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount)
+            .status();
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
@@ -312,6 +377,111 @@ fn a_host_whose_disk_is_full_keeps_its_lease_and_its_vms() {
         "{}",
         host::tail_lines(&agent_log(&host), 40)
     );
+    host.assert_agent_running();
+}
+
+/// A guest that writes every sector of its disk, given all the disk its host offers (what the
+/// controller would reserve for it at placement: the agent's registered allocatable disk less
+/// the other VM's logs), fills its disk and not the host's: the data directory's filesystem
+/// keeps free space, the other VM keeps running, and the lease keeps being renewed.
+#[test]
+fn a_guest_that_fills_its_disk_does_not_fill_the_hosts() {
+    use fabric_proto::v1::{disk_spec, DiskSpec};
+    skip_without_kvm!("a_guest_that_fills_its_disk_does_not_fill_the_hosts");
+    const LOGS_MIB: u64 = 32;
+    const RESERVE_MIB: u64 = 64;
+    let mut host = TestHost::new(HostOptions {
+        image_cache_mib: 16,
+        disk_reserve_mib: RESERVE_MIB,
+        ..HostOptions::kvm()
+    });
+    let ttl = Duration::from_secs(2);
+    let controller =
+        FakeController::start_with(&host.controller_socket, ttl, Duration::from_millis(500));
+    let _disk = LoopFs::mount(&host.data_dir, 320);
+    host.start_agent();
+    controller.wait_registrations(&host.machine_id, 1, AGENT_TIMEOUT);
+    let registration = controller.registrations().pop().expect("a registration");
+    let offered = registration.allocatable.expect("allocatable").disk_mib;
+    let total = registration.capacity.expect("capacity").disk_mib;
+    assert!(
+        (250..=320).contains(&total),
+        "the data directory's filesystem: {total} MiB"
+    );
+    assert!(
+        offered > 2 * LOGS_MIB && offered <= total - 16 - RESERVE_MIB,
+        "offered {offered} MiB of {total}"
+    );
+    let kernel = controller.add_image_file(&testguest::elf());
+    let filler_mib = offered - 2 * LOGS_MIB;
+    let filler = vmspec::assignment(
+        "filler",
+        VmSpec {
+            kernel_cmdline: testguest::cmdline("blk-bench-write"),
+            disks: vec![DiskSpec {
+                source: Some(disk_spec::Source::SizeMib(filler_mib)),
+                read_only: false,
+            }],
+            ..vmspec::vm_spec(
+                "filler",
+                vmspec::memory(64, 0, 0),
+                "testguest",
+                &kernel,
+                RestartPolicy::Never,
+            )
+        },
+    );
+    controller.set_assignments(vec![running_guest("steady", &kernel), filler]);
+    let running = controller.wait_observed("steady", Duration::from_secs(60), |o| {
+        phase(o) == ObservedPhase::Running && o.pid != 0
+    });
+    let console = host.vm_dir("filler").join("console.log");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let verdict = loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if let Some(v) = testguest::verdict(&text, "blk-bench-write") {
+            break v.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the filler did not finish
+{}",
+            host::tail_lines(&agent_log(&host), 40)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(verdict.starts_with("PASS"), "{verdict}");
+    let disk_file = host.vm_dir("filler").join("disk-0.img");
+    let held =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&disk_file).unwrap()) * 512;
+    assert!(
+        held >= (filler_mib - 1) << 20,
+        "the guest filled {held} bytes of its {filler_mib} MiB disk"
+    );
+    let fs = nix::sys::statvfs::statvfs(&host.data_dir).unwrap();
+    let available_mib = (fs.blocks_available() * fs.fragment_size()) >> 20;
+    // Left: the reserve, and the two VMs' log allowance they have hardly used (less the
+    // test guest's kernel in the cache and a few log lines).
+    assert!(
+        available_mib >= RESERVE_MIB + 2 * LOGS_MIB - 8,
+        "{available_mib} MiB left on the host's filesystem with the filler's disk full"
+    );
+
+    // Two lease lifetimes later the other VM still runs on its lease, the same process.
+    let lease_file = host.data_dir.join("lease.json");
+    let expiry_before = LeaseFile::read(&lease_file)
+        .expect("the lease")
+        .expires_boottime_ns;
+    std::thread::sleep(ttl * 2);
+    let lease = LeaseFile::read(&lease_file).expect("the lease");
+    assert!(
+        lease.expires_boottime_ns > expiry_before && !lease.remaining().is_zero(),
+        "the lease was not renewed: {lease:?}"
+    );
+    let steady = controller.wait_observed("steady", Duration::from_secs(5), |o| {
+        phase(o) == ObservedPhase::Running
+    });
+    assert_eq!(steady.pid, running.pid, "the other VM was restarted");
     host.assert_agent_running();
 }
 

@@ -215,7 +215,7 @@ fn vm_balance_json(b: &VmMemoryBalance) -> Value {
 fn resources_json(resources: &Option<Resources>) -> Value {
     resources.map_or(
         Value::Null,
-        |r| json!({"cpus": r.cpus, "memory_mib": r.memory_mib}),
+        |r| json!({"cpus": r.cpus, "memory_mib": r.memory_mib, "disk_mib": r.disk_mib}),
     )
 }
 
@@ -309,6 +309,7 @@ pub fn vm_json(vm: &Vm) -> Value {
             "phase_changed_at": time_json(&status.phase_changed_at),
         },
         "generation": vm.generation,
+        "disk_mib": vm.disk_mib,
         "created_at": time_json(&vm.created_at),
         "updated_at": time_json(&vm.updated_at),
     })
@@ -511,6 +512,10 @@ pub fn vm_details(vm: &Vm) -> String {
         ("Cmdline", or_dash(&spec.kernel_cmdline)),
         ("NICs", or_dash(&nics.join(", "))),
         ("Disks", or_dash(&disks.join(", "))),
+        (
+            "Host disk",
+            format!("{} MiB reserved (disks in full, logs)", vm.disk_mib),
+        ),
         ("Zone", or_dash(&placement.zone)),
         ("Availability set", or_dash(&placement.availability_set)),
         ("Labels", pairs(&placement.labels)),
@@ -640,6 +645,19 @@ pub fn host_details(host: &Host) -> String {
         ),
         ("CPUs", format!("{cpus} allocated/allocatable")),
         ("Memory", format!("{memory} MiB allocated/allocatable")),
+        (
+            "Disk",
+            match (
+                host.allocatable.unwrap_or_default().disk_mib,
+                capacity.disk_mib,
+            ) {
+                (0, _) => "not counted (the agent does not say)".to_string(),
+                (allocatable, total) => format!(
+                    "{}/{allocatable} MiB allocated/allocatable, of {total} MiB",
+                    host.allocated.unwrap_or_default().disk_mib
+                ),
+            },
+        ),
         ("Labels", pairs(&host.labels)),
         ("Agent", or_dash(&host.agent_address)),
         ("Heartbeat", heartbeat_text(host, now)),
@@ -656,7 +674,7 @@ pub fn host_details(host: &Host) -> String {
         ));
         if usage.disk_total_mib > 0 {
             lines.push((
-                "Disk",
+                "Disk usage",
                 format!(
                     "{} MiB available of {} MiB (data directory)",
                     usage.disk_available_mib, usage.disk_total_mib

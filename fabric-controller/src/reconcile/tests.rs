@@ -88,6 +88,7 @@ impl Harness {
         let resources = Resources {
             cpus: 8,
             memory_mib: 16_384,
+            disk_mib: 0,
         };
         self.hostlink
             .register_host(Request::new(RegisterHostRequest {
@@ -357,10 +358,12 @@ async fn a_dead_host_registering_again_gets_nothing_until_its_vms_are_moved() {
             capacity: Some(Resources {
                 cpus: 8,
                 memory_mib: 16_384,
+                disk_mib: 0,
             }),
             allocatable: Some(Resources {
                 cpus: 8,
                 memory_mib: 16_384,
+                disk_mib: 0,
             }),
             previous_session: session,
             ..Default::default()
@@ -407,6 +410,7 @@ async fn only_the_same_boot_continues_a_session() {
             let resources = Some(Resources {
                 cpus: 8,
                 memory_mib: 16_384,
+                disk_mib: 0,
             });
             let response = hostlink
                 .register_host(Request::new(RegisterHostRequest {

@@ -44,6 +44,8 @@ pub(super) struct Host {
     pub(super) cpu_capacity: u64,
     pub(super) cpu_allocated: u64,
     pub(super) memory_allocated: u64,
+    /// Sum of the VMs' disk space, MiB.
+    pub(super) disk_allocated: u64,
     /// Sum of the VMs' `maximum - minimum` memory.
     pub(super) memory_burst: u64,
     /// Label pairs of the VMs here (multiset).
@@ -127,6 +129,7 @@ struct Vm {
     position: u32,
     vcpus: u64,
     memory: u64,
+    disk: u64,
     burst: u64,
     set: Option<u32>,
     labels: Vec<u32>,
@@ -237,6 +240,7 @@ impl Scheduler {
         Some(Allocation {
             vcpus: host.cpu_allocated,
             memory_mib: host.memory_allocated,
+            disk_mib: host.disk_allocated,
             vms: host.vms.len(),
         })
     }
@@ -264,6 +268,7 @@ impl Scheduler {
             cpu_capacity: cpu_capacity(spec.allocatable_cpus, self.config.cpu_overcommit),
             cpu_allocated: 0,
             memory_allocated: 0,
+            disk_allocated: 0,
             memory_burst: 0,
             vm_labels: PairCounts::default(),
             vm_anti_affinity: PairCounts::default(),
@@ -410,6 +415,7 @@ impl Scheduler {
             position: host.vms.len() as u32,
             vcpus: u64::from(demand.vcpus),
             memory: demand.memory_minimum_mib,
+            disk: demand.disk_mib,
             burst: demand.memory_burst_mib(),
             set,
             labels,
@@ -417,6 +423,7 @@ impl Scheduler {
         };
         host.cpu_allocated = host.cpu_allocated.saturating_add(vm.vcpus);
         host.memory_allocated = host.memory_allocated.saturating_add(vm.memory);
+        host.disk_allocated = host.disk_allocated.saturating_add(vm.disk);
         host.memory_burst = host.memory_burst.saturating_add(vm.burst);
         for &id in &vm.labels {
             host.vm_labels.add(id);
@@ -450,6 +457,7 @@ impl Scheduler {
         };
         host.cpu_allocated = host.cpu_allocated.saturating_sub(vm.vcpus);
         host.memory_allocated = host.memory_allocated.saturating_sub(vm.memory);
+        host.disk_allocated = host.disk_allocated.saturating_sub(vm.disk);
         host.memory_burst = host.memory_burst.saturating_sub(vm.burst);
         for &id in &vm.labels {
             host.vm_labels.remove(id);
@@ -642,13 +650,15 @@ impl Scheduler {
             );
             let _ = writeln!(
                 out,
-                "host {} {:?} cpu {}/{} mem {}/{} burst {} labels {labels:?} anti {anti:?} vms {vms:?} indexed {indexed:?}",
+                "host {} {:?} cpu {}/{} mem {}/{} disk {}/{:?} burst {} labels {labels:?} anti {anti:?} vms {vms:?} indexed {indexed:?}",
                 h.spec.id,
                 h.spec.state,
                 h.cpu_allocated,
                 h.cpu_capacity,
                 h.memory_allocated,
                 h.spec.allocatable_memory_mib,
+                h.disk_allocated,
+                h.spec.allocatable_disk_mib,
                 h.memory_burst,
             );
         }

@@ -604,6 +604,7 @@ mod tests {
             update_domain: fault_domain,
             allocatable_cpus: 16,
             allocatable_memory_mib: 16_384,
+            allocatable_disk_mib: None,
             labels: Labels::new(),
             state,
         }

@@ -29,11 +29,14 @@
 //! 2. zone, when the VM names one ("wrong zone");
 //! 3. CPU: allocated vCPUs + the VM's ≤ capacity ("insufficient cpu");
 //! 4. memory: allocated minimums + the VM's ≤ allocatable ("insufficient memory");
-//! 5. anti-affinity, both ways: the host has no VM whose labels contain one
+//! 5. disk: the disk space of the host's VMs + the VM's ≤ allocatable, counting every disk
+//!    at its full size, sparse or not ("insufficient disk"; skipped on a host that does not
+//!    say its disk space);
+//! 6. anti-affinity, both ways: the host has no VM whose labels contain one
 //!    of the VM's anti-affinity pairs, and no VM with an anti-affinity pair
 //!    contained in the VM's labels ("anti-affinity");
-//! 6. availability-set spread over fault domains, then 7. over update
-//!    domains. Let E be the hosts that pass filters 1–5. A host of E fails
+//! 7. availability-set spread over fault domains, then 8. over update
+//!    domains. Let E be the hosts that pass filters 1–6. A host of E fails
 //!    "fault domain already used" when the set has more VMs in its fault
 //!    domain than in the least-used fault domain of E; of the hosts left, a
 //!    host fails "update domain already used" when the set has more VMs in
@@ -45,7 +48,7 @@
 //!    hosts: they never make a VM unplaceable on their own, so they show up
 //!    in [`Scheduler::explain`], not in an [`Unplaceable`].
 //!
-//! Host state, CPU, memory and anti-affinity are checked per host against
+//! Host state, CPU, memory, disk and anti-affinity are checked per host against
 //! counters (sums and multisets of interned label pairs); set spreading reads
 //! per-set, per-domain VM counts. No check walks the VMs of a host.
 //!

@@ -44,6 +44,9 @@ pub struct HostSpec {
     pub allocatable_cpus: u32,
     /// Memory offered to VMs, MiB. Never overcommitted.
     pub allocatable_memory_mib: u64,
+    /// Disk space offered to VM disks and logs, MiB; `None` when the host does not say
+    /// (an agent older than disk accounting): then disk is not filtered on this host.
+    pub allocatable_disk_mib: Option<u64>,
     /// The host's own labels (kept for the controller; no filter uses them yet).
     pub labels: Labels,
     /// Liveness and schedulability.
@@ -73,6 +76,9 @@ pub struct Demand {
     /// The most the VM may grow to, MiB; 0 means the minimum (static
     /// memory). Only the memory-headroom scorer reads it.
     pub memory_maximum_mib: u64,
+    /// Host disk space the VM may take at most, MiB: its disks at their full size (sparse
+    /// ones too) and its logs.
+    pub disk_mib: u64,
     /// Zone the VM must run in; empty means any zone.
     pub zone: String,
     /// Availability set whose VMs are spread over fault and update domains;
@@ -210,6 +216,8 @@ pub struct Allocation {
     pub vcpus: u64,
     /// Sum of minimum memory, MiB.
     pub memory_mib: u64,
+    /// Sum of the VMs' disk space, MiB.
+    pub disk_mib: u64,
     /// Number of VMs.
     pub vms: usize,
 }

@@ -141,7 +141,7 @@ impl Scheduler {
     }
 
     /// Every filter that judges a host on its own, in the fixed order:
-    /// state, zone, cpu, memory, anti-affinity. The availability-set filters
+    /// state, zone, cpu, memory, disk, anti-affinity. The availability-set filters
     /// (fault domain, then update domain) need the whole eligible set and
     /// come after, in [`Self::full_scan`] and [`Self::place_fast`].
     fn host_filter(&self, host: &Host, r: &Resolved<'_>) -> Result<(), FilterReason> {
@@ -162,6 +162,11 @@ impl Scheduler {
         }
         if host.memory_allocated.saturating_add(r.memory) > host.spec.allocatable_memory_mib {
             return Err(FilterReason::InsufficientMemory);
+        }
+        if let Some(disk) = host.spec.allocatable_disk_mib {
+            if host.disk_allocated.saturating_add(r.demand.disk_mib) > disk {
+                return Err(FilterReason::InsufficientDisk);
+            }
         }
         let conflicts = r.anti_affinity.iter().any(|&p| host.vm_labels.contains(p))
             || r.labels.iter().any(|&p| host.vm_anti_affinity.contains(p));

@@ -21,6 +21,8 @@ pub enum FilterReason {
     InsufficientCpu,
     /// Not enough memory left for the VM's minimum.
     InsufficientMemory,
+    /// Not enough disk space left for the VM's disks and logs.
+    InsufficientDisk,
     /// A VM on the host conflicts by anti-affinity (either direction).
     AntiAffinity,
     /// The availability set already uses this fault domain more than the
@@ -33,7 +35,7 @@ pub enum FilterReason {
 
 impl FilterReason {
     /// Every reason, in filter order.
-    pub const ALL: [FilterReason; 10] = [
+    pub const ALL: [FilterReason; 11] = [
         FilterReason::Cordoned,
         FilterReason::Draining,
         FilterReason::NotReady,
@@ -41,6 +43,7 @@ impl FilterReason {
         FilterReason::WrongZone,
         FilterReason::InsufficientCpu,
         FilterReason::InsufficientMemory,
+        FilterReason::InsufficientDisk,
         FilterReason::AntiAffinity,
         FilterReason::FaultDomainAlreadyUsed,
         FilterReason::UpdateDomainAlreadyUsed,
@@ -56,6 +59,7 @@ impl FilterReason {
             FilterReason::WrongZone => "wrong zone",
             FilterReason::InsufficientCpu => "insufficient cpu",
             FilterReason::InsufficientMemory => "insufficient memory",
+            FilterReason::InsufficientDisk => "insufficient disk",
             FilterReason::AntiAffinity => "anti-affinity",
             FilterReason::FaultDomainAlreadyUsed => "fault domain already used",
             FilterReason::UpdateDomainAlreadyUsed => "update domain already used",

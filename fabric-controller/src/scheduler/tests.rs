@@ -21,6 +21,7 @@ fn host(
         update_domain,
         allocatable_cpus: cpus,
         allocatable_memory_mib: memory_mib,
+        allocatable_disk_mib: None,
         labels: Labels::new(),
         state: HostState::Ready,
     }
@@ -629,6 +630,7 @@ fn assign_and_release_are_exact_inverses() {
         Some(Allocation {
             vcpus: 5,
             memory_mib: 3 * GIB,
+            disk_mib: 0,
             vms: 2
         })
     );
@@ -639,6 +641,59 @@ fn assign_and_release_are_exact_inverses() {
     }
     assert_eq!(s.fingerprint(), before);
     assert_eq!(s.vm_count(), 1);
+}
+
+/// Disk is reserved like memory, in full: the disks of a host's VMs and the new one's must
+/// fit in what the host offers; a host that does not say what it offers is not judged on
+/// disk; release gives the space back.
+#[test]
+fn disk_is_reserved_in_full() {
+    let with_disk = |d: u64| Demand {
+        disk_mib: d,
+        ..vm(1, GIB)
+    };
+    let offering = |id: &str, disk: Option<u64>| HostSpec {
+        allocatable_disk_mib: disk,
+        ..host(id, "z1", 0, 0, 16, 64 * GIB)
+    };
+    let mut s = cluster(
+        SchedulerConfig::default(),
+        &[offering("a", Some(100 * GIB))],
+        &[("v1", "a", with_disk(60 * GIB))],
+    );
+    assert_eq!(s.allocation("a").map(|a| a.disk_mib), Some(60 * GIB));
+    assert_eq!(outcome(&s, &with_disk(40 * GIB)), "a");
+    assert_eq!(
+        outcome(&s, &with_disk(40 * GIB + 1)),
+        "0/1 hosts: 1 insufficient disk"
+    );
+    assert_eq!(
+        s.explain(&with_disk(50 * GIB))[0].rejected_by,
+        Some(FilterReason::InsufficientDisk)
+    );
+    // Memory is judged first: a host short of both is counted under memory.
+    assert_eq!(
+        outcome(
+            &s,
+            &Demand {
+                disk_mib: 50 * GIB,
+                ..vm(1, 65 * GIB)
+            }
+        ),
+        "0/1 hosts: 1 insufficient memory"
+    );
+    s.add_host(offering("b", None)).expect("add b");
+    assert_eq!(outcome(&s, &with_disk(u64::MAX)), "b");
+    s.release("v1").expect("release");
+    assert_eq!(s.allocation("a").map(|a| a.disk_mib), Some(0));
+    assert_eq!(
+        s.place_exhaustive(&Demand {
+            strategy: Strategy::BinPack,
+            ..with_disk(100 * GIB)
+        })
+        .map(|d| d.host_id),
+        Ok("a".to_string())
+    );
 }
 
 #[test]
@@ -832,6 +887,9 @@ fn random_demand(rng: &mut Rng) -> Demand {
     if rng.chance(30) {
         d.strategy = Strategy::Spread;
     }
+    if rng.chance(50) {
+        d.disk_mib = rng.below(64 * GIB);
+    }
     d
 }
 
@@ -870,6 +928,9 @@ fn fast_path_agrees_with_the_full_scan() {
                 rng.below(96 * GIB),
             );
             spec.state = states[rng.below(states.len() as u64) as usize];
+            if rng.chance(70) {
+                spec.allocatable_disk_mib = Some(rng.below(512 * GIB));
+            }
             s.add_host(spec).expect("add");
         }
         let mut vm_ids = Vec::new();

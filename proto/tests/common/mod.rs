@@ -28,7 +28,11 @@ pub const INITRAMFS_SHA256: &str =
 pub const ROOTFS_SHA256: &str = "3333333333333333333333333333333333333333333333333333333333333333";
 
 pub fn resources(cpus: u32, memory_mib: u64) -> Resources {
-    Resources { cpus, memory_mib }
+    Resources {
+        cpus,
+        memory_mib,
+        disk_mib: 64 * 1024,
+    }
 }
 
 pub fn memory_spec() -> MemorySpec {
@@ -155,6 +159,7 @@ pub fn vm(id: &str, name: &str) -> Vm {
         generation: 3,
         created_at: Some(ts(1_699_999_000)),
         updated_at: Some(ts(1_700_000_050)),
+        disk_mib: 10_240 + 32,
     }
 }
 

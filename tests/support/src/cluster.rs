@@ -279,6 +279,9 @@ pub struct SimHostSpec {
     /// Its `machine_id` (`machine-<name>` unless set): two hosts given the same one are a
     /// cloned machine.
     pub machine_id: Option<String>,
+    /// The disk it announces (`[sim] disk_mib`; 1 TiB unless set), of which it offers VMs
+    /// all but the agent's default 1 GiB reserve.
+    pub disk_mib: u64,
 }
 
 impl SimHostSpec {
@@ -291,7 +294,14 @@ impl SimHostSpec {
             update_domain,
             memory_budget_mib: 0,
             machine_id: None,
+            disk_mib: 1 << 20,
         }
+    }
+
+    /// A host announcing `disk_mib` of disk.
+    pub fn with_disk(mut self, disk_mib: u64) -> SimHostSpec {
+        self.disk_mib = disk_mib;
+        self
     }
 
     /// A host presenting `machine_id` (as a machine cloned from another's image would).
@@ -353,6 +363,7 @@ memory_mib = 0
 start_delay_ms = 100
 cpus = 16
 memory_mib = 65536
+disk_mib = {disk_mib}
 [memory]
 budget_mib = {memory_budget_mib}
 "#,
@@ -365,6 +376,7 @@ budget_mib = {memory_budget_mib}
             fault_domain = spec.fault_domain,
             update_domain = spec.update_domain,
             memory_budget_mib = spec.memory_budget_mib,
+            disk_mib = spec.disk_mib,
             listen = dir.join("agent.sock").display(),
             data = dir.join("data").display(),
         );

@@ -65,6 +65,10 @@ pub struct HostOptions {
     pub memory_balancer: bool,
     /// `[memory] budget_mib`; 0: the host's memory less its reserve.
     pub memory_budget_mib: u64,
+    /// `image_cache_mib`: the image cache's budget (the agent's default unless set).
+    pub image_cache_mib: u64,
+    /// `[reserve] disk_mib`: disk kept back from VMs (the agent's default unless set).
+    pub disk_reserve_mib: u64,
 }
 
 impl HostOptions {
@@ -75,6 +79,8 @@ impl HostOptions {
             sim_start_delay_ms: 100,
             memory_balancer: true,
             memory_budget_mib: 0,
+            image_cache_mib: 16 * 1024,
+            disk_reserve_mib: 1024,
         }
     }
 
@@ -247,10 +253,12 @@ network = "{NETWORK}"
 vm_subnet = "{VM_SUBNET}"
 cgroup_parent = "{cgroup_parent}"
 stop_timeout_secs = {stop_timeout}
+image_cache_mib = {image_cache_mib}
 
 [reserve]
 cpus = 0
 memory_mib = {RESERVE_MEMORY_MIB}
+disk_mib = {disk_reserve_mib}
 
 [labels]
 rack = "r1"
@@ -273,6 +281,8 @@ budget_mib = {budget_mib}
             stop_timeout = self.options.stop_timeout_secs,
             sim_delay = self.options.sim_start_delay_ms,
             balancer = self.options.memory_balancer,
+            image_cache_mib = self.options.image_cache_mib,
+            disk_reserve_mib = self.options.disk_reserve_mib,
             budget_mib = self.options.memory_budget_mib,
         );
         std::fs::write(&self.config_path, config).expect("write agent.toml");
