@@ -284,7 +284,7 @@ impl Compute for ComputeService {
             ))
         })?;
         // since_sequence 0: only what happens from now on.
-        let (past, mut live) = self.controller.events.subscribe(req.since_sequence);
+        let (past, mut live, mut last) = self.controller.events.subscribe(req.since_sequence);
         let (tx, rx) = tokio::sync::mpsc::channel(WATCHER_QUEUE);
         let wanted = move |e: &Event| {
             (req.vm_id.is_empty() || e.vm_id == req.vm_id)
@@ -292,7 +292,6 @@ impl Compute for ComputeService {
         };
         tokio::spawn(async move {
             let _permit = permit;
-            let mut last = req.since_sequence;
             for event in past {
                 last = event.sequence;
                 if wanted(&event) && tx.send(Ok(event.as_ref().clone())).await.is_err() {
@@ -328,5 +327,117 @@ impl Compute for ComputeService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::Settings;
+    use crate::events::LIVE_BACKLOG;
+    use crate::store::redb::RedbStore;
+    use fabric_proto::v1::HostState;
+    use tokio_stream::StreamExt;
+
+    fn service(dir: &std::path::Path) -> ComputeService {
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(RedbStore::open(&dir.join("store.redb")).expect("store"));
+        let settings = Settings {
+            data_dir: dir.to_owned(),
+            lease_ttl: std::time::Duration::from_secs(600),
+            heartbeat_interval: std::time::Duration::from_secs(1),
+            fencing_margin: std::time::Duration::from_secs(5),
+            cpu_overcommit: 4.0,
+            memory_relief_window: std::time::Duration::ZERO,
+        };
+        let controller = Controller::load(settings, store.clone()).expect("controller");
+        let images = ImageStore::new(dir, store, 1024).expect("image store");
+        ComputeService::new(controller, Arc::new(images))
+    }
+
+    async fn watch(service: &ComputeService, since_sequence: u64) -> EventStream {
+        service
+            .watch_events(Request::new(WatchEventsRequest {
+                since_sequence,
+                ..Default::default()
+            }))
+            .await
+            .expect("a watcher")
+            .into_inner()
+    }
+
+    fn emit(service: &ComputeService, count: usize) {
+        for i in 0..count {
+            service
+                .controller
+                .events
+                .host_state("h", HostState::Ready, "", format!("{i}"));
+        }
+    }
+
+    /// What a watcher reads until the stream ends or is quiet for a while: its events'
+    /// sequences, and the error that ended it.
+    async fn read(stream: &mut EventStream) -> (Vec<u64>, Option<Status>) {
+        let mut sequences = Vec::new();
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_millis(300), stream.next()).await {
+                Ok(Some(Ok(event))) => sequences.push(event.sequence),
+                Ok(Some(Err(status))) => return (sequences, Some(status)),
+                Ok(None) | Err(_) => return (sequences, None),
+            }
+        }
+    }
+
+    /// A live watcher that does not read while the controller emits: up to the broadcast's
+    /// backlog behind, it gets every event once it reads; one more, and it gets DATA_LOSS
+    /// naming where to resume, from where a new watcher gets every event it missed. (The
+    /// test's runtime has one thread: the watcher's task runs only when the test reads, so it
+    /// queues nothing of its own before.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_watcher_too_far_behind_gets_data_loss_and_resumes_losing_nothing() {
+        assert_eq!(LIVE_BACKLOG, 8192, "the figure docs/limits.md gives");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let service = service(dir.path());
+
+        let mut near = watch(&service, 0).await;
+        emit(&service, LIVE_BACKLOG);
+        let (got, error) = read(&mut near).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(got.len(), LIVE_BACKLOG);
+        assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "in order, no gap");
+
+        // With events before it, since_sequence 0: only what follows.
+        let mut far = watch(&service, 0).await;
+        let first_missed = service
+            .controller
+            .events
+            .retained()
+            .last()
+            .unwrap()
+            .sequence
+            + 1;
+        emit(&service, LIVE_BACKLOG + 1);
+        let (got, error) = read(&mut far).await;
+        let error = error.expect("DATA_LOSS");
+        assert_eq!(error.code(), tonic::Code::DataLoss, "{error:?}");
+        let resume: u64 = error
+            .message()
+            .split("resume with since_sequence=")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no sequence to resume from: {error:?}"));
+        assert_eq!(resume, got.last().map_or(first_missed - 1, |s| *s));
+        let newest = service
+            .controller
+            .events
+            .retained()
+            .last()
+            .unwrap()
+            .sequence;
+        let (rest, error) = read(&mut watch(&service, resume).await).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(rest.first(), Some(&(resume + 1)), "resumed where told");
+        assert_eq!(rest.last(), Some(&newest));
+        assert_eq!(rest.len() as u64, newest - resume);
     }
 }

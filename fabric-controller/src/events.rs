@@ -19,7 +19,7 @@ const RETAINED_BYTES: usize = 32 << 20;
 pub const MAX_EVENT_TEXT: usize = 1024;
 /// Events a live watcher may fall behind before it is cut off (DATA_LOSS, resume from its
 /// last sequence).
-const LIVE_BACKLOG: usize = 8192;
+pub(crate) const LIVE_BACKLOG: usize = 8192;
 
 struct Log {
     last: u64,
@@ -134,17 +134,20 @@ impl Events {
         });
     }
 
-    /// The retained events after `since` (none for 0: only what follows), and a receiver
-    /// for what follows (subscribed before the copy, so nothing falls between; duplicates are
-    /// skipped by sequence). The copy is of pointers, from the first event after `since` on.
-    pub fn subscribe(&self, since: u64) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>) {
+    /// The retained events after `since` (none for 0: only what follows), a receiver for
+    /// what follows (subscribed before the copy, so nothing falls between; duplicates are
+    /// skipped by sequence), and the sequence the receiver's events follow: `since`, or for 0
+    /// the newest event's (a watcher cut off before it got any event resumes from there, not
+    /// from 0, which would mean "from now" and lose what it missed). The copy is of pointers,
+    /// from the first event after `since` on.
+    pub fn subscribe(&self, since: u64) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>, u64) {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.live.subscribe();
         if since == 0 {
-            return (Vec::new(), rx);
+            return (Vec::new(), rx, log.last);
         }
         let first = log.events.partition_point(|e| e.sequence <= since);
-        (log.events.range(first..).cloned().collect(), rx)
+        (log.events.range(first..).cloned().collect(), rx, since)
     }
 
     /// Every retained event (tests).
@@ -193,7 +196,7 @@ mod tests {
             events.host_state("h", HostState::Ready, "", format!("{i}"));
         }
         let all = events.retained();
-        let (past, _) = events.subscribe(all[6].sequence);
+        let (past, _, _) = events.subscribe(all[6].sequence);
         let messages: Vec<&str> = past.iter().map(|e| e.message.as_str()).collect();
         assert_eq!(messages, ["7", "8", "9"]);
         assert!(events.subscribe(0).0.is_empty());

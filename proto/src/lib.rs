@@ -56,15 +56,144 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// What [`server`] wraps every service in: see [`bound_status`].
+pub type StatusLayer = tower::util::MapResponseLayer<
+    fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+>;
+
+/// The server builder of [`server`].
+pub type FabricServer =
+    tonic::transport::Server<tower::layer::util::Stack<StatusLayer, tower::layer::util::Identity>>;
+
 /// The server builder every Fabric daemon starts from: bounded streams per connection and
 /// HTTP/2 keepalive, so that neither a greedy client nor a vanished one holds resources
-/// without limit. (Message sizes are limited per service: tonic decodes at most 4 MiB.)
-pub fn server() -> tonic::transport::Server {
+/// without limit, and refusals a client can read ([`bound_status`]). (Message sizes are
+/// limited per service: tonic decodes at most 4 MiB.)
+pub fn server() -> FabricServer {
+    server_with_keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+}
+
+/// [`server`] pinging idle connections every `interval` and closing one whose answer has not
+/// come `timeout` after a ping (tests use short ones; the daemons use [`server`]).
+pub fn server_with_keepalive(
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+) -> FabricServer {
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_interval(Some(interval))
+        .http2_keepalive_timeout(Some(timeout))
+        .tcp_keepalive(Some(interval))
+        .layer(tower::util::MapResponseLayer::new(
+            bound_status as fn(_) -> _,
+        ))
+}
+
+/// The longest status message a Fabric server sends, bytes: longer ones keep their first and
+/// last halves. gRPC C-core clients (Python, C++, Ruby, PHP) refuse response metadata over
+/// 8 KiB (soft) to 16 KiB (hard) and then report their own RESOURCE_EXHAUSTED instead of the
+/// server's status; a refusal that quotes what it refuses would otherwise not reach them.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// The status of a call refused before it answered (a trailers-only response), made readable
+/// to any client: its message at most [`MAX_STATUS_MESSAGE`] bytes (the start and the end,
+/// where the limit is named, kept), and tonic's OUT_OF_RANGE for a message larger than the
+/// server decodes ("decoded message length too large ... the limit is: 4194304 bytes") made
+/// RESOURCE_EXHAUSTED, the code gRPC (and every other implementation) gives it.
+pub fn bound_status(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let too_large = status.code() == tonic::Code::OutOfRange
+        && status.message().contains("message length too large");
+    if !too_large && status.message().len() <= MAX_STATUS_MESSAGE {
+        return response;
+    }
+    let code = if too_large {
+        tonic::Code::ResourceExhausted
+    } else {
+        status.code()
+    };
+    let bounded = tonic::Status::with_details(
+        code,
+        bound_message(status.message()),
+        status.details().to_vec().into(),
+    );
+    if bounded.add_header(response.headers_mut()).is_err() {
+        // Not expected (the message is percent-encoded): say only the code.
+        response
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from(code as i32));
+        response.headers_mut().remove("grpc-message");
+    }
+    response
+}
+
+/// `message` if at most [`MAX_STATUS_MESSAGE`] bytes, else its first and last
+/// `MAX_STATUS_MESSAGE / 2 - 8` bytes (at character boundaries) around " […] ".
+fn bound_message(message: &str) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message.to_owned();
+    }
+    let half = MAX_STATUS_MESSAGE / 2 - 8;
+    let mut head = half;
+    while !message.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = message.len() - half;
+    while !message.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} […] {}", &message[..head], &message[tail..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(status: tonic::Status) -> tonic::Status {
+        let response = bound_status(status.into_http());
+        tonic::Status::from_header_map(response.headers()).expect("a status")
+    }
+
+    #[test]
+    fn long_status_messages_keep_their_start_and_end() {
+        let long = format!("labels {:?}: values 0..=63", "é".repeat(50_000));
+        let status = refusal(tonic::Status::invalid_argument(long.clone()));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().len() <= MAX_STATUS_MESSAGE,
+            "{}",
+            status.message().len()
+        );
+        assert!(
+            status.message().starts_with("labels \"éé"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().ends_with("éé\": values 0..=63"),
+            "{}",
+            status.message()
+        );
+        let short = refusal(tonic::Status::not_found("no VM with id \"x\""));
+        assert_eq!(short.message(), "no VM with id \"x\"");
+        assert_eq!(short.code(), tonic::Code::NotFound);
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_resource_exhausted() {
+        let status = refusal(tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5242975 bytes, the limit is: \
+             4194304 bytes",
+        ));
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("4194304"));
+        let other = refusal(tonic::Status::out_of_range("offset 9 beyond the file"));
+        assert_eq!(other.code(), tonic::Code::OutOfRange);
+    }
 }
 
 /// Messages, clients (`v1::compute_client::ComputeClient`, ...) and servers

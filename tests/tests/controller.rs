@@ -555,6 +555,22 @@ async fn a_dead_host_is_removed_and_a_live_one_is_not() {
     let mut h2 = SimHost::start(&dir.path().join("h2"), "h2", &controller.address(), 1, 1);
     let mut client = controller.compute().await;
     let hosts = ready_hosts(&client, 2, Duration::from_secs(30)).await;
+    // Every heartbeat reports the data directory's filesystem (what `fabricctl host get`
+    // shows as disk).
+    let h1 = hosts["h1"].clone();
+    let usage = eventually(Duration::from_secs(10), "h1's disk figures", || {
+        let mut client = client.clone();
+        let id = h1.clone();
+        async move {
+            let host = client.get_host(GetHostRequest { id }).await.ok()?;
+            host.into_inner().usage.filter(|u| u.disk_total_mib > 0)
+        }
+    })
+    .await;
+    assert!(
+        usage.disk_available_mib <= usage.disk_total_mib,
+        "{usage:?}"
+    );
     let refused = client
         .remove_host(RemoveHostRequest {
             id: hosts["h2"].clone(),

@@ -76,6 +76,9 @@ async fn oversized_requests_are_refused_naming_the_limit_and_the_controller_serv
         }))
         .await
         .expect_err("a 5 MiB request");
+    // tonic says OUT_OF_RANGE; fabric_proto::server() makes it gRPC's code for a message over
+    // the limit.
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("4194304"),
         "the refusal does not name the limit: {status:?}"

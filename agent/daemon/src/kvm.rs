@@ -780,9 +780,14 @@ impl KvmInstance {
     }
 }
 
-/// Appends the last line fabric-vmm logged (its error, when it failed) to `text`.
+/// How much of a crashed fabric-vmm's log the agent reads for its last line: however long
+/// the log (rotated at 8 MiB), never more.
+const LOG_TAIL_BYTES: u64 = 4096;
+
+/// Appends the last line fabric-vmm logged (its error, when it failed) to `text`: a line
+/// within the log's last [`LOG_TAIL_BYTES`], or that much of a longer one.
 fn with_log_tail(mut text: String, log: &Path) -> String {
-    if let Some(data) = read_tail(log, 4096) {
+    if let Some(data) = read_tail(log, LOG_TAIL_BYTES) {
         let tail = String::from_utf8_lossy(&data);
         if let Some(line) = tail.lines().rev().find(|l| !l.trim().is_empty()) {
             text.push_str(": ");
@@ -902,5 +907,64 @@ mod tests {
             let err = check_spec(&s, "default").unwrap_err();
             assert!(err.contains(want), "{err}");
         }
+    }
+
+    /// Bytes this thread has read through read(2) and the like so far.
+    fn thread_read_bytes() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").expect("/proc/thread-self/io");
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .and_then(|n| n.parse().ok())
+            .expect("rchar")
+    }
+
+    /// A crashed VMM's log of 10 MiB: the agent reads its last 4 KiB and no more, and takes
+    /// the last line from it (or 4 KiB of a longer line).
+    #[test]
+    fn of_a_long_log_only_the_tail_is_read() {
+        use std::io::Write;
+        assert_eq!(LOG_TAIL_BYTES, 4096, "the figure docs/limits.md gives");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("vmm.log");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&log).expect("log"));
+        let mut written = 0;
+        let mut n = 0;
+        while written < 10 << 20 {
+            let line = format!("2026-01-01T00:00:00Z INFO fabric_vmm: event {n}\n");
+            file.write_all(line.as_bytes()).expect("write");
+            written += line.len();
+            n += 1;
+        }
+        file.write_all(b"ERROR fabric_vmm: the guest's memory could not be mapped\n\n")
+            .expect("write");
+        drop(file);
+        let content = std::fs::read(&log).expect("read back");
+
+        let before = thread_read_bytes();
+        let tail = read_tail(&log, LOG_TAIL_BYTES).expect("the tail");
+        let read = thread_read_bytes() - before;
+        assert!(
+            tail == content[content.len() - 4096..],
+            "not the last 4 KiB: {} bytes, starting {:?}",
+            tail.len(),
+            String::from_utf8_lossy(&tail[..tail.len().min(80)])
+        );
+        assert!(read <= 2 * LOG_TAIL_BYTES, "{read} bytes read for the tail");
+        assert_eq!(
+            with_log_tail("fabric-vmm exited".into(), &log),
+            "fabric-vmm exited: ERROR fabric_vmm: the guest's memory could not be mapped"
+        );
+
+        // One line of 10 MiB: 4 KiB of it.
+        std::fs::write(&log, "x".repeat(10 << 20)).expect("write");
+        let before = thread_read_bytes();
+        let text = with_log_tail("exited".into(), &log);
+        let read = thread_read_bytes() - before;
+        assert_eq!(text.len(), "exited: ".len() + 4096);
+        assert!(read <= 2 * LOG_TAIL_BYTES, "{read} bytes read for the tail");
+        // A log shorter than the tail: all of it.
+        std::fs::write(&log, "only line").expect("write");
+        assert_eq!(read_tail(&log, LOG_TAIL_BYTES).unwrap(), b"only line");
+        assert_eq!(read_tail(&dir.path().join("missing"), LOG_TAIL_BYTES), None);
     }
 }

@@ -22,6 +22,7 @@
 //! at once and stay out: it does not register again until an operator restarts it, so two
 //! agents sharing a machine id do not take the host from each other forever.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -236,6 +237,28 @@ fn lease_ttl(d: Option<prost_types::Duration>, default: Duration) -> Duration {
     ttl.min(MAX_LEASE_TTL)
 }
 
+/// The heartbeat interval a controller's answer gives (1 s when it gives none), for a lease
+/// of `ttl`: at most half the TTL, so that one lost heartbeat does not cost the lease, and at
+/// least [`MIN_HEARTBEAT_INTERVAL`], so that no controller makes the agent spin (the floor
+/// wins when the TTL is under twice the floor).
+fn heartbeat_interval(d: Option<prost_types::Duration>, ttl: Duration) -> Duration {
+    duration(d, Duration::from_secs(1))
+        .min(ttl / 2)
+        .max(MIN_HEARTBEAT_INTERVAL)
+}
+
+/// The size and free space of the filesystem holding `dir`, MiB, as every heartbeat reports
+/// them (`HostUsage.disk_total_mib`, `disk_available_mib`: what an unprivileged writer may
+/// use); None when it cannot be read.
+fn disk_usage(dir: &Path) -> Option<(u64, u64)> {
+    let fs = nix::sys::statvfs::statvfs(dir).ok()?;
+    let block = fs.fragment_size();
+    Some((
+        fs.blocks().saturating_mul(block) >> 20,
+        fs.blocks_available().saturating_mul(block) >> 20,
+    ))
+}
+
 fn register_request(host: &Host, previous_session: u64) -> RegisterHostRequest {
     let mut labels: std::collections::HashMap<String, String> =
         host.config.labels.clone().into_iter().collect();
@@ -302,10 +325,9 @@ fn heartbeat_request(host: &Host, host_id: &str, session: u64) -> HeartbeatReque
     usage.memory_used_mib = total.saturating_sub(available);
     usage.memory_available_mib = available;
     usage.memory_pressure = memory_pressure();
-    if let Ok(fs) = nix::sys::statvfs::statvfs(&host.config.data_dir) {
-        let block = fs.fragment_size();
-        usage.disk_total_mib = fs.blocks().saturating_mul(block) >> 20;
-        usage.disk_available_mib = fs.blocks_available().saturating_mul(block) >> 20;
+    if let Some((total, available)) = disk_usage(&host.config.data_dir) {
+        usage.disk_total_mib = total;
+        usage.disk_available_mib = available;
     }
     usage.memory_balance = host.memory_balance();
     HeartbeatRequest {
@@ -357,9 +379,7 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
         retry = MIN_RETRY;
         last_complaint = None;
         let ttl = lease_ttl(response.lease_ttl, Duration::from_secs(10));
-        let interval = duration(response.heartbeat_interval, Duration::from_secs(1))
-            .min(ttl / 2)
-            .max(MIN_HEARTBEAT_INTERVAL);
+        let interval = heartbeat_interval(response.heartbeat_interval, ttl);
         let host_id = response.host_id;
         session = response.session;
         save_session(&host, session);
@@ -644,6 +664,74 @@ mod tests {
         let mut parts = Parts::default();
         let refused = (0..=MAX_UPDATE_PARTS).any(|_| parts.add(part(11, true, &[])).is_err());
         assert!(refused);
+    }
+
+    #[test]
+    fn a_controllers_heartbeat_interval_is_bounded_by_the_floor_and_half_the_ttl() {
+        let ms = |ms: i64| {
+            Some(prost_types::Duration {
+                seconds: ms / 1000,
+                nanos: (ms % 1000) as i32 * 1_000_000,
+            })
+        };
+        let ttl = Duration::from_secs(4);
+        assert_eq!(heartbeat_interval(ms(700), ttl), Duration::from_millis(700));
+        // Faster than the floor: the floor (a controller cannot make the agent spin).
+        assert_eq!(MIN_HEARTBEAT_INTERVAL, Duration::from_millis(100));
+        assert_eq!(heartbeat_interval(ms(1), ttl), MIN_HEARTBEAT_INTERVAL);
+        assert_eq!(heartbeat_interval(ms(99), ttl), MIN_HEARTBEAT_INTERVAL);
+        // Slower than half the TTL: half the TTL (one lost heartbeat keeps the lease).
+        assert_eq!(heartbeat_interval(ms(3000), ttl), ttl / 2);
+        assert_eq!(heartbeat_interval(ms(i64::MAX / 2), ttl), ttl / 2);
+        // None, zero or negative: 1 s, bounded the same way.
+        assert_eq!(heartbeat_interval(None, ttl), Duration::from_secs(1));
+        assert_eq!(heartbeat_interval(ms(0), ttl), Duration::from_secs(1));
+        assert_eq!(heartbeat_interval(ms(-5000), ttl), Duration::from_secs(1));
+        assert_eq!(
+            heartbeat_interval(None, Duration::from_secs(1)),
+            Duration::from_millis(500)
+        );
+        // A TTL under twice the floor: the floor wins.
+        assert_eq!(
+            heartbeat_interval(ms(1000), Duration::from_millis(150)),
+            MIN_HEARTBEAT_INTERVAL
+        );
+    }
+
+    /// The disk figures of every heartbeat are those of the filesystem holding the data
+    /// directory, as statvfs(3) gives them (checked here against `df`, which reads the same).
+    #[test]
+    fn heartbeats_report_the_data_directorys_filesystem() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (total, available) = disk_usage(dir.path()).expect("statvfs");
+        let fs = nix::sys::statvfs::statvfs(dir.path()).expect("statvfs");
+        let frsize = fs.fragment_size();
+        assert_eq!(total, fs.blocks() * frsize / (1 << 20));
+        assert!(total > 0 && available <= total, "{total} {available}");
+        // `df` in 1 MiB blocks rounds up where this rounds down; free space may move a little
+        // between the two reads.
+        let df = std::process::Command::new("df")
+            .args(["--block-size=1M", "--output=size,avail"])
+            .arg(dir.path())
+            .output()
+            .expect("df");
+        let text = String::from_utf8_lossy(&df.stdout);
+        let figures: Vec<u64> = text
+            .lines()
+            .nth(1)
+            .expect("df's line")
+            .split_whitespace()
+            .map(|f| f.parse().expect("a figure"))
+            .collect();
+        assert!(
+            figures[0].abs_diff(total) <= 1,
+            "df {figures:?}, ours {total}"
+        );
+        assert!(
+            figures[1].abs_diff(available) <= 64,
+            "df {figures:?}, ours {available}"
+        );
+        assert_eq!(disk_usage(&dir.path().join("missing")), None);
     }
 
     #[test]
