@@ -56,8 +56,22 @@ fn check_register(req: &RegisterHostRequest) -> Result<(), Status> {
     if req.boot_id.len() > 64 {
         return bad("boot_id: at most 64 characters".into());
     }
-    if req.allocatable.is_none() || req.capacity.is_none() {
+    let (Some(capacity), Some(allocatable)) = (req.capacity, req.allocatable) else {
         return bad("capacity and allocatable: required".into());
+    };
+    if allocatable.cpus > capacity.cpus
+        || allocatable.memory_mib > capacity.memory_mib
+        || allocatable.disk_mib > capacity.disk_mib
+    {
+        return bad(format!(
+            "allocatable ({} CPUs, {} MiB memory, {} MiB disk) exceeds capacity ({} CPUs, {} MiB memory, {} MiB disk)",
+            allocatable.cpus,
+            allocatable.memory_mib,
+            allocatable.disk_mib,
+            capacity.cpus,
+            capacity.memory_mib,
+            capacity.disk_mib
+        ));
     }
     Ok(())
 }

@@ -122,6 +122,25 @@ async fn oversized_requests_are_refused_naming_the_limit_and_the_controller_serv
         .await
         .expect_err("65 labels");
     assert!(status.message().contains("at most 64"), "{status:?}");
+    // A host offering more than it has (u64::MAX of disk: it would never be judged full).
+    let status = hostlink
+        .register_host(fabric_proto::v1::RegisterHostRequest {
+            capacity: Some(fabric_proto::v1::Resources {
+                cpus: 8,
+                memory_mib: 8192,
+                disk_mib: 1024,
+            }),
+            allocatable: Some(fabric_proto::v1::Resources {
+                cpus: 8,
+                memory_mib: 8192,
+                disk_mib: u64::MAX,
+            }),
+            ..register(Default::default())
+        })
+        .await
+        .expect_err("allocatable over capacity");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("exceeds capacity"), "{status:?}");
 
     // And it serves on.
     create_vm(&client, simulated_vm("after"))

@@ -182,6 +182,15 @@ impl ImageCache {
                 header.sha256, header.offset
             ));
         }
+        // The host offers VMs its disk less this budget: a file larger than the whole budget
+        // would take space VMs were promised.
+        if header.size_bytes > self.budget_bytes {
+            return Err(format!(
+                "image {short} is {} MiB, more than this host's image cache (image_cache_mib = {})",
+                header.size_bytes.div_ceil(1 << 20),
+                self.budget_bytes >> 20
+            ));
+        }
         let mut file = tokio::fs::File::create(partial)
             .await
             .map_err(|e| format!("cannot create {}: {e}", partial.display()))?;

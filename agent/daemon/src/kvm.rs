@@ -274,12 +274,16 @@ impl Kvm {
             .stderr(log_err);
         let raw_fds: Vec<i32> = join_fds.iter().map(|fd| fd.as_raw_fd()).collect();
         // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe calls (setsid, write; nix's wrappers add no allocation, and its
-        // errors convert to io::Error without one) on file descriptors opened before the fork
-        // and still open in the child, which `borrow_raw` requires.
+        // async-signal-safe calls (setsid, setrlimit, write; nix's wrappers add no allocation,
+        // and its errors convert to io::Error without one) on file descriptors opened before
+        // the fork and still open in the child, which `borrow_raw` requires.
         unsafe {
             command.pre_exec(move || {
                 nix::unistd::setsid()?;
+                // No core dump: it would hold the guest's memory, written into the VM's
+                // directory (uncounted host disk, and the guest's data where it does not
+                // belong).
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)?;
                 for &fd in &raw_fds {
                     if nix::unistd::write(BorrowedFd::borrow_raw(fd), b"0")? != 1 {
                         return Err(std::io::ErrorKind::WriteZero.into());

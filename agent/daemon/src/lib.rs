@@ -413,49 +413,53 @@ impl Host {
     }
 
     /// The data directory's filesystem: (its size, what is free for unprivileged writers),
-    /// MiB; a hollow host's `[sim] disk_mib` as both when set. (0, 0) when it cannot be read.
-    fn data_disk_mib(&self) -> (u64, u64) {
+    /// MiB; a hollow host's `[sim] disk_mib` as both when set. `None` when it cannot be read.
+    fn data_disk_mib(&self) -> Option<(u64, u64)> {
         let sim = self.config.sim.disk_mib;
         if self.config.hypervisor == HypervisorKind::Sim && sim > 0 {
-            return (sim, sim);
+            return Some((sim, sim));
         }
-        match nix::sys::statvfs::statvfs(&self.config.data_dir) {
-            Ok(fs) => {
-                let block = fs.fragment_size();
-                (
-                    fs.blocks().saturating_mul(block) >> 20,
-                    fs.blocks_available().saturating_mul(block) >> 20,
-                )
-            }
-            Err(_) => (0, 0),
-        }
+        let fs = nix::sys::statvfs::statvfs(&self.config.data_dir).ok()?;
+        let block = fs.fragment_size();
+        let total = fs.blocks().saturating_mul(block) >> 20;
+        (total > 0).then(|| (total, fs.blocks_available().saturating_mul(block) >> 20))
     }
 
-    /// What VM disks and logs may take on the data directory's filesystem, MiB: the space
-    /// free now plus what this agent's VMs and image cache already hold there, less the image
-    /// cache's budget and `[reserve] disk_mib`. Space other programs use is not offered, so
-    /// the VMs filling every disk they were given still leave the reserve. A hollow host
-    /// with `[sim] disk_mib` offers that less the reserve. At least 1 when the filesystem
-    /// could be read (0 would say "not counted").
+    /// What VM disks and logs may take on the data directory's filesystem, MiB: what is free
+    /// there now, less what the image cache may still grow by (its budget less what it holds)
+    /// and `[reserve] disk_mib`. Space other programs use is not offered, so VMs filling
+    /// every disk they were given leave the reserve. What this agent's VMs already hold is
+    /// not offered again either: an agent restarted beside running VMs offers less by that
+    /// much (their reservations still count in full at the controller), which errs on the
+    /// safe side: their copies may share blocks with the cache (reflinks), and a directory
+    /// left behind is not the controller's to count. A hollow host with `[sim] disk_mib`
+    /// offers that less the reserve. 1 (nothing to speak of) when the filesystem cannot be
+    /// read, never 0, which would say "not counted".
     pub fn allocatable_disk_mib(&self) -> u64 {
-        let (total, available) = self.data_disk_mib();
-        if total == 0 {
-            return 0;
-        }
+        let Some((total, available)) = self.data_disk_mib() else {
+            tracing::error!(
+                data_dir = %self.config.data_dir.display(),
+                "cannot read the data directory's filesystem: no disk offered to VMs"
+            );
+            return 1;
+        };
         let reserve = self.config.reserve.disk_mib;
         if self.config.hypervisor == HypervisorKind::Sim && self.config.sim.disk_mib > 0 {
             return total.saturating_sub(reserve).max(1);
         }
-        let ours = disk::allocated_bytes(&self.vms_dir(), 3).saturating_add(disk::allocated_bytes(
-            &self.config.data_dir.join("images"),
-            1,
-        )) >> 20;
-        available
-            .saturating_add(ours)
-            .min(total)
-            .saturating_sub(self.config.image_cache_mib)
-            .saturating_sub(reserve)
-            .max(1)
+        let cache_held = disk::allocated_bytes(&self.config.data_dir.join("images"), 1) >> 20;
+        let offered = available
+            .saturating_sub(self.config.image_cache_mib.saturating_sub(cache_held))
+            .saturating_sub(reserve);
+        if offered == 0 {
+            tracing::warn!(
+                available_mib = available,
+                image_cache_mib = self.config.image_cache_mib,
+                reserve_disk_mib = reserve,
+                "no disk left for VMs after the image cache's budget and the reserve: VMs will not be placed here"
+            );
+        }
+        offered.max(1)
     }
 
     /// The machine's resources (or the simulated host's).
@@ -464,7 +468,7 @@ impl Host {
             .map(|n| n.get() as u32)
             .unwrap_or(1);
         let memory_mib = meminfo_kib("MemTotal").unwrap_or(0) / 1024;
-        let (disk_mib, _) = self.data_disk_mib();
+        let disk_mib = self.data_disk_mib().map_or(1, |(total, _)| total);
         let sim = &self.config.sim;
         if self.config.hypervisor == HypervisorKind::Sim {
             Resources {

@@ -431,7 +431,32 @@ fn a_guest_that_fills_its_disk_does_not_fill_the_hosts() {
             )
         },
     );
-    controller.set_assignments(vec![running_guest("steady", &kernel), filler]);
+    // And an image larger than the whole image cache: refused at the pull, as it would take
+    // space the VMs were offered.
+    let big = vec![0x5au8; 17 << 20];
+    let big_digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&big))
+    };
+    controller.add_image_bytes(&big_digest, big);
+    let mut too_big = running_guest("too-big", &kernel);
+    too_big
+        .spec
+        .as_mut()
+        .unwrap()
+        .image
+        .as_mut()
+        .unwrap()
+        .rootfs_sha256 = big_digest;
+    controller.set_assignments(vec![running_guest("steady", &kernel), filler, too_big]);
+    let refused = controller.wait_observed("too-big", Duration::from_secs(60), |o| {
+        o.last_error.contains("more than this host's image cache")
+    });
+    assert!(
+        refused.last_error.contains("17 MiB") && refused.last_error.contains("= 16)"),
+        "{}",
+        refused.last_error
+    );
     let running = controller.wait_observed("steady", Duration::from_secs(60), |o| {
         phase(o) == ObservedPhase::Running && o.pid != 0
     });
@@ -482,6 +507,15 @@ fn a_guest_that_fills_its_disk_does_not_fill_the_hosts() {
         phase(o) == ObservedPhase::Running
     });
     assert_eq!(steady.pid, running.pid, "the other VM was restarted");
+    // Nor does a crashing VMM write its guest's memory there: no core dumps.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", steady.pid)).unwrap();
+    let core: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core limit")
+        .split_whitespace()
+        .collect();
+    assert_eq!(core[4..6], ["0", "0"], "{core:?}");
     host.assert_agent_running();
 }
 
