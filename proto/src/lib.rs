@@ -46,6 +46,7 @@ use tonic_reflection::server::v1alpha::{
 };
 
 pub mod clock;
+pub mod tls;
 pub mod unix;
 
 /// Streams (calls in flight) one client connection may have open at once on a Fabric server:
