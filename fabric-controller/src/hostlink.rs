@@ -84,8 +84,10 @@ impl HostLink for HostLinkService {
         &self,
         request: Request<RegisterHostRequest>,
     ) -> Result<Response<RegisterHostResponse>, Status> {
+        let caller = fabric_proto::tls::caller(&request)?;
         let req = request.into_inner();
         check_register(&req)?;
+        crate::authz::check_host(&caller, &req.name)?;
         let c = &self.controller;
         let settings = &c.settings;
         let _registering = c.registering.lock().await;
@@ -283,6 +285,7 @@ impl HostLink for HostLinkService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let caller = fabric_proto::tls::caller(&request)?;
         let req = request.into_inner();
         let c = &self.controller;
         let settings = &c.settings;
@@ -295,6 +298,7 @@ impl HostLink for HostLinkService {
             let entry = model.hosts.get_mut(&req.host_id).ok_or_else(|| {
                 Status::not_found(format!("unknown host id {:?}: register", req.host_id))
             })?;
+            crate::authz::check_host(&caller, &entry.host.name)?;
             if req.session != 0 && req.session != entry.host.agent_session {
                 return Err(superseded(
                     &req.host_id,
@@ -405,8 +409,16 @@ impl HostLink for HostLinkService {
         &self,
         request: Request<WatchAssignmentsRequest>,
     ) -> Result<Response<AssignmentStream>, Status> {
+        let caller = fabric_proto::tls::caller(&request)?;
         let WatchAssignmentsRequest { host_id, session } = request.into_inner();
         let c = self.controller.clone();
+        let name = c
+            .model()
+            .hosts
+            .get(&host_id)
+            .map(|entry| entry.host.name.clone())
+            .ok_or_else(|| Status::not_found(format!("unknown host id {host_id:?}: register")))?;
+        crate::authz::check_host(&caller, &name)?;
         let mut notifier = c
             .assignment_notifier(&host_id)
             .ok_or_else(|| Status::not_found(format!("unknown host id {host_id:?}: register")))?;

@@ -575,7 +575,7 @@ fn fake_agent_link(
         .build()
         .expect("runtime");
     let link = runtime.block_on(async {
-        let channel = fabric_controller::cli::connect(&controller.address())
+        let channel = fabric_controller::cli::connect(&controller.address(), None)
             .await
             .expect("connect");
         fabric_proto::v1::host_link_client::HostLinkClient::new(channel)

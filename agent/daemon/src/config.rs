@@ -129,6 +129,7 @@ struct FileConfig {
     cgroup_parent: Option<String>,
     stop_timeout_secs: Option<u64>,
     image_cache_mib: Option<u64>,
+    tls_dir: Option<PathBuf>,
     reserve: Option<Reserve>,
     labels: Option<BTreeMap<String, String>>,
     sim: Option<SimConfig>,
@@ -146,12 +147,17 @@ pub struct Flags {
     /// TOML configuration file (see agent/dist/fabric-agent.toml in the repository).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The controller: `http://HOST:PORT` or `unix:/PATH`.
+    /// The controller: `https://HOST:PORT` (mutual TLS, with --tls-dir) or `unix:/PATH`.
     #[arg(long)]
     pub controller: Option<String>,
-    /// Where to serve the Agent service: `HOST:PORT` or `unix:/PATH`.
+    /// Where to serve the Agent service: `HOST:PORT` (mutual TLS, with --tls-dir) or
+    /// `unix:/PATH` (root only).
     #[arg(long)]
     pub listen: Option<String>,
+    /// The host's certificate: a directory with ca.pem, host.pem and host-key.pem
+    /// (`fabricctl pki issue --host NAME` makes one). Needed for any TCP address.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
     /// Host name registered with the controller (default: the kernel's host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -174,6 +180,8 @@ pub struct Flags {
 pub struct Config {
     pub controller: String,
     pub listen: String,
+    /// The host's certificate directory (ca.pem, host.pem, host-key.pem), for TCP.
+    pub tls_dir: Option<PathBuf>,
     /// The Agent service address registered with the controller.
     pub advertise: String,
     pub name: String,
@@ -252,13 +260,31 @@ impl Config {
             .controller
             .or(file.controller)
             .ok_or_else(|| invalid("no controller address: set `controller` or --controller"))?;
-        super::connect::Address::parse(&controller)
+        let tls_dir = flags.tls_dir.or(file.tls_dir);
+        let controller_address = super::connect::Address::parse(&controller)
             .map_err(|e| invalid(format!("controller: {e}")))?;
-        let listen = flags
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| "0.0.0.0:7071".to_string());
-        super::connect::Address::parse(&listen).map_err(|e| invalid(format!("listen: {e}")))?;
+        // TCP only with mutual TLS: without a certificate, the Agent service is local.
+        let listen = flags.listen.or(file.listen).unwrap_or_else(|| {
+            if tls_dir.is_some() {
+                "0.0.0.0:7071".to_string()
+            } else {
+                "unix:/run/fabric/agent.sock".to_string()
+            }
+        });
+        let listen_address =
+            super::connect::Address::parse(&listen).map_err(|e| invalid(format!("listen: {e}")))?;
+        if tls_dir.is_none() {
+            for (key, address) in [
+                ("controller", &controller_address),
+                ("listen", &listen_address),
+            ] {
+                if let super::connect::Address::Tcp(_) = address {
+                    return Err(invalid(format!(
+                        "{key}: a TCP address needs the host's certificate: set tls_dir (fabricctl pki issue --host NAME makes one)"
+                    )));
+                }
+            }
+        }
         let advertise = file.advertise.unwrap_or_else(|| listen.clone());
         let name = match flags.name.or(file.name) {
             Some(name) => name,
@@ -311,6 +337,7 @@ impl Config {
         Ok(Config {
             controller,
             listen,
+            tls_dir,
             advertise,
             name,
             machine_id,
@@ -371,6 +398,7 @@ mod tests {
         let text = r#"
             controller = "http://10.0.0.1:7070"
             listen = "unix:/run/fabric/agent.sock"
+            tls_dir = "/etc/fabric/tls"
             name = "host-1"
             machine_id = "abc"
             zone = "z1"
@@ -472,6 +500,24 @@ mod tests {
     }
 
     #[test]
+    fn tcp_needs_a_certificate_and_without_one_the_agent_listens_locally() {
+        let err = Config::from_toml(
+            "controller = \"http://10.0.0.1:7070\"\nmachine_id = \"m\"\nname = \"n\"",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("set tls_dir"), "{err}");
+        let config =
+            Config::from_toml("controller = \"unix:/c\"\nmachine_id = \"m\"\nname = \"n\"")
+                .expect("valid");
+        assert_eq!(config.listen, "unix:/run/fabric/agent.sock");
+        let err = Config::from_toml(
+            "controller = \"unix:/c\"\nlisten = \"0.0.0.0:7071\"\nmachine_id = \"m\"\nname = \"n\"",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("listen: a TCP address"), "{err}");
+    }
+
+    #[test]
     fn the_shipped_example_config_is_valid() {
         let text = include_str!("../../dist/fabric-agent.toml");
         let file = Config::parse_file(text).expect("agent/dist/fabric-agent.toml parses");
@@ -481,6 +527,7 @@ mod tests {
             ..Flags::default()
         };
         let config = Config::merge(file, flags).expect("and is valid");
-        assert_eq!(config.controller, "http://10.0.0.1:7070");
+        assert_eq!(config.controller, "https://10.0.0.1:7070");
+        assert_eq!(config.tls_dir, Some(PathBuf::from("/etc/fabric/tls")));
     }
 }

@@ -1,5 +1,5 @@
-//! Addresses of the controller and of the agent's own service: TCP (`http://HOST:PORT`,
-//! `HOST:PORT`) or a Unix socket (`unix:/PATH`).
+//! Addresses of the controller and of the agent's own service: TCP (`https://HOST:PORT`,
+//! `HOST:PORT`; always mutual TLS) or a Unix socket (`unix:/PATH`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use tonic::transport::{Channel, Endpoint};
 /// A parsed address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
-    /// `http://host:port` (the form tonic connects to).
+    /// `https://host:port` (the form tonic connects to).
     Tcp(String),
     /// A Unix socket path.
     Unix(PathBuf),
@@ -25,11 +25,14 @@ impl Address {
             }
             return Ok(Address::Unix(PathBuf::from(path)));
         }
-        let rest = if let Some(rest) = text.strip_prefix("http://") {
+        let rest = if let Some(rest) = text
+            .strip_prefix("https://")
+            .or_else(|| text.strip_prefix("http://"))
+        {
             rest
         } else if text.contains("://") {
             return Err(format!(
-                "{text:?}: use http://HOST:PORT, HOST:PORT or unix:/PATH"
+                "{text:?}: use https://HOST:PORT, HOST:PORT or unix:/PATH"
             ));
         } else {
             text
@@ -37,7 +40,7 @@ impl Address {
         let rest = rest.trim_end_matches('/');
         match rest.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                Ok(Address::Tcp(format!("http://{rest}")))
+                Ok(Address::Tcp(format!("https://{rest}")))
             }
             _ => Err(format!("{text:?}: expected HOST:PORT")),
         }
@@ -46,15 +49,19 @@ impl Address {
     /// `host:port` for binding a TCP listener.
     pub fn socket_addr(&self) -> Option<&str> {
         match self {
-            Address::Tcp(uri) => uri.strip_prefix("http://"),
+            Address::Tcp(uri) => uri.strip_prefix("https://"),
             Address::Unix(_) => None,
         }
     }
 }
 
 /// A channel that connects lazily (and reconnects) to `address`; calls fail fast while the
-/// peer is unreachable.
-pub fn lazy_channel(address: &Address) -> Channel {
+/// peer is unreachable. A TCP address is reached with mutual TLS, presenting `tls`'s
+/// certificate (the configuration checked that a TCP address comes with one).
+pub fn lazy_channel(
+    address: &Address,
+    tls: Option<&fabric_proto::tls::TlsFiles>,
+) -> Result<Channel, String> {
     let base = |uri: &str| {
         Endpoint::from_shared(uri.to_string())
             .expect("checked by Address::parse")
@@ -64,8 +71,14 @@ pub fn lazy_channel(address: &Address) -> Channel {
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
     };
-    match address {
-        Address::Tcp(uri) => base(uri).connect_lazy(),
+    Ok(match address {
+        Address::Tcp(uri) => {
+            let tls = tls.ok_or("a TCP controller needs the host's certificate (tls_dir)")?;
+            base(uri)
+                .tls_config(tls.client_config()?)
+                .map_err(|e| format!("TLS: {e}"))?
+                .connect_lazy()
+        }
         Address::Unix(path) => {
             let path = path.clone();
             base("http://controller.invalid").connect_with_connector_lazy(tower::service_fn(
@@ -78,7 +91,7 @@ pub fn lazy_channel(address: &Address) -> Channel {
                 },
             ))
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -89,11 +102,15 @@ mod tests {
     fn addresses() {
         assert_eq!(
             Address::parse("http://10.0.0.1:7070").unwrap(),
-            Address::Tcp("http://10.0.0.1:7070".into())
+            Address::Tcp("https://10.0.0.1:7070".into())
+        );
+        assert_eq!(
+            Address::parse("https://10.0.0.1:7070").unwrap(),
+            Address::Tcp("https://10.0.0.1:7070".into())
         );
         assert_eq!(
             Address::parse("localhost:1").unwrap(),
-            Address::Tcp("http://localhost:1".into())
+            Address::Tcp("https://localhost:1".into())
         );
         assert_eq!(
             Address::parse("unix:/run/x.sock").unwrap(),
@@ -103,7 +120,7 @@ mod tests {
             Address::parse("unix:///run/x.sock").unwrap(),
             Address::Unix("/run/x.sock".into())
         );
-        for bad in ["unix:rel", "https://x:1", "x", "x:notaport", ":80", ""] {
+        for bad in ["unix:rel", "ftp://x:1", "x", "x:notaport", ":80", ""] {
             assert!(Address::parse(bad).is_err(), "{bad}");
         }
     }

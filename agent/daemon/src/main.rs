@@ -55,7 +55,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(config.data_dir.join("vms"))
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let controller = Address::parse(&config.controller).map_err(anyhow::Error::msg)?;
-    let channel = lazy_channel(&controller);
+    let tls = match &config.tls_dir {
+        Some(dir) => {
+            let files = fabric_proto::tls::TlsFiles::in_dir(dir, "host");
+            let identity = files.identity().map_err(anyhow::Error::msg)?;
+            let own = fabric_proto::tls::Identity::Host(config.name.clone());
+            if identity != own {
+                anyhow::bail!(
+                    "{}: the certificate is {identity}'s; this agent registers as {own}",
+                    files.cert.display()
+                );
+            }
+            Some(files)
+        }
+        None => None,
+    };
+    let channel = lazy_channel(&controller, tls.as_ref()).map_err(anyhow::Error::msg)?;
     let backend: Arc<dyn Hypervisor> = match config.hypervisor {
         HypervisorKind::Kvm => {
             let images = Arc::new(ImageCache::new(
@@ -136,6 +151,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let standard = fabric_proto::standard_services(&[fabric_proto::AGENT_SERVICE]).await;
     let router = fabric_proto::server()
+        .layer(fabric_proto::tls::AuthorizeLayer::new(Arc::new(
+            fabric_agent::service::agent_policy,
+        )))
         .add_service(standard.health)
         .add_service(standard.reflection)
         .add_service(standard.reflection_v1alpha)
@@ -157,6 +175,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
             let listener = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
+            // Root only: a caller here is local-root.
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("cannot restrict {}", path.display()))?;
             router
                 .serve_with_incoming_shutdown(fabric_proto::unix::incoming(listener), shutdown)
                 .await
@@ -167,7 +188,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let files = tls.as_ref().context("a TCP listener needs tls_dir")?;
+            let cluster = files.cluster().map_err(anyhow::Error::msg)?;
+            let config = files.server_config().map_err(anyhow::Error::msg)?;
+            let incoming = fabric_proto::tls::incoming(listener, config, cluster);
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await

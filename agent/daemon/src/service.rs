@@ -174,3 +174,22 @@ async fn follow_console(
         }
     }
 }
+
+/// Who may call the agent: the controller, users and local-root call the Agent service (a
+/// host's certificate is refused: one host never drives another); anyone authenticated may
+/// ask its health.
+pub fn agent_policy(path: &str, caller: &fabric_proto::tls::Identity) -> Result<(), String> {
+    use fabric_proto::tls::Identity;
+    let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    match caller {
+        _ if service == "grpc.health.v1.Health" => Ok(()),
+        Identity::LocalRoot | Identity::Controller | Identity::User(_) => {
+            if service == fabric_proto::AGENT_SERVICE || service.starts_with("grpc.reflection.") {
+                Ok(())
+            } else {
+                Err("the agent serves the Agent service".into())
+            }
+        }
+        Identity::Host(_) => Err("a host does not call another host's agent".into()),
+    }
+}

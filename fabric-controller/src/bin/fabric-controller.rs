@@ -24,10 +24,16 @@ use tokio::signal::unix::{signal, SignalKind};
 #[derive(Debug, Parser)]
 #[command(name = "fabric-controller", version, about = "The Fabric controller")]
 struct Args {
-    /// Where to serve: HOST:PORT or unix:/PATH. Repeatable (e.g. a TCP address for agents
-    /// and a Unix socket for local operators).
+    /// Where to serve: HOST:PORT (mutual TLS, with --tls-dir) or unix:/PATH (root only, for
+    /// local administration). Repeatable (e.g. a TCP address for agents and operators and a
+    /// Unix socket on the machine).
     #[arg(long, default_values_t = ["0.0.0.0:7070".to_string()])]
     listen: Vec<String>,
+    /// The controller's certificate: a directory with ca.pem, controller.pem and
+    /// controller-key.pem (`fabricctl pki init` makes one). Every TCP listener needs it: the
+    /// controller serves no plain TCP. controller.pem is read again when it changes.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
     /// The store file and image blobs live here.
     #[arg(long, default_value = "/var/lib/fabric-controller")]
     data_dir: PathBuf,
@@ -144,7 +150,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fabric_proto::IMAGES_SERVICE,
     ])
     .await;
+    let tls = match &args.tls_dir {
+        Some(dir) => {
+            let files = fabric_proto::tls::TlsFiles::in_dir(dir, "controller");
+            let cluster = files.cluster().map_err(anyhow::Error::msg)?;
+            let identity = files.identity().map_err(anyhow::Error::msg)?;
+            if identity != fabric_proto::tls::Identity::Controller {
+                anyhow::bail!(
+                    "{}: the certificate is {identity}'s, not the controller's",
+                    files.cert.display()
+                );
+            }
+            let config = files.server_config().map_err(anyhow::Error::msg)?;
+            tracing::info!(cluster, cert = %files.cert.display(), "mutual TLS on TCP listeners");
+            Some((config, cluster))
+        }
+        None => None,
+    };
     let router = fabric_proto::server()
+        .layer(fabric_proto::tls::AuthorizeLayer::new(Arc::new(
+            fabric_controller::authz::controller_policy,
+        )))
         .add_service(services.health)
         .add_service(services.reflection)
         .add_service(services.reflection_v1alpha)
@@ -171,18 +197,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
+            // Root only: a caller here is local-root, who may do anything.
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("cannot restrict {}", path.display()))?;
             tracing::info!(address = %listen, "listening");
             servers.spawn(
                 router
                     .serve_with_incoming_shutdown(fabric_proto::unix::incoming(listener), shutdown),
             );
         } else {
+            let Some((config, cluster)) = &tls else {
+                anyhow::bail!(
+                    "--listen {listen}: TCP is served with mutual TLS only: give --tls-dir (fabricctl pki init makes one), or listen on unix:/PATH"
+                );
+            };
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            tracing::info!(address = %listener.local_addr()?, "listening");
+            tracing::info!(address = %listener.local_addr()?, "listening (mutual TLS)");
             servers.spawn(router.serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                fabric_proto::tls::incoming(listener, config.clone(), cluster.clone()),
                 shutdown,
             ));
         }

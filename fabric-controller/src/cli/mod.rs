@@ -5,6 +5,7 @@
 //! [`render`] turns replies into tables and JSON, [`image`] uploads image files.
 
 pub mod image;
+pub mod pki;
 pub mod render;
 pub mod spec;
 
@@ -30,7 +31,7 @@ use crate::validate::{is_host_id, is_vm_id};
 
 /// Where fabricctl looks for the controller when neither `--controller` nor
 /// `FABRIC_CONTROLLER` says.
-pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_CONTROLLER: &str = "https://127.0.0.1:7070";
 /// The environment variable that names the controller.
 pub const CONTROLLER_ENV: &str = "FABRIC_CONTROLLER";
 /// Largest reply accepted: a page of 5,000 VMs with long specs stays well under it.
@@ -55,6 +56,13 @@ pub struct Cli {
     /// [default: http://127.0.0.1:7070].
     #[arg(long, global = true, value_name = "ADDR")]
     pub controller: Option<String>,
+    /// The directory of fabricctl's certificate for a TCP controller (mutual TLS): ca.pem,
+    /// IDENTITY.pem and IDENTITY-key.pem [env: FABRIC_TLS_DIR]. Not needed on the Unix socket.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Which certificate of --tls-dir to present.
+    #[arg(long, global = true, value_name = "NAME", default_value = "admin")]
+    pub identity: String,
     /// Output: human tables, or JSON for scripts (one document; one object per line for
     /// `events --follow`).
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
@@ -86,6 +94,9 @@ pub enum Command {
     /// Push and list images (kernels, initramfs, disk images).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// The cluster's certificate authority and certificates (files only; no controller).
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,9 +326,16 @@ fn parse_host_state(name: &str) -> Result<HostState, String> {
         .ok_or_else(|| "one of ready, suspect, dead, cordoned, draining".to_string())
 }
 
-/// Opens a channel to the controller at `address`: `unix:/PATH` (also `unix:///PATH`),
-/// `http://HOST:PORT`, `https://...` or a bare `HOST:PORT`.
-pub async fn connect(address: &str) -> anyhow::Result<Channel> {
+/// The environment variable of `--tls-dir`.
+pub const TLS_DIR_ENV: &str = "FABRIC_TLS_DIR";
+
+/// Opens a channel to the controller at `address`: `unix:/PATH` (also `unix:///PATH`), or
+/// `https://HOST:PORT` (or a bare `HOST:PORT`) with mutual TLS, presenting `tls`'s
+/// certificate. A TCP address without `tls` is refused: the controller serves no plain TCP.
+pub async fn connect(
+    address: &str,
+    tls: Option<&fabric_proto::tls::TlsFiles>,
+) -> anyhow::Result<Channel> {
     let timeout = Duration::from_secs(10);
     let channel = if let Some(path) = address.strip_prefix("unix:") {
         let path = PathBuf::from(path.strip_prefix("//").unwrap_or(path));
@@ -337,17 +355,25 @@ pub async fn connect(address: &str) -> anyhow::Result<Channel> {
         .map_err(|_| anyhow::anyhow!("timed out after {timeout:?}"))
         .and_then(|r| r.map_err(anyhow::Error::from))
     } else {
-        let uri = if address.contains("://") {
-            address.to_string()
-        } else {
-            format!("http://{address}")
+        let rest = address
+            .strip_prefix("https://")
+            .or_else(|| address.strip_prefix("http://"))
+            .unwrap_or(address);
+        let Some(files) = tls else {
+            anyhow::bail!(
+                "{address}: a TCP controller needs a client certificate: give --tls-dir (or {TLS_DIR_ENV})"
+            );
         };
-        match Endpoint::from_shared(uri) {
-            Ok(endpoint) => endpoint
-                .connect_timeout(timeout)
-                .connect()
-                .await
-                .map_err(anyhow::Error::from),
+        let config = files.client_config().map_err(anyhow::Error::msg)?;
+        match Endpoint::from_shared(format!("https://{rest}")) {
+            Ok(endpoint) => match endpoint.tls_config(config) {
+                Ok(endpoint) => endpoint
+                    .connect_timeout(timeout)
+                    .connect()
+                    .await
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow::Error::from(e)),
+            },
             Err(e) => Err(anyhow::Error::from(e)),
         }
     };
@@ -515,9 +541,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image(ImageCommand::Push { paths, role, .. }) => Some(image::plan(paths, *role)?),
         _ => None,
     };
-    let channel = connect(&controller_address(cli.controller.as_deref())).await?;
+    let command = match cli.command {
+        Command::Pki(command) => return pki::run(command),
+        command => command,
+    };
+    let tls_dir = cli.tls_dir.clone().or_else(|| {
+        std::env::var_os(TLS_DIR_ENV)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+    });
+    let tls = tls_dir.map(|dir| fabric_proto::tls::TlsFiles::in_dir(&dir, &cli.identity));
+    let channel = connect(&controller_address(cli.controller.as_deref()), tls.as_ref()).await?;
     let mut clients = Clients::new(channel);
-    match cli.command {
+    match command {
+        Command::Pki(_) => unreachable!("answered above"),
         Command::Vm(command) => vm(&mut clients, command, create, output).await,
         Command::Host(command) => host(&mut clients, command, output).await,
         Command::Events(args) => events(&mut clients, args, output).await,

@@ -91,7 +91,7 @@ impl Harness {
             disk_mib: 0,
         };
         self.hostlink
-            .register_host(Request::new(RegisterHostRequest {
+            .register_host(local_root(RegisterHostRequest {
                 machine_id: format!("machine-{name}"),
                 name: name.to_string(),
                 zone: "z1".to_string(),
@@ -163,7 +163,7 @@ impl Harness {
             }
         }
         self.hostlink
-            .heartbeat(Request::new(HeartbeatRequest {
+            .heartbeat(local_root(HeartbeatRequest {
                 host_id: host_id.to_string(),
                 vms,
                 usage: Some(HostUsage {
@@ -351,7 +351,7 @@ async fn a_dead_host_registering_again_gets_nothing_until_its_vms_are_moved() {
     let session = h.c.model().hosts[&a].host.agent_session;
     let registered = h
         .hostlink
-        .register_host(Request::new(RegisterHostRequest {
+        .register_host(local_root(RegisterHostRequest {
             machine_id: "machine-node-a".to_string(),
             name: "node-a".to_string(),
             zone: "z1".to_string(),
@@ -373,7 +373,7 @@ async fn a_dead_host_registering_again_gets_nothing_until_its_vms_are_moved() {
         .into_inner();
     let mut stream = h
         .hostlink
-        .watch_assignments(Request::new(WatchAssignmentsRequest {
+        .watch_assignments(local_root(WatchAssignmentsRequest {
             host_id: a.clone(),
             session: registered.session,
         }))
@@ -413,7 +413,7 @@ async fn only_the_same_boot_continues_a_session() {
                 disk_mib: 0,
             });
             let response = hostlink
-                .register_host(Request::new(RegisterHostRequest {
+                .register_host(local_root(RegisterHostRequest {
                     machine_id: machine.to_string(),
                     name: machine.to_string(),
                     zone: "z1".to_string(),
@@ -524,4 +524,16 @@ async fn unplaceable_vms_do_not_starve_a_new_one() {
     }
     h.pass().await;
     assert!(h.reconciler.backoff.is_empty() && h.reconciler.unplaceable.is_empty());
+}
+
+/// A request as root on the Unix socket sends it (the tests call the handlers in process).
+pub(crate) fn local_root<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .extensions_mut()
+        .insert(fabric_proto::tls::PeerInfo {
+            remote: None,
+            identity: fabric_proto::tls::Identity::LocalRoot,
+        });
+    request
 }

@@ -65,7 +65,7 @@ pub struct HostOptions {
     pub memory_balancer: bool,
     /// `[memory] budget_mib`; 0: the host's memory less its reserve.
     pub memory_budget_mib: u64,
-    /// `image_cache_mib`: the image cache's budget (the agent's default unless set).
+    /// `image_cache_mib`: the image cache's budget (1 GiB unless set).
     pub image_cache_mib: u64,
     /// `[reserve] disk_mib`: disk kept back from VMs (the agent's default unless set).
     pub disk_reserve_mib: u64,
@@ -79,7 +79,9 @@ impl HostOptions {
             sim_start_delay_ms: 100,
             memory_balancer: true,
             memory_budget_mib: 0,
-            image_cache_mib: 16 * 1024,
+            // 1 GiB: the test guests are small, and the host offers VMs its free disk
+            // less this budget.
+            image_cache_mib: 1024,
             disk_reserve_mib: 1024,
         }
     }

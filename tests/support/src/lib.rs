@@ -33,6 +33,7 @@ pub mod image;
 pub mod nemesis;
 pub mod netcluster;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod testguest;
 pub mod vmspec;

@@ -124,6 +124,8 @@ pub struct NetCluster {
     pub timing: Timing,
     pub controller: Option<Process>,
     pub hosts: Vec<NetHost>,
+    /// The cluster's CA and the controller's certificate (mutual TLS on its TCP listener).
+    pub pki: crate::pki::Pki,
 }
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -147,6 +149,7 @@ impl NetCluster {
             .tempdir()
             .expect("temp dir");
         let net_ns = format!("{prefix}-net");
+        let pki = crate::pki::Pki::init(&dir.path().join("pki"), &prefix, &["10.99.0.1"]);
         let mut cluster = NetCluster {
             prefix: prefix.clone(),
             dir,
@@ -154,6 +157,7 @@ impl NetCluster {
             timing,
             controller: None,
             hosts: Vec::new(),
+            pki,
         };
         ip(&["netns", "add", &net_ns]);
         ip(&["-n", &net_ns, "link", "set", "lo", "up"]);
@@ -217,6 +221,8 @@ impl NetCluster {
             .arg(format!("unix:{}", socket.display()))
             .arg("--data-dir")
             .arg(self.dir.path().join("controller"))
+            .arg("--tls-dir")
+            .arg(&self.pki.dir)
             .arg("--lease-ttl")
             .arg(self.timing.lease_ttl.to_string())
             .arg("--heartbeat-interval")
@@ -241,8 +247,13 @@ impl NetCluster {
 
     pub fn start_agent(&mut self, i: usize) {
         let host = &self.hosts[i];
+        let tls = host.dir.join("tls");
+        if !tls.join("host.pem").exists() {
+            self.pki.host(&host.name, &tls);
+        }
         let config = format!(
-            r#"controller = "http://10.99.0.1:7070"
+            r#"controller = "https://10.99.0.1:7070"
+tls_dir = "{tls}"
 listen = "unix:{listen}"
 name = "{name}"
 machine_id = "{name}"
@@ -257,10 +268,12 @@ network = "default"
 vm_subnet = "10.100.{i}.0/24"
 cgroup_parent = "{cg}"
 stop_timeout_secs = 5
+image_cache_mib = 1024
 [reserve]
 cpus = 0
 memory_mib = 512
 "#,
+            tls = tls.display(),
             listen = host.dir.join("agent.sock").display(),
             name = host.name,
             fd = host.fault_domain,

@@ -165,6 +165,8 @@ pub struct Cluster {
     disk: Option<LoopDisk>,
     blkio: Option<PathBuf>,
     controller_starts: usize,
+    /// The cluster's CA and the controller's certificate (mutual TLS on its TCP listener).
+    pub pki: crate::pki::Pki,
 }
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -244,7 +246,9 @@ impl Cluster {
         let net_ns = format!("{prefix}-net");
         let controller_wallclock_file = dir.path().join("controller-wallclock-offset-ms");
         std::fs::write(&controller_wallclock_file, "0").expect("offset file");
+        let pki = crate::pki::Pki::init(&dir.path().join("pki"), &prefix, &["10.99.0.1"]);
         let mut cluster = Cluster {
+            pki,
             prefix: prefix.clone(),
             net_ns: net_ns.clone(),
             timing: spec.timing,
@@ -411,6 +415,8 @@ impl Cluster {
             .arg(format!("unix:{}", socket.display()))
             .arg("--data-dir")
             .arg(&data)
+            .arg("--tls-dir")
+            .arg(&self.pki.dir)
             .arg("--lease-ttl")
             .arg(self.timing.lease_ttl.to_string())
             .arg("--heartbeat-interval")
@@ -450,8 +456,13 @@ impl Cluster {
     pub fn start_agent(&mut self, i: usize, extra: &[(String, String)]) {
         self.kill9_agent(i);
         let host = &self.hosts[i];
+        let tls = host.dir.join("tls");
+        if !tls.join("host.pem").exists() {
+            self.pki.host(&host.name, &tls);
+        }
         let common = format!(
-            r#"controller = "http://10.99.0.1:7070"
+            r#"controller = "https://10.99.0.1:7070"
+tls_dir = "{tls}"
 listen = "unix:{listen}"
 name = "{name}"
 machine_id = "{name}"
@@ -460,6 +471,7 @@ fault_domain = {i}
 update_domain = {i}
 data_dir = "{data}"
 "#,
+            tls = tls.display(),
             listen = host.socket().display(),
             name = host.name,
             data = host.data_dir().display(),
@@ -473,6 +485,7 @@ network = "default"
 vm_subnet = "10.100.{i}.0/24"
 cgroup_parent = "{cg}"
 stop_timeout_secs = 5
+image_cache_mib = 1024
 [reserve]
 cpus = 0
 memory_mib = 512

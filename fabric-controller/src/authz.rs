@@ -1,0 +1,98 @@
+//! Who may call what on the controller (issue 16, first part: identities; roles and projects
+//! come next). Deny by default: a service or caller not named here is refused.
+//!
+//! - local-root (root on the Unix socket): everything.
+//! - a user (a certificate `user/NAME`): Compute and Images, health and reflection.
+//! - a host (`host/NAME`): HostLink, as itself only (the handlers check the host named in
+//!   the request is the one in the certificate), and Images.PullImage; health.
+//! - the controller's own identity: health only.
+
+use fabric_proto::tls::Identity;
+use tonic::Status;
+
+const HEALTH: &str = "grpc.health.v1.Health";
+
+fn is_reflection(service: &str) -> bool {
+    service.starts_with("grpc.reflection.")
+}
+
+/// The policy of [`fabric_proto::tls::AuthorizeLayer`] for the controller's server.
+pub fn controller_policy(path: &str, caller: &Identity) -> Result<(), String> {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let common = service == HEALTH || is_reflection(service);
+    match caller {
+        Identity::LocalRoot => Ok(()),
+        Identity::User(_) => match service {
+            fabric_proto::COMPUTE_SERVICE | fabric_proto::IMAGES_SERVICE => Ok(()),
+            _ if common => Ok(()),
+            _ => Err("users call Compute and Images".into()),
+        },
+        Identity::Host(_) => match (service, method) {
+            (fabric_proto::HOST_LINK_SERVICE, _) | (fabric_proto::IMAGES_SERVICE, "PullImage") => {
+                Ok(())
+            }
+            _ if service == HEALTH => Ok(()),
+            _ => Err("hosts call HostLink and pull images".into()),
+        },
+        Identity::Controller => match service {
+            HEALTH => Ok(()),
+            _ => Err("the controller's certificate is not a client's".into()),
+        },
+    }
+}
+
+/// For a HostLink call about host `name` (the name it registers, or the name of the host
+/// record its host id names): PERMISSION_DENIED unless the caller is that host (or
+/// local-root). The refusal names both, for the audit trail in the log.
+pub fn check_host(caller: &Identity, name: &str) -> Result<(), Status> {
+    match caller {
+        Identity::LocalRoot => Ok(()),
+        Identity::Host(own) if own == name => Ok(()),
+        other => {
+            tracing::warn!(caller = %other, host = name, "a HostLink call for another host refused");
+            Err(Status::permission_denied(format!(
+                "{other} may not act as host {name:?}"
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_by_default() {
+        let user = Identity::User("ops".into());
+        let host = Identity::Host("h1".into());
+        let allowed = [
+            ("/fabric.v1.Compute/CreateVm", &user),
+            ("/fabric.v1.Images/PushImage", &user),
+            ("/grpc.health.v1.Health/Check", &user),
+            (
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                &user,
+            ),
+            ("/fabric.v1.HostLink/Heartbeat", &host),
+            ("/fabric.v1.Images/PullImage", &host),
+            ("/fabric.v1.HostLink/Heartbeat", &Identity::LocalRoot),
+        ];
+        for (path, who) in allowed {
+            assert_eq!(controller_policy(path, who), Ok(()), "{path} {who}");
+        }
+        let refused = [
+            ("/fabric.v1.HostLink/RegisterHost", &user),
+            ("/fabric.v1.Compute/CreateVm", &host),
+            ("/fabric.v1.Images/PushImage", &host),
+            ("/fabric.v1.Images/DeleteImage", &host),
+            ("/fabric.v1.Agent/ListLocalVms", &user),
+            ("/fabric.v1.Compute/CreateVm", &Identity::Controller),
+            ("", &user),
+            ("/", &host),
+        ];
+        for (path, who) in refused {
+            assert!(controller_policy(path, who).is_err(), "{path} {who}");
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Trust (issue 16) against a real fabric-controller: its TCP listener speaks mutual TLS only,
+//! with certificates made by `fabricctl pki`; a caller's certificate decides what it may call,
+//! and a host's certificate acts for that host only.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use fabric_proto::tls::TlsFiles;
+use fabric_proto::v1::compute_client::ComputeClient;
+use fabric_proto::v1::host_link_client::HostLinkClient;
+use fabric_proto::v1::{
+    HeartbeatRequest, ListVmsRequest, RegisterHostRequest, Resources, WatchAssignmentsRequest,
+};
+use fabric_test_support::cluster::{controller_command, unix_channel, workspace_bin, Process};
+use fabric_test_support::pki::Pki;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// A port free on loopback right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn tls_channel(port: u16, tls: ClientTlsConfig) -> Result<Channel, String> {
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+async fn as_identity(port: u16, dir: &Path, name: &str) -> Channel {
+    let config = TlsFiles::in_dir(dir, name).client_config().unwrap();
+    tls_channel(port, config).await.expect("connect")
+}
+
+fn registration(name: &str) -> RegisterHostRequest {
+    let resources = Resources {
+        cpus: 4,
+        memory_mib: 4096,
+        disk_mib: 4096,
+    };
+    RegisterHostRequest {
+        machine_id: format!("machine-{name}"),
+        name: name.into(),
+        zone: "z1".into(),
+        capacity: Some(resources),
+        allocatable: Some(resources),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
+    fabric_proto::tls::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), "trust", &["127.0.0.1"]);
+
+    // No --tls-dir: a TCP listener is refused at start, saying why.
+    let port = free_port();
+    let out = controller_command(
+        &workspace_bin("fabric-controller"),
+        &dir.path().join("plain.sock"),
+        &dir.path().join("plain"),
+    )
+    .args(["--listen", &format!("127.0.0.1:{port}")])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mutual TLS only"), "{stderr}");
+
+    let socket = dir.path().join("controller.sock");
+    let mut command = controller_command(
+        &workspace_bin("fabric-controller"),
+        &socket,
+        &dir.path().join("data"),
+    );
+    command
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
+        .arg(&pki.dir);
+    let _controller = Process::spawn("fabric-controller", command, dir.path().join("c.log"));
+    assert!(fabric_test_support::cluster::path_appears(
+        &socket,
+        Duration::from_secs(30)
+    ));
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the Unix socket is root's only");
+
+    // fabricctl over TCP with the admin's certificate; without one it is refused.
+    let fabricctl = |args: &[&str]| {
+        Command::new(workspace_bin("fabricctl"))
+            .args(["--controller", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = fabricctl(&["--tls-dir", pki.dir.to_str().unwrap(), "host", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = fabricctl(&["host", "list"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a client certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // No client certificate: the handshake fails, whatever the call.
+    let anonymous = ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read_to_string(pki.dir.join("ca.pem")).unwrap(),
+        ))
+        .domain_name(fabric_proto::tls::CONTROLLER_DNS_NAME);
+    if let Ok(channel) = tls_channel(port, anonymous).await {
+        let refused = ComputeClient::new(channel)
+            .list_vms(ListVmsRequest::default())
+            .await;
+        assert!(refused.is_err(), "served without a certificate");
+    }
+    // Plain HTTP/2 to the TLS port: no answer either.
+    let plain = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        assert!(ComputeClient::new(channel)
+            .list_vms(ListVmsRequest::default())
+            .await
+            .is_err());
+    }
+    // An expired certificate.
+    let expired = pki.user("late", &dir.path().join("late"), "1s");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let late = TlsFiles::in_dir(&expired, "late").client_config().unwrap();
+    if let Ok(channel) = tls_channel(port, late).await {
+        assert!(
+            ComputeClient::new(channel)
+                .list_vms(ListVmsRequest::default())
+                .await
+                .is_err(),
+            "served with an expired certificate"
+        );
+    }
+
+    // Host a registers as itself, not as b; a user may not call HostLink; a host may not call
+    // Compute.
+    let a_dir = pki.host("trust-a", &dir.path().join("a"));
+    let mut as_a = HostLinkClient::new(as_identity(port, &a_dir, "host").await);
+    let a = as_a
+        .register_host(registration("trust-a"))
+        .await
+        .expect("a registers as itself")
+        .into_inner();
+    let refused = as_a
+        .register_host(registration("trust-b"))
+        .await
+        .expect_err("a registered as b");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("host/trust-a may not act as host \"trust-b\""),
+        "{refused:?}"
+    );
+    // b exists (registered by root on the Unix socket); a may not heartbeat or watch for it.
+    let b = HostLinkClient::new(unix_channel(&socket).await)
+        .register_host(registration("trust-b"))
+        .await
+        .expect("local-root registers b")
+        .into_inner();
+    let refused = as_a
+        .heartbeat(HeartbeatRequest {
+            host_id: b.host_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a heartbeat for b");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = as_a
+        .watch_assignments(WatchAssignmentsRequest {
+            host_id: b.host_id.clone(),
+            session: 0,
+        })
+        .await
+        .expect_err("a watched b's assignments");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    as_a.heartbeat(HeartbeatRequest {
+        host_id: a.host_id.clone(),
+        session: a.session,
+        ..Default::default()
+    })
+    .await
+    .expect("a heartbeats for itself");
+    let refused = ComputeClient::new(as_identity(port, &a_dir, "host").await)
+        .list_vms(ListVmsRequest::default())
+        .await
+        .expect_err("a host listed VMs");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let ops = pki.user("ops", &dir.path().join("ops"), "1h");
+    let refused = HostLinkClient::new(as_identity(port, &ops, "ops").await)
+        .register_host(registration("ops"))
+        .await
+        .expect_err("a user registered a host");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    ComputeClient::new(as_identity(port, &ops, "ops").await)
+        .list_vms(ListVmsRequest::default())
+        .await
+        .expect("a user lists VMs");
+}
