@@ -7,8 +7,10 @@ use fabric_proto::v1::compute_server::Compute;
 use fabric_proto::v1::{
     CordonHostRequest, CreateVmRequest, DeleteVmRequest, DeleteVmResponse, DesiredState,
     DrainHostRequest, Event, GetHostRequest, GetVmRequest, Host, HostState, ListHostsRequest,
-    ListHostsResponse, ListVmsRequest, ListVmsResponse, RemoveHostRequest, RemoveHostResponse,
-    StartVmRequest, StopVmRequest, UncordonHostRequest, Vm, VmPhase, VmStatus, WatchEventsRequest,
+    ListHostsResponse, ListVmsRequest, ListVmsResponse, ReinstateHostRequest,
+    ReinstateHostResponse, RemoveHostRequest, RemoveHostResponse, RevokeHostRequest,
+    RevokeHostResponse, StartVmRequest, StopVmRequest, UncordonHostRequest, Vm, VmPhase, VmStatus,
+    WatchEventsRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -269,6 +271,29 @@ impl Compute for ComputeService {
         let req = request.into_inner();
         self.controller.remove_host(&req.id).await?;
         Ok(Response::new(RemoveHostResponse {}))
+    }
+
+    async fn revoke_host(
+        &self,
+        request: Request<RevokeHostRequest>,
+    ) -> Result<Response<RevokeHostResponse>, Status> {
+        let by = fabric_proto::tls::caller(&request)?.to_string();
+        let req = request.into_inner();
+        let newly_revoked = self
+            .controller
+            .revoke_host(&req.name, &req.reason, &by)
+            .await?;
+        Ok(Response::new(RevokeHostResponse { newly_revoked }))
+    }
+
+    async fn reinstate_host(
+        &self,
+        request: Request<ReinstateHostRequest>,
+    ) -> Result<Response<ReinstateHostResponse>, Status> {
+        let by = fabric_proto::tls::caller(&request)?.to_string();
+        let req = request.into_inner();
+        let was_revoked = self.controller.reinstate_host(&req.name, &by).await?;
+        Ok(Response::new(ReinstateHostResponse { was_revoked }))
     }
 
     type WatchEventsStream = EventStream;

@@ -155,6 +155,14 @@ pub struct Controller {
     /// registering the same new name at once cannot both get it (this process is the store's
     /// only writer).
     pub(crate) registering: tokio::sync::Mutex<()>,
+    /// Names whose identity host/NAME is refused (RevokeHost), as stored under
+    /// `revoked-hosts/`.
+    revoked: std::sync::RwLock<std::collections::HashSet<String>>,
+}
+
+/// The store key of a revoked host identity.
+fn revoked_key(name: &str) -> String {
+    format!("revoked-hosts/{name}")
 }
 
 pub fn vm_key(id: &str) -> String {
@@ -384,6 +392,11 @@ impl Controller {
             .max(stored_ceiling);
         let ceiling = start_generation.saturating_add(GENERATION_BLOCK);
         store_ceiling(store.as_ref(), ceiling)?;
+        let (revoked, _) = store.list("revoked-hosts/").map_err(|e| e.to_string())?;
+        let revoked = revoked
+            .into_iter()
+            .filter_map(|kv| kv.key.strip_prefix("revoked-hosts/").map(str::to_string))
+            .collect();
         Ok(Arc::new(Controller {
             settings,
             store,
@@ -395,6 +408,7 @@ impl Controller {
             generation: AtomicU64::new(start_generation),
             generation_ceiling: Mutex::new(ceiling),
             registering: tokio::sync::Mutex::new(()),
+            revoked: std::sync::RwLock::new(revoked),
         }))
     }
 
@@ -914,6 +928,80 @@ impl Controller {
         });
         tracing::info!(host = %id, name = %name, "host removed");
         Ok(())
+    }
+
+    /// Whether the identity host/`name` is revoked.
+    pub fn is_revoked(&self, name: &str) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    /// Who may call what, with revoked host identities refused: the policy of the
+    /// controller's server.
+    pub fn authorize(
+        &self,
+        path: &str,
+        caller: &fabric_proto::tls::Identity,
+    ) -> Result<(), String> {
+        if let fabric_proto::tls::Identity::Host(name) = caller {
+            if self.is_revoked(name) {
+                return Err("the identity is revoked (fabricctl host reinstate)".into());
+            }
+        }
+        crate::authz::controller_policy(path, caller)
+    }
+
+    /// Revokes the identity host/`name` (durably first); false when it was revoked already.
+    pub async fn revoke_host(&self, name: &str, reason: &str, by: &str) -> Result<bool, Status> {
+        fabric_proto::tls::check_name("host", name).map_err(Status::invalid_argument)?;
+        crate::validate::check_reason(reason).map_err(Status::invalid_argument)?;
+        if self.is_revoked(name) {
+            return Ok(false);
+        }
+        self.commit(Txn::new().put(revoked_key(name), by.as_bytes().to_vec()))
+            .await?;
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        let host_id = self
+            .model()
+            .hosts
+            .values()
+            .find(|e| e.host.name == name)
+            .map(|e| e.host.id.clone())
+            .unwrap_or_default();
+        self.events.emit(fabric_proto::v1::Event {
+            kind: EventKind::HostIdentity as i32,
+            host_id,
+            message: format!("host/{name} revoked by {by}"),
+            reason: reason.to_string(),
+            ..Default::default()
+        });
+        tracing::warn!(host = name, by, reason, "host identity revoked");
+        Ok(true)
+    }
+
+    /// Accepts the identity host/`name` again; false when it was not revoked.
+    pub async fn reinstate_host(&self, name: &str, by: &str) -> Result<bool, Status> {
+        fabric_proto::tls::check_name("host", name).map_err(Status::invalid_argument)?;
+        if !self.is_revoked(name) {
+            return Ok(false);
+        }
+        self.commit(Txn::new().delete(revoked_key(name))).await?;
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        self.events.emit(fabric_proto::v1::Event {
+            kind: EventKind::HostIdentity as i32,
+            message: format!("host/{name} reinstated by {by}"),
+            ..Default::default()
+        });
+        tracing::info!(host = name, by, "host identity reinstated");
+        Ok(true)
     }
 
     /// Sets a host's administrative state (cordon, drain, uncordon).

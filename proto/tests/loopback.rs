@@ -157,6 +157,20 @@ impl Compute for TestCompute {
         not_needed()
     }
 
+    async fn revoke_host(
+        &self,
+        _: Request<fabric_proto::v1::RevokeHostRequest>,
+    ) -> Result<Response<fabric_proto::v1::RevokeHostResponse>, Status> {
+        not_needed()
+    }
+
+    async fn reinstate_host(
+        &self,
+        _: Request<fabric_proto::v1::ReinstateHostRequest>,
+    ) -> Result<Response<fabric_proto::v1::ReinstateHostResponse>, Status> {
+        not_needed()
+    }
+
     type WatchEventsStream = ServerStream<Event>;
 
     /// Three events after `since_sequence`, about the requested VM.

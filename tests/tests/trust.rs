@@ -221,3 +221,101 @@ async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
         .await
         .expect("a user lists VMs");
 }
+
+/// `fabricctl host revoke NAME`: the host's calls are refused from then on, so its lease ends
+/// and, once it is DEAD, its VM runs on the other host; it cannot register again (it stays
+/// DEAD while its agent keeps trying) until it is reinstated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
+    use fabric_proto::v1::{GetHostRequest, HostState, RevokeHostRequest};
+    use fabric_test_support::cluster::{Controller, SimHost, SimHostSpec, Timing};
+    use fabric_test_support::compute::{create_vm, eventually, ready_hosts, running_placement};
+    fabric_proto::tls::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), "revoke", &["127.0.0.1"]);
+    let port = free_port();
+    let controller = Controller::start_with_args(
+        &dir.path().join("controller"),
+        Timing::default(),
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tls-dir",
+            pki.dir.to_str().unwrap(),
+        ],
+    );
+    let address = format!("https://127.0.0.1:{port}");
+    let mut hosts = Vec::new();
+    for name in ["revoke-h1", "revoke-h2"] {
+        let tls = pki.host(name, &dir.path().join(format!("{name}-tls")));
+        hosts.push(SimHost::start_spec(
+            &dir.path().join(name),
+            &address,
+            &SimHostSpec::new(name, 0, 0).with_tls(&tls),
+        ));
+    }
+    let mut client = controller.compute().await;
+    let ids = ready_hosts(&client, 2, Duration::from_secs(30)).await;
+    let vm = create_vm(
+        &client,
+        fabric_test_support::vmspec::simulated_vm("revoked-web"),
+    )
+    .await
+    .expect("create");
+    let placement = eventually(Duration::from_secs(30), "the VM running", || {
+        let (client, ids) = (client.clone(), vec![vm.clone()]);
+        async move { running_placement(&client, &ids).await }
+    })
+    .await;
+    let first = placement[&vm].clone();
+    let name = ids
+        .iter()
+        .find(|(_, id)| **id == first)
+        .map(|(name, _)| name.clone())
+        .unwrap();
+
+    let revoked = client
+        .revoke_host(RevokeHostRequest {
+            name: name.clone(),
+            reason: "stolen disk".into(),
+        })
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert!(revoked.newly_revoked);
+    eventually(Duration::from_secs(60), "the VM running elsewhere", || {
+        let (client, ids, first) = (client.clone(), vec![vm.clone()], first.clone());
+        async move {
+            let placement = running_placement(&client, &ids).await?;
+            (placement.values().all(|host| *host != first)).then_some(())
+        }
+    })
+    .await;
+    let state = |client: &mut ComputeClient<Channel>| {
+        let (mut client, id) = (client.clone(), first.clone());
+        async move {
+            client
+                .get_host(GetHostRequest { id })
+                .await
+                .unwrap()
+                .into_inner()
+                .state()
+        }
+    };
+    assert_eq!(state(&mut client).await, HostState::Dead);
+    // Its agent keeps trying; it stays out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(state(&mut client).await, HostState::Dead);
+    let log = std::fs::read_to_string(dir.path().join(&name).join("agent.log")).unwrap();
+    assert!(log.contains("revoked"), "the agent was not told why");
+
+    client
+        .reinstate_host(fabric_proto::v1::ReinstateHostRequest { name: name.clone() })
+        .await
+        .expect("reinstate");
+    eventually(Duration::from_secs(30), "the host back", || {
+        let mut client = client.clone();
+        async move { (state(&mut client).await == HostState::Ready).then_some(()) }
+    })
+    .await;
+}

@@ -168,9 +168,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let router = fabric_proto::server()
-        .layer(fabric_proto::tls::AuthorizeLayer::new(Arc::new(
-            fabric_controller::authz::controller_policy,
-        )))
+        .layer(fabric_proto::tls::AuthorizeLayer::new({
+            let controller = controller.clone();
+            Arc::new(move |path: &str, caller: &fabric_proto::tls::Identity| {
+                controller.authorize(path, caller)
+            })
+        }))
         .add_service(services.health)
         .add_service(services.reflection)
         .add_service(services.reflection_v1alpha)

@@ -174,6 +174,21 @@ pub enum HostCommand {
         /// Host id (host- and 16 hex digits) or name.
         host: String,
     },
+    /// Refuse the identity host/NAME from now on (a stolen or retired certificate): its
+    /// agent's calls are refused, its lease ends, it fences itself, and once it is DEAD its
+    /// VMs run elsewhere. It cannot register again until `host reinstate NAME`.
+    Revoke {
+        /// The host's name (its certificate's host/NAME).
+        name: String,
+        /// Why, for other operators and the event log.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Accept the identity host/NAME again.
+    Reinstate {
+        /// The host's name.
+        name: String,
+    },
     /// Cordon a host and move its VMs to other hosts.
     Drain {
         /// Host id (host- and 16 hex digits) or name.
@@ -724,6 +739,41 @@ async fn host(clients: &mut Clients, command: HostCommand, output: Output) -> an
                     .uncordon_host(UncordonHostRequest { id })
                     .await,
             )?
+        }
+        HostCommand::Revoke { name, reason } => {
+            let response = reply(
+                clients
+                    .compute
+                    .revoke_host(fabric_proto::v1::RevokeHostRequest {
+                        name: name.clone(),
+                        reason,
+                    })
+                    .await,
+            )?;
+            return match output {
+                Output::Json => {
+                    print_json(&json!({ "revoked": name, "newly_revoked": response.newly_revoked }))
+                }
+                Output::Table if response.newly_revoked => print(&format!("host/{name} revoked\n")),
+                Output::Table => print(&format!("host/{name} was revoked already\n")),
+            };
+        }
+        HostCommand::Reinstate { name } => {
+            let response = reply(
+                clients
+                    .compute
+                    .reinstate_host(fabric_proto::v1::ReinstateHostRequest { name: name.clone() })
+                    .await,
+            )?;
+            return match output {
+                Output::Json => {
+                    print_json(&json!({ "reinstated": name, "was_revoked": response.was_revoked }))
+                }
+                Output::Table if response.was_revoked => {
+                    print(&format!("host/{name} reinstated\n"))
+                }
+                Output::Table => print(&format!("host/{name} was not revoked\n")),
+            };
         }
         HostCommand::Remove { host } => {
             let id = clients.host_id(&host).await?;

@@ -641,6 +641,18 @@ mod tests {
             .collect();
         report[3].phase = ObservedPhase::Starting as i32;
         h.heartbeat(&source, report, None).await;
+        // The heartbeat records phase changes on a task of its own: wait for them, so that
+        // their events are counted before, not after.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while [0, 1, 2, 4].iter().any(|&i| {
+            h.vm(&ids[i]).status.unwrap_or_default().phase() != fabric_proto::v1::VmPhase::Running
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the reported phases were not recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // Meanwhile: a StopVm, a drain's mark, and a move already under way.
         h.c.set_desired(&ids[1], DesiredState::Stopped)
             .await

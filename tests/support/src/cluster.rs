@@ -282,6 +282,8 @@ pub struct SimHostSpec {
     /// The disk it announces (`[sim] disk_mib`; 1 TiB unless set), of which it offers VMs
     /// all but the agent's default 1 GiB reserve.
     pub disk_mib: u64,
+    /// Its certificate directory (`tls_dir`), for a controller reached over TCP.
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl SimHostSpec {
@@ -295,7 +297,14 @@ impl SimHostSpec {
             memory_budget_mib: 0,
             machine_id: None,
             disk_mib: 1 << 20,
+            tls_dir: None,
         }
+    }
+
+    /// A host presenting the certificate in `dir` (ca.pem, host.pem, host-key.pem).
+    pub fn with_tls(mut self, dir: &Path) -> SimHostSpec {
+        self.tls_dir = Some(dir.to_owned());
+        self
     }
 
     /// A host announcing `disk_mib` of disk.
@@ -356,6 +365,7 @@ fault_domain = {fault_domain}
 update_domain = {update_domain}
 data_dir = "{data}"
 hypervisor = "sim"
+{tls}
 [reserve]
 cpus = 0
 memory_mib = 0
@@ -377,6 +387,11 @@ budget_mib = {memory_budget_mib}
             update_domain = spec.update_domain,
             memory_budget_mib = spec.memory_budget_mib,
             disk_mib = spec.disk_mib,
+            tls = spec
+                .tls_dir
+                .as_ref()
+                .map(|d| format!("tls_dir = \"{}\"", d.display()))
+                .unwrap_or_default(),
             listen = dir.join("agent.sock").display(),
             data = dir.join("data").display(),
         );
