@@ -123,6 +123,29 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             round_trip(RemoveHostResponse {}),
         ),
         (
+            "fabric.v1.RevokeHostRequest",
+            round_trip(RevokeHostRequest {
+                name: "host-1".to_owned(),
+                reason: "stolen disk".to_owned(),
+            }),
+        ),
+        (
+            "fabric.v1.RevokeHostResponse",
+            round_trip(RevokeHostResponse {
+                newly_revoked: true,
+            }),
+        ),
+        (
+            "fabric.v1.ReinstateHostRequest",
+            round_trip(ReinstateHostRequest {
+                name: "host-1".to_owned(),
+            }),
+        ),
+        (
+            "fabric.v1.ReinstateHostResponse",
+            round_trip(ReinstateHostResponse { was_revoked: true }),
+        ),
+        (
             "fabric.v1.WatchEventsRequest",
             round_trip(watch_events_request()),
         ),
