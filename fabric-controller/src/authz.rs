@@ -23,8 +23,12 @@ pub fn controller_policy(path: &str, caller: &Identity) -> Result<(), String> {
     let common = service == HEALTH || is_reflection(service);
     match caller {
         Identity::LocalRoot => Ok(()),
-        Identity::User(_) => match service {
-            fabric_proto::COMPUTE_SERVICE | fabric_proto::IMAGES_SERVICE => Ok(()),
+        Identity::User(_) => match (service, method) {
+            // Until roles exist, one user must not undo another's revocation: root only.
+            (fabric_proto::COMPUTE_SERVICE, "RevokeHost" | "ReinstateHost") => {
+                Err("revoking and reinstating hosts is root's, on the Unix socket".into())
+            }
+            (fabric_proto::COMPUTE_SERVICE | fabric_proto::IMAGES_SERVICE, _) => Ok(()),
             _ if common => Ok(()),
             _ => Err("users call Compute and Images".into()),
         },
@@ -88,6 +92,8 @@ mod tests {
             ("/fabric.v1.Images/DeleteImage", &host),
             ("/fabric.v1.Agent/ListLocalVms", &user),
             ("/fabric.v1.Compute/CreateVm", &Identity::Controller),
+            ("/fabric.v1.Compute/RevokeHost", &user),
+            ("/fabric.v1.Compute/ReinstateHost", &user),
             ("", &user),
             ("/", &host),
         ];

@@ -957,6 +957,7 @@ impl Controller {
     pub async fn revoke_host(&self, name: &str, reason: &str, by: &str) -> Result<bool, Status> {
         fabric_proto::tls::check_name("host", name).map_err(Status::invalid_argument)?;
         crate::validate::check_reason(reason).map_err(Status::invalid_argument)?;
+        let _serialized = self.registering.lock().await;
         if self.is_revoked(name) {
             return Ok(false);
         }
@@ -966,13 +967,15 @@ impl Controller {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string());
-        let host_id = self
-            .model()
-            .hosts
-            .values()
-            .find(|e| e.host.name == name)
-            .map(|e| e.host.id.clone())
-            .unwrap_or_default();
+        let host_id = {
+            let model = self.model();
+            let entry = model.hosts.values().find(|e| e.host.name == name);
+            // Its open assignment stream wakes and ends.
+            if let Some(entry) = entry {
+                entry.live.assignments.send_modify(|v| *v += 1);
+            }
+            entry.map(|e| e.host.id.clone()).unwrap_or_default()
+        };
         self.events.emit(fabric_proto::v1::Event {
             kind: EventKind::HostIdentity as i32,
             host_id,
@@ -987,6 +990,7 @@ impl Controller {
     /// Accepts the identity host/`name` again; false when it was not revoked.
     pub async fn reinstate_host(&self, name: &str, by: &str) -> Result<bool, Status> {
         fabric_proto::tls::check_name("host", name).map_err(Status::invalid_argument)?;
+        let _serialized = self.registering.lock().await;
         if !self.is_revoked(name) {
             return Ok(false);
         }

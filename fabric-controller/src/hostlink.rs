@@ -101,6 +101,15 @@ impl HostLink for HostLinkService {
             return Err(taken);
         }
         let existing = c.model().machines.get(&req.machine_id).cloned();
+        // The record of this machine is the certificate's only if it carries the
+        // certificate's name: host b's certificate presenting a's machine id must not rename
+        // a's record to b and take its VMs (a rename is root's, on the Unix socket).
+        if let Some(id) = &existing {
+            let current = c.model().hosts.get(id).map(|e| e.host.name.clone());
+            if let Some(current) = current.filter(|name| *name != req.name) {
+                crate::authz::check_host(&caller, &current)?;
+            }
+        }
         let host_id = match existing {
             Some(id) => id,
             None => {
@@ -430,6 +439,15 @@ impl HostLink for HostLinkService {
             let mut first = true;
             loop {
                 notifier.borrow_and_update();
+                // Revoked while the stream is open: it ends now (RevokeHost wakes it).
+                if c.is_revoked(&name) {
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "host/{name}: the identity is revoked"
+                        ))))
+                        .await;
+                    return;
+                }
                 let (current, hold) = match c.session_check(&host_id, session) {
                     Ok(checked) => checked,
                     Err(status) => {

@@ -38,9 +38,13 @@ pub const CA_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 
 /// How long a TLS handshake may take before the connection is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once on one listener; more connections wait to be accepted.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once on one listener; a connection beyond them is closed at
+/// once (never left in the kernel's accept queue, where it would hold up the clients behind
+/// it).
 pub const MAX_HANDSHAKES: usize = 128;
+/// Handshakes in progress at once from one IP address; more from it are closed at once.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
 
 /// The longest cluster or principal name, bytes.
 pub const MAX_NAME: usize = 63;
@@ -548,11 +552,9 @@ pub fn incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let per_address: Arc<Mutex<std::collections::HashMap<IpAddr, usize>>> = Arc::default();
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
             let (tcp, remote) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -564,19 +566,29 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
+            // Over either bound, the connection is closed now (dropped).
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::debug!(%remote, "too many TLS handshakes in progress: closed");
+                continue;
+            };
+            let Some(slot) = AddressSlot::take(&per_address, remote.ip()) else {
+                tracing::debug!(%remote, "too many TLS handshakes from this address: closed");
+                continue;
+            };
             let (acceptor, tx, cluster) = (acceptor.clone(), tx.clone(), cluster.clone());
             tokio::spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
                 let _ = tcp.set_nodelay(true);
                 let stream =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
-                            tracing::info!(%remote, error = %e, "TLS handshake refused");
+                            tracing::debug!(%remote, error = %e, "TLS handshake refused");
                             return;
                         }
                         Err(_) => {
-                            tracing::info!(%remote, "TLS handshake timed out");
+                            tracing::debug!(%remote, "TLS handshake timed out");
                             return;
                         }
                     };
@@ -601,6 +613,42 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// One of an address's [`MAX_HANDSHAKES_PER_ADDRESS`] handshake slots, given back on drop.
+struct AddressSlot {
+    table: Arc<Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    address: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(
+        table: &Arc<Mutex<std::collections::HashMap<IpAddr, usize>>>,
+        address: IpAddr,
+    ) -> Option<AddressSlot> {
+        let mut counts = table.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(address).or_insert(0);
+        if *count >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: table.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
 }
 
 /// The caller of a request: the identity of its TLS client certificate, or

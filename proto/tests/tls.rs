@@ -219,3 +219,35 @@ fn a_certificate_has_exactly_one_identity_of_its_cluster() {
     assert!(err.contains("2 identities"), "{err}");
     assert!(tls::check_name("cluster", &"a".repeat(64)).is_err());
 }
+
+/// A client that opens connections and never shakes hands holds at most
+/// MAX_HANDSHAKES_PER_ADDRESS of them, each for HANDSHAKE_TIMEOUT at most; one more from it is
+/// closed at once instead of waiting in the accept queue, and once its idle ones go others
+/// are served.
+#[tokio::test]
+async fn idle_connections_from_one_address_cannot_hold_the_listener() {
+    use tokio::io::AsyncReadExt;
+    tls::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tls::new_ca(CLUSTER, DAY).unwrap();
+    let controller = tls::issue(&ca, CLUSTER, &request(&Identity::Controller)).unwrap();
+    let addr = serve(&write(dir.path(), "controller", &ca, &controller)).await;
+    let mut idle = Vec::new();
+    for _ in 0..tls::MAX_HANDSHAKES_PER_ADDRESS {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut one_more = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), one_more.read(&mut byte))
+        .await
+        .expect("the connection over the bound was left waiting");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let alice = tls::issue(&ca, CLUSTER, &request(&Identity::User("alice".into()))).unwrap();
+    let alice = write(dir.path(), "alice", &ca, &alice);
+    check(addr, alice.client_config().unwrap())
+        .await
+        .expect("served once the idle connections went");
+}

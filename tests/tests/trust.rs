@@ -176,6 +176,16 @@ async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
             .contains("host/trust-a may not act as host \"trust-b\""),
         "{refused:?}"
     );
+    // b's certificate presenting a's machine id must not rename a's record and take its VMs.
+    let b_dir = pki.host("trust-b", &dir.path().join("b"));
+    let refused = HostLinkClient::new(as_identity(port, &b_dir, "host").await)
+        .register_host(RegisterHostRequest {
+            machine_id: "machine-trust-a".into(),
+            ..registration("trust-b")
+        })
+        .await
+        .expect_err("b took a's record");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     // b exists (registered by root on the Unix socket); a may not heartbeat or watch for it.
     let b = HostLinkClient::new(unix_channel(&socket).await)
         .register_host(registration("trust-b"))
@@ -274,6 +284,26 @@ async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
         .map(|(name, _)| name.clone())
         .unwrap();
 
+    // An assignment stream the host holds open is ended by the revocation.
+    let host_tls = dir.path().join(format!("{name}-tls"));
+    let mut open_stream = HostLinkClient::new(as_identity(port, &host_tls, "host").await)
+        .watch_assignments(WatchAssignmentsRequest {
+            host_id: first.clone(),
+            session: 0,
+        })
+        .await
+        .expect("the host watches its assignments")
+        .into_inner();
+    // A user's certificate may not revoke (root only, until roles exist).
+    let ops = pki.user("ops", &dir.path().join("ops"), "1h");
+    let refused = ComputeClient::new(as_identity(port, &ops, "ops").await)
+        .revoke_host(RevokeHostRequest {
+            name: name.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("a user revoked a host");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     let revoked = client
         .revoke_host(RevokeHostRequest {
             name: name.clone(),
@@ -283,6 +313,20 @@ async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
         .expect("revoke")
         .into_inner();
     assert!(revoked.newly_revoked);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match open_stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the open assignment stream went on after the revocation");
+    assert!(
+        matches!(&ended, Err(s) if s.code() == tonic::Code::PermissionDenied),
+        "{ended:?}"
+    );
     eventually(Duration::from_secs(60), "the VM running elsewhere", || {
         let (client, ids, first) = (client.clone(), vec![vm.clone()], first.clone());
         async move {

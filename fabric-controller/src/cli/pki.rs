@@ -99,6 +99,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
+/// A user name whose files would take the place of the CA's, the controller's or a host's
+/// in a TLS directory.
+fn check_file_name(name: &str) -> anyhow::Result<()> {
+    if matches!(name, "ca" | "controller" | "host") || name.ends_with("-key") {
+        anyhow::bail!(
+            "{name:?}: a user may not be called ca, controller, host or *-key (its files would replace those)"
+        );
+    }
+    Ok(())
+}
+
 fn write_files(dir: &Path, name: &str, ca_pem: &str, issued: &Issued) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let files = TlsFiles::in_dir(dir, name);
@@ -139,6 +150,7 @@ pub fn run(command: PkiCommand) -> anyhow::Result<()> {
         PkiCommand::Init(args) => {
             tls::check_name("cluster", &args.cluster).map_err(anyhow::Error::msg)?;
             tls::check_name("admin", &args.admin).map_err(anyhow::Error::msg)?;
+            check_file_name(&args.admin)?;
             if args.out.join(CA_KEY_FILE).exists() {
                 anyhow::bail!(
                     "{} already holds a CA: pki init never replaces one",
@@ -188,7 +200,10 @@ pub fn run(command: PkiCommand) -> anyhow::Result<()> {
             };
             let (identity, file) = match (&args.host, &args.user, args.for_controller) {
                 (Some(host), None, false) => (Identity::Host(host.clone()), "host".to_string()),
-                (None, Some(user), false) => (Identity::User(user.clone()), user.clone()),
+                (None, Some(user), false) => {
+                    check_file_name(user)?;
+                    (Identity::User(user.clone()), user.clone())
+                }
                 (None, None, true) => (Identity::Controller, "controller".to_string()),
                 _ => anyhow::bail!("give one of --host NAME, --user NAME or --for-controller"),
             };
@@ -217,6 +232,14 @@ mod tests {
         // Clap checks its definition only when asked: a subcommand flag that shadows a
         // global one of another type (as --controller once did) panics at run time.
         <crate::cli::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn user_files_never_replace_the_cas_or_a_daemons() {
+        for bad in ["ca", "controller", "host", "ca-key", "alice-key"] {
+            assert!(check_file_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_file_name("alice").is_ok());
     }
 
     #[test]

@@ -282,6 +282,9 @@ impl ControlServer {
             std::fs::remove_file(path).map_err(bind_err)?;
         }
         let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
+        // Its owner only (the agent, as the same user): whoever connects may stop the guest.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
 
         let runtime = tokio::runtime::Builder::new_current_thread()
