@@ -154,6 +154,38 @@ def register(machine_id="machine-hostile", name="hostile", **extra):
     return request
 
 
+def judge_refusals(case, calls, expected_refused, limit):
+    """Waits for `expected_refused` of the streaming `calls` to end, then
+    judges them: exactly that many, each RESOURCE_EXHAUSTED naming `limit`
+    (e.g. "256 event watchers"), the others still served. Returns the report
+    entry and the failure (None when as expected)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        if sum(c.done() for c in calls) >= expected_refused:
+            break
+        time.sleep(0.05)
+    time.sleep(1)  # any more refusals than expected would show by now
+    ended = [c for c in calls if c.done()]
+    codes = {}
+    for c in ended:
+        codes[c.code().name] = codes.get(c.code().name, 0) + 1
+    served = len(calls) - len(ended)
+    entry = {
+        "case": case,
+        "expected": f"{expected_refused} RESOURCE_EXHAUSTED, {len(calls) - expected_refused} served",
+        "codes": codes,
+        "served": served,
+    }
+    if ended:
+        entry["details"] = ended[0].details()
+    failure = None
+    if len(ended) != expected_refused or codes.get("RESOURCE_EXHAUSTED") != expected_refused:
+        failure = f"ended: {codes}, expected {expected_refused} RESOURCE_EXHAUSTED"
+    elif any(limit not in (c.details() or "") for c in ended):
+        failure = f"a refusal does not name the limit ({limit})"
+    return entry, failure
+
+
 def watchers_beyond_the_limit(target, report):
     """WATCHERS_TRIED WatchEvents streams, never read, on two connections (one
     connection carries at most 256 streams at once: more would wait in the
@@ -170,30 +202,9 @@ def watchers_beyond_the_limit(target, report):
         client = clients[i % 2]
         method, _ = client.method("fabric.v1.Compute.WatchEvents")
         calls.append(method(client.request("fabric.v1.Compute.WatchEvents", {})))
-    expected_refused = WATCHERS_TRIED - MAX_WATCHERS
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        if sum(c.done() for c in calls) >= expected_refused:
-            break
-        time.sleep(0.05)
-    time.sleep(1)  # any more refusals than expected would show by now
-    ended = [c for c in calls if c.done()]
-    codes = {}
-    for c in ended:
-        codes[c.code().name] = codes.get(c.code().name, 0) + 1
-    entry = {
-        "case": case,
-        "expected": f"{expected_refused} RESOURCE_EXHAUSTED, {MAX_WATCHERS} served",
-        "codes": codes,
-        "served": len(calls) - len(ended),
-    }
-    if ended:
-        entry["details"] = ended[0].details()
-    failure = None
-    if len(ended) != expected_refused or codes.get("RESOURCE_EXHAUSTED") != expected_refused:
-        failure = f"ended: {codes}, expected {expected_refused} RESOURCE_EXHAUSTED"
-    elif any(f"{MAX_WATCHERS} event watchers" not in (c.details() or "") for c in ended):
-        failure = f"a refusal does not name the limit ({MAX_WATCHERS} event watchers)"
+    entry, failure = judge_refusals(
+        case, calls, WATCHERS_TRIED - MAX_WATCHERS, f"{MAX_WATCHERS} event watchers"
+    )
     for c in calls:
         c.cancel()
     for client in clients:
@@ -246,30 +257,9 @@ def pushes_beyond_the_limit(fabric, report):
         release.wait(TIMEOUT_S * 2)
 
     calls = [push.future(parts(i), timeout=TIMEOUT_S * 2) for i in range(PUSHES_TRIED)]
-    expected_refused = PUSHES_TRIED - MAX_PUSHES
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        if sum(c.done() for c in calls) >= expected_refused:
-            break
-        time.sleep(0.05)
-    time.sleep(1)
-    ended = [c for c in calls if c.done()]
-    codes = {}
-    for c in ended:
-        codes[c.code().name] = codes.get(c.code().name, 0) + 1
-    entry = {
-        "case": case,
-        "expected": f"{expected_refused} RESOURCE_EXHAUSTED, {MAX_PUSHES} served",
-        "codes": codes,
-        "served": len(calls) - len(ended),
-    }
-    if ended:
-        entry["details"] = ended[0].details()
-    failure = None
-    if len(ended) != expected_refused or codes.get("RESOURCE_EXHAUSTED") != expected_refused:
-        failure = f"ended: {codes}, expected {expected_refused} RESOURCE_EXHAUSTED"
-    elif any(f"{MAX_PUSHES} image pushes" not in (c.details() or "") for c in ended):
-        failure = f"a refusal does not name the limit ({MAX_PUSHES} image pushes)"
+    entry, failure = judge_refusals(
+        case, calls, PUSHES_TRIED - MAX_PUSHES, f"{MAX_PUSHES} image pushes"
+    )
     for c in calls:
         c.cancel()
     release.set()

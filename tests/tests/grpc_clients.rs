@@ -9,8 +9,8 @@
 //! `scripts/test`; without them these tests fail and say how to install them.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use fabric_proto::v1::{CreateVmRequest, GetVmRequest, VmPhase};
@@ -21,40 +21,18 @@ use fabric_test_support::compute::{eventually, ready_hosts};
 use fabric_test_support::guest::kvm_available;
 use serde_json::{json, Value};
 
-fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// Runs `probe.py` against the Unix socket `socket`, calling each of `calls` (method, JSON
 /// request); its report, or a panic with what went wrong and how to fix it.
 fn probe(socket: &Path, calls: &[(&str, Value)]) -> Value {
-    let mut command = Command::new("python3");
-    command
-        .current_dir(repo_dir())
-        .arg("tests/grpc_clients/probe.py")
-        .arg(format!("unix:{}", socket.display()));
+    let mut args = vec![format!("unix:{}", socket.display())];
     for (method, request) in calls {
-        command.arg("--call").arg(method).arg(request.to_string());
+        args.extend([
+            "--call".to_string(),
+            method.to_string(),
+            request.to_string(),
+        ]);
     }
-    let output = command.stdin(Stdio::null()).output().unwrap_or_else(|err| {
-        panic!("cannot run python3 ({err}): install it, e.g. with `bash scripts/deps.sh python3`")
-    });
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    match output.status.code() {
-        Some(0) => {}
-        Some(3) => panic!("the Python gRPC client is not installed:\n{stderr}"),
-        _ => panic!(
-            "probe.py against {} failed ({}):\n{stderr}",
-            socket.display(),
-            output.status
-        ),
-    }
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
-        panic!(
-            "probe.py printed no JSON report ({err}):\n{}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    fabric_test_support::python::grpc_client_report("probe.py", &args)
 }
 
 /// What every Fabric server lists next to its own services.
@@ -180,12 +158,8 @@ fn python_grpcio_calls_a_fabric_vmm_control_socket() {
     if !kvm_available("python_grpcio_calls_a_fabric_vmm_control_socket") {
         return;
     }
-    let testguest = repo_dir().join("images/out/testguest.elf");
-    assert!(
-        testguest.is_file(),
-        "{} is missing: build it with `bash images/build.sh`",
-        testguest.display()
-    );
+    // Panics, saying how to build it, when it is missing.
+    let testguest = fabric_test_support::testguest::elf();
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("control.sock");
     // The test guest's balloon scenario waits minutes for the host to drive it: a VM that

@@ -9,7 +9,6 @@
 //! `scripts/test`; without them this test fails and says how to install them.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use fabric_proto::v1::ListVmsRequest;
 use fabric_test_support::cluster::{Controller, Timing};
@@ -33,31 +32,12 @@ const CASES: &[&str] = &[
 ];
 
 fn hostile_py(socket: &Path) -> Value {
-    let output = Command::new("python3")
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .arg("tests/grpc_clients/hostile.py")
-        .arg(format!("unix:{}", socket.display()))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|err| {
-            panic!(
-                "cannot run python3 ({err}): install it, e.g. with `bash scripts/deps.sh python3`"
-            )
-        });
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    match output.status.code() {
-        Some(0) => {}
-        Some(3) => panic!("the Python gRPC client is not installed:\n{stderr}"),
-        _ => panic!(
-            "hostile.py against {} failed ({}):\n{stderr}\nreport: {stdout}",
-            socket.display(),
-            output.status
-        ),
-    }
-    println!("{stdout}");
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("hostile.py printed no JSON report ({err}):\n{stdout}"))
+    let report = fabric_test_support::python::grpc_client_report(
+        "hostile.py",
+        &[format!("unix:{}", socket.display())],
+    );
+    println!("{report}");
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,5 +35,6 @@ pub mod netcluster;
 pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod python;
 pub mod testguest;
 pub mod vmspec;
