@@ -31,6 +31,13 @@ use tonic::transport::server::Connected;
 /// The DNS name every controller certificate carries and every client verifies.
 pub const CONTROLLER_DNS_NAME: &str = "fabric-controller";
 
+/// The DNS name a host's certificate carries for its Agent service: `<name>.host.fabric`.
+/// Clients of that service verify it, so one host's certificate cannot pass for another's
+/// (nor for the controller's).
+pub fn host_dns_name(name: &str) -> String {
+    format!("{name}.host.fabric")
+}
+
 /// The CA certificate's file in a TLS directory.
 pub const CA_FILE: &str = "ca.pem";
 /// The CA's private key, in the directory `fabricctl pki init` writes (kept by the admin,
@@ -260,6 +267,14 @@ fn sign(
         }
         sans.extend(request.ips.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
     }
+    if let Identity::Host(name) = request.identity {
+        let dns = host_dns_name(name);
+        sans.push(rcgen::SanType::DnsName(
+            dns.as_str()
+                .try_into()
+                .map_err(|e| format!("DNS name {dns:?}: {e}"))?,
+        ));
+    }
     params.subject_alt_names = sans;
     params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -356,6 +371,20 @@ impl TlsFiles {
     /// A tonic client configuration: this identity's certificate, the cluster CA as the
     /// only root, and the controller's DNS name verified.
     pub fn client_config(&self) -> Result<tonic::transport::ClientTlsConfig, String> {
+        self.client_config_for(&Identity::Controller)
+    }
+
+    /// A tonic client configuration for a call to `server`: the controller, or host NAME's
+    /// Agent service (its certificate's [`host_dns_name`] verified).
+    pub fn client_config_for(
+        &self,
+        server: &Identity,
+    ) -> Result<tonic::transport::ClientTlsConfig, String> {
+        let domain = match server {
+            Identity::Controller => CONTROLLER_DNS_NAME.to_string(),
+            Identity::Host(name) => host_dns_name(name),
+            other => return Err(format!("{other} serves nothing over TLS")),
+        };
         install_provider();
         let ca = Self::read(&self.ca)?;
         let cert = Self::read(&self.cert)?;
@@ -363,7 +392,7 @@ impl TlsFiles {
         Ok(tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(ca))
             .identity(tonic::transport::Identity::from_pem(cert, key))
-            .domain_name(CONTROLLER_DNS_NAME))
+            .domain_name(domain))
     }
 
     /// A server configuration: this identity's certificate (read again when its file

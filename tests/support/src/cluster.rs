@@ -284,6 +284,9 @@ pub struct SimHostSpec {
     pub disk_mib: u64,
     /// Its certificate directory (`tls_dir`), for a controller reached over TCP.
     pub tls_dir: Option<PathBuf>,
+    /// Where its Agent service listens (`unix:<dir>/agent.sock` unless set; a TCP address
+    /// needs `tls_dir`).
+    pub listen: Option<String>,
 }
 
 impl SimHostSpec {
@@ -298,12 +301,19 @@ impl SimHostSpec {
             machine_id: None,
             disk_mib: 1 << 20,
             tls_dir: None,
+            listen: None,
         }
     }
 
     /// A host presenting the certificate in `dir` (ca.pem, host.pem, host-key.pem).
     pub fn with_tls(mut self, dir: &Path) -> SimHostSpec {
         self.tls_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// A host serving its Agent service at `listen` (`127.0.0.1:PORT`: mutual TLS).
+    pub fn with_listen(mut self, listen: &str) -> SimHostSpec {
+        self.listen = Some(listen.to_string());
         self
     }
 
@@ -357,7 +367,7 @@ impl SimHost {
         std::fs::create_dir_all(dir).expect("host dir");
         let config = format!(
             r#"controller = "{controller}"
-listen = "unix:{listen}"
+listen = "{listen}"
 name = "{name}"
 machine_id = "{machine_id}"
 zone = "{zone}"
@@ -392,7 +402,10 @@ budget_mib = {memory_budget_mib}
                 .as_ref()
                 .map(|d| format!("tls_dir = \"{}\"", d.display()))
                 .unwrap_or_default(),
-            listen = dir.join("agent.sock").display(),
+            listen = spec
+                .listen
+                .clone()
+                .unwrap_or_else(|| format!("unix:{}", dir.join("agent.sock").display())),
             data = dir.join("data").display(),
         );
         let path = dir.join("agent.toml");
