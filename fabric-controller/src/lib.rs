@@ -18,5 +18,6 @@ pub mod images;
 pub mod placement;
 pub mod reconcile;
 pub mod scheduler;
+pub mod server;
 pub mod store;
 pub mod validate;

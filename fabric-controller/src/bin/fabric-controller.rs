@@ -10,15 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use fabric_controller::compute::ComputeService;
 use fabric_controller::controller::{Controller, Settings};
-use fabric_controller::hostlink::HostLinkService;
-use fabric_controller::images::{ImageStore, ImagesService};
+use fabric_controller::images::ImageStore;
 use fabric_controller::reconcile::Reconciler;
 use fabric_controller::store::redb::RedbStore;
-use fabric_proto::v1::compute_server::ComputeServer;
-use fabric_proto::v1::host_link_server::HostLinkServer;
-use fabric_proto::v1::images_server::ImagesServer;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Debug, Parser)]
@@ -168,23 +163,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let router = fabric_proto::server()
-        .layer(fabric_proto::tls::AuthorizeLayer::new({
-            let controller = controller.clone();
-            Arc::new(move |path: &str, caller: &fabric_proto::tls::Identity| {
-                controller.authorize(path, caller)
-            })
-        }))
-        .add_service(services.health)
-        .add_service(services.reflection)
-        .add_service(services.reflection_v1alpha)
-        .add_service(ComputeServer::new(ComputeService::new(
-            controller.clone(),
-            images.clone(),
-        )))
-        .add_service(HostLinkServer::new(HostLinkService::new(
-            controller.clone(),
-        )))
-        .add_service(ImagesServer::new(ImagesService(images)).max_decoding_message_size(4 << 20));
+        .layer(fabric_controller::server::authorize_layer(&controller))
+        .add_routes(
+            fabric_controller::server::fabric_routes(&controller, &images)
+                .add_service(services.health)
+                .add_service(services.reflection)
+                .add_service(services.reflection_v1alpha),
+        );
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
