@@ -681,6 +681,29 @@ impl Controller {
         self.get_vm(id)
     }
 
+    /// Whether host `name` may pull the image file `sha256`: a VM placed on a host of that
+    /// name boots from it or has a disk copied from it.
+    pub fn host_may_pull(&self, name: &str, sha256: &str) -> bool {
+        let model = self.model();
+        let ids: HashSet<&str> = model
+            .hosts
+            .values()
+            .filter(|e| e.host.name == name)
+            .map(|e| e.host.id.as_str())
+            .collect();
+        model.vms.values().any(|e| {
+            let placed_here =
+                e.vm.status
+                    .as_ref()
+                    .is_some_and(|s| ids.contains(s.host_id.as_str()));
+            placed_here
+                && e.vm
+                    .spec
+                    .as_ref()
+                    .is_some_and(|spec| uses_image(spec, sha256))
+        })
+    }
+
     /// The assignments of `host_id`: its VMs and whether each should run.
     pub fn assignments(&self, host_id: &str) -> Vec<Assignment> {
         let model = self.model();
@@ -1174,4 +1197,16 @@ pub fn short_host_state(state: HostState) -> &'static str {
         HostState::Cordoned => "cordoned",
         HostState::Draining => "draining",
     }
+}
+
+/// Whether `spec` boots from the image file `sha256` or copies a disk from it.
+fn uses_image(spec: &fabric_proto::v1::VmSpec, sha256: &str) -> bool {
+    let boot = spec.image.as_ref().is_some_and(|i| {
+        [&i.kernel_sha256, &i.initramfs_sha256, &i.rootfs_sha256]
+            .iter()
+            .any(|d| d.as_str() == sha256)
+    });
+    boot || spec.disks.iter().any(|d| {
+        matches!(&d.source, Some(fabric_proto::v1::disk_spec::Source::ImageSha256(d)) if d == sha256)
+    })
 }

@@ -307,12 +307,17 @@ impl ImageStore {
 
 /// The Images gRPC service over the shared [`ImageStore`].
 #[derive(Clone)]
-pub struct ImagesService(pub Arc<ImageStore>);
+pub struct ImagesService {
+    pub images: Arc<ImageStore>,
+    /// Whose VMs a host may pull images for: a host's certificate pulls only the image files
+    /// of VMs assigned to it (admins and users pull any).
+    pub controller: Arc<crate::controller::Controller>,
+}
 
 impl std::ops::Deref for ImagesService {
     type Target = ImageStore;
     fn deref(&self) -> &ImageStore {
-        &self.0
+        &self.images
     }
 }
 
@@ -535,8 +540,20 @@ impl Images for ImagesService {
         &self,
         request: Request<PullImageRequest>,
     ) -> Result<Response<PullStream>, Status> {
+        let caller = fabric_proto::tls::caller(&request)?;
         let req = request.into_inner();
         check_sha256("sha256", &req.sha256).map_err(Status::invalid_argument)?;
+        if let fabric_proto::tls::Identity::Host(name) = &caller {
+            if !self.controller.host_may_pull(name, &req.sha256) {
+                // The same answer as for a file that does not exist: a host learns nothing
+                // of images it has no VM of.
+                tracing::warn!(host = %name, sha256 = %req.sha256, "a pull of an image no VM of the host uses refused");
+                return Err(Status::not_found(format!(
+                    "no image file with sha256 {} for a VM of host {name}",
+                    req.sha256
+                )));
+            }
+        }
         let path = self.blob(&req.sha256);
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(file) => file,

@@ -36,7 +36,10 @@ pub fn fabric_routes(controller: &Arc<Controller>, images: &Arc<ImageStore>) -> 
         controller.clone(),
     )))
     .add_service(
-        ImagesServer::new(ImagesService(images.clone()))
-            .max_decoding_message_size(MAX_IMAGES_MESSAGE),
+        ImagesServer::new(ImagesService {
+            images: images.clone(),
+            controller: controller.clone(),
+        })
+        .max_decoding_message_size(MAX_IMAGES_MESSAGE),
     )
 }

@@ -10,8 +10,10 @@ use std::time::Duration;
 use fabric_proto::tls::TlsFiles;
 use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::host_link_client::HostLinkClient;
+use fabric_proto::v1::images_client::ImagesClient;
 use fabric_proto::v1::{
-    HeartbeatRequest, ListVmsRequest, RegisterHostRequest, Resources, WatchAssignmentsRequest,
+    HeartbeatRequest, ListVmsRequest, PullImageRequest, RegisterHostRequest, Resources,
+    WatchAssignmentsRequest,
 };
 use fabric_test_support::cluster::{controller_command, unix_channel, workspace_bin, Process};
 use fabric_test_support::pki::Pki;
@@ -230,6 +232,43 @@ async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
         .list_vms(ListVmsRequest::default())
         .await
         .expect("a user lists VMs");
+
+    // A host pulls only the image files of its own VMs: a file that exists but that no VM
+    // of host a uses is NOT_FOUND to a, as a missing one is; root pulls it.
+    let file = dir.path().join("kernel.bin");
+    std::fs::write(&file, b"not really a kernel, but bytes to pull").unwrap();
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        std::fs::read(&file).unwrap(),
+    ));
+    let out = Command::new(workspace_bin("fabricctl"))
+        .args(["--controller", &format!("unix:{}", socket.display())])
+        .args(["image", "push"])
+        .arg(&file)
+        .args(["--name", "other", "--role", "kernel"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pull = |channel: Channel| {
+        let sha256 = sha256.clone();
+        async move {
+            let mut stream = ImagesClient::new(channel)
+                .pull_image(PullImageRequest { sha256, offset: 0 })
+                .await?
+                .into_inner();
+            stream.message().await.map(|_| ())
+        }
+    };
+    let refused = pull(as_identity(port, &a_dir, "host").await)
+        .await
+        .expect_err("a pulled an image none of its VMs uses");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    pull(unix_channel(&socket).await)
+        .await
+        .expect("root pulls any image");
 }
 
 /// `fabricctl host revoke NAME`: the host's calls are refused from then on, so its lease ends

@@ -132,6 +132,7 @@ struct FileConfig {
     tls_dir: Option<PathBuf>,
     reserve: Option<Reserve>,
     labels: Option<BTreeMap<String, String>>,
+    admins: Option<Vec<String>>,
     sim: Option<SimConfig>,
     memory: Option<MemoryConfig>,
 }
@@ -201,6 +202,10 @@ pub struct Config {
     pub image_cache_mib: u64,
     pub reserve: Reserve,
     pub labels: BTreeMap<String, String>,
+    /// Users whose certificates may call the Agent service (besides the controller and root
+    /// on the Unix socket): the cluster's admins, named here because the agent does not
+    /// read the controller's role bindings. Empty by default: deny.
+    pub admins: Vec<String>,
     pub sim: SimConfig,
     pub memory: MemoryConfig,
 }
@@ -285,6 +290,16 @@ impl Config {
                 }
             }
         }
+        let admins = file.admins.unwrap_or_default();
+        if admins.len() > 64 {
+            return Err(invalid(format!(
+                "admins: {} names; at most 64",
+                admins.len()
+            )));
+        }
+        for admin in &admins {
+            fabric_proto::tls::check_name("admins: user", admin).map_err(invalid)?;
+        }
         let advertise = file.advertise.unwrap_or_else(|| listen.clone());
         let name = match flags.name.or(file.name) {
             Some(name) => name,
@@ -361,6 +376,7 @@ impl Config {
             image_cache_mib: file.image_cache_mib.unwrap_or(DEFAULT_IMAGE_CACHE_MIB),
             reserve: file.reserve.unwrap_or_default(),
             labels: file.labels.unwrap_or_default(),
+            admins,
             sim,
             memory,
         })

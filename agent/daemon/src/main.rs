@@ -151,9 +151,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let standard = fabric_proto::standard_services(&[fabric_proto::AGENT_SERVICE]).await;
     let router = fabric_proto::server()
-        .layer(fabric_proto::tls::AuthorizeLayer::new(Arc::new(
-            fabric_agent::service::agent_policy,
-        )))
+        .layer(fabric_proto::tls::AuthorizeLayer::new({
+            let admins = config.admins.clone();
+            Arc::new(move |path: &str, caller: &fabric_proto::tls::Identity| {
+                fabric_agent::service::agent_policy(path, caller, &admins)
+            })
+        }))
         .add_service(standard.health)
         .add_service(standard.reflection)
         .add_service(standard.reflection_v1alpha)

@@ -175,21 +175,64 @@ async fn follow_console(
     }
 }
 
-/// Who may call the agent: the controller, users and local-root call the Agent service (a
-/// host's certificate is refused: one host never drives another); anyone authenticated may
-/// ask its health.
-pub fn agent_policy(path: &str, caller: &fabric_proto::tls::Identity) -> Result<(), String> {
+/// Who may call the agent: the controller, local-root and the users named in `admins` call
+/// the Agent service (another user, or a host's certificate, is refused: one host never
+/// drives another); anyone authenticated may ask its health.
+pub fn agent_policy(
+    path: &str,
+    caller: &fabric_proto::tls::Identity,
+    admins: &[String],
+) -> Result<(), String> {
     use fabric_proto::tls::Identity;
     let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    let serves = || {
+        if service == fabric_proto::AGENT_SERVICE || service.starts_with("grpc.reflection.") {
+            Ok(())
+        } else {
+            Err("the agent serves the Agent service".to_string())
+        }
+    };
     match caller {
-        _ if service == "grpc.health.v1.Health" => Ok(()),
-        Identity::LocalRoot | Identity::Controller | Identity::User(_) => {
-            if service == fabric_proto::AGENT_SERVICE || service.starts_with("grpc.reflection.") {
-                Ok(())
-            } else {
-                Err("the agent serves the Agent service".into())
-            }
+        _ if service == fabric_proto::HEALTH_SERVICE => Ok(()),
+        Identity::LocalRoot | Identity::Controller => serves(),
+        Identity::User(name) if admins.iter().any(|a| a == name) => serves(),
+        Identity::User(_) => {
+            Err("only the controller and the admins named in the agent's `admins` call it".into())
         }
         Identity::Host(_) => Err("a host does not call another host's agent".into()),
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::agent_policy;
+    use fabric_proto::tls::Identity;
+
+    #[test]
+    fn only_the_controller_root_and_named_admins_call_the_agent() {
+        let admins = vec!["alice".to_string()];
+        let list = "/fabric.v1.Agent/ListLocalVms";
+        for ok in [
+            Identity::Controller,
+            Identity::LocalRoot,
+            Identity::User("alice".into()),
+        ] {
+            assert_eq!(agent_policy(list, &ok, &admins), Ok(()), "{ok}");
+        }
+        for refused in [Identity::User("bob".into()), Identity::Host("h2".into())] {
+            assert!(agent_policy(list, &refused, &admins).is_err(), "{refused}");
+        }
+        assert!(agent_policy(list, &Identity::User("alice".into()), &[]).is_err());
+        assert!(
+            agent_policy("/fabric.v1.Compute/ListVms", &Identity::Controller, &admins).is_err()
+        );
+        assert_eq!(
+            agent_policy(
+                "/grpc.health.v1.Health/Check",
+                &Identity::Host("h2".into()),
+                &[]
+            ),
+            Ok(())
+        );
     }
 }
