@@ -7,9 +7,11 @@
 //! (names of records that exist, names too long, zero, u64::MAX, a 70 KB string, nested
 //! messages), raw bytes, several frames of a stream, and broken frames; each sent by a
 //! random caller (local-root, a user, host h1, another host, the controller's identity, or
-//! nobody). Checked: no panic anywhere (also in tasks the handlers spawn), a caller without
-//! an identity is UNAUTHENTICATED, and hosts and the controller's identity never get a
-//! Compute call through.
+//! nobody). Checked: no panic anywhere (also in tasks the handlers spawn), no INTERNAL or
+//! UNKNOWN answer (bad input is the caller's error, not the server's; broken gRPC framing is
+//! INTERNAL as the gRPC specification says), a caller without an
+//! identity is UNAUTHENTICATED, and hosts and the controller's identity never get a Compute
+//! call through.
 //!
 //! In the suite: 1,500 cases from a fixed seed. For a campaign, `FABRIC_RPC_FUZZ_SECONDS=600
 //! cargo test --release -p fabric-controller --test rpc_fuzz -- --nocapture` runs fresh seeds
@@ -131,6 +133,10 @@ enum Body {
     Message(Vec<Field>),
     /// Several frames (a client stream).
     Stream(Vec<Vec<Field>>),
+    /// A valid message of some method (a VM spec, a registration, ...) with generated fields
+    /// appended: protobuf merges them in, so this is a good request with a few fields
+    /// replaced or added, the way to reach validation's deeper rules.
+    Extended(usize, Vec<Field>),
     /// One frame of random bytes.
     Raw(Vec<u8>),
     /// A frame whose header lies: compressed flag, or a length that is not the payload's.
@@ -140,6 +146,7 @@ enum Body {
 fn body() -> impl Strategy<Value = Body> {
     prop_oneof![
         6 => fields().prop_map(Body::Message),
+        4 => (0usize..1000, fields()).prop_map(|(base, fields)| Body::Extended(base, fields)),
         2 => prop::collection::vec(fields(), 0..4).prop_map(Body::Stream),
         1 => prop::collection::vec(any::<u8>(), 0..256).prop_map(Body::Raw),
         1 => (0u8..3, prop_oneof![Just(0u32), Just(u32::MAX), 0u32..64],
@@ -170,6 +177,13 @@ impl Body {
                     frame(&message, &mut out);
                 }
             }
+            Body::Extended(base, fields) => {
+                static BASES: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+                let bases = BASES.get_or_init(valid_messages);
+                let mut message = bases[base % bases.len()].clone();
+                encode(fields, &mut message);
+                frame(&message, &mut out);
+            }
             Body::Raw(bytes) => frame(bytes, &mut out),
             Body::BadFrame(flag, len, bytes) => {
                 out.push(*flag);
@@ -179,6 +193,45 @@ impl Body {
         }
         out
     }
+}
+
+/// Encodings of valid requests, for [`Body::Extended`].
+fn valid_messages() -> Vec<Vec<u8>> {
+    use fabric_proto::v1::*;
+    let resources = Resources {
+        cpus: 8,
+        memory_mib: 8192,
+        disk_mib: 8192,
+    };
+    let spec = fabric_test_support::vmspec::simulated_vm("fz-2");
+    vec![
+        CreateVmRequest {
+            spec: Some(spec.clone()),
+            desired_state: DesiredState::Running as i32,
+        }
+        .encode_to_vec(),
+        spec.encode_to_vec(),
+        RegisterHostRequest {
+            machine_id: "machine-h1".into(),
+            name: "h1".into(),
+            zone: "z1".into(),
+            capacity: Some(resources),
+            allocatable: Some(resources),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        HeartbeatRequest {
+            host_id: "h1".into(),
+            session: 1,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        ListVmsRequest {
+            page_size: 10,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    ]
 }
 
 /// The caller: an identity, or none (a connection that is neither TLS nor the Unix socket).
@@ -221,7 +274,10 @@ fn methods() -> Vec<String> {
     paths
 }
 
-type Svc = fabric_proto::tls::Authorize<tonic::service::Routes>;
+type Svc = tower::util::MapResponse<
+    fabric_proto::tls::Authorize<tonic::service::Routes>,
+    fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+>;
 
 struct Target {
     runtime: tokio::runtime::Runtime,
@@ -230,16 +286,14 @@ struct Target {
     _dir: tempfile::TempDir,
 }
 
-/// The grpc-status of a response: from its headers (trailers-only), else from its trailers,
+/// The status of a response: from its headers (trailers-only), else from its trailers,
 /// reading at most for `wait` (a watch that stays open has none yet: `None`).
-async fn status_of(response: http::Response<tonic::body::Body>, wait: Duration) -> Option<i32> {
-    let code = |h: &http::HeaderMap| {
-        h.get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i32>().ok())
-    };
-    if let Some(c) = code(response.headers()) {
-        return Some(c);
+async fn status_of(
+    response: http::Response<tonic::body::Body>,
+    wait: Duration,
+) -> Option<tonic::Status> {
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return Some(status);
     }
     let mut body = response.into_body();
     let deadline = tokio::time::Instant::now() + wait;
@@ -247,7 +301,7 @@ async fn status_of(response: http::Response<tonic::body::Body>, wait: Duration) 
         match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    return code(trailers);
+                    return tonic::Status::from_header_map(trailers);
                 }
             }
             Ok(Some(Err(_))) | Ok(None) | Err(_) => return None,
@@ -255,7 +309,12 @@ async fn status_of(response: http::Response<tonic::body::Body>, wait: Duration) 
     }
 }
 
-async fn send(service: &Svc, path: &str, who: Option<Identity>, body: Vec<u8>) -> Option<i32> {
+async fn send(
+    service: &Svc,
+    path: &str,
+    who: Option<Identity>,
+    body: Vec<u8>,
+) -> Option<tonic::Status> {
     let mut request = http::Request::builder()
         .method("POST")
         .uri(format!("http://controller{path}"))
@@ -305,9 +364,13 @@ fn target() -> Target {
         };
         let controller = Controller::load(settings, store.clone()).expect("controller");
         let images = Arc::new(ImageStore::new(dir.path(), store, 64).expect("image store"));
-        let service: Svc = fabric_controller::server::authorize_layer(&controller).layer(
-            fabric_controller::server::fabric_routes(&controller, &images),
-        );
+        // As fabric_proto::server() wraps them: statuses bounded and mapped, then authorized.
+        let service: Svc =
+            tower::util::MapResponseLayer::new(fabric_proto::bound_status as fn(_) -> _).layer(
+                fabric_controller::server::authorize_layer(&controller).layer(
+                    fabric_controller::server::fabric_routes(&controller, &images),
+                ),
+            );
         // Records for the inputs to name: host h1, VM fz-1.
         let resources = fabric_proto::v1::Resources {
             cpus: 8,
@@ -324,28 +387,36 @@ fn target() -> Target {
         };
         let mut framed = Vec::new();
         frame(&register.encode_to_vec(), &mut framed);
-        let code = send(
+        let status = send(
             &service,
             "/fabric.v1.HostLink/RegisterHost",
             Some(Identity::Host("h1".into())),
             framed,
         )
         .await;
-        assert_eq!(code, Some(0), "h1 registers");
+        assert_eq!(
+            status.map(|s| s.code()),
+            Some(tonic::Code::Ok),
+            "h1 registers"
+        );
         let create = fabric_proto::v1::CreateVmRequest {
             spec: Some(fabric_test_support::vmspec::simulated_vm("fz-1")),
             desired_state: fabric_proto::v1::DesiredState::Stopped as i32,
         };
         let mut framed = Vec::new();
         frame(&create.encode_to_vec(), &mut framed);
-        let code = send(
+        let status = send(
             &service,
             "/fabric.v1.Compute/CreateVm",
             Some(Identity::LocalRoot),
             framed,
         )
         .await;
-        assert_eq!(code, Some(0), "fz-1 is created");
+        assert_eq!(
+            status.map(|s| s.code()),
+            Some(tonic::Code::Ok),
+            "fz-1 is created"
+        );
         service
     });
     Target {
@@ -356,27 +427,48 @@ fn target() -> Target {
     }
 }
 
+/// Answers by gRPC code (-1: a stream still open): how many, and the first one's message.
+type Histogram = std::sync::Mutex<BTreeMap<i32, (u64, String)>>;
+
 const UNAUTHENTICATED: i32 = tonic::Code::Unauthenticated as i32;
 const PERMISSION_DENIED: i32 = tonic::Code::PermissionDenied as i32;
 
 /// One case: sends it, and checks what must hold of every answer.
 fn check(
     target: &Target,
-    histogram: &std::sync::Mutex<BTreeMap<i32, u64>>,
+    histogram: &Histogram,
     method: usize,
     who: Option<Identity>,
     body: &Body,
 ) -> Result<(), TestCaseError> {
     let path = &target.methods[method % target.methods.len()];
-    let code = target
+    let status = target
         .runtime
         .block_on(send(&target.service, path, who.clone(), body.bytes()));
-    *histogram
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(code.unwrap_or(-1))
-        .or_default() += 1;
+    let code = status.as_ref().map(|s| s.code() as i32);
+    let mut seen = histogram.lock().unwrap_or_else(|e| e.into_inner());
+    let entry = seen.entry(code.unwrap_or(-1)).or_insert_with(|| {
+        let message = status.as_ref().map(|s| s.message()).unwrap_or("");
+        (
+            0,
+            format!("{path}: {}", message.chars().take(160).collect::<String>()),
+        )
+    });
+    entry.0 += 1;
+    drop(seen);
     prop_assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a panic on {}", path);
+    // The caller's bytes are never the server's failure, except broken gRPC framing, which
+    // the gRPC specification answers with INTERNAL.
+    let framing = status.as_ref().is_some_and(|s| {
+        s.message().starts_with("protocol error:")
+            || s.message().starts_with("Unexpected EOF decoding stream")
+    });
+    prop_assert!(
+        !matches!(code, Some(2 | 13)) || framing,
+        "{} answered {:?}",
+        path,
+        status
+    );
     match &who {
         None => prop_assert_eq!(code, Some(UNAUTHENTICATED), "{} without a caller", path),
         Some(Identity::Controller) => {
@@ -403,12 +495,7 @@ fn check(
     Ok(())
 }
 
-fn run(
-    target: &Target,
-    seed: [u8; 32],
-    cases: u32,
-    histogram: &std::sync::Mutex<BTreeMap<i32, u64>>,
-) {
+fn run(target: &Target, seed: [u8; 32], cases: u32, histogram: &Histogram) {
     let config = Config {
         cases,
         failure_persistence: None,
@@ -429,7 +516,7 @@ fn run(
 #[test]
 fn every_rpc_survives_generated_requests_from_every_kind_of_caller() {
     let target = target();
-    let histogram = std::sync::Mutex::new(BTreeMap::new());
+    let histogram = Histogram::default();
     let began = Instant::now();
     let mut cases = 0u64;
     match std::env::var("FABRIC_RPC_FUZZ_SECONDS") {
@@ -457,10 +544,12 @@ fn every_rpc_survives_generated_requests_from_every_kind_of_caller() {
     }
     let elapsed = began.elapsed().as_secs_f64();
     println!(
-        "{cases} cases in {elapsed:.0} s ({:.0}/s), {} methods; answers by gRPC code (-1: a stream still open): {histogram:?}",
+        "{cases} cases in {elapsed:.0} s ({:.0}/s), {} methods; answers by gRPC code (-1: a stream still open):",
         cases as f64 / elapsed,
         target.methods.len(),
-        histogram = histogram.lock().unwrap_or_else(|e| e.into_inner()),
     );
+    for (code, (count, first)) in histogram.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        println!("  {code:>3} {count:>8}  first: {first}");
+    }
     assert_eq!(PANICS.load(Ordering::SeqCst), 0);
 }

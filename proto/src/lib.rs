@@ -96,11 +96,20 @@ pub fn server_with_keepalive(
 /// server's status; a refusal that quotes what it refuses would otherwise not reach them.
 pub const MAX_STATUS_MESSAGE: usize = 1024;
 
+/// How tonic's INTERNAL statuses for a request message it could not decode begin. (Broken
+/// gRPC framing, e.g. a compressed flag without an encoding, stays INTERNAL: the gRPC
+/// specification asks for that code.)
+const UNDECODABLE: [&str; 2] = [
+    "failed to decode Protobuf message",
+    "Missing request message.",
+];
+
 /// The status of a call refused before it answered (a trailers-only response), made readable
 /// to any client: its message at most [`MAX_STATUS_MESSAGE`] bytes (the start and the end,
-/// where the limit is named, kept), and tonic's OUT_OF_RANGE for a message larger than the
+/// where the limit is named, kept), tonic's OUT_OF_RANGE for a message larger than the
 /// server decodes ("decoded message length too large ... the limit is: 4194304 bytes") made
-/// RESOURCE_EXHAUSTED, the code gRPC (and every other implementation) gives it.
+/// RESOURCE_EXHAUSTED, the code gRPC (and every other implementation) gives it, and tonic's
+/// INTERNAL for a request that does not decode made INVALID_ARGUMENT.
 pub fn bound_status(
     mut response: http::Response<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
@@ -109,11 +118,19 @@ pub fn bound_status(
     };
     let too_large = status.code() == tonic::Code::OutOfRange
         && status.message().contains("message length too large");
-    if !too_large && status.message().len() <= MAX_STATUS_MESSAGE {
+    // tonic answers a request message it cannot decode (or a unary call without one) with
+    // INTERNAL, which says the server failed: the caller's bytes did, so INVALID_ARGUMENT.
+    let undecodable = status.code() == tonic::Code::Internal
+        && UNDECODABLE
+            .iter()
+            .any(|prefix| status.message().starts_with(prefix));
+    if !too_large && !undecodable && status.message().len() <= MAX_STATUS_MESSAGE {
         return response;
     }
     let code = if too_large {
         tonic::Code::ResourceExhausted
+    } else if undecodable {
+        tonic::Code::InvalidArgument
     } else {
         status.code()
     };
