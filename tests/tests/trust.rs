@@ -86,7 +86,8 @@ async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
     );
     command
         .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
-        .arg(&pki.dir);
+        .arg(&pki.dir)
+        .args(["--bootstrap-admin", "admin"]);
     let _controller = Process::spawn("fabric-controller", command, dir.path().join("c.log"));
     assert!(fabric_test_support::cluster::path_appears(
         &socket,
@@ -226,10 +227,26 @@ async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
         .await
         .expect_err("a user registered a host");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // Without a role binding a user calls nothing; with one it may.
+    let refused = ComputeClient::new(as_identity(port, &ops, "ops").await)
+        .list_vms(ListVmsRequest::default())
+        .await
+        .expect_err("a user without a role listed VMs");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    ComputeClient::new(unix_channel(&socket).await)
+        .bind_role(fabric_proto::v1::BindRoleRequest {
+            binding: Some(fabric_proto::v1::RoleBinding {
+                user: "ops".into(),
+                role: fabric_proto::v1::Role::Viewer as i32,
+                project: String::new(),
+            }),
+        })
+        .await
+        .expect("local-root binds a role");
     ComputeClient::new(as_identity(port, &ops, "ops").await)
         .list_vms(ListVmsRequest::default())
         .await
-        .expect("a user lists VMs");
+        .expect("a viewer lists VMs");
 }
 
 /// `fabricctl host revoke NAME`: the host's calls are refused from then on, so its lease ends
@@ -294,7 +311,7 @@ async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
         .await
         .expect("the host watches its assignments")
         .into_inner();
-    // A user's certificate may not revoke (root only, until roles exist).
+    // A user's certificate without the admin role may not revoke.
     let ops = pki.user("ops", &dir.path().join("ops"), "1h");
     let refused = ComputeClient::new(as_identity(port, &ops, "ops").await)
         .revoke_host(RevokeHostRequest {
