@@ -393,7 +393,8 @@ mod tests {
 
     #[test]
     fn bindings_resolve_cluster_wide_and_per_project() {
-        let cases: &[(&[(Option<&str>, Role)], &str, Option<Role>)] = &[
+        type Case<'a> = (&'a [(Option<&'a str>, Role)], &'a str, Option<Role>);
+        let cases: &[Case] = &[
             (&[], "p1", None),
             (&[(None, Role::Viewer)], "p1", Some(Role::Viewer)),
             (&[(Some("p1"), Role::Operator)], "p1", Some(Role::Operator)),

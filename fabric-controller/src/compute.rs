@@ -741,7 +741,7 @@ mod tests {
 
     async fn watch(service: &ComputeService, since_sequence: u64) -> EventStream {
         service
-            .watch_events(Request::new(WatchEventsRequest {
+            .watch_events(crate::reconcile::tests::local_root(WatchEventsRequest {
                 since_sequence,
                 ..Default::default()
             }))
