@@ -248,8 +248,12 @@ fn vm_not_found(id: &str) -> Status {
     Status::not_found(format!("no VM with id {id:?}"))
 }
 
+/// A VM's project; VMs stored before projects existed are in the default one.
 fn vm_project(vm: &Vm) -> &str {
-    vm.spec.as_ref().map_or("", |s| s.project.as_str())
+    match vm.spec.as_ref().map_or("", |s| s.project.as_str()) {
+        "" => crate::authz::DEFAULT_PROJECT,
+        project => project,
+    }
 }
 
 #[tonic::async_trait]
@@ -823,5 +827,94 @@ mod tests {
         assert_eq!(rest.first(), Some(&(resume + 1)), "resumed where told");
         assert_eq!(rest.last(), Some(&newest));
         assert_eq!(rest.len() as u64, newest - resume);
+    }
+
+    /// Concurrent creates in a project with a quota: exactly as many as the quota allows
+    /// commit; a deleted VM frees its share.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_creates_cannot_exceed_a_quota() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = Arc::new(service(dir.path()));
+        let quota = ProjectQuota {
+            project: "p1".into(),
+            vms: 3,
+            vcpus: 100,
+            ..Default::default()
+        };
+        service
+            .controller
+            .set_quota(quota, AuditEntry::default())
+            .await
+            .expect("quota");
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let service = service.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut spec = fabric_test_support::vmspec::simulated_vm(&format!("q{i}"));
+                spec.project = "p1".into();
+                service
+                    .create_vm(crate::reconcile::tests::local_root(CreateVmRequest {
+                        spec: Some(spec),
+                        desired_state: DesiredState::Stopped as i32,
+                    }))
+                    .await
+                    .map(|r| r.into_inner().id)
+            }));
+        }
+        let mut created = Vec::new();
+        for task in tasks {
+            match task.await.expect("task") {
+                Ok(id) => created.push(id),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    assert_eq!(
+                        status.message(),
+                        "project p1: 1 VM requested, 3 of 3 in use (quota vms=3)"
+                    );
+                }
+            }
+        }
+        assert_eq!(created.len(), 3, "{created:?}");
+        assert_eq!(service.controller.usage("p1"), (3, 768, 3));
+        // Another project is not held back.
+        let mut other = fabric_test_support::vmspec::simulated_vm("other");
+        other.project = "p2".into();
+        service
+            .create_vm(crate::reconcile::tests::local_root(CreateVmRequest {
+                spec: Some(other),
+                desired_state: DesiredState::Stopped as i32,
+            }))
+            .await
+            .expect("p2 has no quota");
+        service
+            .controller
+            .delete_vm(&created[0], None)
+            .await
+            .expect("delete");
+        let mut again = fabric_test_support::vmspec::simulated_vm("again");
+        again.project = "p1".into();
+        service
+            .create_vm(crate::reconcile::tests::local_root(CreateVmRequest {
+                spec: Some(again),
+                desired_state: DesiredState::Stopped as i32,
+            }))
+            .await
+            .expect("a deleted VM frees its share");
+        // Every create, refused or not, is in the audit log.
+        let mut entries = Vec::new();
+        for _ in 0..50 {
+            let (found, _) = service
+                .controller
+                .audit
+                .list(0, 100, |e| e.rpc.ends_with("/CreateVm"))
+                .expect("audit");
+            entries = found;
+            if entries.len() >= 14 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(entries.len(), 14, "{entries:?}");
+        assert_eq!(entries.iter().filter(|e| e.code == 0).count(), 5);
     }
 }

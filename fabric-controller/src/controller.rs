@@ -166,9 +166,10 @@ pub struct Controller {
     bindings: std::sync::RwLock<BTreeMap<(String, String), Role>>,
     /// Project quotas, as stored under `quotas/`.
     quotas: std::sync::RwLock<BTreeMap<String, ProjectQuota>>,
-    /// Held by a CreateVm in a project with a quota from its usage check to its commit, so
-    /// that concurrent creates cannot together exceed it.
-    quota_check: tokio::sync::Mutex<()>,
+    /// Held for writing by a CreateVm in a project with a quota from its usage check to its
+    /// commit (so that concurrent creates cannot together exceed it) and by SetQuota; for
+    /// reading by other creates (so that none that saw no quota commits after one is set).
+    quota_check: tokio::sync::RwLock<()>,
 }
 
 /// The store key of a role binding; `project` None is cluster-wide (`*`).
@@ -454,7 +455,7 @@ impl Controller {
             audit,
             bindings: std::sync::RwLock::new(bindings),
             quotas: std::sync::RwLock::new(quotas),
-            quota_check: tokio::sync::Mutex::new(()),
+            quota_check: tokio::sync::RwLock::new(()),
         }))
     }
 
@@ -503,12 +504,15 @@ impl Controller {
             .as_ref()
             .map(|s| s.project.clone())
             .unwrap_or_default();
-        let quota = self.quota(&project);
         // Only creates in a project with a quota wait for each other.
-        let _quota_check = match &quota {
-            Some(_) => Some(self.quota_check.lock().await),
-            None => None,
-        };
+        let mut _shared = Some(self.quota_check.read().await);
+        let mut _exclusive = None;
+        let mut quota = self.quota(&project);
+        if quota.is_some() {
+            _shared = None;
+            _exclusive = Some(self.quota_check.write().await);
+            quota = self.quota(&project);
+        }
         if let Some(quota) = &quota {
             check_quota(quota, self.usage(&project), &vm)?;
         }
@@ -1211,7 +1215,12 @@ impl Controller {
         let mut usage: Usage = (0, 0, 0);
         for entry in model.vms.values() {
             let Some(spec) = &entry.vm.spec else { continue };
-            if spec.project != project {
+            // VMs stored before projects existed are in the default one.
+            let own = match spec.project.as_str() {
+                "" => crate::authz::DEFAULT_PROJECT,
+                p => p,
+            };
+            if own != project {
                 continue;
             }
             usage.0 += u64::from(spec.vcpus);
@@ -1228,7 +1237,7 @@ impl Controller {
         quota: ProjectQuota,
         audit: AuditEntry,
     ) -> Result<ProjectQuota, Status> {
-        let _serialized = self.quota_check.lock().await;
+        let _serialized = self.quota_check.write().await;
         let limits = ProjectQuota {
             project: quota.project.clone(),
             vcpus: quota.vcpus,
