@@ -131,8 +131,6 @@ fn in_project(name: &str, project: &str) -> CreateVmRequest {
 async fn a_viewer_is_refused_every_mutating_rpc_and_each_refusal_is_audited() {
     let cluster = Cluster::start(&[]);
     let viewer = cluster.user("vera", "viewer", None).await;
-    let channel = viewer.clone();
-    drop(channel);
     let raw = as_user(cluster.port, &cluster.dir.path().join("user-vera"), "vera").await;
     let mutating: Vec<String> = fabric_controller::authz::RULES
         .iter()
@@ -198,6 +196,32 @@ async fn a_viewer_is_refused_every_mutating_rpc_and_each_refusal_is_audited() {
             tokio::time::Instant::now() < deadline,
             "not audited: {missing:?}; entries: {entries:?}"
         );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // An admin's failed image deletion is audited with its target, outcome and digest.
+    let out = cluster.fabricctl(&["image", "delete", "nope"]);
+    assert!(!out.status.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entries = root
+            .list_audit(ListAuditRequest {
+                identity: "user/admin".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("audit")
+            .into_inner()
+            .entries;
+        if entries.iter().any(|e| {
+            e.rpc == "/fabric.v1.Images/DeleteImage"
+                && e.target == "image/nope"
+                && e.code == Code::NotFound as i32
+                && e.roles == ["admin"]
+                && e.request_sha256.len() == 64
+        }) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{entries:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The same through fabricctl audit.

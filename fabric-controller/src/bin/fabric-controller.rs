@@ -172,6 +172,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!(user = %name, "bootstrap admin bound");
         }
     }
+    images.audit_with(controller.clone());
     tokio::spawn(Reconciler::default().run(controller.clone()));
     tokio::spawn(controller.clone().settle_lease_bound());
 
