@@ -305,7 +305,11 @@ fn images_vms_and_events() {
     let table = controller.ok(&["vm", "list"]);
     assert_eq!(table.lines().count(), 3, "{table}");
     let row = table_row(&table, &web_id);
-    assert_eq!(row[1..5], ["web", "pending", "-", "2"], "{table}");
+    assert_eq!(
+        row[1..6],
+        ["web", "default", "pending", "-", "2"],
+        "{table}"
+    );
     assert!(table.contains("0/0 hosts"), "{table}");
 
     // Desired state both ways, by name and by id.
