@@ -497,4 +497,25 @@ mod tests {
         let (rest, _) = audit.list(last, MAX_PAGE, |_| true).expect("list");
         assert!(rest.iter().all(|e| e.sequence > last));
     }
+
+    /// An entry whose commit is still in flight hides every later one from readers, so a
+    /// follower polling with the last sequence it saw misses none that commit late.
+    #[test]
+    fn readers_see_nothing_past_a_commit_in_flight() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+        let audit = Audit::load(store.clone(), Retention::default()).expect("load");
+        commit(&audit, store.as_ref(), vec![entry("user/first")]);
+        let (slow_txn, slow) = audit.stage(Txn::new(), vec![entry("user/slow")]);
+        commit(&audit, store.as_ref(), vec![entry("user/fast")]);
+        let (seen, last) = audit.list(0, 100, |_| true).expect("list");
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(last, 1);
+        assert!(matches!(store.txn(slow_txn), Ok(TxnOutcome::Committed(_))));
+        slow.committed();
+        let (seen, _) = audit.list(last, 100, |_| true).expect("list");
+        let who: Vec<&str> = seen.iter().map(|e| e.identity.as_str()).collect();
+        assert_eq!(who, ["user/slow", "user/fast"]);
+    }
 }

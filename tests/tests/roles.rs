@@ -433,6 +433,38 @@ async fn a_flood_of_refusals_stays_within_the_audit_retention() {
         cluster.pki.user("nobody", &out, "1h");
         ComputeClient::new(as_user(cluster.port, &out, "nobody").await)
     };
+    // `fabricctl audit --follow` prints entries as they come.
+    let mut follower = std::process::Command::new(workspace_bin("fabricctl"))
+        .args(["--controller", &format!("127.0.0.1:{}", cluster.port)])
+        .arg("--tls-dir")
+        .arg(&cluster.pki.dir)
+        .args(["-o", "json", "audit", "--follow", "--user", "nobody"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let _ = nobody.clone().get_vm(GetVmRequest::default()).await;
+    let line = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("audit --follow printed the refusal");
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["identity"], "user/nobody", "{line}");
+    assert_eq!(entry["rpc"], "/fabric.v1.Compute/GetVm", "{line}");
+    assert_eq!(entry["code"], "PERMISSION_DENIED", "{line}");
+    let _ = follower.kill();
+    let _ = follower.wait();
     for _ in 0..400 {
         let refused = nobody
             .clone()
