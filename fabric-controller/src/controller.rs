@@ -738,6 +738,7 @@ impl Controller {
             .update_vm_audited(
                 id,
                 |vm| {
+                    changed.store(false, Ordering::Relaxed);
                     let status = vm.status.get_or_insert_with(VmStatus::default);
                     let failed = status.phase() == VmPhase::Failed;
                     if status.desired_state() == desired
