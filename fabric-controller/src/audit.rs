@@ -41,6 +41,10 @@ pub const DEFAULT_RETENTION_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
 pub const MAX_PAGE: usize = 5000;
 /// Status messages are cut to this many bytes in an entry.
 pub const MAX_MESSAGE: usize = 1024;
+/// Target, identity, project and RPC are cut to this many bytes.
+pub const MAX_FIELD: usize = 128;
+/// Role bindings listed in one entry at most.
+pub const MAX_ROLES: usize = 64;
 
 /// How much of the log is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,9 +229,20 @@ impl Audit {
             if entry.time.is_none() {
                 entry.time = Some(prost_types::Timestamp::from(now));
             }
+            // Whatever a caller put in a request, an entry stays small.
             entry
                 .message
                 .truncate(floor_char_boundary(&entry.message, MAX_MESSAGE));
+            for field in [
+                &mut entry.target,
+                &mut entry.identity,
+                &mut entry.project,
+                &mut entry.rpc,
+            ] {
+                let cut = floor_char_boundary(field, MAX_FIELD);
+                field.truncate(cut);
+            }
+            entry.roles.truncate(MAX_ROLES);
             staged.entries.push((seq, seconds(&entry)));
             txn.ops.push(Op::Put(key(seq), entry.encode_to_vec()));
         }
@@ -517,5 +532,20 @@ mod tests {
         let (seen, _) = audit.list(last, 100, |_| true).expect("list");
         let who: Vec<&str> = seen.iter().map(|e| e.identity.as_str()).collect();
         assert_eq!(who, ["user/slow", "user/fast"]);
+    }
+
+    #[test]
+    fn an_entry_stays_small_whatever_the_request_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+        let audit = Audit::load(store.clone(), Retention::default()).expect("load");
+        let mut big = entry("user/x");
+        big.target = format!("vm/{}", "é".repeat(1 << 20));
+        big.message = "m".repeat(1 << 20);
+        big.roles = vec!["viewer@p".into(); 10_000];
+        commit(&audit, store.as_ref(), vec![big]);
+        let (kvs, _) = store.list(PREFIX).expect("list");
+        assert!(kvs[0].value.len() < 4096, "{} bytes", kvs[0].value.len());
     }
 }

@@ -131,16 +131,21 @@ impl ComputeService {
             .map_err(|status| self.refused(call, &project, &target, status))
     }
 
-    /// Runs an admin call with no store change of its own, audited either way.
+    /// Audits the outcome of a host or identity call: its entry `ok` was committed with its
+    /// change if the controller took it; else (nothing changed, or the call failed) it is
+    /// recorded now.
     fn audited<R>(
         &self,
         call: &Call,
         target: &str,
+        ok: Option<AuditEntry>,
         result: Result<R, Status>,
     ) -> Result<R, Status> {
         match result {
             Ok(r) => {
-                self.controller.audit.record(call.entry("", target, Ok(())));
+                if let Some(entry) = ok {
+                    self.controller.audit.record(entry);
+                }
                 Ok(r)
             }
             Err(status) => Err(self.refused(call, "", target, status)),
@@ -428,6 +433,8 @@ impl Compute for ComputeService {
     ) -> Result<Response<Host>, Status> {
         let call = self.call(&request, "CordonHost")?;
         let req = request.into_inner();
+        let target = format!("host/{}", req.id);
+        let mut ok = Some(call.entry("", &target, Ok(())));
         let result = async {
             crate::validate::check_reason(&req.reason).map_err(Status::invalid_argument)?;
             let current = self.controller.get_host(&req.id)?;
@@ -436,12 +443,11 @@ impl Compute for ComputeService {
                 return Ok(current);
             }
             self.controller
-                .set_host_admin(&req.id, HostState::Cordoned, &req.reason)
+                .set_host_admin_audited(&req.id, HostState::Cordoned, &req.reason, &mut ok)
                 .await
         }
         .await;
-        self.audited(&call, &format!("host/{}", req.id), result)
-            .map(Response::new)
+        self.audited(&call, &target, ok, result).map(Response::new)
     }
 
     async fn uncordon_host(
@@ -450,12 +456,13 @@ impl Compute for ComputeService {
     ) -> Result<Response<Host>, Status> {
         let call = self.call(&request, "UncordonHost")?;
         let req = request.into_inner();
+        let target = format!("host/{}", req.id);
+        let mut ok = Some(call.entry("", &target, Ok(())));
         let result = self
             .controller
-            .set_host_admin(&req.id, HostState::Ready, "")
+            .set_host_admin_audited(&req.id, HostState::Ready, "", &mut ok)
             .await;
-        self.audited(&call, &format!("host/{}", req.id), result)
-            .map(Response::new)
+        self.audited(&call, &target, ok, result).map(Response::new)
     }
 
     async fn drain_host(
@@ -464,15 +471,16 @@ impl Compute for ComputeService {
     ) -> Result<Response<Host>, Status> {
         let call = self.call(&request, "DrainHost")?;
         let req = request.into_inner();
+        let target = format!("host/{}", req.id);
+        let mut ok = Some(call.entry("", &target, Ok(())));
         let result = async {
             crate::validate::check_reason(&req.reason).map_err(Status::invalid_argument)?;
             self.controller
-                .set_host_admin(&req.id, HostState::Draining, &req.reason)
+                .set_host_admin_audited(&req.id, HostState::Draining, &req.reason, &mut ok)
                 .await
         }
         .await;
-        self.audited(&call, &format!("host/{}", req.id), result)
-            .map(Response::new)
+        self.audited(&call, &target, ok, result).map(Response::new)
     }
 
     async fn remove_host(
@@ -481,8 +489,10 @@ impl Compute for ComputeService {
     ) -> Result<Response<RemoveHostResponse>, Status> {
         let call = self.call(&request, "RemoveHost")?;
         let req = request.into_inner();
-        let result = self.controller.remove_host(&req.id).await;
-        self.audited(&call, &format!("host/{}", req.id), result)?;
+        let target = format!("host/{}", req.id);
+        let mut ok = Some(call.entry("", &target, Ok(())));
+        let result = self.controller.remove_host(&req.id, &mut ok).await;
+        self.audited(&call, &target, ok, result)?;
         Ok(Response::new(RemoveHostResponse {}))
     }
 
@@ -493,11 +503,16 @@ impl Compute for ComputeService {
         let call = self.call(&request, "RevokeHost")?;
         let by = call.identity.to_string();
         let req = request.into_inner();
+        let target = format!(
+            "host-name/{}",
+            req.name.chars().take(64).collect::<String>()
+        );
+        let mut ok = Some(call.entry("", &target, Ok(())));
         let result = self
             .controller
-            .revoke_host(&req.name, &req.reason, &by)
+            .revoke_host(&req.name, &req.reason, &by, &mut ok)
             .await;
-        let newly_revoked = self.audited(&call, &format!("host-name/{}", req.name), result)?;
+        let newly_revoked = self.audited(&call, &target, ok, result)?;
         Ok(Response::new(RevokeHostResponse { newly_revoked }))
     }
 
@@ -508,8 +523,16 @@ impl Compute for ComputeService {
         let call = self.call(&request, "ReinstateHost")?;
         let by = call.identity.to_string();
         let req = request.into_inner();
-        let result = self.controller.reinstate_host(&req.name, &by).await;
-        let was_revoked = self.audited(&call, &format!("host-name/{}", req.name), result)?;
+        let target = format!(
+            "host-name/{}",
+            req.name.chars().take(64).collect::<String>()
+        );
+        let mut ok = Some(call.entry("", &target, Ok(())));
+        let result = self
+            .controller
+            .reinstate_host(&req.name, &by, &mut ok)
+            .await;
+        let was_revoked = self.audited(&call, &target, ok, result)?;
         Ok(Response::new(ReinstateHostResponse { was_revoked }))
     }
 

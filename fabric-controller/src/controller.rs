@@ -827,6 +827,16 @@ impl Controller {
         host: Host,
         rev: Option<Revision>,
     ) -> Result<Revision, Status> {
+        self.put_host_audited(host, rev, &mut None).await
+    }
+
+    /// Commits a host with `audit`'s entry, taken from it once committed.
+    async fn put_host_audited(
+        &self,
+        host: Host,
+        rev: Option<Revision>,
+        audit: &mut Option<AuditEntry>,
+    ) -> Result<Revision, Status> {
         let compare = match rev {
             Some(rev) => Compare::ModRevision(host_key(&host.id), rev),
             None => Compare::Absent(host_key(&host.id)),
@@ -834,8 +844,13 @@ impl Controller {
         let txn = Txn::new()
             .when(compare)
             .put(host_key(&host.id), host.encode_to_vec());
+        let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
         match self.commit(txn).await? {
-            TxnOutcome::Committed(rev) => Ok(rev),
+            TxnOutcome::Committed(rev) => {
+                staged.committed();
+                audit.take();
+                Ok(rev)
+            }
             TxnOutcome::Failed(_) => Err(Status::aborted("host changed concurrently; retry")),
         }
     }
@@ -962,7 +977,11 @@ impl Controller {
 
     /// Forgets host `id`, which must be DEAD and hold no VM: its record, its machine ids and
     /// (with the record) its name. Serialized with registrations.
-    pub async fn remove_host(&self, id: &str) -> Result<(), Status> {
+    pub async fn remove_host(
+        &self,
+        id: &str,
+        audit: &mut Option<AuditEntry>,
+    ) -> Result<(), Status> {
         let _registering = self.registering.lock().await;
         let (rev, machines, name) = {
             let model = self.model();
@@ -1004,8 +1023,12 @@ impl Controller {
         for machine in &machines {
             txn = txn.delete(machine_key(machine));
         }
+        let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
         match self.commit(txn).await? {
-            TxnOutcome::Committed(_) => {}
+            TxnOutcome::Committed(_) => {
+                staged.committed();
+                audit.take();
+            }
             TxnOutcome::Failed(_) => {
                 return Err(Status::aborted("host changed concurrently; retry"))
             }
@@ -1279,15 +1302,24 @@ impl Controller {
     }
 
     /// Revokes the identity host/`name` (durably first); false when it was revoked already.
-    pub async fn revoke_host(&self, name: &str, reason: &str, by: &str) -> Result<bool, Status> {
+    pub async fn revoke_host(
+        &self,
+        name: &str,
+        reason: &str,
+        by: &str,
+        audit: &mut Option<AuditEntry>,
+    ) -> Result<bool, Status> {
         fabric_proto::tls::check_name("host", name).map_err(Status::invalid_argument)?;
         crate::validate::check_reason(reason).map_err(Status::invalid_argument)?;
         let _serialized = self.registering.lock().await;
         if self.is_revoked(name) {
             return Ok(false);
         }
-        self.commit(Txn::new().put(revoked_key(name), by.as_bytes().to_vec()))
-            .await?;
+        let txn = Txn::new().put(revoked_key(name), by.as_bytes().to_vec());
+        let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
+        self.commit(txn).await?;
+        staged.committed();
+        audit.take();
         self.revoked
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -1313,13 +1345,22 @@ impl Controller {
     }
 
     /// Accepts the identity host/`name` again; false when it was not revoked.
-    pub async fn reinstate_host(&self, name: &str, by: &str) -> Result<bool, Status> {
+    pub async fn reinstate_host(
+        &self,
+        name: &str,
+        by: &str,
+        audit: &mut Option<AuditEntry>,
+    ) -> Result<bool, Status> {
         fabric_proto::tls::check_name("host", name).map_err(Status::invalid_argument)?;
         let _serialized = self.registering.lock().await;
         if !self.is_revoked(name) {
             return Ok(false);
         }
-        self.commit(Txn::new().delete(revoked_key(name))).await?;
+        let txn = Txn::new().delete(revoked_key(name));
+        let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
+        self.commit(txn).await?;
+        staged.committed();
+        audit.take();
         self.revoked
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -1339,6 +1380,19 @@ impl Controller {
         id: &str,
         state: HostState,
         reason: &str,
+    ) -> Result<Host, Status> {
+        self.set_host_admin_audited(id, state, reason, &mut None)
+            .await
+    }
+
+    /// [`Controller::set_host_admin`] with `audit`'s entry in the commit of the change (taken
+    /// from it then; left there when nothing changed).
+    pub async fn set_host_admin_audited(
+        &self,
+        id: &str,
+        state: HostState,
+        reason: &str,
+        audit: &mut Option<AuditEntry>,
     ) -> Result<Host, Status> {
         loop {
             let (mut host, rev, effective) = {
@@ -1369,7 +1423,7 @@ impl Controller {
             } else {
                 String::new()
             };
-            match self.put_host(host.clone(), Some(rev)).await {
+            match self.put_host_audited(host.clone(), Some(rev), audit).await {
                 Ok(new_rev) => {
                     let mut model = self.model();
                     if let Some(entry) = model.hosts.get_mut(id) {

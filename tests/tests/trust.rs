@@ -330,6 +330,23 @@ async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
         .expect("revoke")
         .into_inner();
     assert!(revoked.newly_revoked);
+    // The revocation is in the audit log (committed with it), as is the user's refusal.
+    let audit = client
+        .list_audit(fabric_proto::v1::ListAuditRequest::default())
+        .await
+        .expect("audit")
+        .into_inner()
+        .entries;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.rpc == "/fabric.v1.Compute/RevokeHost"
+                && e.identity == "local-root"
+                && e.code == 0
+                && e.target == format!("host-name/{name}")
+                && e.request_sha256.len() == 64),
+        "{audit:?}"
+    );
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match open_stream.message().await {
