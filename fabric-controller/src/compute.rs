@@ -1,4 +1,10 @@
 //! The Compute service: the operators' API.
+//!
+//! Every handler starts from a [`Call`]: the caller, its grants and the request's digest.
+//! The authorization layer has already checked the caller's roles allow the method at all
+//! (`authz::RULES`); here each call is limited to the caller's projects: another project's VM
+//! is NOT_FOUND (as if it did not exist), lists and event streams leave it out. Mutations are
+//! audited in their own commit; refusals and failed mutations through the audit queue.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,9 +21,16 @@ use fabric_proto::v1::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::authz::Grants;
 use crate::controller::{new_id, Controller};
 use crate::images::ImageStore;
 use crate::validate;
+use fabric_proto::tls::Identity;
+use fabric_proto::v1::{
+    AuditEntry, BindRoleRequest, BindRoleResponse, GetQuotaRequest, ListAuditRequest,
+    ListAuditResponse, ListRoleBindingsRequest, ListRoleBindingsResponse, ProjectQuota, Role,
+    SetQuotaRequest, UnbindRoleRequest, UnbindRoleResponse,
+};
 
 /// Default and largest page of a list call.
 const DEFAULT_PAGE: usize = 500;
@@ -46,22 +59,112 @@ impl ComputeService {
     }
 }
 
-fn page_size(requested: u32) -> usize {
-    match requested as usize {
-        0 => DEFAULT_PAGE,
-        n => n.min(MAX_PAGE),
+impl ComputeService {
+    fn call<T: prost::Message>(
+        &self,
+        request: &Request<T>,
+        rpc: &'static str,
+    ) -> Result<Call, Status> {
+        let identity = fabric_proto::tls::caller(request)?;
+        let grants = self.controller.grants(&identity);
+        Ok(Call {
+            identity,
+            grants,
+            rpc,
+            digest: crate::audit::digest(request.get_ref()),
+        })
+    }
+
+    /// Audits a refused or failed call (never waits), and passes the status on.
+    fn refused(&self, call: &Call, project: &str, target: &str, status: Status) -> Status {
+        self.controller
+            .audit
+            .record(call.entry(project, target, Err(&status)));
+        status
+    }
+
+    /// VM `id` if the caller holds `need` in its project: NOT_FOUND when the caller cannot
+    /// see it (or it does not exist), PERMISSION_DENIED when it can see it but not do this.
+    /// Refusals are audited.
+    fn vm_for(&self, call: &Call, id: &str, need: Role) -> Result<Vm, Status> {
+        let target = format!("vm/{id}");
+        let vm = match self.controller.get_vm(id) {
+            Ok(vm) => vm,
+            Err(status) => {
+                // A mutation of a VM that does not exist is audited; a read is not.
+                return Err(if need > Role::Viewer {
+                    self.refused(call, "", &target, status)
+                } else {
+                    status
+                });
+            }
+        };
+        let project = vm_project(&vm).to_string();
+        if !call.grants.can(Role::Viewer, &project) {
+            return Err(self.refused(call, &project, &target, vm_not_found(id)));
+        }
+        if !call.grants.can(need, &project) {
+            let status = Status::permission_denied(format!(
+                "{} may not call {}: it needs role {} in project {project}",
+                call.identity,
+                call.rpc,
+                crate::authz::role_name(need)
+            ));
+            return Err(self.refused(call, &project, &target, status));
+        }
+        Ok(vm)
+    }
+
+    /// Runs a mutation of VM `id` that commits `ok` (its audit entry) with the change; a
+    /// failure is audited through the queue.
+    async fn mutate_vm<R, F, Fut>(&self, call: &Call, id: &str, run: F) -> Result<R, Status>
+    where
+        F: FnOnce(AuditEntry) -> Fut,
+        Fut: std::future::Future<Output = Result<R, Status>>,
+    {
+        let vm = self.vm_for(call, id, Role::Operator)?;
+        let project = vm_project(&vm).to_string();
+        let target = format!("vm/{id}");
+        let ok = call.entry(&project, &target, Ok(()));
+        run(ok)
+            .await
+            .map_err(|status| self.refused(call, &project, &target, status))
+    }
+
+    /// Audits the outcome of a host or identity call: its entry `ok` was committed with its
+    /// change if the controller took it; else (nothing changed, or the call failed) it is
+    /// recorded now.
+    fn audited<R>(
+        &self,
+        call: &Call,
+        target: &str,
+        ok: Option<AuditEntry>,
+        result: Result<R, Status>,
+    ) -> Result<R, Status> {
+        match result {
+            Ok(r) => {
+                if let Some(entry) = ok {
+                    self.controller.audit.record(entry);
+                }
+                Ok(r)
+            }
+            Err(status) => Err(self.refused(call, "", target, status)),
+        }
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Compute for ComputeService {
-    async fn create_vm(&self, request: Request<CreateVmRequest>) -> Result<Response<Vm>, Status> {
-        let req = request.into_inner();
+impl ComputeService {
+    /// CreateVm once the caller may create in `project`.
+    async fn create_vm_in(
+        &self,
+        req: CreateVmRequest,
+        project: String,
+        ok: AuditEntry,
+    ) -> Result<Vm, Status> {
         let mut spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        spec.project = project;
         validate::check_spec(&spec).map_err(Status::invalid_argument)?;
         let desired = match DesiredState::try_from(req.desired_state) {
             Ok(DesiredState::Stopped) => DesiredState::Stopped,
@@ -103,19 +206,109 @@ impl Compute for ComputeService {
             updated_at: Some(now),
             disk_mib,
         };
-        Ok(Response::new(self.controller.create_vm(vm).await?))
+        self.controller.create_vm(vm, Some(ok)).await
+    }
+}
+
+fn page_size(requested: u32) -> usize {
+    match requested as usize {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+
+/// One call as the handlers see it: who, with which grants, which method and request.
+pub struct Call {
+    pub identity: Identity,
+    pub grants: Grants,
+    pub rpc: &'static str,
+    pub digest: String,
+}
+
+impl Call {
+    /// The audit entry of this call's outcome.
+    pub fn entry(&self, project: &str, target: &str, outcome: Result<(), &Status>) -> AuditEntry {
+        let (code, message) = match outcome {
+            Ok(()) => (0, String::new()),
+            Err(status) => (status.code() as i32, status.message().to_string()),
+        };
+        AuditEntry {
+            identity: self.identity.to_string(),
+            roles: self.grants.describe(),
+            project: project.to_string(),
+            rpc: format!("/{}/{}", fabric_proto::COMPUTE_SERVICE, self.rpc),
+            target: target.to_string(),
+            code,
+            message,
+            request_sha256: self.digest.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The answer for a VM the caller may not see: the same as for a VM that does not exist.
+fn vm_not_found(id: &str) -> Status {
+    Status::not_found(format!("no VM with id {id:?}"))
+}
+
+/// A VM's project; VMs stored before projects existed are in the default one.
+fn vm_project(vm: &Vm) -> &str {
+    match vm.spec.as_ref().map_or("", |s| s.project.as_str()) {
+        "" => crate::authz::DEFAULT_PROJECT,
+        project => project,
+    }
+}
+
+#[tonic::async_trait]
+impl Compute for ComputeService {
+    async fn create_vm(&self, request: Request<CreateVmRequest>) -> Result<Response<Vm>, Status> {
+        let call = self.call(&request, "CreateVm")?;
+        let req = request.into_inner();
+        let name = req
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let target = format!("vm-name/{}", name.chars().take(64).collect::<String>());
+        let project = req
+            .spec
+            .as_ref()
+            .map(|s| s.project.clone())
+            .unwrap_or_default();
+        let project = match crate::authz::project_or_default(&project) {
+            Ok(p) => p,
+            Err(e) => {
+                let status = Status::invalid_argument(format!("spec.{e}"));
+                return Err(self.refused(&call, "", &target, status));
+            }
+        };
+        if !call.grants.can(Role::Operator, &project) {
+            let status = Status::permission_denied(format!(
+                "{} may not create VMs in project {project}: it needs role operator there",
+                call.identity
+            ));
+            return Err(self.refused(&call, &project, &target, status));
+        }
+        let ok = call.entry(&project, &target, Ok(()));
+        self.create_vm_in(req, project.clone(), ok)
+            .await
+            .map(Response::new)
+            .map_err(|status| self.refused(&call, &project, &target, status))
     }
 
     async fn get_vm(&self, request: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
-        Ok(Response::new(
-            self.controller.get_vm(&request.into_inner().id)?,
-        ))
+        let call = self.call(&request, "GetVm")?;
+        let id = request.into_inner().id;
+        Ok(Response::new(self.vm_for(&call, &id, Role::Viewer)?))
     }
 
     async fn list_vms(
         &self,
         request: Request<ListVmsRequest>,
     ) -> Result<Response<ListVmsResponse>, Status> {
+        let call = self.call(&request, "ListVms")?;
         let req = request.into_inner();
         let phase = VmPhase::try_from(req.phase)
             .map_err(|_| Status::invalid_argument(format!("phase {}: unknown", req.phase)))?;
@@ -142,6 +335,10 @@ impl Compute for ComputeService {
             if phase != VmPhase::Unspecified && status.phase() != phase {
                 continue;
             }
+            // Another project's VMs are left out, as if they did not exist.
+            if !call.grants.can(Role::Viewer, vm_project(&entry.vm)) {
+                continue;
+            }
             if vms.len() == size {
                 next = vms.last().map(|v: &Vm| v.id.clone()).unwrap_or_default();
                 break;
@@ -159,26 +356,35 @@ impl Compute for ComputeService {
         &self,
         request: Request<DeleteVmRequest>,
     ) -> Result<Response<DeleteVmResponse>, Status> {
-        self.controller.delete_vm(&request.into_inner().id).await?;
+        let call = self.call(&request, "DeleteVm")?;
+        let id = request.into_inner().id;
+        self.mutate_vm(&call, &id, |ok| self.controller.delete_vm(&id, Some(ok)))
+            .await?;
         Ok(Response::new(DeleteVmResponse {}))
     }
 
     async fn start_vm(&self, request: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {
+        let call = self.call(&request, "StartVm")?;
         let id = request.into_inner().id;
-        Ok(Response::new(
-            self.controller
-                .set_desired(&id, DesiredState::Running)
-                .await?,
-        ))
+        let vm = self
+            .mutate_vm(&call, &id, |ok| {
+                self.controller
+                    .set_desired(&id, DesiredState::Running, Some(ok))
+            })
+            .await?;
+        Ok(Response::new(vm))
     }
 
     async fn stop_vm(&self, request: Request<StopVmRequest>) -> Result<Response<Vm>, Status> {
+        let call = self.call(&request, "StopVm")?;
         let id = request.into_inner().id;
-        Ok(Response::new(
-            self.controller
-                .set_desired(&id, DesiredState::Stopped)
-                .await?,
-        ))
+        let vm = self
+            .mutate_vm(&call, &id, |ok| {
+                self.controller
+                    .set_desired(&id, DesiredState::Stopped, Some(ok))
+            })
+            .await?;
+        Ok(Response::new(vm))
     }
 
     async fn list_hosts(
@@ -225,51 +431,68 @@ impl Compute for ComputeService {
         &self,
         request: Request<CordonHostRequest>,
     ) -> Result<Response<Host>, Status> {
+        let call = self.call(&request, "CordonHost")?;
         let req = request.into_inner();
-        crate::validate::check_reason(&req.reason).map_err(Status::invalid_argument)?;
-        let current = self.controller.get_host(&req.id)?;
-        if current.state() == HostState::Draining {
-            // Already cordoned, and draining: cordoning again does not stop the drain.
-            return Ok(Response::new(current));
-        }
-        Ok(Response::new(
+        let target = format!("host/{}", req.id);
+        let mut ok = Some(call.entry("", &target, Ok(())));
+        let result = async {
+            crate::validate::check_reason(&req.reason).map_err(Status::invalid_argument)?;
+            let current = self.controller.get_host(&req.id)?;
+            if current.state() == HostState::Draining {
+                // Already cordoned, and draining: cordoning again does not stop the drain.
+                return Ok(current);
+            }
             self.controller
-                .set_host_admin(&req.id, HostState::Cordoned, &req.reason)
-                .await?,
-        ))
+                .set_host_admin_audited(&req.id, HostState::Cordoned, &req.reason, &mut ok)
+                .await
+        }
+        .await;
+        self.audited(&call, &target, ok, result).map(Response::new)
     }
 
     async fn uncordon_host(
         &self,
         request: Request<UncordonHostRequest>,
     ) -> Result<Response<Host>, Status> {
+        let call = self.call(&request, "UncordonHost")?;
         let req = request.into_inner();
-        Ok(Response::new(
-            self.controller
-                .set_host_admin(&req.id, HostState::Ready, "")
-                .await?,
-        ))
+        let target = format!("host/{}", req.id);
+        let mut ok = Some(call.entry("", &target, Ok(())));
+        let result = self
+            .controller
+            .set_host_admin_audited(&req.id, HostState::Ready, "", &mut ok)
+            .await;
+        self.audited(&call, &target, ok, result).map(Response::new)
     }
 
     async fn drain_host(
         &self,
         request: Request<DrainHostRequest>,
     ) -> Result<Response<Host>, Status> {
+        let call = self.call(&request, "DrainHost")?;
         let req = request.into_inner();
-        crate::validate::check_reason(&req.reason).map_err(Status::invalid_argument)?;
-        Ok(Response::new(
+        let target = format!("host/{}", req.id);
+        let mut ok = Some(call.entry("", &target, Ok(())));
+        let result = async {
+            crate::validate::check_reason(&req.reason).map_err(Status::invalid_argument)?;
             self.controller
-                .set_host_admin(&req.id, HostState::Draining, &req.reason)
-                .await?,
-        ))
+                .set_host_admin_audited(&req.id, HostState::Draining, &req.reason, &mut ok)
+                .await
+        }
+        .await;
+        self.audited(&call, &target, ok, result).map(Response::new)
     }
 
     async fn remove_host(
         &self,
         request: Request<RemoveHostRequest>,
     ) -> Result<Response<RemoveHostResponse>, Status> {
+        let call = self.call(&request, "RemoveHost")?;
         let req = request.into_inner();
-        self.controller.remove_host(&req.id).await?;
+        let target = format!("host/{}", req.id);
+        let mut ok = Some(call.entry("", &target, Ok(())));
+        let result = self.controller.remove_host(&req.id, &mut ok).await;
+        self.audited(&call, &target, ok, result)?;
         Ok(Response::new(RemoveHostResponse {}))
     }
 
@@ -277,12 +500,19 @@ impl Compute for ComputeService {
         &self,
         request: Request<RevokeHostRequest>,
     ) -> Result<Response<RevokeHostResponse>, Status> {
-        let by = fabric_proto::tls::caller(&request)?.to_string();
+        let call = self.call(&request, "RevokeHost")?;
+        let by = call.identity.to_string();
         let req = request.into_inner();
-        let newly_revoked = self
+        let target = format!(
+            "host-name/{}",
+            req.name.chars().take(64).collect::<String>()
+        );
+        let mut ok = Some(call.entry("", &target, Ok(())));
+        let result = self
             .controller
-            .revoke_host(&req.name, &req.reason, &by)
-            .await?;
+            .revoke_host(&req.name, &req.reason, &by, &mut ok)
+            .await;
+        let newly_revoked = self.audited(&call, &target, ok, result)?;
         Ok(Response::new(RevokeHostResponse { newly_revoked }))
     }
 
@@ -290,10 +520,138 @@ impl Compute for ComputeService {
         &self,
         request: Request<ReinstateHostRequest>,
     ) -> Result<Response<ReinstateHostResponse>, Status> {
-        let by = fabric_proto::tls::caller(&request)?.to_string();
+        let call = self.call(&request, "ReinstateHost")?;
+        let by = call.identity.to_string();
         let req = request.into_inner();
-        let was_revoked = self.controller.reinstate_host(&req.name, &by).await?;
+        let target = format!(
+            "host-name/{}",
+            req.name.chars().take(64).collect::<String>()
+        );
+        let mut ok = Some(call.entry("", &target, Ok(())));
+        let result = self
+            .controller
+            .reinstate_host(&req.name, &by, &mut ok)
+            .await;
+        let was_revoked = self.audited(&call, &target, ok, result)?;
         Ok(Response::new(ReinstateHostResponse { was_revoked }))
+    }
+
+    async fn bind_role(
+        &self,
+        request: Request<BindRoleRequest>,
+    ) -> Result<Response<BindRoleResponse>, Status> {
+        let call = self.call(&request, "BindRole")?;
+        let binding = request.into_inner().binding.unwrap_or_default();
+        let target = format!("user/{}", binding.user.chars().take(64).collect::<String>());
+        let (user, project, role) = Controller::check_binding(&binding)
+            .map_err(|status| self.refused(&call, &binding.project, &target, status))?;
+        let ok = call.entry(project.as_deref().unwrap_or(""), &target, Ok(()));
+        let newly_bound = self
+            .controller
+            .bind_role(&user, project.as_deref(), role, ok)
+            .await
+            .map_err(|status| self.refused(&call, &binding.project, &target, status))?;
+        Ok(Response::new(BindRoleResponse { newly_bound }))
+    }
+
+    async fn unbind_role(
+        &self,
+        request: Request<UnbindRoleRequest>,
+    ) -> Result<Response<UnbindRoleResponse>, Status> {
+        let call = self.call(&request, "UnbindRole")?;
+        let binding = request.into_inner().binding.unwrap_or_default();
+        let target = format!("user/{}", binding.user.chars().take(64).collect::<String>());
+        let (user, project, role) = Controller::check_binding(&binding)
+            .map_err(|status| self.refused(&call, &binding.project, &target, status))?;
+        let ok = call.entry(project.as_deref().unwrap_or(""), &target, Ok(()));
+        let was_bound = self
+            .controller
+            .unbind_role(&user, project.as_deref(), role, ok)
+            .await
+            .map_err(|status| self.refused(&call, &binding.project, &target, status))?;
+        Ok(Response::new(UnbindRoleResponse { was_bound }))
+    }
+
+    async fn list_role_bindings(
+        &self,
+        request: Request<ListRoleBindingsRequest>,
+    ) -> Result<Response<ListRoleBindingsResponse>, Status> {
+        let user = request.into_inner().user;
+        if !user.is_empty() {
+            fabric_proto::tls::check_name("user", &user).map_err(Status::invalid_argument)?;
+        }
+        Ok(Response::new(ListRoleBindingsResponse {
+            bindings: self.controller.role_bindings(&user),
+        }))
+    }
+
+    async fn set_quota(
+        &self,
+        request: Request<SetQuotaRequest>,
+    ) -> Result<Response<ProjectQuota>, Status> {
+        let call = self.call(&request, "SetQuota")?;
+        let mut quota = request.into_inner().quota.unwrap_or_default();
+        let project = crate::authz::project_or_default(&quota.project)
+            .map_err(|e| self.refused(&call, "", "", Status::invalid_argument(e)))?;
+        quota.project = project.clone();
+        let target = format!("project/{project}");
+        let ok = call.entry(&project, &target, Ok(()));
+        let view = self
+            .controller
+            .set_quota(quota, ok)
+            .await
+            .map_err(|status| self.refused(&call, &project, &target, status))?;
+        Ok(Response::new(view))
+    }
+
+    async fn get_quota(
+        &self,
+        request: Request<GetQuotaRequest>,
+    ) -> Result<Response<ProjectQuota>, Status> {
+        let call = self.call(&request, "GetQuota")?;
+        let project = crate::authz::project_or_default(&request.into_inner().project)
+            .map_err(Status::invalid_argument)?;
+        if !call.grants.can(Role::Viewer, &project) {
+            let status = Status::permission_denied(format!(
+                "{} may not read the quota of project {project}",
+                call.identity
+            ));
+            return Err(self.refused(&call, &project, &format!("project/{project}"), status));
+        }
+        Ok(Response::new(self.controller.quota_view(&project)))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        let req = request.into_inner();
+        if req.identity.len() > 128 || req.project.len() > 64 {
+            return Err(Status::invalid_argument(
+                "identity (at most 128 bytes) and project (at most 64) filters",
+            ));
+        }
+        let since = req.since.map(|t| (t.seconds, t.nanos));
+        let keep = move |e: &AuditEntry| {
+            (req.identity.is_empty() || e.identity == req.identity)
+                && (req.project.is_empty() || e.project == req.project)
+                && since.is_none_or(|s| e.time.as_ref().is_some_and(|t| (t.seconds, t.nanos) >= s))
+        };
+        let size = match req.page_size as usize {
+            0 => 500,
+            n => n.min(crate::audit::MAX_PAGE),
+        };
+        let audit = self.controller.audit.clone();
+        let after = req.after_sequence;
+        let (entries, last_sequence) =
+            tokio::task::spawn_blocking(move || audit.list(after, size, keep))
+                .await
+                .map_err(|e| Status::internal(format!("audit task: {e}")))?
+                .map_err(crate::controller::unavailable)?;
+        Ok(Response::new(ListAuditResponse {
+            entries,
+            last_sequence,
+        }))
     }
 
     type WatchEventsStream = EventStream;
@@ -302,6 +660,9 @@ impl Compute for ComputeService {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let grants = self
+            .controller
+            .grants(&fabric_proto::tls::caller(&request)?);
         let req = request.into_inner();
         let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -311,9 +672,33 @@ impl Compute for ComputeService {
         // since_sequence 0: only what happens from now on.
         let (past, mut live, mut last) = self.controller.events.subscribe(req.since_sequence);
         let (tx, rx) = tokio::sync::mpsc::channel(WATCHER_QUEUE);
-        let wanted = move |e: &Event| {
-            (req.vm_id.is_empty() || e.vm_id == req.vm_id)
-                && (req.host_id.is_empty() || e.host_id == req.host_id)
+        let controller = self.controller.clone();
+        // A cluster-wide viewer sees every event; anyone else only the events of VMs in
+        // projects they may view (looked up once per VM and remembered, so a VM's deletion
+        // is still shown to those who saw it). Host-only events are cluster-wide: only
+        // cluster-wide viewers see them.
+        let everything = grants.everywhere(Role::Viewer);
+        let mut visible: std::collections::HashMap<String, bool> = Default::default();
+        let mut wanted = move |e: &Event| {
+            if !((req.vm_id.is_empty() || e.vm_id == req.vm_id)
+                && (req.host_id.is_empty() || e.host_id == req.host_id))
+            {
+                return false;
+            }
+            if everything {
+                return true;
+            }
+            if e.vm_id.is_empty() {
+                return false;
+            }
+            if visible.len() > 100_000 {
+                visible.clear();
+            }
+            *visible.entry(e.vm_id.clone()).or_insert_with(|| {
+                controller
+                    .get_vm(&e.vm_id)
+                    .is_ok_and(|vm| grants.can(Role::Viewer, vm_project(&vm)))
+            })
         };
         tokio::spawn(async move {
             let _permit = permit;
@@ -374,6 +759,7 @@ mod tests {
             fencing_margin: std::time::Duration::from_secs(5),
             cpu_overcommit: 4.0,
             memory_relief_window: std::time::Duration::ZERO,
+            audit_retention: crate::audit::Retention::default(),
         };
         let controller = Controller::load(settings, store.clone()).expect("controller");
         let images = ImageStore::new(dir, store, 1024).expect("image store");
@@ -382,7 +768,7 @@ mod tests {
 
     async fn watch(service: &ComputeService, since_sequence: u64) -> EventStream {
         service
-            .watch_events(Request::new(WatchEventsRequest {
+            .watch_events(crate::reconcile::tests::local_root(WatchEventsRequest {
                 since_sequence,
                 ..Default::default()
             }))
@@ -464,5 +850,94 @@ mod tests {
         assert_eq!(rest.first(), Some(&(resume + 1)), "resumed where told");
         assert_eq!(rest.last(), Some(&newest));
         assert_eq!(rest.len() as u64, newest - resume);
+    }
+
+    /// Concurrent creates in a project with a quota: exactly as many as the quota allows
+    /// commit; a deleted VM frees its share.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_creates_cannot_exceed_a_quota() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = Arc::new(service(dir.path()));
+        let quota = ProjectQuota {
+            project: "p1".into(),
+            vms: 3,
+            vcpus: 100,
+            ..Default::default()
+        };
+        service
+            .controller
+            .set_quota(quota, AuditEntry::default())
+            .await
+            .expect("quota");
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let service = service.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut spec = fabric_test_support::vmspec::simulated_vm(&format!("q{i}"));
+                spec.project = "p1".into();
+                service
+                    .create_vm(crate::reconcile::tests::local_root(CreateVmRequest {
+                        spec: Some(spec),
+                        desired_state: DesiredState::Stopped as i32,
+                    }))
+                    .await
+                    .map(|r| r.into_inner().id)
+            }));
+        }
+        let mut created = Vec::new();
+        for task in tasks {
+            match task.await.expect("task") {
+                Ok(id) => created.push(id),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    assert_eq!(
+                        status.message(),
+                        "project p1: 1 VM requested, 3 of 3 in use (quota vms=3)"
+                    );
+                }
+            }
+        }
+        assert_eq!(created.len(), 3, "{created:?}");
+        assert_eq!(service.controller.usage("p1"), (3, 768, 3));
+        // Another project is not held back.
+        let mut other = fabric_test_support::vmspec::simulated_vm("other");
+        other.project = "p2".into();
+        service
+            .create_vm(crate::reconcile::tests::local_root(CreateVmRequest {
+                spec: Some(other),
+                desired_state: DesiredState::Stopped as i32,
+            }))
+            .await
+            .expect("p2 has no quota");
+        service
+            .controller
+            .delete_vm(&created[0], None)
+            .await
+            .expect("delete");
+        let mut again = fabric_test_support::vmspec::simulated_vm("again");
+        again.project = "p1".into();
+        service
+            .create_vm(crate::reconcile::tests::local_root(CreateVmRequest {
+                spec: Some(again),
+                desired_state: DesiredState::Stopped as i32,
+            }))
+            .await
+            .expect("a deleted VM frees its share");
+        // Every create, refused or not, is in the audit log.
+        let mut entries = Vec::new();
+        for _ in 0..50 {
+            let (found, _) = service
+                .controller
+                .audit
+                .list(0, 100, |e| e.rpc.ends_with("/CreateVm"))
+                .expect("audit");
+            entries = found;
+            if entries.len() >= 14 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(entries.len(), 14, "{entries:?}");
+        assert_eq!(entries.iter().filter(|e| e.code == 0).count(), 5);
     }
 }

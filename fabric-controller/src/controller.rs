@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use fabric_proto::v1::{
-    Assignment, DesiredState, EventKind, Host, HostState, HostUsage, ObservedPhase, ObservedVm,
-    Resources, Vm, VmPhase, VmStatus,
+    Assignment, AuditEntry, DesiredState, EventKind, Host, HostState, HostUsage, ObservedPhase,
+    ObservedVm, ProjectQuota, Resources, Role, RoleBinding, Vm, VmPhase, VmStatus,
 };
 use prost::Message;
 use tokio::sync::watch;
@@ -39,6 +39,8 @@ pub struct Settings {
     /// How long a host must stay short of memory before a VM is moved off it (and, after a
     /// move, before the next one); zero turns memory relief off.
     pub memory_relief_window: Duration,
+    /// How much of the audit log is kept.
+    pub audit_retention: crate::audit::Retention,
 }
 
 impl Settings {
@@ -158,7 +160,29 @@ pub struct Controller {
     /// Names whose identity host/NAME is refused (RevokeHost), as stored under
     /// `revoked-hosts/`.
     revoked: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// The audit log.
+    pub audit: Arc<crate::audit::Audit>,
+    /// Role bindings by (user, project or `*`), as stored under `role-bindings/`.
+    bindings: std::sync::RwLock<BTreeMap<(String, String), Role>>,
+    /// Project quotas, as stored under `quotas/`.
+    quotas: std::sync::RwLock<BTreeMap<String, ProjectQuota>>,
+    /// Held for writing by a CreateVm in a project with a quota from its usage check to its
+    /// commit (so that concurrent creates cannot together exceed it) and by SetQuota; for
+    /// reading by other creates (so that none that saw no quota commits after one is set).
+    quota_check: tokio::sync::RwLock<()>,
 }
+
+/// The store key of a role binding; `project` None is cluster-wide (`*`).
+fn binding_key(user: &str, project: Option<&str>) -> String {
+    format!("role-bindings/{user}/{}", project.unwrap_or("*"))
+}
+
+fn quota_key(project: &str) -> String {
+    format!("quotas/{project}")
+}
+
+/// What a project's VMs take: (vCPUs, startup memory MiB, VMs).
+pub type Usage = (u64, u64, u64);
 
 /// The store key of a revoked host identity.
 fn revoked_key(name: &str) -> String {
@@ -397,6 +421,25 @@ impl Controller {
             .into_iter()
             .filter_map(|kv| kv.key.strip_prefix("revoked-hosts/").map(str::to_string))
             .collect();
+        let (stored_bindings, _) = store.list("role-bindings/").map_err(|e| e.to_string())?;
+        let mut bindings = BTreeMap::new();
+        for kv in stored_bindings {
+            let rest = kv.key.trim_start_matches("role-bindings/");
+            let (user, project) = rest
+                .split_once('/')
+                .ok_or_else(|| format!("{}: not user/project", kv.key))?;
+            let role = crate::authz::parse_role(&String::from_utf8_lossy(&kv.value))
+                .map_err(|e| format!("{}: {e}", kv.key))?;
+            bindings.insert((user.to_string(), project.to_string()), role);
+        }
+        let (stored_quotas, _) = store.list("quotas/").map_err(|e| e.to_string())?;
+        let mut quotas = BTreeMap::new();
+        for kv in stored_quotas {
+            let quota = ProjectQuota::decode(kv.value.as_slice())
+                .map_err(|e| format!("{}: {e}", kv.key))?;
+            quotas.insert(quota.project.clone(), quota);
+        }
+        let audit = crate::audit::Audit::load(store.clone(), settings.audit_retention)?;
         Ok(Arc::new(Controller {
             settings,
             store,
@@ -409,6 +452,10 @@ impl Controller {
             generation_ceiling: Mutex::new(ceiling),
             registering: tokio::sync::Mutex::new(()),
             revoked: std::sync::RwLock::new(revoked),
+            audit,
+            bindings: std::sync::RwLock::new(bindings),
+            quotas: std::sync::RwLock::new(quotas),
+            quota_check: tokio::sync::RwLock::new(()),
         }))
     }
 
@@ -448,16 +495,36 @@ impl Controller {
             .map_err(unavailable)
     }
 
-    /// Creates a VM (already checked and with defaults filled).
-    pub async fn create_vm(&self, vm: Vm) -> Result<Vm, Status> {
+    /// Creates a VM (already checked and with defaults filled), within its project's quota,
+    /// with `audit` (if any) committed in the same transaction.
+    pub async fn create_vm(&self, vm: Vm, audit: Option<AuditEntry>) -> Result<Vm, Status> {
         let name = vm.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        let project = vm
+            .spec
+            .as_ref()
+            .map(|s| s.project.clone())
+            .unwrap_or_default();
+        // Only creates in a project with a quota wait for each other.
+        let mut _shared = Some(self.quota_check.read().await);
+        let mut _exclusive = None;
+        let mut quota = self.quota(&project);
+        if quota.is_some() {
+            _shared = None;
+            _exclusive = Some(self.quota_check.write().await);
+            quota = self.quota(&project);
+        }
+        if let Some(quota) = &quota {
+            check_quota(quota, self.usage(&project), &vm)?;
+        }
         let txn = Txn::new()
             .when(Compare::Absent(name_key(&name)))
             .when(Compare::Absent(vm_key(&vm.id)))
             .put(name_key(&name), vm.id.clone().into_bytes())
             .put(vm_key(&vm.id), vm.encode_to_vec());
+        let (txn, staged) = self.audit.stage(txn, audit.into_iter().collect());
         match self.commit(txn).await? {
             TxnOutcome::Committed(rev) => {
+                staged.committed();
                 let mut model = self.model();
                 model.names.insert(name.clone(), vm.id.clone());
                 model.vms.insert(
@@ -512,6 +579,17 @@ impl Controller {
         id: &str,
         change: impl Fn(&mut Vm) -> Result<bool, Status>,
     ) -> Result<Vm, Status> {
+        self.update_vm_audited(id, change, None).await
+    }
+
+    /// [`Controller::update_vm`] with an audit entry committed with the change (none when
+    /// there is nothing to change: the caller records it then).
+    pub async fn update_vm_audited(
+        &self,
+        id: &str,
+        change: impl Fn(&mut Vm) -> Result<bool, Status>,
+        audit: Option<AuditEntry>,
+    ) -> Result<Vm, Status> {
         for _ in 0..100 {
             let (mut vm, rev) = {
                 let model = self.model();
@@ -529,8 +607,10 @@ impl Controller {
             let txn = Txn::new()
                 .when(Compare::ModRevision(vm_key(id), rev))
                 .put(vm_key(id), vm.encode_to_vec());
+            let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
             match self.commit(txn).await? {
                 TxnOutcome::Committed(new_rev) => {
+                    staged.committed();
                     self.install_vm(&before, vm.clone(), new_rev);
                     return Ok(vm);
                 }
@@ -594,7 +674,7 @@ impl Controller {
     }
 
     /// Deletes a VM: it leaves its host's assignments (the agent stops it) and the store.
-    pub async fn delete_vm(&self, id: &str) -> Result<(), Status> {
+    pub async fn delete_vm(&self, id: &str, audit: Option<AuditEntry>) -> Result<(), Status> {
         loop {
             let (vm, rev) = {
                 let model = self.model();
@@ -609,8 +689,10 @@ impl Controller {
                 .when(Compare::ModRevision(vm_key(id), rev))
                 .delete(vm_key(id))
                 .delete(name_key(&name));
+            let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
             match self.commit(txn).await? {
                 TxnOutcome::Committed(_) => {
+                    staged.committed();
                     let host_id = vm
                         .status
                         .as_ref()
@@ -644,26 +726,46 @@ impl Controller {
 
     /// Sets a VM's desired state (StartVm/StopVm); bumps its generation when it changes, so
     /// its agent acts even on a VM its restart policy left stopped.
-    pub async fn set_desired(&self, id: &str, desired: DesiredState) -> Result<Vm, Status> {
+    pub async fn set_desired(
+        &self,
+        id: &str,
+        desired: DesiredState,
+        audit: Option<AuditEntry>,
+    ) -> Result<Vm, Status> {
+        let unchanged = audit.clone();
+        let changed = std::sync::atomic::AtomicBool::new(false);
         let vm = self
-            .update_vm(id, |vm| {
-                let status = vm.status.get_or_insert_with(VmStatus::default);
-                let failed = status.phase() == VmPhase::Failed;
-                if status.desired_state() == desired
-                    && !(failed && desired == DesiredState::Running)
-                {
-                    return Ok(false);
-                }
-                status.desired_state = desired as i32;
-                vm.generation += 1;
-                if desired == DesiredState::Running && status.host_id.is_empty() {
-                    status.phase = VmPhase::Pending as i32;
-                    status.reason = "waiting for placement".into();
-                    status.phase_changed_at = Some(now_ts());
-                }
-                Ok(true)
-            })
+            .update_vm_audited(
+                id,
+                |vm| {
+                    changed.store(false, Ordering::Relaxed);
+                    let status = vm.status.get_or_insert_with(VmStatus::default);
+                    let failed = status.phase() == VmPhase::Failed;
+                    if status.desired_state() == desired
+                        && !(failed && desired == DesiredState::Running)
+                    {
+                        return Ok(false);
+                    }
+                    status.desired_state = desired as i32;
+                    vm.generation += 1;
+                    changed.store(true, Ordering::Relaxed);
+                    if desired == DesiredState::Running && status.host_id.is_empty() {
+                        status.phase = VmPhase::Pending as i32;
+                        status.reason = "waiting for placement".into();
+                        status.phase_changed_at = Some(now_ts());
+                    }
+                    Ok(true)
+                },
+                audit,
+            )
             .await?;
+        if !changed.load(Ordering::Relaxed) {
+            // Nothing committed: the call is audited all the same.
+            if let Some(entry) = unchanged {
+                self.audit.record(entry);
+            }
+            return self.get_vm(id);
+        }
         self.events.vm(
             EventKind::VmDesiredStateChanged,
             id,
@@ -748,6 +850,16 @@ impl Controller {
         host: Host,
         rev: Option<Revision>,
     ) -> Result<Revision, Status> {
+        self.put_host_audited(host, rev, &mut None).await
+    }
+
+    /// Commits a host with `audit`'s entry, taken from it once committed.
+    async fn put_host_audited(
+        &self,
+        host: Host,
+        rev: Option<Revision>,
+        audit: &mut Option<AuditEntry>,
+    ) -> Result<Revision, Status> {
         let compare = match rev {
             Some(rev) => Compare::ModRevision(host_key(&host.id), rev),
             None => Compare::Absent(host_key(&host.id)),
@@ -755,8 +867,13 @@ impl Controller {
         let txn = Txn::new()
             .when(compare)
             .put(host_key(&host.id), host.encode_to_vec());
+        let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
         match self.commit(txn).await? {
-            TxnOutcome::Committed(rev) => Ok(rev),
+            TxnOutcome::Committed(rev) => {
+                staged.committed();
+                audit.take();
+                Ok(rev)
+            }
             TxnOutcome::Failed(_) => Err(Status::aborted("host changed concurrently; retry")),
         }
     }
@@ -883,7 +1000,11 @@ impl Controller {
 
     /// Forgets host `id`, which must be DEAD and hold no VM: its record, its machine ids and
     /// (with the record) its name. Serialized with registrations.
-    pub async fn remove_host(&self, id: &str) -> Result<(), Status> {
+    pub async fn remove_host(
+        &self,
+        id: &str,
+        audit: &mut Option<AuditEntry>,
+    ) -> Result<(), Status> {
         let _registering = self.registering.lock().await;
         let (rev, machines, name) = {
             let model = self.model();
@@ -925,8 +1046,12 @@ impl Controller {
         for machine in &machines {
             txn = txn.delete(machine_key(machine));
         }
+        let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
         match self.commit(txn).await? {
-            TxnOutcome::Committed(_) => {}
+            TxnOutcome::Committed(_) => {
+                staged.committed();
+                audit.take();
+            }
             TxnOutcome::Failed(_) => {
                 return Err(Status::aborted("host changed concurrently; retry"))
             }
@@ -961,31 +1086,263 @@ impl Controller {
             .contains(name)
     }
 
+    /// What `caller` may do: local-root is a cluster-wide admin, a user has its bindings,
+    /// hosts and the controller have no role.
+    pub fn grants(&self, caller: &fabric_proto::tls::Identity) -> crate::authz::Grants {
+        use fabric_proto::tls::Identity;
+        match caller {
+            Identity::LocalRoot => crate::authz::Grants::admin(),
+            Identity::User(name) => {
+                let bindings = self.bindings.read().unwrap_or_else(|e| e.into_inner());
+                let mut grants = crate::authz::Grants::default();
+                let from = (name.clone(), String::new());
+                for ((user, project), role) in bindings.range(from..) {
+                    if user != name {
+                        break;
+                    }
+                    grants.add((project != "*").then_some(project.as_str()), *role);
+                }
+                grants
+            }
+            _ => crate::authz::Grants::default(),
+        }
+    }
+
     /// Who may call what, with revoked host identities refused: the policy of the
-    /// controller's server.
+    /// controller's server. Every refusal goes to the audit log.
     pub fn authorize(
         &self,
         path: &str,
         caller: &fabric_proto::tls::Identity,
     ) -> Result<(), String> {
-        if let fabric_proto::tls::Identity::Host(name) = caller {
-            if self.is_revoked(name) {
-                return Err("the identity is revoked (fabricctl host reinstate)".into());
+        let grants = self.grants(caller);
+        let verdict = match caller {
+            fabric_proto::tls::Identity::Host(name) if self.is_revoked(name) => {
+                Err("the identity is revoked (fabricctl host reinstate)".to_string())
             }
+            _ => crate::authz::controller_policy(path, caller, &grants),
+        };
+        if let Err(why) = &verdict {
+            self.audit.record(AuditEntry {
+                identity: caller.to_string(),
+                roles: grants.describe(),
+                rpc: path.chars().take(256).collect(),
+                code: tonic::Code::PermissionDenied as i32,
+                message: format!("{caller} may not call {path}: {why}"),
+                ..Default::default()
+            });
         }
-        crate::authz::controller_policy(path, caller)
+        verdict
+    }
+
+    /// Every role binding, or one user's, ordered by user then project.
+    pub fn role_bindings(&self, user: &str) -> Vec<RoleBinding> {
+        self.bindings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((u, _), _)| user.is_empty() || u == user)
+            .map(|((u, p), r)| RoleBinding {
+                user: u.clone(),
+                role: *r as i32,
+                project: if p == "*" { String::new() } else { p.clone() },
+            })
+            .collect()
+    }
+
+    /// A binding checked: (user, project or None, role).
+    pub fn check_binding(binding: &RoleBinding) -> Result<(String, Option<String>, Role), Status> {
+        fabric_proto::tls::check_name("user", &binding.user).map_err(Status::invalid_argument)?;
+        let role = match Role::try_from(binding.role) {
+            Ok(Role::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "role {}: one of admin, operator, viewer",
+                    binding.role
+                )))
+            }
+            Ok(role) => role,
+        };
+        let project = match binding.project.as_str() {
+            "" => None,
+            p => {
+                fabric_proto::tls::check_name("project", p).map_err(Status::invalid_argument)?;
+                Some(p.to_string())
+            }
+        };
+        Ok((binding.user.clone(), project, role))
+    }
+
+    /// Binds `role` to `user` in `project` (None: cluster-wide), replacing the role the user
+    /// held in that scope; false when it held that role already. Serialized with other
+    /// binding changes; `audit` is committed with the change.
+    pub async fn bind_role(
+        &self,
+        user: &str,
+        project: Option<&str>,
+        role: Role,
+        audit: AuditEntry,
+    ) -> Result<bool, Status> {
+        let _serialized = self.registering.lock().await;
+        let scope = (user.to_string(), project.unwrap_or("*").to_string());
+        let current = self
+            .bindings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&scope)
+            .copied();
+        if current == Some(role) {
+            self.audit.record(audit);
+            return Ok(false);
+        }
+        let txn = Txn::new().put(
+            binding_key(user, project),
+            crate::authz::role_name(role).as_bytes().to_vec(),
+        );
+        let (txn, staged) = self.audit.stage(txn, vec![audit]);
+        self.commit(txn).await?;
+        staged.committed();
+        self.bindings
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(scope, role);
+        tracing::info!(
+            user,
+            project = project.unwrap_or("*"),
+            role = crate::authz::role_name(role),
+            "role bound"
+        );
+        Ok(true)
+    }
+
+    /// Removes a binding; false when the user did not hold `role` in that scope.
+    pub async fn unbind_role(
+        &self,
+        user: &str,
+        project: Option<&str>,
+        role: Role,
+        audit: AuditEntry,
+    ) -> Result<bool, Status> {
+        let _serialized = self.registering.lock().await;
+        let scope = (user.to_string(), project.unwrap_or("*").to_string());
+        let current = self
+            .bindings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&scope)
+            .copied();
+        if current != Some(role) {
+            self.audit.record(audit);
+            return Ok(false);
+        }
+        let (txn, staged) = self
+            .audit
+            .stage(Txn::new().delete(binding_key(user, project)), vec![audit]);
+        self.commit(txn).await?;
+        staged.committed();
+        self.bindings
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&scope);
+        tracing::info!(user, project = project.unwrap_or("*"), "role unbound");
+        Ok(true)
+    }
+
+    /// A project's quota, if it has one.
+    pub fn quota(&self, project: &str) -> Option<ProjectQuota> {
+        self.quotas
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(project)
+            .cloned()
+    }
+
+    /// What `project`'s VMs take now. A deleted VM stops counting once its deletion commits.
+    pub fn usage(&self, project: &str) -> Usage {
+        let model = self.model();
+        let mut usage: Usage = (0, 0, 0);
+        for entry in model.vms.values() {
+            let Some(spec) = &entry.vm.spec else { continue };
+            // VMs stored before projects existed are in the default one.
+            let own = match spec.project.as_str() {
+                "" => crate::authz::DEFAULT_PROJECT,
+                p => p,
+            };
+            if own != project {
+                continue;
+            }
+            usage.0 += u64::from(spec.vcpus);
+            usage.1 += spec.memory.map_or(0, |m| m.startup_mib);
+            usage.2 += 1;
+        }
+        usage
+    }
+
+    /// Sets (or, all limits zero, removes) a project's quota, with `audit` in the commit.
+    /// Serialized with creates in projects with quotas.
+    pub async fn set_quota(
+        &self,
+        quota: ProjectQuota,
+        audit: AuditEntry,
+    ) -> Result<ProjectQuota, Status> {
+        let _serialized = self.quota_check.write().await;
+        let limits = ProjectQuota {
+            project: quota.project.clone(),
+            vcpus: quota.vcpus,
+            memory_mib: quota.memory_mib,
+            vms: quota.vms,
+            ..Default::default()
+        };
+        let unlimited = limits.vcpus == 0 && limits.memory_mib == 0 && limits.vms == 0;
+        let txn = if unlimited {
+            Txn::new().delete(quota_key(&limits.project))
+        } else {
+            Txn::new().put(quota_key(&limits.project), limits.encode_to_vec())
+        };
+        let (txn, staged) = self.audit.stage(txn, vec![audit]);
+        self.commit(txn).await?;
+        staged.committed();
+        let mut quotas = self.quotas.write().unwrap_or_else(|e| e.into_inner());
+        if unlimited {
+            quotas.remove(&limits.project);
+        } else {
+            quotas.insert(limits.project.clone(), limits.clone());
+        }
+        drop(quotas);
+        Ok(self.quota_view(&limits.project))
+    }
+
+    /// A project's quota (zeros: none) and usage.
+    pub fn quota_view(&self, project: &str) -> ProjectQuota {
+        let mut view = self.quota(project).unwrap_or_else(|| ProjectQuota {
+            project: project.to_string(),
+            ..Default::default()
+        });
+        let (vcpus, memory, vms) = self.usage(project);
+        view.used_vcpus = vcpus.min(u64::from(u32::MAX)) as u32;
+        view.used_memory_mib = memory;
+        view.used_vms = vms.min(u64::from(u32::MAX)) as u32;
+        view
     }
 
     /// Revokes the identity host/`name` (durably first); false when it was revoked already.
-    pub async fn revoke_host(&self, name: &str, reason: &str, by: &str) -> Result<bool, Status> {
+    pub async fn revoke_host(
+        &self,
+        name: &str,
+        reason: &str,
+        by: &str,
+        audit: &mut Option<AuditEntry>,
+    ) -> Result<bool, Status> {
         fabric_proto::tls::check_name("host", name).map_err(Status::invalid_argument)?;
         crate::validate::check_reason(reason).map_err(Status::invalid_argument)?;
         let _serialized = self.registering.lock().await;
         if self.is_revoked(name) {
             return Ok(false);
         }
-        self.commit(Txn::new().put(revoked_key(name), by.as_bytes().to_vec()))
-            .await?;
+        let txn = Txn::new().put(revoked_key(name), by.as_bytes().to_vec());
+        let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
+        self.commit(txn).await?;
+        staged.committed();
+        audit.take();
         self.revoked
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -1011,13 +1368,22 @@ impl Controller {
     }
 
     /// Accepts the identity host/`name` again; false when it was not revoked.
-    pub async fn reinstate_host(&self, name: &str, by: &str) -> Result<bool, Status> {
+    pub async fn reinstate_host(
+        &self,
+        name: &str,
+        by: &str,
+        audit: &mut Option<AuditEntry>,
+    ) -> Result<bool, Status> {
         fabric_proto::tls::check_name("host", name).map_err(Status::invalid_argument)?;
         let _serialized = self.registering.lock().await;
         if !self.is_revoked(name) {
             return Ok(false);
         }
-        self.commit(Txn::new().delete(revoked_key(name))).await?;
+        let txn = Txn::new().delete(revoked_key(name));
+        let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
+        self.commit(txn).await?;
+        staged.committed();
+        audit.take();
         self.revoked
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -1037,6 +1403,19 @@ impl Controller {
         id: &str,
         state: HostState,
         reason: &str,
+    ) -> Result<Host, Status> {
+        self.set_host_admin_audited(id, state, reason, &mut None)
+            .await
+    }
+
+    /// [`Controller::set_host_admin`] with `audit`'s entry in the commit of the change (taken
+    /// from it then; left there when nothing changed).
+    pub async fn set_host_admin_audited(
+        &self,
+        id: &str,
+        state: HostState,
+        reason: &str,
+        audit: &mut Option<AuditEntry>,
     ) -> Result<Host, Status> {
         loop {
             let (mut host, rev, effective) = {
@@ -1067,7 +1446,7 @@ impl Controller {
             } else {
                 String::new()
             };
-            match self.put_host(host.clone(), Some(rev)).await {
+            match self.put_host_audited(host.clone(), Some(rev), audit).await {
                 Ok(new_rev) => {
                     let mut model = self.model();
                     if let Some(entry) = model.hosts.get_mut(id) {
@@ -1115,6 +1494,34 @@ impl Controller {
         );
         true
     }
+}
+
+/// RESOURCE_EXHAUSTED naming the quota and the figures when `vm` does not fit `quota`
+/// beside `used`.
+pub fn check_quota(quota: &ProjectQuota, used: Usage, vm: &Vm) -> Result<(), Status> {
+    let spec = vm.spec.clone().unwrap_or_default();
+    let project = &quota.project;
+    let vcpus = u64::from(spec.vcpus);
+    let memory = spec.memory.map_or(0, |m| m.startup_mib);
+    if quota.vcpus > 0 && used.0 + vcpus > u64::from(quota.vcpus) {
+        return Err(Status::resource_exhausted(format!(
+            "project {project}: {vcpus} vCPUs requested, {} of {} in use (quota vcpus={})",
+            used.0, quota.vcpus, quota.vcpus
+        )));
+    }
+    if quota.memory_mib > 0 && used.1 + memory > quota.memory_mib {
+        return Err(Status::resource_exhausted(format!(
+            "project {project}: {memory} MiB of memory requested, {} of {} MiB in use (quota memory-mib={})",
+            used.1, quota.memory_mib, quota.memory_mib
+        )));
+    }
+    if quota.vms > 0 && used.2 + 1 > u64::from(quota.vms) {
+        return Err(Status::resource_exhausted(format!(
+            "project {project}: 1 VM requested, {} of {} in use (quota vms={})",
+            used.2, quota.vms, quota.vms
+        )));
+    }
+    Ok(())
 }
 
 /// A host's state from its stored administrative state and its lease.

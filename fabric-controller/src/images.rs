@@ -46,6 +46,9 @@ pub struct ImageStore {
     /// attached to its image, and while CreateVm resolves an image and commits the VM, so
     /// that no file is collected between being stored (or resolved) and being referred to.
     pub collecting: tokio::sync::RwLock<()>,
+    /// Where pushes and deletions are audited (set by the server at start; tests without
+    /// it audit nothing).
+    audit: std::sync::OnceLock<Arc<crate::controller::Controller>>,
 }
 
 /// Bytes reserved for a push in progress, given back when it ends unless stored.
@@ -109,6 +112,7 @@ impl ImageStore {
             used: std::sync::Mutex::new(used),
             quota: quota_mib.saturating_mul(1 << 20),
             collecting: tokio::sync::RwLock::new(()),
+            audit: std::sync::OnceLock::new(),
         })
     }
 
@@ -314,6 +318,13 @@ pub struct ImagesService {
     pub controller: Arc<crate::controller::Controller>,
 }
 
+impl ImageStore {
+    /// Audits pushes and deletions in `controller`'s audit log from now on.
+    pub fn audit_with(&self, controller: Arc<crate::controller::Controller>) {
+        let _ = self.audit.set(controller);
+    }
+}
+
 impl std::ops::Deref for ImagesService {
     type Target = ImageStore;
     fn deref(&self) -> &ImageStore {
@@ -371,11 +382,43 @@ async fn next_part(
 
 type PullStream = Pin<Box<dyn Stream<Item = Result<PullImageResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Images for ImagesService {
-    async fn push_image(
+impl ImagesService {
+    /// Records the outcome of a push or deletion (through the audit queue: an image's
+    /// commit is its own).
+    fn audited<T>(
+        &self,
+        extensions: &tonic::Extensions,
+        rpc: &str,
+        image: &str,
+        digest: String,
+        result: &Result<T, Status>,
+    ) {
+        let Some(controller) = self.audit.get() else {
+            return;
+        };
+        let Ok(identity) = fabric_proto::tls::caller_of(extensions) else {
+            return;
+        };
+        let (code, message) = match result {
+            Ok(_) => (0, String::new()),
+            Err(s) => (s.code() as i32, s.message().to_string()),
+        };
+        controller.audit.record(fabric_proto::v1::AuditEntry {
+            identity: identity.to_string(),
+            roles: controller.grants(&identity).describe(),
+            rpc: format!("/{}/{rpc}", fabric_proto::IMAGES_SERVICE),
+            target: format!("image/{}", image.chars().take(64).collect::<String>()),
+            code,
+            message,
+            request_sha256: digest,
+            ..Default::default()
+        });
+    }
+
+    async fn push(
         &self,
         request: Request<Streaming<PushImageRequest>>,
+        header_out: &mut Option<fabric_proto::v1::PushImageHeader>,
     ) -> Result<Response<PushImageResponse>, Status> {
         let _push = self.pushes.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -386,7 +429,10 @@ impl Images for ImagesService {
         let header = match next_part(&mut stream).await? {
             Some(PushImageRequest {
                 part: Some(PushPart::Header(header)),
-            }) => header,
+            }) => {
+                *header_out = Some(header.clone());
+                header
+            }
             _ => {
                 return Err(Status::invalid_argument(
                     "the first message must be the header",
@@ -498,7 +544,7 @@ impl Images for ImagesService {
         }))
     }
 
-    async fn delete_image(
+    async fn delete_named(
         &self,
         request: Request<DeleteImageRequest>,
     ) -> Result<Response<DeleteImageResponse>, Status> {
@@ -509,6 +555,37 @@ impl Images for ImagesService {
             removed_sha256,
             freed_bytes,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl Images for ImagesService {
+    async fn push_image(
+        &self,
+        request: Request<Streaming<PushImageRequest>>,
+    ) -> Result<Response<PushImageResponse>, Status> {
+        let extensions = request.extensions().clone();
+        let mut header = None;
+        let result = self.push(request, &mut header).await;
+        let (image, digest) = header
+            .map(|h: fabric_proto::v1::PushImageHeader| {
+                (h.image_name.clone(), crate::audit::digest(&h))
+            })
+            .unwrap_or_default();
+        self.audited(&extensions, "PushImage", &image, digest, &result);
+        result
+    }
+
+    async fn delete_image(
+        &self,
+        request: Request<DeleteImageRequest>,
+    ) -> Result<Response<DeleteImageResponse>, Status> {
+        let extensions = request.extensions().clone();
+        let digest = crate::audit::digest(request.get_ref());
+        let name = request.get_ref().name.clone();
+        let result = self.delete_named(request).await;
+        self.audited(&extensions, "DeleteImage", &name, digest, &result);
+        result
     }
 
     async fn list_images(

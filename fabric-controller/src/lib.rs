@@ -8,6 +8,7 @@
 //! - [`scheduler`]: the pure placement library, fed by [`placement`].
 //! - [`events`]: the event feed; [`validate`]: operator input checks.
 
+pub mod audit;
 pub mod authz;
 pub mod cli;
 pub mod compute;

@@ -19,7 +19,7 @@ use crate::controller::{effective_state, short_host_state, Controller};
 
 mod memory_relief;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Longest time between passes.
 const PERIOD: Duration = Duration::from_millis(250);

@@ -240,7 +240,7 @@ fn images_vms_and_events() {
     let row = table_row(&table, "ID");
     assert_eq!(
         row,
-        ["ID", "NAME", "PHASE", "HOST", "VCPUS", "MEMORY", "AGE", "REASON"]
+        ["ID", "NAME", "PROJECT", "PHASE", "HOST", "VCPUS", "MEMORY", "AGE", "REASON"]
     );
     let db_row = table
         .lines()
@@ -249,8 +249,8 @@ fn images_vms_and_events() {
         .split_whitespace()
         .collect::<Vec<_>>();
     assert_eq!(
-        db_row[1..6],
-        ["db", "stopped", "-", "1", "256MiB"],
+        db_row[1..7],
+        ["db", "default", "stopped", "-", "1", "256MiB"],
         "{table}"
     );
 
@@ -305,7 +305,11 @@ fn images_vms_and_events() {
     let table = controller.ok(&["vm", "list"]);
     assert_eq!(table.lines().count(), 3, "{table}");
     let row = table_row(&table, &web_id);
-    assert_eq!(row[1..5], ["web", "pending", "-", "2"], "{table}");
+    assert_eq!(
+        row[1..6],
+        ["web", "default", "pending", "-", "2"],
+        "{table}"
+    );
     assert!(table.contains("0/0 hosts"), "{table}");
 
     // Desired state both ways, by name and by id.

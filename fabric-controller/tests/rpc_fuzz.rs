@@ -10,8 +10,8 @@
 //! nobody). Checked: no panic anywhere (also in tasks the handlers spawn), no INTERNAL or
 //! UNKNOWN answer (bad input is the caller's error, not the server's; broken gRPC framing is
 //! INTERNAL as the gRPC specification says), a caller without an
-//! identity is UNAUTHENTICATED, and hosts and the controller's identity never get a Compute
-//! call through.
+//! identity is UNAUTHENTICATED, a viewer or a user without a role never gets a mutating call
+//! through, and hosts and the controller's identity never get a Compute call through.
 //!
 //! In the suite: 1,500 cases from a fixed seed. For a campaign, `FABRIC_RPC_FUZZ_SECONDS=600
 //! cargo test --release -p fabric-controller --test rpc_fuzz -- --nocapture` runs fresh seeds
@@ -361,6 +361,7 @@ fn target() -> Target {
             fencing_margin: Duration::from_secs(5),
             cpu_overcommit: 4.0,
             memory_relief_window: Duration::ZERO,
+            audit_retention: fabric_controller::audit::Retention::default(),
         };
         let controller = Controller::load(settings, store.clone()).expect("controller");
         let images = Arc::new(ImageStore::new(dir.path(), store, 64).expect("image store"));
@@ -417,6 +418,36 @@ fn target() -> Target {
             Some(tonic::Code::Ok),
             "fz-1 is created"
         );
+        // Users with each role: admin cluster-wide, ops an operator of project default,
+        // viewer a cluster-wide viewer; x has none.
+        use fabric_proto::v1::{BindRoleRequest, Role, RoleBinding};
+        for (user, role, project) in [
+            ("admin", Role::Admin, ""),
+            ("ops", Role::Operator, "default"),
+            ("viewer", Role::Viewer, ""),
+        ] {
+            let bind = BindRoleRequest {
+                binding: Some(RoleBinding {
+                    user: user.into(),
+                    role: role as i32,
+                    project: project.into(),
+                }),
+            };
+            let mut framed = Vec::new();
+            frame(&bind.encode_to_vec(), &mut framed);
+            let status = send(
+                &service,
+                "/fabric.v1.Compute/BindRole",
+                Some(Identity::LocalRoot),
+                framed,
+            )
+            .await;
+            assert_eq!(
+                status.map(|s| s.code()),
+                Some(tonic::Code::Ok),
+                "{user} bound"
+            );
+        }
         service
     });
     Target {
@@ -425,6 +456,13 @@ fn target() -> Target {
         methods: methods(),
         _dir: dir,
     }
+}
+
+/// Whether `path` is a method the roles' table marks as changing something.
+fn mutates(path: &str) -> bool {
+    fabric_controller::authz::RULES
+        .iter()
+        .any(|(service, method, rule)| rule.mutates && path == format!("/{service}/{method}"))
 }
 
 /// Answers by gRPC code (-1: a stream still open): how many, and the first one's message.
@@ -478,6 +516,10 @@ fn check(
                 path,
                 code
             )
+        }
+        Some(Identity::User(name)) if (name == "viewer" || name == "x") && mutates(path) => {
+            // A viewer, or a user with no role, changes nothing: refused before decoding.
+            prop_assert_eq!(code, Some(PERMISSION_DENIED), "{} as {}", path, name)
         }
         Some(Identity::Host(_)) if path.starts_with("/fabric.v1.Compute/") => {
             prop_assert_eq!(code, Some(PERMISSION_DENIED), "{} as a host", path)

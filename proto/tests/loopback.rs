@@ -171,6 +171,48 @@ impl Compute for TestCompute {
         not_needed()
     }
 
+    async fn bind_role(
+        &self,
+        _: Request<fabric_proto::v1::BindRoleRequest>,
+    ) -> Result<Response<fabric_proto::v1::BindRoleResponse>, Status> {
+        not_needed()
+    }
+
+    async fn unbind_role(
+        &self,
+        _: Request<fabric_proto::v1::UnbindRoleRequest>,
+    ) -> Result<Response<fabric_proto::v1::UnbindRoleResponse>, Status> {
+        not_needed()
+    }
+
+    async fn list_role_bindings(
+        &self,
+        _: Request<fabric_proto::v1::ListRoleBindingsRequest>,
+    ) -> Result<Response<fabric_proto::v1::ListRoleBindingsResponse>, Status> {
+        not_needed()
+    }
+
+    async fn set_quota(
+        &self,
+        _: Request<fabric_proto::v1::SetQuotaRequest>,
+    ) -> Result<Response<fabric_proto::v1::ProjectQuota>, Status> {
+        not_needed()
+    }
+
+    async fn get_quota(
+        &self,
+        _: Request<fabric_proto::v1::GetQuotaRequest>,
+    ) -> Result<Response<fabric_proto::v1::ProjectQuota>, Status> {
+        not_needed()
+    }
+
+    async fn list_audit(
+        &self,
+        _: Request<fabric_proto::v1::ListAuditRequest>,
+    ) -> Result<Response<fabric_proto::v1::ListAuditResponse>, Status> {
+        not_needed()
+    }
+
     type WatchEventsStream = ServerStream<Event>;
 
     /// Three events after `since_sequence`, about the requested VM.

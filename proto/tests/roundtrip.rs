@@ -145,6 +145,73 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             "fabric.v1.ReinstateHostResponse",
             round_trip(ReinstateHostResponse { was_revoked: true }),
         ),
+        ("fabric.v1.RoleBinding", round_trip(role_binding())),
+        (
+            "fabric.v1.BindRoleRequest",
+            round_trip(fabric_proto::v1::BindRoleRequest {
+                binding: Some(role_binding()),
+            }),
+        ),
+        (
+            "fabric.v1.BindRoleResponse",
+            round_trip(fabric_proto::v1::BindRoleResponse { newly_bound: true }),
+        ),
+        (
+            "fabric.v1.UnbindRoleRequest",
+            round_trip(fabric_proto::v1::UnbindRoleRequest {
+                binding: Some(role_binding()),
+            }),
+        ),
+        (
+            "fabric.v1.UnbindRoleResponse",
+            round_trip(fabric_proto::v1::UnbindRoleResponse { was_bound: true }),
+        ),
+        (
+            "fabric.v1.ListRoleBindingsRequest",
+            round_trip(fabric_proto::v1::ListRoleBindingsRequest {
+                user: "alice".to_owned(),
+            }),
+        ),
+        (
+            "fabric.v1.ListRoleBindingsResponse",
+            round_trip(fabric_proto::v1::ListRoleBindingsResponse {
+                bindings: vec![role_binding()],
+            }),
+        ),
+        ("fabric.v1.ProjectQuota", round_trip(project_quota())),
+        (
+            "fabric.v1.SetQuotaRequest",
+            round_trip(fabric_proto::v1::SetQuotaRequest {
+                quota: Some(project_quota()),
+            }),
+        ),
+        (
+            "fabric.v1.GetQuotaRequest",
+            round_trip(fabric_proto::v1::GetQuotaRequest {
+                project: "p1".to_owned(),
+            }),
+        ),
+        ("fabric.v1.AuditEntry", round_trip(audit_entry())),
+        (
+            "fabric.v1.ListAuditRequest",
+            round_trip(fabric_proto::v1::ListAuditRequest {
+                after_sequence: 7,
+                since: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 0,
+                }),
+                identity: "user/alice".to_owned(),
+                project: "p1".to_owned(),
+                page_size: 100,
+            }),
+        ),
+        (
+            "fabric.v1.ListAuditResponse",
+            round_trip(fabric_proto::v1::ListAuditResponse {
+                entries: vec![audit_entry()],
+                last_sequence: 8,
+            }),
+        ),
         (
             "fabric.v1.WatchEventsRequest",
             round_trip(watch_events_request()),
@@ -554,4 +621,42 @@ fn service_names_match_the_descriptor_set() {
         .collect();
     constants.sort();
     assert_eq!(constants, in_descriptors);
+}
+
+fn role_binding() -> fabric_proto::v1::RoleBinding {
+    fabric_proto::v1::RoleBinding {
+        user: "alice".to_owned(),
+        role: fabric_proto::v1::Role::Operator as i32,
+        project: "p1".to_owned(),
+    }
+}
+
+fn project_quota() -> fabric_proto::v1::ProjectQuota {
+    fabric_proto::v1::ProjectQuota {
+        project: "p1".to_owned(),
+        vcpus: 8,
+        memory_mib: 8192,
+        vms: 4,
+        used_vcpus: 6,
+        used_memory_mib: 4096,
+        used_vms: 3,
+    }
+}
+
+fn audit_entry() -> fabric_proto::v1::AuditEntry {
+    fabric_proto::v1::AuditEntry {
+        sequence: 8,
+        time: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 5,
+        }),
+        identity: "user/alice".to_owned(),
+        roles: vec!["operator@p1".to_owned()],
+        project: "p1".to_owned(),
+        rpc: "/fabric.v1.Compute/DeleteVm".to_owned(),
+        target: "vm/vm-0123456789abcdef".to_owned(),
+        code: 5,
+        message: "no VM with id".to_owned(),
+        request_sha256: "ab".repeat(32),
+    }
 }

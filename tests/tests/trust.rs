@@ -88,7 +88,8 @@ async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
     );
     command
         .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
-        .arg(&pki.dir);
+        .arg(&pki.dir)
+        .args(["--bootstrap-admin", "admin"]);
     let _controller = Process::spawn("fabric-controller", command, dir.path().join("c.log"));
     assert!(fabric_test_support::cluster::path_appears(
         &socket,
@@ -228,10 +229,26 @@ async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
         .await
         .expect_err("a user registered a host");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // Without a role binding a user calls nothing; with one it may.
+    let refused = ComputeClient::new(as_identity(port, &ops, "ops").await)
+        .list_vms(ListVmsRequest::default())
+        .await
+        .expect_err("a user without a role listed VMs");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    ComputeClient::new(unix_channel(&socket).await)
+        .bind_role(fabric_proto::v1::BindRoleRequest {
+            binding: Some(fabric_proto::v1::RoleBinding {
+                user: "ops".into(),
+                role: fabric_proto::v1::Role::Viewer as i32,
+                project: String::new(),
+            }),
+        })
+        .await
+        .expect("local-root binds a role");
     ComputeClient::new(as_identity(port, &ops, "ops").await)
         .list_vms(ListVmsRequest::default())
         .await
-        .expect("a user lists VMs");
+        .expect("a viewer lists VMs");
 
     // A host pulls only the image files of its own VMs: a file that exists but that no VM
     // of host a uses is NOT_FOUND to a, as a missing one is; root pulls it.
@@ -333,7 +350,7 @@ async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
         .await
         .expect("the host watches its assignments")
         .into_inner();
-    // A user's certificate may not revoke (root only, until roles exist).
+    // A user's certificate without the admin role may not revoke.
     let ops = pki.user("ops", &dir.path().join("ops"), "1h");
     let refused = ComputeClient::new(as_identity(port, &ops, "ops").await)
         .revoke_host(RevokeHostRequest {
@@ -352,6 +369,23 @@ async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
         .expect("revoke")
         .into_inner();
     assert!(revoked.newly_revoked);
+    // The revocation is in the audit log (committed with it), as is the user's refusal.
+    let audit = client
+        .list_audit(fabric_proto::v1::ListAuditRequest::default())
+        .await
+        .expect("audit")
+        .into_inner()
+        .entries;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.rpc == "/fabric.v1.Compute/RevokeHost"
+                && e.identity == "local-root"
+                && e.code == 0
+                && e.target == format!("host-name/{name}")
+                && e.request_sha256.len() == 64),
+        "{audit:?}"
+    );
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match open_stream.message().await {

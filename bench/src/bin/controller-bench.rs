@@ -118,6 +118,7 @@ async fn start(args: &Args, transport: Transport) -> anyhow::Result<Running> {
     if transport == Transport::Tls {
         make_pki(&dir.path().join("pki"))?;
         command
+            .args(["--bootstrap-admin", "bench"])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
             .arg(dir.path().join("pki"));
     }

@@ -57,6 +57,16 @@ struct Args {
     /// (RESOURCE_EXHAUSTED) and takes nothing.
     #[arg(long, default_value_t = 256 * 1024, value_name = "MIB")]
     image_quota_mib: u64,
+    /// Most entries the audit log keeps; each new entry beyond it deletes the oldest.
+    #[arg(long, default_value_t = fabric_controller::audit::DEFAULT_RETENTION_ENTRIES, value_name = "N")]
+    audit_retention_entries: usize,
+    /// Oldest audit entries kept, days.
+    #[arg(long, default_value_t = 90, value_name = "DAYS")]
+    audit_retention_days: u64,
+    /// Binds the admin role cluster-wide to user/NAME at start (if it is not bound yet): how
+    /// the first admin, made by `fabricctl pki init --admin NAME`, gets its role. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    bootstrap_admin: Vec<String>,
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
@@ -114,6 +124,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     args.memory_relief_window
                 )
             })?,
+        audit_retention: fabric_controller::audit::Retention {
+            entries: args.audit_retention_entries.max(1),
+            age: Duration::from_secs(args.audit_retention_days.max(1).saturating_mul(24 * 3600)),
+        },
     };
     if settings.heartbeat_interval * 2 > settings.lease_ttl {
         anyhow::bail!("--heartbeat-interval must be at most half of --lease-ttl");
@@ -136,6 +150,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         store,
         args.image_quota_mib,
     )?);
+    for name in &args.bootstrap_admin {
+        fabric_proto::tls::check_name("user", name)
+            .map_err(|e| anyhow::anyhow!("--bootstrap-admin: {e}"))?;
+        let entry = fabric_proto::v1::AuditEntry {
+            identity: "controller".into(),
+            rpc: "--bootstrap-admin".into(),
+            target: format!("user/{name}"),
+            ..Default::default()
+        };
+        let newly = controller
+            .bind_role(name, None, fabric_proto::v1::Role::Admin, entry)
+            .await
+            .map_err(|s| anyhow::anyhow!("--bootstrap-admin {name}: {}", s.message()))?;
+        if newly {
+            tracing::info!(user = %name, "bootstrap admin bound");
+        }
+    }
+    images.audit_with(controller.clone());
     tokio::spawn(Reconciler::default().run(controller.clone()));
     tokio::spawn(controller.clone().settle_lease_bound());
 

@@ -4,6 +4,7 @@
 //! controller's message, on one line). [`spec`] turns spec files and flags into a `VmSpec`,
 //! [`render`] turns replies into tables and JSON, [`image`] uploads image files.
 
+pub mod access;
 pub mod image;
 pub mod pki;
 pub mod render;
@@ -97,6 +98,17 @@ pub enum Command {
     /// The cluster's certificate authority and certificates (files only; no controller).
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+    /// Users: a certificate and a role in one step.
+    #[command(subcommand)]
+    User(access::UserCommand),
+    /// Role bindings: admin, operator or viewer, cluster-wide or per project.
+    #[command(subcommand)]
+    Role(access::RoleCommand),
+    /// Projects: quotas.
+    #[command(subcommand)]
+    Project(access::ProjectCommand),
+    /// The audit log: mutating calls and refused calls.
+    Audit(access::AuditArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -565,6 +577,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .filter(|d| !d.is_empty())
             .map(PathBuf::from)
     });
+    if let Command::User(access::UserCommand::Create(args)) = &command {
+        access::issue_user(args, tls_dir.as_ref())?;
+    }
     let tls = tls_dir.map(|dir| fabric_proto::tls::TlsFiles::in_dir(&dir, &cli.identity));
     let channel = connect(&controller_address(cli.controller.as_deref()), tls.as_ref()).await?;
     let mut clients = Clients::new(channel);
@@ -574,6 +589,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Host(command) => host(&mut clients, command, output).await,
         Command::Events(args) => events(&mut clients, args, output).await,
         Command::Top(args) => top(&mut clients, args, output).await,
+        Command::User(command) => access::user(&mut clients, command, output).await,
+        Command::Role(command) => access::role(&mut clients, command, output).await,
+        Command::Project(command) => access::project(&mut clients, command, output).await,
+        Command::Audit(args) => access::audit(&mut clients, args, output).await,
         Command::Image(ImageCommand::Push { name, .. }) => {
             let files = push.unwrap_or_default();
             let (image, pushed) = image::push(&mut clients.images, &name, &files).await?;

@@ -101,7 +101,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// A user name whose files would take the place of the CA's, the controller's or a host's
 /// in a TLS directory.
-fn check_file_name(name: &str) -> anyhow::Result<()> {
+pub(crate) fn check_file_name(name: &str) -> anyhow::Result<()> {
     if matches!(name, "ca" | "controller" | "host") || name.ends_with("-key") {
         anyhow::bail!(
             "{name:?}: a user may not be called ca, controller, host or *-key (its files would replace those)"
@@ -110,7 +110,12 @@ fn check_file_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_files(dir: &Path, name: &str, ca_pem: &str, issued: &Issued) -> anyhow::Result<()> {
+pub(crate) fn write_files(
+    dir: &Path,
+    name: &str,
+    ca_pem: &str,
+    issued: &Issued,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let files = TlsFiles::in_dir(dir, name);
     std::fs::write(&files.ca, ca_pem)
@@ -123,7 +128,7 @@ fn write_files(dir: &Path, name: &str, ca_pem: &str, issued: &Issued) -> anyhow:
     Ok(())
 }
 
-fn issue(
+pub(crate) fn issue(
     ca: &Issued,
     cluster: &str,
     identity: &Identity,
@@ -143,6 +148,22 @@ fn issue(
         },
     )
     .map_err(anyhow::Error::msg)
+}
+
+/// The CA of `ca_dir` (ca.pem, ca-key.pem) and its cluster.
+pub(crate) fn read_ca(ca_dir: &Path) -> anyhow::Result<(Issued, String)> {
+    let ca_files = TlsFiles::in_dir(ca_dir, "ca");
+    let cluster = ca_files.cluster().map_err(anyhow::Error::msg)?;
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    Ok((
+        Issued {
+            cert_pem: read(ca_dir.join(CA_FILE))?,
+            key_pem: read(ca_dir.join(CA_KEY_FILE))?,
+        },
+        cluster,
+    ))
 }
 
 pub fn run(command: PkiCommand) -> anyhow::Result<()> {

@@ -233,6 +233,7 @@ pub fn spec_json(spec: &VmSpec) -> Value {
     };
     json!({
         "name": spec.name,
+        "project": spec.project,
         "vcpus": spec.vcpus,
         "memory": {
             "startup_mib": memory.startup_mib,
@@ -416,7 +417,7 @@ fn memory_text(spec: &VmSpec) -> String {
 pub fn vms_table(vms: &[Vm]) -> Table {
     let now = SystemTime::now();
     let mut table = Table::new(&[
-        "ID", "NAME", "PHASE", "HOST", "VCPUS", "MEMORY", "AGE", "REASON",
+        "ID", "NAME", "PROJECT", "PHASE", "HOST", "VCPUS", "MEMORY", "AGE", "REASON",
     ]);
     for vm in vms {
         let spec = vm.spec.clone().unwrap_or_default();
@@ -424,6 +425,7 @@ pub fn vms_table(vms: &[Vm]) -> Table {
         table.row(vec![
             vm.id.clone(),
             spec.name.clone(),
+            or_dash(&spec.project),
             vm_phase(status.phase),
             or_dash(&status.host_id),
             spec.vcpus.to_string(),
@@ -482,6 +484,7 @@ pub fn vm_details(vm: &Vm) -> String {
     let mut lines = vec![
         ("ID", vm.id.clone()),
         ("Name", spec.name.clone()),
+        ("Project", or_dash(&spec.project)),
         (
             "Phase",
             format!(

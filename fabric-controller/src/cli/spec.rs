@@ -20,6 +20,7 @@ Create a VM from a spec file (-f FILE, `-` for stdin) or from flags.
 The spec file is YAML or JSON with these keys (unknown keys are an error):
 
   name: web-1                   # unique: lowercase letters, digits, '-'
+  project: web                  # default: `default` (roles and quotas are per project)
   vcpus: 2
   memory:                       # or the shorthand `memory_mib: 512` (static memory)
     startup_mib: 512            # required
@@ -60,6 +61,9 @@ pub struct CreateArgs {
     /// VM name.
     #[arg(long, group = "spec-flags", required_unless_present = "file")]
     pub name: Option<String>,
+    /// The project the VM belongs to (default: "default"); overrides the spec file's.
+    #[arg(long)]
+    pub project: Option<String>,
     /// Number of vCPUs.
     #[arg(long, group = "spec-flags", required_unless_present = "file")]
     pub vcpus: Option<u32>,
@@ -174,6 +178,8 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
 pub struct SpecFile {
     #[serde(default)]
     pub name: String,
+    #[serde(default)]
+    pub project: String,
     #[serde(default)]
     pub vcpus: u32,
     pub memory: Option<MemoryFile>,
@@ -322,6 +328,7 @@ impl SpecFile {
             .collect::<Result<Vec<_>, _>>()?;
         let spec = VmSpec {
             name: self.name,
+            project: self.project,
             vcpus: self.vcpus,
             memory,
             image: self.image.map(|i| BootImage {
@@ -384,6 +391,9 @@ impl CreateArgs {
         if self.stopped {
             request.desired_state = DesiredState::Stopped as i32;
         }
+        if let (Some(project), Some(spec)) = (&self.project, request.spec.as_mut()) {
+            spec.project = project.clone();
+        }
         Ok(request)
     }
 
@@ -412,6 +422,7 @@ impl CreateArgs {
         });
         let spec = VmSpec {
             name: self.name.clone().unwrap_or_default(),
+            project: self.project.clone().unwrap_or_default(),
             vcpus: self.vcpus.unwrap_or_default(),
             memory: self.memory.map(|startup_mib| MemorySpec {
                 startup_mib,

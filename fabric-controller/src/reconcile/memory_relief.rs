@@ -654,7 +654,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Meanwhile: a StopVm, a drain's mark, and a move already under way.
-        h.c.set_desired(&ids[1], DesiredState::Stopped)
+        h.c.set_desired(&ids[1], DesiredState::Stopped, None)
             .await
             .expect("stop");
         h.c.model().evicting.insert(ids[2].clone());

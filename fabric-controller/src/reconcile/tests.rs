@@ -73,6 +73,7 @@ impl Harness {
             fencing_margin: Duration::from_secs(5),
             cpu_overcommit: 4.0,
             memory_relief_window,
+            audit_retention: crate::audit::Retention::default(),
         };
         let c = Controller::load(settings, Arc::new(store)).expect("controller");
         Harness {
@@ -130,7 +131,7 @@ impl Harness {
             generation: 1,
             ..Default::default()
         };
-        self.c.create_vm(vm).await.expect("create");
+        self.c.create_vm(vm, None).await.expect("create");
         id
     }
 
@@ -256,7 +257,7 @@ async fn a_vm_reported_failed_is_released_one_still_starting_is_not() {
 
     // One is stopped by its operator, the other's host drains; both are still retrying a
     // failed start.
-    h.c.set_desired(&stopping, DesiredState::Stopped)
+    h.c.set_desired(&stopping, DesiredState::Stopped, None)
         .await
         .expect("stop");
     h.set_host(&a, HostState::Draining).await;
@@ -305,7 +306,7 @@ async fn a_stale_stopped_report_does_not_release_a_vm() {
     // The fence blip: STOPPED, reported while the VM is wanted running.
     h.heartbeat(&a, vec![observed(&h.vm(&vm), ObservedPhase::Stopped)], None)
         .await;
-    h.c.set_desired(&vm, DesiredState::Stopped)
+    h.c.set_desired(&vm, DesiredState::Stopped, None)
         .await
         .expect("stop");
     for _ in 0..3 {
@@ -520,7 +521,9 @@ async fn unplaceable_vms_do_not_starve_a_new_one() {
     }
     // Forgotten once they no longer wait.
     for i in 0..6 {
-        h.c.delete_vm(&format!("vm-a{i}")).await.expect("delete");
+        h.c.delete_vm(&format!("vm-a{i}"), None)
+            .await
+            .expect("delete");
     }
     h.pass().await;
     assert!(h.reconciler.backoff.is_empty() && h.reconciler.unplaceable.is_empty());

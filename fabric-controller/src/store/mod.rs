@@ -115,6 +115,21 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// Every key starting with `prefix`, in key order, and the revision they were read at.
     fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError>;
+    /// At most `limit` keys starting with `prefix` and greater than `after`, in key order
+    /// (a page of [`Store::list`]).
+    fn list_after(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let (all, _) = self.list(prefix)?;
+        Ok(all
+            .into_iter()
+            .filter(|kv| kv.key.as_str() > after)
+            .take(limit)
+            .collect())
+    }
     /// The current revision.
     fn revision(&self) -> Result<Revision, StoreError>;
     /// Changes committed from now on (all prefixes; filter by [`Change::key`]).

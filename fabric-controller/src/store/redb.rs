@@ -240,6 +240,30 @@ impl Store for RedbStore {
         Ok((out, revision))
     }
 
+    fn list_after(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let read = self.db.begin_read().map_err(err)?;
+        let kv = read.open_table(KV).map_err(err)?;
+        let start = if after > prefix { after } else { prefix };
+        let mut out = Vec::new();
+        for entry in kv.range(start..).map_err(err)? {
+            let (key, value) = entry.map_err(err)?;
+            let key = key.value();
+            if !key.starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            if key == after {
+                continue;
+            }
+            out.push(decode(key, value.value())?);
+        }
+        Ok(out)
+    }
+
     fn revision(&self) -> Result<Revision, StoreError> {
         let read = self.db.begin_read().map_err(err)?;
         let meta = read.open_table(META).map_err(err)?;

@@ -48,6 +48,7 @@ pub fn memory_spec() -> MemorySpec {
 pub fn vm_spec(name: &str) -> VmSpec {
     VmSpec {
         name: name.to_owned(),
+        project: "web".to_owned(),
         vcpus: 2,
         memory: Some(memory_spec()),
         image: Some(BootImage {

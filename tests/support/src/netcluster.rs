@@ -223,6 +223,8 @@ impl NetCluster {
             .arg(self.dir.path().join("controller"))
             .arg("--tls-dir")
             .arg(&self.pki.dir)
+            // pki init's first admin (`admin`) gets its role.
+            .args(["--bootstrap-admin", "admin"])
             .arg("--lease-ttl")
             .arg(self.timing.lease_ttl.to_string())
             .arg("--heartbeat-interval")

@@ -417,6 +417,8 @@ impl Cluster {
             .arg(&data)
             .arg("--tls-dir")
             .arg(&self.pki.dir)
+            // pki init's first admin (`admin`) gets its role.
+            .args(["--bootstrap-admin", "admin"])
             .arg("--lease-ttl")
             .arg(self.timing.lease_ttl.to_string())
             .arg("--heartbeat-interval")
