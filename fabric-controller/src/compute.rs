@@ -542,15 +542,7 @@ impl Compute for ComputeService {
     ) -> Result<Response<BindRoleResponse>, Status> {
         let call = self.call(&request, "BindRole")?;
         let binding = request.into_inner().binding.unwrap_or_default();
-        let target = format!("user/{}", binding.user.chars().take(64).collect::<String>());
-        let (user, project, role) = Controller::check_binding(&binding)
-            .map_err(|status| self.refused(&call, &binding.project, &target, status))?;
-        let ok = call.entry(project.as_deref().unwrap_or(""), &target, Ok(()));
-        let newly_bound = self
-            .controller
-            .bind_role(&user, project.as_deref(), role, ok)
-            .await
-            .map_err(|status| self.refused(&call, &binding.project, &target, status))?;
+        let newly_bound = self.change_binding(&call, &binding, true).await?;
         Ok(Response::new(BindRoleResponse { newly_bound }))
     }
 
@@ -560,15 +552,7 @@ impl Compute for ComputeService {
     ) -> Result<Response<UnbindRoleResponse>, Status> {
         let call = self.call(&request, "UnbindRole")?;
         let binding = request.into_inner().binding.unwrap_or_default();
-        let target = format!("user/{}", binding.user.chars().take(64).collect::<String>());
-        let (user, project, role) = Controller::check_binding(&binding)
-            .map_err(|status| self.refused(&call, &binding.project, &target, status))?;
-        let ok = call.entry(project.as_deref().unwrap_or(""), &target, Ok(()));
-        let was_bound = self
-            .controller
-            .unbind_role(&user, project.as_deref(), role, ok)
-            .await
-            .map_err(|status| self.refused(&call, &binding.project, &target, status))?;
+        let was_bound = self.change_binding(&call, &binding, false).await?;
         Ok(Response::new(UnbindRoleResponse { was_bound }))
     }
 
@@ -737,6 +721,32 @@ impl Compute for ComputeService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+impl ComputeService {
+    /// BindRole (`bind`) or UnbindRole: the binding checked, the change made with its audit
+    /// entry (refusals audited too); whether anything changed.
+    async fn change_binding(
+        &self,
+        call: &Call,
+        binding: &fabric_proto::v1::RoleBinding,
+        bind: bool,
+    ) -> Result<bool, Status> {
+        let target = format!("user/{}", binding.user.chars().take(64).collect::<String>());
+        let (user, project, role) = Controller::check_binding(binding)
+            .map_err(|status| self.refused(call, &binding.project, &target, status))?;
+        let ok = call.entry(project.as_deref().unwrap_or(""), &target, Ok(()));
+        let changed = if bind {
+            self.controller
+                .bind_role(&user, project.as_deref(), role, ok)
+                .await
+        } else {
+            self.controller
+                .unbind_role(&user, project.as_deref(), role, ok)
+                .await
+        };
+        changed.map_err(|status| self.refused(call, &binding.project, &target, status))
     }
 }
 

@@ -1182,36 +1182,7 @@ impl Controller {
         role: Role,
         audit: AuditEntry,
     ) -> Result<bool, Status> {
-        let _serialized = self.registering.lock().await;
-        let scope = (user.to_string(), project.unwrap_or("*").to_string());
-        let current = self
-            .bindings
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&scope)
-            .copied();
-        if current == Some(role) {
-            self.audit.record(audit);
-            return Ok(false);
-        }
-        let txn = Txn::new().put(
-            binding_key(user, project),
-            crate::authz::role_name(role).as_bytes().to_vec(),
-        );
-        let (txn, staged) = self.audit.stage(txn, vec![audit]);
-        self.commit(txn).await?;
-        staged.committed();
-        self.bindings
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(scope, role);
-        tracing::info!(
-            user,
-            project = project.unwrap_or("*"),
-            role = crate::authz::role_name(role),
-            "role bound"
-        );
-        Ok(true)
+        self.change_binding(user, project, role, true, audit).await
     }
 
     /// Removes a binding; false when the user did not hold `role` in that scope.
@@ -1222,6 +1193,20 @@ impl Controller {
         role: Role,
         audit: AuditEntry,
     ) -> Result<bool, Status> {
+        self.change_binding(user, project, role, false, audit).await
+    }
+
+    /// [`Self::bind_role`] (`bind`) or [`Self::unbind_role`]: the change committed with its
+    /// audit entry, then applied in memory; false (the entry still recorded) when there was
+    /// nothing to change.
+    async fn change_binding(
+        &self,
+        user: &str,
+        project: Option<&str>,
+        role: Role,
+        bind: bool,
+        audit: AuditEntry,
+    ) -> Result<bool, Status> {
         let _serialized = self.registering.lock().await;
         let scope = (user.to_string(), project.unwrap_or("*").to_string());
         let current = self
@@ -1230,20 +1215,34 @@ impl Controller {
             .unwrap_or_else(|e| e.into_inner())
             .get(&scope)
             .copied();
-        if current != Some(role) {
+        if (current == Some(role)) == bind {
             self.audit.record(audit);
             return Ok(false);
         }
-        let (txn, staged) = self
-            .audit
-            .stage(Txn::new().delete(binding_key(user, project)), vec![audit]);
+        let txn = if bind {
+            Txn::new().put(
+                binding_key(user, project),
+                crate::authz::role_name(role).as_bytes().to_vec(),
+            )
+        } else {
+            Txn::new().delete(binding_key(user, project))
+        };
+        let (txn, staged) = self.audit.stage(txn, vec![audit]);
         self.commit(txn).await?;
         staged.committed();
-        self.bindings
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&scope);
-        tracing::info!(user, project = project.unwrap_or("*"), "role unbound");
+        let mut bindings = self.bindings.write().unwrap_or_else(|e| e.into_inner());
+        if bind {
+            bindings.insert(scope, role);
+        } else {
+            bindings.remove(&scope);
+        }
+        tracing::info!(
+            user,
+            project = project.unwrap_or("*"),
+            role = crate::authz::role_name(role),
+            bound = bind,
+            "role binding changed"
+        );
         Ok(true)
     }
 

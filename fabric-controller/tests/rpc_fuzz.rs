@@ -372,13 +372,17 @@ fn target() -> Target {
                     fabric_controller::server::fabric_routes(&controller, &images),
                 ),
             );
-        // Records for the inputs to name: host h1, VM fz-1.
-        let resources = fabric_proto::v1::Resources {
+        // Records for the inputs to name: host h1, VM fz-1; users with each role: admin
+        // cluster-wide, ops an operator of project default, viewer a cluster-wide viewer
+        // (x has none).
+        use fabric_proto::v1::{BindRoleRequest, CreateVmRequest, DesiredState};
+        use fabric_proto::v1::{RegisterHostRequest, Resources, Role, RoleBinding};
+        let resources = Resources {
             cpus: 8,
             memory_mib: 8192,
             disk_mib: 8192,
         };
-        let register = fabric_proto::v1::RegisterHostRequest {
+        let register = RegisterHostRequest {
             machine_id: "machine-h1".into(),
             name: "h1".into(),
             zone: "z1".into(),
@@ -386,67 +390,45 @@ fn target() -> Target {
             allocatable: Some(resources),
             ..Default::default()
         };
-        let mut framed = Vec::new();
-        frame(&register.encode_to_vec(), &mut framed);
-        let status = send(
-            &service,
+        let h1 = Identity::Host("h1".into());
+        let mut setup = vec![(
             "/fabric.v1.HostLink/RegisterHost",
-            Some(Identity::Host("h1".into())),
-            framed,
-        )
-        .await;
-        assert_eq!(
-            status.map(|s| s.code()),
-            Some(tonic::Code::Ok),
-            "h1 registers"
-        );
-        let create = fabric_proto::v1::CreateVmRequest {
+            h1,
+            register.encode_to_vec(),
+        )];
+        let create = CreateVmRequest {
             spec: Some(fabric_test_support::vmspec::simulated_vm("fz-1")),
-            desired_state: fabric_proto::v1::DesiredState::Stopped as i32,
+            desired_state: DesiredState::Stopped as i32,
         };
-        let mut framed = Vec::new();
-        frame(&create.encode_to_vec(), &mut framed);
-        let status = send(
-            &service,
+        setup.push((
             "/fabric.v1.Compute/CreateVm",
-            Some(Identity::LocalRoot),
-            framed,
-        )
-        .await;
-        assert_eq!(
-            status.map(|s| s.code()),
-            Some(tonic::Code::Ok),
-            "fz-1 is created"
-        );
-        // Users with each role: admin cluster-wide, ops an operator of project default,
-        // viewer a cluster-wide viewer; x has none.
-        use fabric_proto::v1::{BindRoleRequest, Role, RoleBinding};
+            Identity::LocalRoot,
+            create.encode_to_vec(),
+        ));
         for (user, role, project) in [
             ("admin", Role::Admin, ""),
             ("ops", Role::Operator, "default"),
             ("viewer", Role::Viewer, ""),
         ] {
-            let bind = BindRoleRequest {
-                binding: Some(RoleBinding {
-                    user: user.into(),
-                    role: role as i32,
-                    project: project.into(),
-                }),
+            let binding = RoleBinding {
+                user: user.into(),
+                role: role as i32,
+                project: project.into(),
             };
-            let mut framed = Vec::new();
-            frame(&bind.encode_to_vec(), &mut framed);
-            let status = send(
-                &service,
+            let bind = BindRoleRequest {
+                binding: Some(binding),
+            };
+            setup.push((
                 "/fabric.v1.Compute/BindRole",
-                Some(Identity::LocalRoot),
-                framed,
-            )
-            .await;
-            assert_eq!(
-                status.map(|s| s.code()),
-                Some(tonic::Code::Ok),
-                "{user} bound"
-            );
+                Identity::LocalRoot,
+                bind.encode_to_vec(),
+            ));
+        }
+        for (path, who, message) in setup {
+            let mut framed = Vec::new();
+            frame(&message, &mut framed);
+            let status = send(&service, path, Some(who), framed).await;
+            assert_eq!(status.map(|s| s.code()), Some(tonic::Code::Ok), "{path}");
         }
         service
     });

@@ -5,25 +5,15 @@
 //! an admin's certificate reach the services, which shows the refusals are the TLS layer's
 //! and not a dead listener's.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
 use fabric_proto::tls::{Identity, TlsFiles};
-use fabric_test_support::cluster::{
-    controller_command, path_appears, workspace_bin, Process, SimHost, SimHostSpec,
-};
-use fabric_test_support::pki::Pki;
+use fabric_test_support::cluster::{SimHost, SimHostSpec};
+use fabric_test_support::pki::{free_port, Pki};
 use prost::Message;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// `/package.Service/Method` of every method of `services`, from the descriptor sets.
 fn methods(services: &[&str]) -> Vec<String> {
@@ -166,18 +156,7 @@ async fn every_rpc_without_a_client_certificate_is_refused() {
     let admin = TlsFiles::in_dir(&pki.dir, "admin");
 
     let port = free_port();
-    let socket = dir.path().join("controller.sock");
-    let mut command = controller_command(
-        &workspace_bin("fabric-controller"),
-        &socket,
-        &dir.path().join("data"),
-    );
-    command
-        .args(["--bootstrap-admin", "admin"])
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
-        .arg(&pki.dir);
-    let controller = Process::spawn("fabric-controller", command, dir.path().join("c.log"));
-    assert!(path_appears(&socket, Duration::from_secs(30)));
+    let (controller, _socket) = pki.controller(dir.path(), port, &[]);
 
     let h0_tls = pki.host("h0", &dir.path().join("h0-tls"));
     let h0 = TlsFiles::in_dir(&h0_tls, "host");

@@ -1,7 +1,6 @@
 //! Roles, projects, quotas and the audit log (issue 16) against a real fabric-controller
 //! serving mutual TLS on loopback, with users made by `fabricctl user create`.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -12,18 +11,11 @@ use fabric_proto::v1::{
     CreateVmRequest, DeleteVmRequest, DesiredState, GetVmRequest, ListAuditRequest, ListVmsRequest,
     StopVmRequest, WatchEventsRequest,
 };
-use fabric_test_support::cluster::{controller_command, unix_channel, workspace_bin, Process};
-use fabric_test_support::pki::Pki;
+use fabric_test_support::cluster::{unix_channel, workspace_bin, Process};
+use fabric_test_support::pki::{free_port, Pki};
 use fabric_test_support::vmspec::simulated_vm;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 async fn as_user(port: u16, dir: &Path, name: &str) -> Channel {
     let config = TlsFiles::in_dir(dir, name).client_config().unwrap();
@@ -52,22 +44,7 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::init(&dir.path().join("pki"), "roles", &["127.0.0.1"]);
         let port = free_port();
-        let socket = dir.path().join("controller.sock");
-        let mut command = controller_command(
-            &workspace_bin("fabric-controller"),
-            &socket,
-            &dir.path().join("data"),
-        );
-        command
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
-            .arg(&pki.dir)
-            .args(["--bootstrap-admin", "admin"])
-            .args(extra);
-        let controller = Process::spawn("fabric-controller", command, dir.path().join("c.log"));
-        assert!(fabric_test_support::cluster::path_appears(
-            &socket,
-            Duration::from_secs(30)
-        ));
+        let (controller, socket) = pki.controller(dir.path(), port, extra);
         Cluster {
             dir,
             pki,

@@ -2,7 +2,6 @@
 //! with certificates made by `fabricctl pki`; a caller's certificate decides what it may call,
 //! and a host's certificate acts for that host only.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -15,17 +14,9 @@ use fabric_proto::v1::{
     HeartbeatRequest, ListVmsRequest, PullImageRequest, RegisterHostRequest, Resources,
     WatchAssignmentsRequest,
 };
-use fabric_test_support::cluster::{controller_command, unix_channel, workspace_bin, Process};
-use fabric_test_support::pki::Pki;
+use fabric_test_support::cluster::{controller_command, unix_channel, workspace_bin};
+use fabric_test_support::pki::{free_port, Pki};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
-
-/// A port free on loopback right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 async fn tls_channel(port: u16, tls: ClientTlsConfig) -> Result<Channel, String> {
     Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
@@ -80,21 +71,7 @@ async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("mutual TLS only"), "{stderr}");
 
-    let socket = dir.path().join("controller.sock");
-    let mut command = controller_command(
-        &workspace_bin("fabric-controller"),
-        &socket,
-        &dir.path().join("data"),
-    );
-    command
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
-        .arg(&pki.dir)
-        .args(["--bootstrap-admin", "admin"]);
-    let _controller = Process::spawn("fabric-controller", command, dir.path().join("c.log"));
-    assert!(fabric_test_support::cluster::path_appears(
-        &socket,
-        Duration::from_secs(30)
-    ));
+    let (_controller, socket) = pki.controller(dir.path(), port, &[]);
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "the Unix socket is root's only");

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::cluster::workspace_bin;
+use crate::cluster::{controller_command, path_appears, workspace_bin, Process};
 
 /// The directory `fabricctl pki init` made: the CA (with its key), `controller.pem` and
 /// `admin.pem`, each with its key.
@@ -60,4 +60,36 @@ impl Pki {
         fabricctl(&args);
         out.to_owned()
     }
+
+    /// A fabric-controller with this CA's controller certificate, serving mutual TLS on
+    /// 127.0.0.1:`port` and root on `dir/controller.sock`, its store in `dir/data`, the
+    /// admin of `pki init` bound at start, and `extra` flags; started once its socket is.
+    pub fn controller(&self, dir: &Path, port: u16, extra: &[&str]) -> (Process, PathBuf) {
+        let socket = dir.join("controller.sock");
+        let mut command = controller_command(
+            &workspace_bin("fabric-controller"),
+            &socket,
+            &dir.join("data"),
+        );
+        command
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
+            .arg(&self.dir)
+            .args(["--bootstrap-admin", "admin"])
+            .args(extra);
+        let process = Process::spawn("fabric-controller", command, dir.join("c.log"));
+        assert!(
+            path_appears(&socket, std::time::Duration::from_secs(30)),
+            "the controller did not start:\n{}",
+            process.log_tail(20)
+        );
+        (process, socket)
+    }
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
