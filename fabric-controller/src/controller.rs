@@ -1135,6 +1135,38 @@ impl Controller {
         verdict
     }
 
+    /// For a HostLink call `rpc` about host `name`: [`crate::authz::check_host`], with the
+    /// refusal (a certificate acting as another host) in the audit log.
+    pub fn check_host(
+        &self,
+        caller: &fabric_proto::tls::Identity,
+        name: &str,
+        rpc: &str,
+    ) -> Result<(), Status> {
+        crate::authz::check_host(caller, name)
+            .inspect_err(|status| self.audit_refusal(caller, rpc, &format!("host/{name}"), status))
+    }
+
+    /// An entry for a call refused in a handler (not by the authorization layer, which
+    /// records its own): who, what, on what, and why.
+    pub fn audit_refusal(
+        &self,
+        caller: &fabric_proto::tls::Identity,
+        rpc: &str,
+        target: &str,
+        status: &Status,
+    ) {
+        self.audit.record(AuditEntry {
+            identity: caller.to_string(),
+            roles: self.grants(caller).describe(),
+            rpc: rpc.chars().take(256).collect(),
+            target: target.chars().take(256).collect(),
+            code: status.code() as i32,
+            message: status.message().chars().take(1024).collect(),
+            ..Default::default()
+        });
+    }
+
     /// Every role binding, or one user's, ordered by user then project.
     pub fn role_bindings(&self, user: &str) -> Vec<RoleBinding> {
         self.bindings

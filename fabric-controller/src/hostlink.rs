@@ -87,7 +87,8 @@ impl HostLink for HostLinkService {
         let caller = fabric_proto::tls::caller(&request)?;
         let req = request.into_inner();
         check_register(&req)?;
-        crate::authz::check_host(&caller, &req.name)?;
+        self.controller
+            .check_host(&caller, &req.name, "/fabric.v1.HostLink/RegisterHost")?;
         let c = &self.controller;
         let settings = &c.settings;
         let _registering = c.registering.lock().await;
@@ -107,7 +108,7 @@ impl HostLink for HostLinkService {
         if let Some(id) = &existing {
             let current = c.model().hosts.get(id).map(|e| e.host.name.clone());
             if let Some(current) = current.filter(|name| *name != req.name) {
-                crate::authz::check_host(&caller, &current)?;
+                c.check_host(&caller, &current, "/fabric.v1.HostLink/RegisterHost")?;
             }
         }
         let host_id = match existing {
@@ -307,7 +308,7 @@ impl HostLink for HostLinkService {
             let entry = model.hosts.get_mut(&req.host_id).ok_or_else(|| {
                 Status::not_found(format!("unknown host id {:?}: register", req.host_id))
             })?;
-            crate::authz::check_host(&caller, &entry.host.name)?;
+            c.check_host(&caller, &entry.host.name, "/fabric.v1.HostLink/Heartbeat")?;
             if req.session != 0 && req.session != entry.host.agent_session {
                 return Err(superseded(
                     &req.host_id,
@@ -427,7 +428,7 @@ impl HostLink for HostLinkService {
             .get(&host_id)
             .map(|entry| entry.host.name.clone())
             .ok_or_else(|| Status::not_found(format!("unknown host id {host_id:?}: register")))?;
-        crate::authz::check_host(&caller, &name)?;
+        c.check_host(&caller, &name, "/fabric.v1.HostLink/WatchAssignments")?;
         let mut notifier = c
             .assignment_notifier(&host_id)
             .ok_or_else(|| Status::not_found(format!("unknown host id {host_id:?}: register")))?;

@@ -625,10 +625,17 @@ impl Images for ImagesService {
                 // The same answer as for a file that does not exist: a host learns nothing
                 // of images it has no VM of.
                 tracing::warn!(host = %name, sha256 = %req.sha256, "a pull of an image no VM of the host uses refused");
-                return Err(Status::not_found(format!(
+                let status = Status::not_found(format!(
                     "no image file with sha256 {} for a VM of host {name}",
                     req.sha256
-                )));
+                ));
+                self.controller.audit_refusal(
+                    &caller,
+                    "/fabric.v1.Images/PullImage",
+                    &format!("sha256/{}", req.sha256),
+                    &status,
+                );
+                return Err(status);
             }
         }
         let path = self.blob(&req.sha256);

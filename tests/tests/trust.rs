@@ -263,6 +263,60 @@ async fn callers_are_who_their_certificates_say_and_act_only_as_that() {
     pull(unix_channel(&socket).await)
         .await
         .expect("root pulls any image");
+
+    // Each refusal of host a acting as b, and of its pull, is in the audit log.
+    let expected = [
+        (
+            "/fabric.v1.HostLink/RegisterHost",
+            "host/trust-b",
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "/fabric.v1.HostLink/Heartbeat",
+            "host/trust-b",
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "/fabric.v1.HostLink/WatchAssignments",
+            "host/trust-b",
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "/fabric.v1.Images/PullImage",
+            "sha256/",
+            tonic::Code::NotFound,
+        ),
+    ];
+    let mut audit = ComputeClient::new(unix_channel(&socket).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entries = audit
+            .list_audit(fabric_proto::v1::ListAuditRequest {
+                identity: "host/trust-a".into(),
+                page_size: 5000,
+                ..Default::default()
+            })
+            .await
+            .expect("the audit log")
+            .into_inner()
+            .entries;
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(rpc, target, code)| {
+                !entries.iter().any(|e| {
+                    e.rpc == *rpc && e.target.starts_with(target) && e.code == *code as i32
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not audited: {missing:?}\nentries of host/trust-a: {entries:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `fabricctl host revoke NAME`: the host's calls are refused from then on, so its lease ends
