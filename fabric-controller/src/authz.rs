@@ -6,6 +6,11 @@
 //! - a host (`host/NAME`): HostLink, as itself only (the handlers check the host named in
 //!   the request is the one in the certificate), and Images.PullImage; health.
 //! - the controller's own identity: health only.
+//! - anonymous (a TLS caller without a client certificate): HostLink.JoinHost only, where
+//!   it presents a join token; everything else UNAUTHENTICATED.
+//!
+//! Join tokens (Compute.CreateJoinToken, ListJoinTokens) are an admin's: users and
+//! local-root for now (see [`MAY_MAKE_JOIN_TOKENS`]).
 
 use fabric_proto::tls::Identity;
 use tonic::Status;
@@ -16,6 +21,14 @@ fn is_reflection(service: &str) -> bool {
     service.starts_with("grpc.reflection.")
 }
 
+/// The one method served to a caller without a client certificate.
+pub const JOIN_METHOD: &str = "JoinHost";
+
+/// Who may make and list join tokens, besides local-root: until roles exist, every user.
+/// (Roles narrow this to `admin`.)
+pub const MAY_MAKE_JOIN_TOKENS: fn(&Identity) -> bool =
+    |caller| matches!(caller, Identity::User(_));
+
 /// The policy of [`fabric_proto::tls::AuthorizeLayer`] for the controller's server.
 pub fn controller_policy(path: &str, caller: &Identity) -> Result<(), String> {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
@@ -23,7 +36,19 @@ pub fn controller_policy(path: &str, caller: &Identity) -> Result<(), String> {
     let common = service == HEALTH || is_reflection(service);
     match caller {
         Identity::LocalRoot => Ok(()),
+        Identity::Anonymous => match (service, method) {
+            (fabric_proto::HOST_LINK_SERVICE, JOIN_METHOD) => Ok(()),
+            _ => Err("only HostLink/JoinHost is served without a client certificate".into()),
+        },
         Identity::User(_) => match (service, method) {
+            // Join tokens: an admin's call.
+            (fabric_proto::COMPUTE_SERVICE, "CreateJoinToken" | "ListJoinTokens") => {
+                if MAY_MAKE_JOIN_TOKENS(caller) {
+                    Ok(())
+                } else {
+                    Err("join tokens are made by admins".into())
+                }
+            }
             // Until roles exist, one user must not undo another's revocation: root only.
             (fabric_proto::COMPUTE_SERVICE, "RevokeHost" | "ReinstateHost") => {
                 Err("revoking and reinstating hosts is root's, on the Unix socket".into())
@@ -100,5 +125,48 @@ mod tests {
         for (path, who) in refused {
             assert!(controller_policy(path, who).is_err(), "{path} {who}");
         }
+    }
+
+    #[test]
+    fn a_caller_without_a_certificate_may_only_join() {
+        let anonymous = Identity::Anonymous;
+        assert_eq!(
+            controller_policy("/fabric.v1.HostLink/JoinHost", &anonymous),
+            Ok(())
+        );
+        for path in [
+            "/fabric.v1.HostLink/RegisterHost",
+            "/fabric.v1.HostLink/Heartbeat",
+            "/fabric.v1.HostLink/WatchAssignments",
+            "/fabric.v1.HostLink/RenewCertificate",
+            "/fabric.v1.HostLink/JoinHostX",
+            "/fabric.v1.Compute/CreateJoinToken",
+            "/fabric.v1.Compute/ListVms",
+            "/fabric.v1.Images/PullImage",
+            "/fabric.v1.Agent/ListLocalVms",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/fabric.v1.Compute/JoinHost",
+            "",
+            "/",
+        ] {
+            assert!(controller_policy(path, &anonymous).is_err(), "{path}");
+        }
+        // Hosts renew; users and root make tokens; a host may not make one.
+        let host = Identity::Host("h1".into());
+        assert_eq!(
+            controller_policy("/fabric.v1.HostLink/RenewCertificate", &host),
+            Ok(())
+        );
+        for who in [&Identity::User("ops".into()), &Identity::LocalRoot] {
+            for method in ["CreateJoinToken", "ListJoinTokens"] {
+                assert_eq!(
+                    controller_policy(&format!("/fabric.v1.Compute/{method}"), who),
+                    Ok(())
+                );
+            }
+        }
+        assert!(controller_policy("/fabric.v1.Compute/CreateJoinToken", &host).is_err());
+        assert!(check_host(&anonymous, "h1").is_err());
     }
 }

@@ -296,6 +296,32 @@ impl Compute for ComputeService {
         Ok(Response::new(ReinstateHostResponse { was_revoked }))
     }
 
+    async fn create_join_token(
+        &self,
+        request: Request<fabric_proto::v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<fabric_proto::v1::CreateJoinTokenResponse>, Status> {
+        let by = fabric_proto::tls::caller(&request)?.to_string();
+        let req = request.into_inner();
+        let (token, info) = self
+            .controller
+            .create_join_token(&req.host_name, req.ttl_seconds, &by)
+            .await?;
+        Ok(Response::new(fabric_proto::v1::CreateJoinTokenResponse {
+            token,
+            info: Some(info),
+        }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        _request: Request<fabric_proto::v1::ListJoinTokensRequest>,
+    ) -> Result<Response<fabric_proto::v1::ListJoinTokensResponse>, Status> {
+        let tokens = self.controller.list_join_tokens().await?;
+        Ok(Response::new(fabric_proto::v1::ListJoinTokensResponse {
+            tokens,
+        }))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

@@ -158,6 +158,12 @@ pub struct Controller {
     /// Names whose identity host/NAME is refused (RevokeHost), as stored under
     /// `revoked-hosts/`.
     revoked: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// Signs hosts' certificates (join, renewal): set when the controller has a TLS
+    /// directory (see `join`).
+    pub(crate) issuer: std::sync::OnceLock<crate::join::Issuer>,
+    /// Held by every read-modify-write of join tokens, so that the bound on their number
+    /// holds and a token is spent once.
+    pub(crate) join_tokens: tokio::sync::Mutex<()>,
 }
 
 /// The store key of a revoked host identity.
@@ -409,6 +415,8 @@ impl Controller {
             generation_ceiling: Mutex::new(ceiling),
             registering: tokio::sync::Mutex::new(()),
             revoked: std::sync::RwLock::new(revoked),
+            issuer: std::sync::OnceLock::new(),
+            join_tokens: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -440,7 +448,7 @@ impl Controller {
         generation
     }
 
-    async fn commit(&self, txn: Txn) -> Result<TxnOutcome, Status> {
+    pub(crate) async fn commit(&self, txn: Txn) -> Result<TxnOutcome, Status> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.txn(txn))
             .await

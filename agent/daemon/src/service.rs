@@ -182,6 +182,7 @@ pub fn agent_policy(path: &str, caller: &fabric_proto::tls::Identity) -> Result<
     use fabric_proto::tls::Identity;
     let service = path.trim_start_matches('/').split('/').next().unwrap_or("");
     match caller {
+        Identity::Anonymous => Err("every call needs a client certificate".into()),
         _ if service == "grpc.health.v1.Health" => Ok(()),
         Identity::LocalRoot | Identity::Controller | Identity::User(_) => {
             if service == fabric_proto::AGENT_SERVICE || service.starts_with("grpc.reflection.") {
