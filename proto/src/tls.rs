@@ -812,6 +812,13 @@ pub fn new_csr() -> Result<(String, String), String> {
     Ok((csr.pem().map_err(rcgen_error)?, key.serialize_pem()))
 }
 
+/// The identity a certificate (PEM, its first one) carries for `cluster`.
+pub fn identity_of_pem(cert_pem: &str, cluster: &str) -> Result<Identity, String> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    Identity::from_certificate(&der, cluster)
+}
+
 /// The longest certificate signing request a server reads, bytes of PEM.
 pub const MAX_CSR_PEM: usize = 16 * 1024;
 
@@ -840,6 +847,9 @@ pub fn validity(cert_pem: &str) -> Result<(SystemTime, SystemTime), String> {
 /// of it for retries when the controller cannot be reached.
 pub fn renewal_delay(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> Duration {
     let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    if lifetime.is_zero() {
+        return Duration::ZERO;
+    }
     let renew_at = not_before + lifetime * 2 / 3;
     renew_at.duration_since(now).unwrap_or_default()
 }
