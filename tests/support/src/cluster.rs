@@ -284,6 +284,8 @@ pub struct SimHostSpec {
     pub disk_mib: u64,
     /// Its certificate directory (`tls_dir`), for a controller reached over TCP.
     pub tls_dir: Option<PathBuf>,
+    /// A file with a join token (`join_token_file`), for a `tls_dir` holding only ca.pem.
+    pub join_token_file: Option<PathBuf>,
 }
 
 impl SimHostSpec {
@@ -298,12 +300,19 @@ impl SimHostSpec {
             machine_id: None,
             disk_mib: 1 << 20,
             tls_dir: None,
+            join_token_file: None,
         }
     }
 
     /// A host presenting the certificate in `dir` (ca.pem, host.pem, host-key.pem).
     pub fn with_tls(mut self, dir: &Path) -> SimHostSpec {
         self.tls_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// A host that joins with the token in `file` (its `tls_dir` holds only ca.pem).
+    pub fn with_join_token_file(mut self, file: &Path) -> SimHostSpec {
+        self.join_token_file = Some(file.to_owned());
         self
     }
 
@@ -391,7 +400,14 @@ budget_mib = {memory_budget_mib}
                 .tls_dir
                 .as_ref()
                 .map(|d| format!("tls_dir = \"{}\"", d.display()))
-                .unwrap_or_default(),
+                .into_iter()
+                .chain(
+                    spec.join_token_file
+                        .as_ref()
+                        .map(|f| format!("join_token_file = \"{}\"", f.display())),
+                )
+                .collect::<Vec<_>>()
+                .join("\n"),
             listen = dir.join("agent.sock").display(),
             data = dir.join("data").display(),
         );
