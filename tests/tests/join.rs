@@ -409,6 +409,79 @@ async fn join_tokens_are_single_use_scoped_to_a_name_and_expire() {
     );
 }
 
+/// Without a client certificate, every method of every service the controller serves (and
+/// those it does not) is refused UNAUTHENTICATED, before any handler reads the request; only
+/// JoinHost reaches its handler, which wants a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_but_join_refuses_a_caller_without_a_certificate() {
+    use prost::Message;
+    tls::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), "anon", &["127.0.0.1"]);
+    let port = free_port();
+    let _controller = tls_controller(&dir.path().join("controller"), &pki.dir, port, &[]);
+    let config = TlsFiles::in_dir(&pki.dir, "controller")
+        .anonymous_client_config()
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel(port, config));
+    let set = prost_types::FileDescriptorSet::decode(fabric_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut paths: Vec<String> = set
+        .file
+        .iter()
+        .flat_map(|file| {
+            file.service.iter().flat_map(move |service| {
+                service.method.iter().map(move |method| {
+                    format!("/{}.{}/{}", file.package(), service.name(), method.name())
+                })
+            })
+        })
+        .collect();
+    paths.extend([
+        "/grpc.health.v1.Health/Check".to_string(),
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_string(),
+        "/fabric.v1.Nothing/Here".to_string(),
+    ]);
+    assert!(paths.len() > 30, "{paths:?}");
+    for path in &paths {
+        let mut refused = None;
+        for _ in 0..50 {
+            // The listener may still be starting: wait for it.
+            if tokio::time::timeout(Duration::from_secs(5), grpc.ready())
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                let result = grpc
+                    .unary(
+                        tonic::Request::new(()),
+                        tonic::codegen::http::uri::PathAndQuery::from_maybe_shared(path.clone())
+                            .unwrap(),
+                        tonic_prost::ProstCodec::<(), ()>::default(),
+                    )
+                    .await;
+                match result {
+                    Err(status) if status.code() == Code::Unavailable => {}
+                    other => {
+                        refused = Some(other);
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let status = match refused {
+            Some(Err(status)) => status,
+            other => panic!("{path}: served without a certificate: {other:?}"),
+        };
+        assert_eq!(status.code(), Code::Unauthenticated, "{path}: {status:?}");
+        let why = if path == "/fabric.v1.HostLink/JoinHost" {
+            "a join token is required"
+        } else {
+            "no client certificate"
+        };
+        assert!(status.message().contains(why), "{path}: {status:?}");
+    }
+}
+
 /// A controller without the CA key cannot sign: join says which file is missing. The number
 /// of tokens is bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
