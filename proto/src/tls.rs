@@ -509,6 +509,10 @@ impl ResolvesServerCert for ReloadingCert {
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     pub identity: Identity,
+    /// When the client certificate expires (None: no certificate). A connection outlives
+    /// the handshake that checked it: past this, its calls are refused (UNAUTHENTICATED),
+    /// so a host whose certificate was not renewed cannot go on over an old connection.
+    pub expires: Option<SystemTime>,
 }
 
 /// An accepted connection whose client presented a certificate of the cluster CA with one
@@ -628,21 +632,23 @@ pub fn incoming(
                             return;
                         }
                     };
-                let identity = match stream
+                let certificate = stream
                     .get_ref()
                     .1
                     .peer_certificates()
-                    .and_then(|chain| chain.first())
-                {
+                    .and_then(|chain| chain.first());
+                let identity = match certificate {
                     Some(cert) => Identity::from_certificate(cert, &cluster),
                     // The verifier let it through: the server allows callers without one.
                     None => Ok(Identity::Anonymous),
                 };
+                let expires = certificate.and_then(|cert| not_after(cert));
                 match identity {
                     Ok(identity) => {
                         let info = PeerInfo {
                             remote: Some(remote),
                             identity,
+                            expires,
                         };
                         let _ = tx.send(Ok(TlsConnection { stream, info })).await;
                     }
@@ -652,6 +658,13 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// A certificate's notAfter (DER).
+fn not_after(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
 /// One of an address's [`MAX_HANDSHAKES_PER_ADDRESS`] handshake slots, given back on drop.
@@ -699,6 +712,13 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, tonic::Status>
 /// [`caller`] from a request's extensions (what tonic puts there for each connection).
 pub fn caller_of(extensions: &http::Extensions) -> Result<Identity, tonic::Status> {
     if let Some(peer) = extensions.get::<PeerInfo>() {
+        // The real clock, as the handshake's check used.
+        if peer.expires.is_some_and(|at| SystemTime::now() >= at) {
+            return Err(tonic::Status::unauthenticated(format!(
+                "the client certificate of {} has expired: renew it and connect again",
+                peer.identity
+            )));
+        }
         return Ok(peer.identity.clone());
     }
     if let Some(unix) = extensions.get::<tonic::transport::server::UdsConnectInfo>() {

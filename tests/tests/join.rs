@@ -482,6 +482,56 @@ async fn every_method_but_join_refuses_a_caller_without_a_certificate() {
     }
 }
 
+/// A certificate that expires while its connection stays open: the handshake checked it,
+/// but the calls made after its expiry are refused, so a host that failed to renew cannot go
+/// on over an old connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_is_refused_once_its_certificate_expired() {
+    tls::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), "expiry", &["127.0.0.1"]);
+    let port = free_port();
+    let controller = tls_controller(
+        &dir.path().join("controller"),
+        &pki.dir,
+        port,
+        &["--host-cert-ttl", "3s"],
+    );
+    let mut root = controller.compute().await;
+    let token = create_token(&mut root, "short-1", 60).await.unwrap();
+    let (cert, key) = join(&mut anonymous(port, &pki.dir), &token, "short-1")
+        .await
+        .expect("join");
+    let host_dir = dir.path().join("short-1");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    let files = TlsFiles::in_dir(&host_dir, "host");
+    std::fs::copy(pki.dir.join("ca.pem"), &files.ca).unwrap();
+    std::fs::write(&files.cert, &cert).unwrap();
+    tls::write_private(&files.key, &key).unwrap();
+    let (_, not_after) = tls::validity(&cert).unwrap();
+    let mut client = HostLinkClient::new(as_identity(port, &host_dir, "host"));
+    let registered = client
+        .register_host(registration("short-1"))
+        .await
+        .expect("registers while valid")
+        .into_inner();
+    // Past its notAfter, the same channel (the same HTTP/2 connection) is refused.
+    let left = not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(300)).await;
+    let refused = client
+        .heartbeat(fabric_proto::v1::HeartbeatRequest {
+            host_id: registered.host_id,
+            session: registered.session,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a heartbeat with an expired certificate");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("has expired"), "{refused:?}");
+}
+
 /// A controller without the CA key cannot sign: join says which file is missing. The number
 /// of tokens is bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
