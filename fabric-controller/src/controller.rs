@@ -164,6 +164,9 @@ pub struct Controller {
     /// Held by every read-modify-write of join tokens, so that the bound on their number
     /// holds and a token is spent once.
     pub(crate) join_tokens: tokio::sync::Mutex<()>,
+    /// When each host last renewed its certificate: a host may renew once per tenth of the
+    /// certificates' lifetime, so one cannot keep the controller signing.
+    pub(crate) renewed: Mutex<HashMap<String, Instant>>,
 }
 
 /// The store key of a revoked host identity.
@@ -417,6 +420,7 @@ impl Controller {
             revoked: std::sync::RwLock::new(revoked),
             issuer: std::sync::OnceLock::new(),
             join_tokens: tokio::sync::Mutex::new(()),
+            renewed: Mutex::new(HashMap::new()),
         }))
     }
 

@@ -411,10 +411,35 @@ impl Controller {
         if self.is_revoked(name) {
             return Err(Status::permission_denied(format!("host/{name} is revoked")));
         }
-        let certificate = self.issuer()?.issue_host(name, csr_pem)?;
+        let issuer = self.issuer()?;
+        let spacing = renewal_spacing(issuer.host_cert_lifetime);
+        {
+            let mut renewed = self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if let Some(last) = renewed.get(name.as_str()) {
+                let since = now.duration_since(*last);
+                if since < spacing {
+                    return Err(Status::resource_exhausted(format!(
+                        "host/{name} renewed its certificate {} ms ago: at most once per {} ms",
+                        since.as_millis(),
+                        spacing.as_millis()
+                    )));
+                }
+            }
+            // Forget hosts that have not renewed for a long time (bounded by host names).
+            renewed.retain(|_, at| now.duration_since(*at) < issuer.host_cert_lifetime * 2);
+            renewed.insert(name.clone(), now);
+        }
+        let certificate = issuer.issue_host(name, csr_pem)?;
         tracing::info!(host = %name, "host certificate renewed");
         Ok(certificate)
     }
+}
+
+/// The shortest time between two renewals of one host: a tenth of the certificates'
+/// lifetime, at most a minute (agents renew at two thirds of it).
+pub fn renewal_spacing(lifetime: Duration) -> Duration {
+    (lifetime / 10).min(Duration::from_secs(60))
 }
 
 #[cfg(test)]
@@ -456,6 +481,18 @@ mod tests {
         assert!(!secret_matches(SECRET, &[]));
         // The hash, not the secret, is what is kept.
         assert_ne!(hex::encode(stored), SECRET);
+    }
+
+    #[test]
+    fn renewals_are_spaced() {
+        assert_eq!(
+            renewal_spacing(Duration::from_secs(86_400)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            renewal_spacing(Duration::from_secs(8)),
+            Duration::from_millis(800)
+        );
     }
 
     #[test]

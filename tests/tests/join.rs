@@ -269,6 +269,13 @@ async fn join_tokens_are_single_use_scoped_to_a_name_and_expire() {
         Ok(Identity::Host("join-a".into()))
     );
     assert_ne!(renewed, cert);
+    // ... but not again at once: renewals are spaced (a tenth of the lifetime, ≤ 1 min).
+    let (csr, _) = tls::new_csr().unwrap();
+    let refused = as_a
+        .renew_certificate(RenewCertificateRequest { csr_pem: csr })
+        .await
+        .expect_err("renewed twice in a row");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
 
     // An expired token: refused, and removed.
     let short = create_token(&mut root, "join-c", 1).await.unwrap();
