@@ -7,6 +7,8 @@
 //! - a host (`host/NAME`): HostLink, as itself only (the handlers check the host named in
 //!   the request is the one in the certificate), and Images.PullImage; health.
 //! - the controller's own identity: health only.
+//! - anonymous (a TLS caller without a client certificate): HostLink.JoinHost only, where
+//!   it presents a join token; everything else UNAUTHENTICATED.
 //!
 //! Two levels: this layer decides whether the caller's roles allow the method at all (the
 //! role it needs, and whether the binding must be cluster-wide); the Compute handlers then
@@ -24,6 +26,9 @@ const HEALTH: &str = "grpc.health.v1.Health";
 fn is_reflection(service: &str) -> bool {
     service.starts_with("grpc.reflection.")
 }
+
+/// The one method served to a caller without a client certificate.
+pub const JOIN_METHOD: &str = "JoinHost";
 
 /// Where a binding must hold for a method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +93,9 @@ pub const RULES: &[(&str, &str, Rule)] = &[
     (fabric_proto::COMPUTE_SERVICE, "SetQuota", ADMIN),
     (fabric_proto::COMPUTE_SERVICE, "GetQuota", READ),
     (fabric_proto::COMPUTE_SERVICE, "ListAudit", ADMIN_READ),
+    // Join tokens make host identities: a cluster-wide admin's.
+    (fabric_proto::COMPUTE_SERVICE, "CreateJoinToken", ADMIN),
+    (fabric_proto::COMPUTE_SERVICE, "ListJoinTokens", ADMIN_READ),
     // Images are cluster-wide objects: any bound user lists and pulls them, an operator of
     // any project pushes, only a cluster-wide admin deletes (a VM of any project may use one).
     (fabric_proto::IMAGES_SERVICE, "PushImage", OPERATE),
@@ -214,6 +222,10 @@ pub fn controller_policy(path: &str, caller: &Identity, grants: &Grants) -> Resu
     let (service, method) = split(path);
     match caller {
         Identity::LocalRoot => Ok(()),
+        Identity::Anonymous => match (service, method) {
+            (fabric_proto::HOST_LINK_SERVICE, JOIN_METHOD) => Ok(()),
+            _ => Err("only HostLink/JoinHost is served without a client certificate".into()),
+        },
         Identity::User(_) => {
             if service == HEALTH {
                 return Ok(());
@@ -449,5 +461,56 @@ mod tests {
             assert!(project_or_default(bad).is_err(), "{bad}");
         }
         assert!(parse_role("root").is_err());
+    }
+
+    #[test]
+    fn a_caller_without_a_certificate_may_only_join() {
+        let anonymous = Identity::Anonymous;
+        let none = Grants::default();
+        assert_eq!(
+            controller_policy("/fabric.v1.HostLink/JoinHost", &anonymous, &none),
+            Ok(())
+        );
+        for path in [
+            "/fabric.v1.HostLink/RegisterHost",
+            "/fabric.v1.HostLink/Heartbeat",
+            "/fabric.v1.HostLink/WatchAssignments",
+            "/fabric.v1.HostLink/RenewCertificate",
+            "/fabric.v1.HostLink/JoinHostX",
+            "/fabric.v1.Compute/CreateJoinToken",
+            "/fabric.v1.Compute/ListVms",
+            "/fabric.v1.Images/PullImage",
+            "/fabric.v1.Agent/ListLocalVms",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/fabric.v1.Compute/JoinHost",
+            "",
+            "/",
+        ] {
+            assert!(
+                controller_policy(path, &anonymous, &none).is_err(),
+                "{path}"
+            );
+        }
+        // Hosts renew; admins and root make tokens; operators and hosts do not.
+        let host = Identity::Host("h1".into());
+        assert_eq!(
+            controller_policy("/fabric.v1.HostLink/RenewCertificate", &host, &none),
+            Ok(())
+        );
+        let ops = Identity::User("ops".into());
+        let mut operator = Grants::default();
+        operator.add(None, Role::Operator);
+        for method in ["CreateJoinToken", "ListJoinTokens"] {
+            let path = format!("/fabric.v1.Compute/{method}");
+            assert_eq!(controller_policy(&path, &ops, &Grants::admin()), Ok(()));
+            assert_eq!(
+                controller_policy(&path, &Identity::LocalRoot, &none),
+                Ok(())
+            );
+            assert!(controller_policy(&path, &ops, &operator).is_err());
+            assert!(controller_policy(&path, &host, &none).is_err());
+        }
+        assert!(check_host(&anonymous, "h1").is_err());
     }
 }

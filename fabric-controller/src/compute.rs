@@ -638,6 +638,42 @@ impl Compute for ComputeService {
         }))
     }
 
+    async fn create_join_token(
+        &self,
+        request: Request<fabric_proto::v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<fabric_proto::v1::CreateJoinTokenResponse>, Status> {
+        let call = self.call(&request, "CreateJoinToken")?;
+        let by = call.identity.to_string();
+        let req = request.into_inner();
+        let target = format!(
+            "host/{}",
+            req.host_name.chars().take(64).collect::<String>()
+        );
+        let (token, info) = self
+            .controller
+            .create_join_token(&req.host_name, req.ttl_seconds, &by)
+            .await
+            .map_err(|status| self.refused(&call, "", &target, status))?;
+        // The token is stored; its entry follows (the secret is never in it).
+        self.controller
+            .audit
+            .record(call.entry("", &target, Ok(())));
+        Ok(Response::new(fabric_proto::v1::CreateJoinTokenResponse {
+            token,
+            info: Some(info),
+        }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        _request: Request<fabric_proto::v1::ListJoinTokensRequest>,
+    ) -> Result<Response<fabric_proto::v1::ListJoinTokensResponse>, Status> {
+        let tokens = self.controller.list_join_tokens().await?;
+        Ok(Response::new(fabric_proto::v1::ListJoinTokensResponse {
+            tokens,
+        }))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

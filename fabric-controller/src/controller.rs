@@ -170,6 +170,15 @@ pub struct Controller {
     /// commit (so that concurrent creates cannot together exceed it) and by SetQuota; for
     /// reading by other creates (so that none that saw no quota commits after one is set).
     quota_check: tokio::sync::RwLock<()>,
+    /// Signs hosts' certificates (join, renewal): set when the controller has a TLS
+    /// directory (see `join`).
+    pub(crate) issuer: std::sync::OnceLock<crate::join::Issuer>,
+    /// Held by every read-modify-write of join tokens, so that the bound on their number
+    /// holds and a token is spent once.
+    pub(crate) join_tokens: tokio::sync::Mutex<()>,
+    /// When each host last renewed its certificate: a host may renew once per tenth of the
+    /// certificates' lifetime, so one cannot keep the controller signing.
+    pub(crate) renewed: Mutex<HashMap<String, Instant>>,
 }
 
 /// The store key of a role binding; `project` None is cluster-wide (`*`).
@@ -456,6 +465,9 @@ impl Controller {
             bindings: std::sync::RwLock::new(bindings),
             quotas: std::sync::RwLock::new(quotas),
             quota_check: tokio::sync::RwLock::new(()),
+            issuer: std::sync::OnceLock::new(),
+            join_tokens: tokio::sync::Mutex::new(()),
+            renewed: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -487,7 +499,7 @@ impl Controller {
         generation
     }
 
-    async fn commit(&self, txn: Txn) -> Result<TxnOutcome, Status> {
+    pub(crate) async fn commit(&self, txn: Txn) -> Result<TxnOutcome, Status> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.txn(txn))
             .await

@@ -549,6 +549,32 @@ impl HostLink for HostLinkService {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    async fn join_host(
+        &self,
+        request: Request<fabric_proto::v1::JoinHostRequest>,
+    ) -> Result<Response<fabric_proto::v1::JoinHostResponse>, Status> {
+        let req = request.into_inner();
+        let certificate_pem = self
+            .controller
+            .join_host(&req.token, &req.host_name, &req.csr_pem)
+            .await?;
+        Ok(Response::new(fabric_proto::v1::JoinHostResponse {
+            certificate_pem,
+        }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<fabric_proto::v1::RenewCertificateRequest>,
+    ) -> Result<Response<fabric_proto::v1::RenewCertificateResponse>, Status> {
+        let caller = fabric_proto::tls::caller(&request)?;
+        let req = request.into_inner();
+        let certificate_pem = self.controller.renew_certificate(&caller, &req.csr_pem)?;
+        Ok(Response::new(fabric_proto::v1::RenewCertificateResponse {
+            certificate_pem,
+        }))
+    }
 }
 
 /// The largest message of an assignment stream: a larger update goes in parts

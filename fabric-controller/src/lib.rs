@@ -6,6 +6,7 @@
 //!   image transfers.
 //! - [`reconcile`]: the level-triggered loop that places, heals and drains.
 //! - [`scheduler`]: the pure placement library, fed by [`placement`].
+//! - [`join`]: join tokens and the host certificates the controller signs.
 //! - [`events`]: the event feed; [`validate`]: operator input checks.
 
 pub mod audit;
@@ -16,6 +17,7 @@ pub mod controller;
 pub mod events;
 pub mod hostlink;
 pub mod images;
+pub mod join;
 pub mod placement;
 pub mod reconcile;
 pub mod scheduler;

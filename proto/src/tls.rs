@@ -82,6 +82,10 @@ pub enum Identity {
     User(String),
     /// Root on this machine, over a Unix socket.
     LocalRoot,
+    /// A TLS caller that presented no client certificate: accepted only by a server that
+    /// allows it (the controller, for HostLink.JoinHost alone; every policy refuses it the
+    /// rest, UNAUTHENTICATED).
+    Anonymous,
 }
 
 impl Identity {
@@ -91,7 +95,7 @@ impl Identity {
             Identity::Controller => Some(format!("spiffe://{cluster}/controller")),
             Identity::Host(name) => Some(format!("spiffe://{cluster}/host/{name}")),
             Identity::User(name) => Some(format!("spiffe://{cluster}/user/{name}")),
-            Identity::LocalRoot => None,
+            Identity::LocalRoot | Identity::Anonymous => None,
         }
     }
 
@@ -140,6 +144,7 @@ impl fmt::Display for Identity {
             Identity::Host(name) => write!(f, "host/{name}"),
             Identity::User(name) => write!(f, "user/{name}"),
             Identity::LocalRoot => f.write_str("local-root"),
+            Identity::Anonymous => f.write_str("anonymous"),
         }
     }
 }
@@ -248,7 +253,7 @@ fn sign(
     let uri = request
         .identity
         .uri(cluster)
-        .ok_or("local-root has no certificate")?;
+        .ok_or("local-root and anonymous have no certificate")?;
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name
@@ -395,9 +400,31 @@ impl TlsFiles {
             .domain_name(domain))
     }
 
+    /// A client configuration for a caller without a certificate yet (an agent joining
+    /// with a token): the cluster CA as the only root and the controller's DNS name verified.
+    pub fn anonymous_client_config(&self) -> Result<tonic::transport::ClientTlsConfig, String> {
+        install_provider();
+        let ca = Self::read(&self.ca)?;
+        Ok(tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name(CONTROLLER_DNS_NAME))
+    }
+
     /// A server configuration: this identity's certificate (read again when its file
     /// changes), and a client certificate from the cluster CA required of every caller.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        self.server_config_with(false)
+    }
+
+    /// [`server_config`](Self::server_config), but a caller may also come without a client
+    /// certificate: it is then [`Identity::Anonymous`], which the authorization policy must
+    /// refuse but for the calls meant for it. A certificate that is presented must still be
+    /// the cluster CA's and valid: another CA's fails the handshake as before.
+    pub fn server_config_allowing_anonymous(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        self.server_config_with(true)
+    }
+
+    fn server_config_with(&self, anonymous: bool) -> Result<Arc<rustls::ServerConfig>, String> {
         install_provider();
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(&self.ca)
@@ -408,7 +435,13 @@ impl TlsFiles {
                 .add(cert)
                 .map_err(|e| format!("{}: {e}", self.ca.display()))?;
         }
-        let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        let builder = WebPkiClientVerifier::builder(Arc::new(roots));
+        let builder = if anonymous {
+            builder.allow_unauthenticated()
+        } else {
+            builder
+        };
+        let verifier = builder
             .build()
             .map_err(|e| format!("client verifier: {e}"))?;
         let resolver = ReloadingCert::load(&self.cert, &self.key)?;
@@ -505,6 +538,10 @@ impl ResolvesServerCert for ReloadingCert {
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     pub identity: Identity,
+    /// When the client certificate expires (None: no certificate). A connection outlives
+    /// the handshake that checked it: past this, its calls are refused (UNAUTHENTICATED),
+    /// so a host whose certificate was not renewed cannot go on over an old connection.
+    pub expires: Option<SystemTime>,
 }
 
 /// An accepted connection whose client presented a certificate of the cluster CA with one
@@ -572,7 +609,10 @@ impl tokio::io::AsyncWrite for TlsConnection {
 /// handshake runs on its own task (at most [`MAX_HANDSHAKES`] at once, each within
 /// [`HANDSHAKE_TIMEOUT`]), so a client that stalls its handshake holds up no other. A client
 /// without a certificate of the cluster CA, with an expired one, or with one that carries no
-/// identity of `cluster` (or several) is dropped, with a line in the log.
+/// identity of `cluster` (or several) is dropped, with a line in the log. A client with no
+/// certificate at all, which only a configuration made by
+/// [`TlsFiles::server_config_allowing_anonymous`] lets through the handshake, is
+/// [`Identity::Anonymous`].
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -621,18 +661,23 @@ pub fn incoming(
                             return;
                         }
                     };
-                let identity = stream
+                let certificate = stream
                     .get_ref()
                     .1
                     .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .ok_or_else(|| "no client certificate".to_string())
-                    .and_then(|cert| Identity::from_certificate(cert, &cluster));
+                    .and_then(|chain| chain.first());
+                let identity = match certificate {
+                    Some(cert) => Identity::from_certificate(cert, &cluster),
+                    // The verifier let it through: the server allows callers without one.
+                    None => Ok(Identity::Anonymous),
+                };
+                let expires = certificate.and_then(|cert| not_after(cert));
                 match identity {
                     Ok(identity) => {
                         let info = PeerInfo {
                             remote: Some(remote),
                             identity,
+                            expires,
                         };
                         let _ = tx.send(Ok(TlsConnection { stream, info })).await;
                     }
@@ -642,6 +687,13 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// A certificate's notAfter (DER).
+fn not_after(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
 /// One of an address's [`MAX_HANDSHAKES_PER_ADDRESS`] handshake slots, given back on drop.
@@ -689,6 +741,13 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Result<Identity, tonic::Status>
 /// [`caller`] from a request's extensions (what tonic puts there for each connection).
 pub fn caller_of(extensions: &http::Extensions) -> Result<Identity, tonic::Status> {
     if let Some(peer) = extensions.get::<PeerInfo>() {
+        // The real clock, as the handshake's check used.
+        if peer.expires.is_some_and(|at| SystemTime::now() >= at) {
+            return Err(tonic::Status::unauthenticated(format!(
+                "the client certificate of {} has expired: renew it and connect again",
+                peer.identity
+            )));
+        }
         return Ok(peer.identity.clone());
     }
     if let Some(unix) = extensions.get::<tonic::transport::server::UdsConnectInfo>() {
@@ -766,8 +825,13 @@ where
         let path = request.uri().path().to_string();
         // Read in place: no copy of the extensions on every call.
         let verdict = caller_of(request.extensions()).and_then(|identity| {
-            (self.policy)(&path, &identity).map_err(|why| {
-                tonic::Status::permission_denied(format!("{identity} may not call {path}: {why}"))
+            (self.policy)(&path, &identity).map_err(|why| match identity {
+                Identity::Anonymous => tonic::Status::unauthenticated(format!(
+                    "no client certificate: {path} needs one ({why})"
+                )),
+                _ => tonic::Status::permission_denied(format!(
+                    "{identity} may not call {path}: {why}"
+                )),
             })
         });
         match verdict {
@@ -777,5 +841,124 @@ where
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }
+    }
+}
+
+/// `bytes` filled from the crypto provider's secure random source.
+pub fn random_bytes(bytes: &mut [u8]) -> Result<(), String> {
+    provider()
+        .secure_random
+        .fill(bytes)
+        .map_err(|_| "the system's random source failed".to_string())
+}
+
+/// A new private key and a certificate signing request for it (PEM, the key first): what an
+/// agent sends to join or to renew. The CSR names nobody; the CA decides the identity.
+pub fn new_csr() -> Result<(String, String), String> {
+    let key = rcgen::KeyPair::generate().map_err(rcgen_error)?;
+    let params = rcgen::CertificateParams::default();
+    let csr = params.serialize_request(&key).map_err(rcgen_error)?;
+    Ok((csr.pem().map_err(rcgen_error)?, key.serialize_pem()))
+}
+
+/// The identity a certificate (PEM, its first one) carries for `cluster`.
+pub fn identity_of_pem(cert_pem: &str, cluster: &str) -> Result<Identity, String> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    Identity::from_certificate(&der, cluster)
+}
+
+/// The longest certificate signing request a server reads, bytes of PEM.
+pub const MAX_CSR_PEM: usize = 16 * 1024;
+
+/// When a certificate (PEM, its first one) becomes valid and when it expires.
+pub fn validity(cert_pem: &str) -> Result<(SystemTime, SystemTime), String> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let seconds = t.timestamp();
+        if seconds >= 0 {
+            std::time::UNIX_EPOCH + Duration::from_secs(seconds as u64)
+        } else {
+            std::time::UNIX_EPOCH
+        }
+    };
+    Ok((
+        at(cert.validity().not_before),
+        at(cert.validity().not_after),
+    ))
+}
+
+/// How long from `now` until a certificate valid from `not_before` to `not_after` is
+/// renewed: at two thirds of its lifetime (zero once that point has passed), leaving a third
+/// of it for retries when the controller cannot be reached.
+pub fn renewal_delay(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> Duration {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    if lifetime.is_zero() {
+        return Duration::ZERO;
+    }
+    let renew_at = not_before + lifetime * 2 / 3;
+    renew_at.duration_since(now).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_at_two_thirds_of_the_lifetime() {
+        let start = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let end = start + Duration::from_secs(24 * 3600);
+        assert_eq!(
+            renewal_delay(start, end, start),
+            Duration::from_secs(16 * 3600)
+        );
+        assert_eq!(
+            renewal_delay(start, end, start + Duration::from_secs(3600)),
+            Duration::from_secs(15 * 3600)
+        );
+        // Past two thirds, and past the end: at once.
+        assert_eq!(
+            renewal_delay(start, end, start + Duration::from_secs(20 * 3600)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            renewal_delay(start, end, end + Duration::from_secs(1)),
+            Duration::ZERO
+        );
+        // A certificate whose end comes before its start: at once.
+        assert_eq!(renewal_delay(end, start, start), Duration::ZERO);
+        // Seconds-long lifetimes (the tests'): 6 s renews at 4 s.
+        let short = start + Duration::from_secs(6);
+        assert_eq!(renewal_delay(start, short, start), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn a_csr_yields_a_certificate_for_the_cas_choice_of_identity() {
+        let ca = new_ca("c1", Duration::from_secs(3600)).unwrap();
+        let (csr, key) = new_csr().unwrap();
+        assert!(key.contains("PRIVATE KEY"));
+        let identity = Identity::Host("h1".into());
+        let cert = issue_for_csr(
+            &ca,
+            "c1",
+            &Request {
+                identity: &identity,
+                dns_names: &[],
+                ips: &[],
+                backdate: Duration::ZERO,
+                lifetime: Duration::from_secs(60),
+            },
+            &csr,
+        )
+        .unwrap();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(Identity::from_certificate(&der, "c1"), Ok(identity));
+        let (from, to) = validity(&cert).unwrap();
+        let lifetime = to.duration_since(from).unwrap();
+        assert_eq!(lifetime, Duration::from_secs(60));
+        assert!(validity("not a certificate").is_err());
     }
 }

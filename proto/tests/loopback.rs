@@ -213,6 +213,20 @@ impl Compute for TestCompute {
         not_needed()
     }
 
+    async fn create_join_token(
+        &self,
+        _: Request<fabric_proto::v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<fabric_proto::v1::CreateJoinTokenResponse>, Status> {
+        not_needed()
+    }
+
+    async fn list_join_tokens(
+        &self,
+        _: Request<fabric_proto::v1::ListJoinTokensRequest>,
+    ) -> Result<Response<fabric_proto::v1::ListJoinTokensResponse>, Status> {
+        not_needed()
+    }
+
     type WatchEventsStream = ServerStream<Event>;
 
     /// Three events after `since_sequence`, about the requested VM.
@@ -295,6 +309,20 @@ impl HostLink for TestHostLink {
             },
         ];
         Ok(Response::new(stream_of(updates)))
+    }
+
+    async fn join_host(
+        &self,
+        _: Request<fabric_proto::v1::JoinHostRequest>,
+    ) -> Result<Response<fabric_proto::v1::JoinHostResponse>, Status> {
+        Err(Status::unimplemented("not needed by these tests"))
+    }
+
+    async fn renew_certificate(
+        &self,
+        _: Request<fabric_proto::v1::RenewCertificateRequest>,
+    ) -> Result<Response<fabric_proto::v1::RenewCertificateResponse>, Status> {
+        Err(Status::unimplemented("not needed by these tests"))
     }
 }
 

@@ -213,6 +213,31 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "fabric.v1.CreateJoinTokenRequest",
+            round_trip(CreateJoinTokenRequest {
+                host_name: "host-1".to_owned(),
+                ttl_seconds: 3600,
+            }),
+        ),
+        (
+            "fabric.v1.CreateJoinTokenResponse",
+            round_trip(CreateJoinTokenResponse {
+                token: "fabric-join.0123456789abcdef.secret".to_owned(),
+                info: Some(join_token()),
+            }),
+        ),
+        ("fabric.v1.JoinToken", round_trip(join_token())),
+        (
+            "fabric.v1.ListJoinTokensRequest",
+            round_trip(ListJoinTokensRequest {}),
+        ),
+        (
+            "fabric.v1.ListJoinTokensResponse",
+            round_trip(ListJoinTokensResponse {
+                tokens: vec![join_token()],
+            }),
+        ),
+        (
             "fabric.v1.WatchEventsRequest",
             round_trip(watch_events_request()),
         ),
@@ -244,6 +269,32 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         (
             "fabric.v1.AssignmentUpdate",
             round_trip(assignment_update(8)),
+        ),
+        (
+            "fabric.v1.JoinHostRequest",
+            round_trip(JoinHostRequest {
+                token: "fabric-join.0123456789abcdef.secret".to_owned(),
+                host_name: "host-1".to_owned(),
+                csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".to_owned(),
+            }),
+        ),
+        (
+            "fabric.v1.JoinHostResponse",
+            round_trip(JoinHostResponse {
+                certificate_pem: "-----BEGIN CERTIFICATE-----".to_owned(),
+            }),
+        ),
+        (
+            "fabric.v1.RenewCertificateRequest",
+            round_trip(RenewCertificateRequest {
+                csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".to_owned(),
+            }),
+        ),
+        (
+            "fabric.v1.RenewCertificateResponse",
+            round_trip(RenewCertificateResponse {
+                certificate_pem: "-----BEGIN CERTIFICATE-----".to_owned(),
+            }),
         ),
         // Images
         (
@@ -658,5 +709,21 @@ fn audit_entry() -> fabric_proto::v1::AuditEntry {
         code: 5,
         message: "no VM with id".to_owned(),
         request_sha256: "ab".repeat(32),
+    }
+}
+
+fn join_token() -> JoinToken {
+    JoinToken {
+        id: "0123456789abcdef".to_owned(),
+        host_name: "host-1".to_owned(),
+        expires_at: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
+        created_by: "user/admin".to_owned(),
+        used_at: Some(prost_types::Timestamp {
+            seconds: 1_600_000_000,
+            nanos: 0,
+        }),
     }
 }

@@ -251,3 +251,78 @@ async fn idle_connections_from_one_address_cannot_hold_the_listener() {
         .await
         .expect("served once the idle connections went");
 }
+
+/// The controller's listener lets callers without a certificate through the handshake (to
+/// join with a token): they are `anonymous`, which the authorization layer refuses with
+/// UNAUTHENTICATED; a certificate of another CA, or an expired one, still fails the
+/// handshake.
+#[tokio::test]
+async fn a_listener_open_to_anonymous_callers_still_refuses_bad_certificates() {
+    tls::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tls::new_ca(CLUSTER, DAY).unwrap();
+    let controller = tls::issue(&ca, CLUSTER, &request(&Identity::Controller)).unwrap();
+    let server = write(dir.path(), "controller", &ca, &controller);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = server.server_config_allowing_anonymous().unwrap();
+    let (_reporter, health) = fabric_proto::health_service(&[]).await;
+    let policy: tls::Policy = std::sync::Arc::new(|_path: &str, caller: &Identity| match caller {
+        Identity::User(_) => Ok(()),
+        _ => Err("users only".to_string()),
+    });
+    tokio::spawn(
+        fabric_proto::server()
+            .layer(tls::AuthorizeLayer::new(policy))
+            .add_service(health)
+            .serve_with_incoming(tls::incoming(listener, config, CLUSTER.into())),
+    );
+
+    let alice = tls::issue(&ca, CLUSTER, &request(&Identity::User("alice".into()))).unwrap();
+    let alice = write(dir.path(), "alice", &ca, &alice);
+    check(addr, alice.client_config().unwrap())
+        .await
+        .expect("alice is served");
+    let refused = check(addr, server.anonymous_client_config().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        refused.starts_with("Unauthenticated: no client certificate"),
+        "{refused}"
+    );
+    let other_ca = tls::new_ca(CLUSTER, DAY).unwrap();
+    let forged = tls::issue(
+        &other_ca,
+        CLUSTER,
+        &request(&Identity::User("alice".into())),
+    )
+    .unwrap();
+    let forged_dir = tempfile::tempdir().unwrap();
+    let forged = write(forged_dir.path(), "alice", &ca, &forged);
+    let refused = check(addr, forged.client_config().unwrap())
+        .await
+        .expect_err("another CA's certificate was served");
+    assert!(
+        !refused.contains("Unauthenticated"),
+        "got past the handshake: {refused}"
+    );
+    let expired = tls::issue(
+        &ca,
+        CLUSTER,
+        &tls::Request {
+            backdate: Duration::from_secs(7200),
+            lifetime: Duration::from_secs(3600),
+            ..request(&Identity::User("alice".into()))
+        },
+    )
+    .unwrap();
+    let expired_dir = tempfile::tempdir().unwrap();
+    let expired = write(expired_dir.path(), "alice", &ca, &expired);
+    let refused = check(addr, expired.client_config().unwrap())
+        .await
+        .expect_err("an expired certificate was served");
+    assert!(
+        !refused.contains("Unauthenticated"),
+        "got past the handshake: {refused}"
+    );
+}

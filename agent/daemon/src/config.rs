@@ -130,6 +130,8 @@ struct FileConfig {
     stop_timeout_secs: Option<u64>,
     image_cache_mib: Option<u64>,
     tls_dir: Option<PathBuf>,
+    join_token: Option<String>,
+    join_token_file: Option<PathBuf>,
     reserve: Option<Reserve>,
     labels: Option<BTreeMap<String, String>>,
     admins: Option<Vec<String>>,
@@ -159,6 +161,10 @@ pub struct Flags {
     /// (`fabricctl pki issue --host NAME` makes one). Needed for any TCP address.
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
+    /// A file holding a one-time join token (`fabricctl host token create --name NAME`):
+    /// used when tls_dir has ca.pem but no host.pem yet, to get this host's certificate.
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
     /// Host name registered with the controller (default: the kernel's host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -183,6 +189,8 @@ pub struct Config {
     pub listen: String,
     /// The host's certificate directory (ca.pem, host.pem, host-key.pem), for TCP.
     pub tls_dir: Option<PathBuf>,
+    /// A one-time join token, for a first start with ca.pem but no host.pem in tls_dir.
+    pub join_token: Option<JoinToken>,
     /// The Agent service address registered with the controller.
     pub advertise: String,
     pub name: String,
@@ -209,6 +217,31 @@ pub struct Config {
     pub sim: SimConfig,
     pub memory: MemoryConfig,
 }
+
+/// A join token, kept out of every log and debug print.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken(String);
+
+impl JoinToken {
+    pub fn new(text: &str) -> JoinToken {
+        JoinToken(text.trim().to_string())
+    }
+
+    /// The token itself, for the one request that carries it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinToken(<redacted>)")
+    }
+}
+
+/// The longest join token text read from a file or the configuration, bytes (the form is
+/// 94 bytes).
+pub const MAX_JOIN_TOKEN: usize = 256;
 
 /// A configuration that cannot be used, with what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +333,34 @@ impl Config {
         for admin in &admins {
             fabric_proto::tls::check_name("admins: user", admin).map_err(invalid)?;
         }
+        let join_token_file = flags.join_token_file.or(file.join_token_file);
+        let join_token = match (file.join_token, join_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "join_token and join_token_file: give one of them, not both",
+                ))
+            }
+            (Some(text), None) => Some(JoinToken::new(&text)),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| invalid(format!("join_token_file {}: {e}", path.display())))?;
+                Some(JoinToken::new(&text))
+            }
+            (None, None) => None,
+        };
+        if let Some(token) = &join_token {
+            if token.expose().is_empty() || token.expose().len() > MAX_JOIN_TOKEN {
+                // The message never shows the token.
+                return Err(invalid(format!(
+                    "the join token: 1..={MAX_JOIN_TOKEN} bytes (fabricctl host token create prints one)"
+                )));
+            }
+            if tls_dir.is_none() {
+                return Err(invalid(
+                    "a join token needs tls_dir (with the cluster's ca.pem): the certificate is written there",
+                ));
+            }
+        }
         let advertise = file.advertise.unwrap_or_else(|| listen.clone());
         let name = match flags.name.or(file.name) {
             Some(name) => name,
@@ -353,6 +414,7 @@ impl Config {
             controller,
             listen,
             tls_dir,
+            join_token,
             advertise,
             name,
             machine_id,
@@ -545,5 +607,43 @@ mod tests {
         let config = Config::merge(file, flags).expect("and is valid");
         assert_eq!(config.controller, "https://10.0.0.1:7070");
         assert_eq!(config.tls_dir, Some(PathBuf::from("/etc/fabric/tls")));
+    }
+
+    #[test]
+    fn a_join_token_is_read_once_and_never_printed() {
+        let base = "controller = \"https://10.0.0.1:7070\"\ntls_dir = \"/etc/fabric/tls\"\nmachine_id = \"m\"\nname = \"n\"\n";
+        let config =
+            Config::from_toml(&format!("{base}join_token = \" fabric-join.abc.def\\n\"")).unwrap();
+        let token = config.join_token.clone().expect("a token");
+        assert_eq!(token.expose(), "fabric-join.abc.def");
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("fabric-join.abc"), "{printed}");
+        // From a file (the flag or the key); not both ways at once; not without tls_dir.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "fabric-join.x.y\n").unwrap();
+        let config =
+            Config::from_toml(&format!("{base}join_token_file = \"{}\"", file.display())).unwrap();
+        assert_eq!(config.join_token.unwrap().expose(), "fabric-join.x.y");
+        let err = Config::from_toml(&format!(
+            "{base}join_token = \"a\"\njoin_token_file = \"{}\"",
+            file.display()
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let err = Config::from_toml(
+            "controller = \"unix:/c\"\nmachine_id = \"m\"\nname = \"n\"\njoin_token = \"t\"",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("needs tls_dir"), "{err}");
+        let err =
+            Config::from_toml(&format!("{base}join_token = \"{}\"", "x".repeat(300))).unwrap_err();
+        assert!(!err.to_string().contains("xxxx"), "{err}");
+        let err = Config::from_toml(&format!(
+            "{base}join_token_file = \"{}\"",
+            dir.path().join("missing").display()
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("join_token_file"), "{err}");
     }
 }

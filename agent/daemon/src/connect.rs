@@ -94,6 +94,55 @@ pub fn lazy_channel(
     })
 }
 
+/// The channel to the controller, replaced by a new one when the host's certificate is
+/// renewed: tonic reads a channel's TLS configuration once, so a channel built before the
+/// renewal would present the old certificate whenever it reconnects. Users take
+/// [`current`](Self::current) for each call (the image cache) or watch for the change (the
+/// HostLink loop, which moves its calls and its assignment stream to the new channel).
+#[derive(Clone)]
+pub struct ControllerChannel {
+    rx: tokio::sync::watch::Receiver<Channel>,
+}
+
+impl ControllerChannel {
+    /// A holder of `channel` and the sender that replaces it.
+    pub fn new(channel: Channel) -> (tokio::sync::watch::Sender<Channel>, ControllerChannel) {
+        let (tx, rx) = tokio::sync::watch::channel(channel);
+        (tx, ControllerChannel { rx })
+    }
+
+    /// The channel to use now.
+    pub fn current(&self) -> Channel {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver that sees each replacement.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<Channel> {
+        self.rx.clone()
+    }
+}
+
+/// A channel to a TCP controller for a caller without a certificate yet (an agent joining):
+/// TLS with the cluster CA (`tls.ca`) as the only root, no client certificate.
+pub fn anonymous_channel(
+    address: &Address,
+    tls: &fabric_proto::tls::TlsFiles,
+) -> Result<Channel, String> {
+    let Address::Tcp(uri) = address else {
+        return Err(
+            "joining with a token needs a TCP controller address (https://HOST:PORT)".into(),
+        );
+    };
+    Ok(Endpoint::from_shared(uri.to_string())
+        .expect("checked by Address::parse")
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(15))
+        .tcp_nodelay(true)
+        .tls_config(tls.anonymous_client_config()?)
+        .map_err(|e| format!("TLS: {e}"))?
+        .connect_lazy())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

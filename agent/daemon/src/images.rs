@@ -13,7 +13,6 @@ use fabric_proto::v1::pull_image_response::Part;
 use fabric_proto::v1::PullImageRequest;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
 
 /// Marks a cached file as just used (its modification time), for [`trim`].
 fn touch(path: &Path) {
@@ -80,7 +79,7 @@ pub fn check_sha256(digest: &str) -> Result<(), String> {
 /// The cache.
 pub struct ImageCache {
     dir: PathBuf,
-    channel: Channel,
+    channel: crate::connect::ControllerChannel,
     /// One download at a time per digest.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// What the cache is trimmed to after a download, bytes.
@@ -92,7 +91,11 @@ pub const EVICT_AFTER: Duration = Duration::from_secs(120);
 
 impl ImageCache {
     /// The cache in `dir`, trimmed to `budget_mib`; downloads a crash cut short are removed.
-    pub fn new(dir: PathBuf, channel: Channel, budget_mib: u64) -> ImageCache {
+    pub fn new(
+        dir: PathBuf,
+        channel: crate::connect::ControllerChannel,
+        budget_mib: u64,
+    ) -> ImageCache {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for entry in entries.flatten() {
                 if entry.file_name().to_string_lossy().starts_with(".partial-") {
@@ -151,7 +154,7 @@ impl ImageCache {
 
     async fn download(&self, digest: &str, partial: &Path) -> Result<(), String> {
         let short = &digest[..12];
-        let mut client = ImagesClient::new(self.channel.clone());
+        let mut client = ImagesClient::new(self.channel.current());
         let response = client
             .pull_image(PullImageRequest {
                 sha256: digest.to_string(),

@@ -14,6 +14,7 @@
 //! - [`record`]: what survives an agent restart, on disk; [`process`]: watching VMM processes
 //!   the agent may not have started itself (pidfds).
 //! - [`service`]: the Agent gRPC service for operators on the host.
+//! - [`certs`]: the host's certificate: joining with a token, renewing before expiry.
 //!
 //! Restart safety: a VM's VMM runs in its own session and cgroup, and everything the agent
 //! knows about it is in `<data_dir>/vms/<vm_id>/vm.json`; the lease's expiry is in
@@ -22,6 +23,7 @@
 
 pub mod backend;
 pub mod balancer;
+pub mod certs;
 pub mod cgroup;
 pub mod config;
 pub mod connect;

@@ -341,12 +341,18 @@ fn heartbeat_request(host: &Host, host_id: &str, session: u64) -> HeartbeatReque
 }
 
 /// Registers, heartbeats and watches assignments, forever; reconnects after any failure.
-pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
-    let mut client = HostLinkClient::new(channel);
+pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: crate::connect::ControllerChannel) {
+    // Replaced when the host's certificate is renewed: later calls and the assignment stream
+    // move to the new channel (its new connection presents the new certificate).
+    let mut channels = channel.watch();
+    let mut client = HostLinkClient::new(channels.borrow_and_update().clone());
     let mut retry = MIN_RETRY;
     let mut last_complaint: Option<String> = None;
     let mut session = load_session(&host);
     loop {
+        if channels.has_changed().unwrap_or(false) {
+            client = HostLinkClient::new(channels.borrow_and_update().clone());
+        }
         let sent = BootInstant::now();
         let response = match tokio::time::timeout(
             Duration::from_secs(10),
@@ -388,12 +394,12 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
 
         // Set by the assignment stream when the controller says this session was superseded.
         let (disowned_tx, mut disowned) = watch::channel(None::<tonic::Status>);
-        let watcher = tokio::spawn(watch_assignments(
+        let mut watcher = tokio::spawn(watch_assignments(
             host.clone(),
             client.clone(),
             host_id.clone(),
             session,
-            disowned_tx,
+            disowned_tx.clone(),
         ));
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -407,6 +413,22 @@ pub async fn run(host: Arc<Host>, lease: Arc<Lease>, channel: Channel) {
                     if let Some(status) = disowned.borrow_and_update().clone() {
                         break Some(status);
                     }
+                    continue;
+                }
+                Ok(()) = channels.changed() => {
+                    // A renewed certificate: the next heartbeat and a new assignment stream
+                    // go over the new channel. The stream reopened starts with the complete
+                    // set, which changes nothing on the host: the VMs run on.
+                    client = HostLinkClient::new(channels.borrow_and_update().clone());
+                    watcher.abort();
+                    watcher = tokio::spawn(watch_assignments(
+                        host.clone(),
+                        client.clone(),
+                        host_id.clone(),
+                        session,
+                        disowned_tx.clone(),
+                    ));
+                    tracing::info!("the controller connection now presents the renewed certificate");
                     continue;
                 }
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::Parser;
 use fabric_agent::backend::Hypervisor;
 use fabric_agent::config::{Config, Flags, HypervisorKind};
-use fabric_agent::connect::{lazy_channel, Address};
+use fabric_agent::connect::{lazy_channel, Address, ControllerChannel};
 use fabric_agent::images::ImageCache;
 use fabric_agent::service::AgentService;
 use fabric_agent::{kvm, link, sim, Host};
@@ -58,6 +58,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let tls = match &config.tls_dir {
         Some(dir) => {
             let files = fabric_proto::tls::TlsFiles::in_dir(dir, "host");
+            if !files.cert.exists() {
+                let Some(token) = &config.join_token else {
+                    anyhow::bail!(
+                        "{}: no host certificate: give a join token (join_token_file; fabricctl host token create --name {} makes one) or issue one (fabricctl pki issue --host {})",
+                        files.cert.display(),
+                        config.name,
+                        config.name
+                    );
+                };
+                fabric_agent::certs::join(&controller, &files, &config.name, token).await?;
+            } else if config.join_token.is_some() {
+                tracing::info!(cert = %files.cert.display(), "the host has its certificate: the join token is not used (it may be removed)");
+            }
             let identity = files.identity().map_err(anyhow::Error::msg)?;
             let own = fabric_proto::tls::Identity::Host(config.name.clone());
             if identity != own {
@@ -70,7 +83,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let channel = lazy_channel(&controller, tls.as_ref()).map_err(anyhow::Error::msg)?;
+    let (channels, channel) = ControllerChannel::new(
+        lazy_channel(&controller, tls.as_ref()).map_err(anyhow::Error::msg)?,
+    );
+    // A certificate for TCP is renewed before it expires (a Unix socket needs none).
+    if let (Some(files), Address::Tcp(_)) = (&tls, &controller) {
+        tokio::spawn(fabric_agent::certs::run_renewal(
+            controller.clone(),
+            files.clone(),
+            config.name.clone(),
+            channels,
+        ));
+    }
     let backend: Arc<dyn Hypervisor> = match config.hypervisor {
         HypervisorKind::Kvm => {
             let images = Arc::new(ImageCache::new(

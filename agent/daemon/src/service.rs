@@ -193,6 +193,7 @@ pub fn agent_policy(
         }
     };
     match caller {
+        Identity::Anonymous => Err("every call needs a client certificate".into()),
         _ if service == fabric_proto::HEALTH_SERVICE => Ok(()),
         Identity::LocalRoot | Identity::Controller => serves(),
         Identity::User(name) if admins.iter().any(|a| a == name) => serves(),

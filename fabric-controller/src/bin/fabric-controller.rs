@@ -27,8 +27,15 @@ struct Args {
     /// The controller's certificate: a directory with ca.pem, controller.pem and
     /// controller-key.pem (`fabricctl pki init` makes one). Every TCP listener needs it: the
     /// controller serves no plain TCP. controller.pem is read again when it changes.
+    /// With ca-key.pem there too (where `fabricctl pki init` writes it), the controller signs
+    /// the certificates of hosts that join with a token and renews them; without it, those
+    /// calls are refused (FAILED_PRECONDITION).
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
+    /// How long the certificates the controller issues to hosts (join, renewal) are valid:
+    /// 90s, 15m, 24h, 7d. Agents renew theirs at two thirds of it.
+    #[arg(long, default_value = "24h", value_parser = fabric_controller::cli::pki::parse_duration, value_name = "DURATION")]
+    host_cert_ttl: Duration,
     /// The store file and image blobs live here.
     #[arg(long, default_value = "/var/lib/fabric-controller")]
     data_dir: PathBuf,
@@ -188,8 +195,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     files.cert.display()
                 );
             }
-            let config = files.server_config().map_err(anyhow::Error::msg)?;
+            // Callers without a certificate get through the handshake only to join with a
+            // token (the authorization policy refuses them everything else).
+            let config = files
+                .server_config_allowing_anonymous()
+                .map_err(anyhow::Error::msg)?;
             tracing::info!(cluster, cert = %files.cert.display(), "mutual TLS on TCP listeners");
+            let ca_key = dir.join(fabric_proto::tls::CA_KEY_FILE);
+            if ca_key.exists() {
+                tracing::info!(ca_key = %ca_key.display(), host_cert_ttl_s = args.host_cert_ttl.as_secs(), "hosts may join with tokens and renew their certificates");
+            } else {
+                tracing::warn!(ca_key = %ca_key.display(), "no CA key: hosts cannot join with tokens or renew their certificates");
+            }
+            controller.set_issuer(fabric_controller::join::Issuer {
+                tls_dir: dir.clone(),
+                cluster: cluster.clone(),
+                host_cert_lifetime: args.host_cert_ttl,
+            });
             Some((config, cluster))
         }
         None => None,

@@ -151,6 +151,24 @@ pub enum VmCommand {
     },
 }
 
+/// `fabricctl host token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a one-time join token for host NAME and print it (once: the controller keeps
+    /// only its hash). The agent of NAME presents it on its first start (join_token_file)
+    /// and gets the certificate of host/NAME.
+    Create {
+        /// The host the token is for.
+        #[arg(long)]
+        name: String,
+        /// How long the token may be used: 90s, 15m, 1h, 7d (at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = pki::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// List the join tokens not yet expired (never their secrets).
+    List,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum HostCommand {
     /// List hosts. CPUS and MEMORY(MiB) are allocated/allocatable; VMS counts running VMs.
@@ -200,6 +218,11 @@ pub enum HostCommand {
     Reinstate {
         /// The host's name.
         name: String,
+    },
+    /// One-time tokens with which new hosts join (get their certificate).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Cordon a host and move its VMs to other hosts.
     Drain {
@@ -775,6 +798,84 @@ async fn host(clients: &mut Clients, command: HostCommand, output: Output) -> an
                 }
                 Output::Table if response.newly_revoked => print(&format!("host/{name} revoked\n")),
                 Output::Table => print(&format!("host/{name} was revoked already\n")),
+            };
+        }
+        HostCommand::Token {
+            command: TokenCommand::Create { name, ttl },
+        } => {
+            let response = reply(
+                clients
+                    .compute
+                    .create_join_token(fabric_proto::v1::CreateJoinTokenRequest {
+                        host_name: name.clone(),
+                        ttl_seconds: ttl.as_secs(),
+                    })
+                    .await,
+            )?;
+            let info = response.info.unwrap_or_default();
+            return match output {
+                Output::Json => print_json(&json!({
+                    "token": response.token,
+                    "id": info.id,
+                    "host_name": info.host_name,
+                    "expires_at": info.expires_at.map(|t| t.to_string()),
+                })),
+                // The token alone on stdout, for `TOKEN=$(fabricctl host token create ...)`.
+                Output::Table => {
+                    eprintln!(
+                        "join token {} for host {name}, valid until {}; shown only now",
+                        info.id,
+                        info.expires_at.map(|t| t.to_string()).unwrap_or_default()
+                    );
+                    print(&format!("{}\n", response.token))
+                }
+            };
+        }
+        HostCommand::Token {
+            command: TokenCommand::List,
+        } => {
+            let tokens = reply(
+                clients
+                    .compute
+                    .list_join_tokens(fabric_proto::v1::ListJoinTokensRequest {})
+                    .await,
+            )?
+            .tokens;
+            let time = |t: &Option<prost_types::Timestamp>| {
+                t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+            };
+            return match output {
+                Output::Json => print_json(
+                    &tokens
+                        .iter()
+                        .map(|t| {
+                            json!({
+                                "id": t.id,
+                                "host_name": t.host_name,
+                                "expires_at": time(&t.expires_at),
+                                "used_at": t.used_at.map(|u| u.to_string()),
+                                "created_by": t.created_by,
+                            })
+                        })
+                        .collect(),
+                ),
+                Output::Table => {
+                    let mut text = format!(
+                        "{:<16}  {:<24}  {:<20}  {:<20}  {}\n",
+                        "ID", "HOST", "EXPIRES", "USED", "CREATED BY"
+                    );
+                    for t in &tokens {
+                        text.push_str(&format!(
+                            "{:<16}  {:<24}  {:<20}  {:<20}  {}\n",
+                            t.id,
+                            t.host_name,
+                            time(&t.expires_at),
+                            time(&t.used_at),
+                            t.created_by
+                        ));
+                    }
+                    print(&text)
+                }
             };
         }
         HostCommand::Reinstate { name } => {

@@ -537,6 +537,7 @@ pub(crate) fn local_root<T>(message: T) -> Request<T> {
         .insert(fabric_proto::tls::PeerInfo {
             remote: None,
             identity: fabric_proto::tls::Identity::LocalRoot,
+            expires: None,
         });
     request
 }

@@ -287,6 +287,8 @@ pub struct SimHostSpec {
     /// Where its Agent service listens (`unix:<dir>/agent.sock` unless set; a TCP address
     /// needs `tls_dir`).
     pub listen: Option<String>,
+    /// A file with a join token (`join_token_file`), for a `tls_dir` holding only ca.pem.
+    pub join_token_file: Option<PathBuf>,
 }
 
 impl SimHostSpec {
@@ -302,6 +304,7 @@ impl SimHostSpec {
             disk_mib: 1 << 20,
             tls_dir: None,
             listen: None,
+            join_token_file: None,
         }
     }
 
@@ -314,6 +317,12 @@ impl SimHostSpec {
     /// A host serving its Agent service at `listen` (`127.0.0.1:PORT`: mutual TLS).
     pub fn with_listen(mut self, listen: &str) -> SimHostSpec {
         self.listen = Some(listen.to_string());
+        self
+    }
+
+    /// A host that joins with the token in `file` (its `tls_dir` holds only ca.pem).
+    pub fn with_join_token_file(mut self, file: &Path) -> SimHostSpec {
+        self.join_token_file = Some(file.to_owned());
         self
     }
 
@@ -401,7 +410,14 @@ budget_mib = {memory_budget_mib}
                 .tls_dir
                 .as_ref()
                 .map(|d| format!("tls_dir = \"{}\"", d.display()))
-                .unwrap_or_default(),
+                .into_iter()
+                .chain(
+                    spec.join_token_file
+                        .as_ref()
+                        .map(|f| format!("join_token_file = \"{}\"", f.display())),
+                )
+                .collect::<Vec<_>>()
+                .join("\n"),
             listen = spec
                 .listen
                 .clone()

@@ -274,6 +274,24 @@ impl HostLink for Shared {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+
+    async fn join_host(
+        &self,
+        _: Request<fabric_proto::v1::JoinHostRequest>,
+    ) -> Result<Response<fabric_proto::v1::JoinHostResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake controller issues no certificates",
+        ))
+    }
+
+    async fn renew_certificate(
+        &self,
+        _: Request<fabric_proto::v1::RenewCertificateRequest>,
+    ) -> Result<Response<fabric_proto::v1::RenewCertificateResponse>, Status> {
+        Err(Status::unimplemented(
+            "the fake controller issues no certificates",
+        ))
+    }
 }
 
 #[tonic::async_trait]

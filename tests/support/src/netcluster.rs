@@ -126,6 +126,11 @@ pub struct NetCluster {
     pub hosts: Vec<NetHost>,
     /// The cluster's CA and the controller's certificate (mutual TLS on its TCP listener).
     pub pki: crate::pki::Pki,
+    /// More controller flags (e.g. `--host-cert-ttl 6s`).
+    pub controller_args: Vec<String>,
+    /// Agents get their certificates by joining with a token (their tls_dir starts with
+    /// only ca.pem), not from `fabricctl pki issue`.
+    pub join_with_tokens: bool,
 }
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -138,6 +143,19 @@ impl NetCluster {
         fault_domains: u32,
         update_domains: u32,
         timing: Timing,
+    ) -> NetCluster {
+        Self::start_with(hosts, fault_domains, update_domains, timing, &[], false)
+    }
+
+    /// [`start`](Self::start), with more controller flags and, when `join_with_tokens`,
+    /// agents that join with a token made by `fabricctl host token create`.
+    pub fn start_with(
+        hosts: usize,
+        fault_domains: u32,
+        update_domains: u32,
+        timing: Timing,
+        controller_args: &[&str],
+        join_with_tokens: bool,
     ) -> NetCluster {
         let prefix = format!(
             "fe{}{}",
@@ -158,6 +176,8 @@ impl NetCluster {
             controller: None,
             hosts: Vec::new(),
             pki,
+            controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
+            join_with_tokens,
         };
         ip(&["netns", "add", &net_ns]);
         ip(&["-n", &net_ns, "link", "set", "lo", "up"]);
@@ -231,6 +251,7 @@ impl NetCluster {
             .arg(self.timing.heartbeat_interval.to_string())
             .arg("--fencing-margin")
             .arg(self.timing.fencing_margin.to_string())
+            .args(&self.controller_args)
             .env("FABRIC_LOG", "info");
         let n = std::fs::read_dir(self.dir.path())
             .map(|d| d.count())
@@ -250,13 +271,24 @@ impl NetCluster {
     pub fn start_agent(&mut self, i: usize) {
         let host = &self.hosts[i];
         let tls = host.dir.join("tls");
+        let mut join = String::new();
         if !tls.join("host.pem").exists() {
-            self.pki.host(&host.name, &tls);
+            if self.join_with_tokens {
+                // As an operator joins a machine: the CA certificate copied, a token made.
+                std::fs::create_dir_all(&tls).expect("tls dir");
+                std::fs::copy(self.pki.dir.join("ca.pem"), tls.join("ca.pem")).expect("ca.pem");
+                let token = self.fabricctl(&["host", "token", "create", "--name", &host.name]);
+                let file = host.dir.join("join-token");
+                std::fs::write(&file, token).expect("token file");
+                join = format!("join_token_file = \"{}\"\n", file.display());
+            } else {
+                self.pki.host(&host.name, &tls);
+            }
         }
         let config = format!(
             r#"controller = "https://10.99.0.1:7070"
 tls_dir = "{tls}"
-listen = "unix:{listen}"
+{join}listen = "unix:{listen}"
 name = "{name}"
 machine_id = "{name}"
 zone = "z1"
