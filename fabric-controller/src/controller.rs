@@ -1314,7 +1314,7 @@ impl Controller {
                 continue;
             }
             usage.0 += u64::from(spec.vcpus);
-            usage.1 += spec.memory.map_or(0, |m| m.startup_mib);
+            usage.1 += quota_memory_mib(spec);
             usage.2 += 1;
         }
         usage
@@ -1541,11 +1541,17 @@ impl Controller {
 
 /// RESOURCE_EXHAUSTED naming the quota and the figures when `vm` does not fit `quota`
 /// beside `used`.
+/// The memory a VM counts against its project's quota: the most it may be given (its
+/// maximum under dynamic memory, else its startup memory), not what it starts with.
+pub fn quota_memory_mib(spec: &fabric_proto::v1::VmSpec) -> u64 {
+    spec.memory.map_or(0, |m| m.startup_mib.max(m.maximum_mib))
+}
+
 pub fn check_quota(quota: &ProjectQuota, used: Usage, vm: &Vm) -> Result<(), Status> {
     let spec = vm.spec.clone().unwrap_or_default();
     let project = &quota.project;
     let vcpus = u64::from(spec.vcpus);
-    let memory = spec.memory.map_or(0, |m| m.startup_mib);
+    let memory = quota_memory_mib(&spec);
     if quota.vcpus > 0 && used.0 + vcpus > u64::from(quota.vcpus) {
         return Err(Status::resource_exhausted(format!(
             "project {project}: {vcpus} vCPUs requested, {} of {} in use (quota vcpus={})",
@@ -1659,4 +1665,47 @@ fn uses_image(spec: &fabric_proto::v1::VmSpec, sha256: &str) -> bool {
     boot || spec.disks.iter().any(|d| {
         matches!(&d.source, Some(fabric_proto::v1::disk_spec::Source::ImageSha256(d)) if d == sha256)
     })
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+
+    fn vm(startup_mib: u64, maximum_mib: u64) -> Vm {
+        Vm {
+            spec: Some(fabric_proto::v1::VmSpec {
+                vcpus: 1,
+                memory: Some(fabric_proto::v1::MemorySpec {
+                    startup_mib,
+                    minimum_mib: startup_mib.min(maximum_mib),
+                    maximum_mib,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_vm_counts_the_most_memory_it_may_be_given() {
+        let quota = ProjectQuota {
+            project: "p2".into(),
+            memory_mib: 1000,
+            ..Default::default()
+        };
+        // Starts with 64 MiB but may grow to 1 TiB: over a 1000 MiB quota.
+        let refused = check_quota(&quota, (0, 0, 0), &vm(64, 1 << 20)).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused
+                .message()
+                .contains("1048576 MiB of memory requested")
+                && refused.message().contains("quota memory-mib=1000"),
+            "{refused:?}"
+        );
+        check_quota(&quota, (0, 0, 0), &vm(64, 512)).expect("within the quota");
+        // What is in use counts maxima too.
+        check_quota(&quota, (0, 600, 1), &vm(64, 512)).unwrap_err();
+    }
 }
