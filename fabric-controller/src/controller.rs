@@ -1240,6 +1240,28 @@ impl Controller {
         self.change_binding(user, project, role, false, audit).await
     }
 
+    /// `--bootstrap-admin NAME`: binds admin to `name` cluster-wide the first time this
+    /// store sees that flag for it, and never again, so that an admin's later `role unbind`
+    /// stands across restarts. True when it bound.
+    pub async fn bootstrap_admin(&self, name: &str) -> Result<bool, Status> {
+        let marker = format!("meta/bootstrap-admin/{name}");
+        let seen = self.store.get(&marker).map_err(unavailable)?.is_some();
+        if seen {
+            return Ok(false);
+        }
+        let entry = AuditEntry {
+            identity: "controller".into(),
+            rpc: "--bootstrap-admin".into(),
+            target: format!("user/{name}"),
+            ..Default::default()
+        };
+        let bound = self.bind_role(name, None, Role::Admin, entry).await?;
+        // After the binding: a crash between the two binds again (a no-op) at the next start.
+        self.commit(Txn::new().put(marker, b"bound".to_vec()))
+            .await?;
+        Ok(bound)
+    }
+
     /// [`Self::bind_role`] (`bind`) or [`Self::unbind_role`]: the change committed with its
     /// audit entry, then applied in memory; false (the entry still recorded) when there was
     /// nothing to change.

@@ -479,3 +479,41 @@ async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
     })
     .await;
 }
+
+/// `--bootstrap-admin NAME` binds NAME once per store: an admin's `role unbind` of it stands
+/// when the controller restarts with the same flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_admin_is_bound_once() {
+    fabric_proto::tls::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), "bootstrap", &["127.0.0.1"]);
+    let port = free_port();
+    let admin = |port: u16| {
+        let dir = pki.dir.clone();
+        async move { ComputeClient::new(as_identity(port, &dir, "admin").await) }
+    };
+    let (controller, socket) = pki.controller(dir.path(), port, &[]);
+    admin(port)
+        .await
+        .list_vms(ListVmsRequest::default())
+        .await
+        .expect("the bootstrap admin is bound");
+    ComputeClient::new(unix_channel(&socket).await)
+        .unbind_role(fabric_proto::v1::UnbindRoleRequest {
+            binding: Some(fabric_proto::v1::RoleBinding {
+                user: "admin".into(),
+                role: fabric_proto::v1::Role::Admin as i32,
+                project: String::new(),
+            }),
+        })
+        .await
+        .expect("root unbinds the admin");
+    drop(controller);
+    let (_controller, _socket) = pki.controller(dir.path(), port, &[]);
+    let refused = admin(port)
+        .await
+        .list_vms(ListVmsRequest::default())
+        .await
+        .expect_err("the restart bound the admin again");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+}

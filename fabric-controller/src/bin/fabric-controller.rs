@@ -70,8 +70,9 @@ struct Args {
     /// Oldest audit entries kept, days.
     #[arg(long, default_value_t = 90, value_name = "DAYS")]
     audit_retention_days: u64,
-    /// Binds the admin role cluster-wide to user/NAME at start (if it is not bound yet): how
-    /// the first admin, made by `fabricctl pki init --admin NAME`, gets its role. Repeatable.
+    /// Binds the admin role cluster-wide to user/NAME at the first start with this flag for
+    /// NAME (the store remembers; a later `role unbind` stands across restarts): how the first
+    /// admin, made by `fabricctl pki init --admin NAME`, gets its role. Repeatable.
     #[arg(long, value_name = "NAME")]
     bootstrap_admin: Vec<String>,
 }
@@ -160,14 +161,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for name in &args.bootstrap_admin {
         fabric_proto::tls::check_name("user", name)
             .map_err(|e| anyhow::anyhow!("--bootstrap-admin: {e}"))?;
-        let entry = fabric_proto::v1::AuditEntry {
-            identity: "controller".into(),
-            rpc: "--bootstrap-admin".into(),
-            target: format!("user/{name}"),
-            ..Default::default()
-        };
         let newly = controller
-            .bind_role(name, None, fabric_proto::v1::Role::Admin, entry)
+            .bootstrap_admin(name)
             .await
             .map_err(|s| anyhow::anyhow!("--bootstrap-admin {name}: {}", s.message()))?;
         if newly {

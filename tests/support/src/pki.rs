@@ -82,6 +82,16 @@ impl Pki {
             "the controller did not start:\n{}",
             process.log_tail(20)
         );
+        // The Unix socket is bound before the TCP listener: wait for that too.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the controller does not listen on {port}:\n{}",
+                process.log_tail(20)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         (process, socket)
     }
 }
