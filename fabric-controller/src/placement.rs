@@ -57,12 +57,28 @@ pub fn demand(vm: &Vm) -> Demand {
         Some("spread") => Strategy::Spread,
         _ => Strategy::BinPack,
     };
+    // Availability sets and labels are a project's own: a VM of another project neither
+    // repels nor is repelled by them, and so cannot probe where this project's VMs run.
+    let project = match spec.project.as_str() {
+        "" => crate::authz::DEFAULT_PROJECT,
+        p => p,
+    };
+    let scoped = |pairs: std::collections::HashMap<String, String>| {
+        pairs
+            .into_iter()
+            .map(|(k, v)| (format!("{project}/{k}"), v))
+            .collect()
+    };
+    let availability_set = match placement.availability_set.as_str() {
+        "" => String::new(),
+        set => format!("{project}/{set}"),
+    };
     Demand {
         vcpus: spec.vcpus,
         zone: placement.zone,
-        availability_set: placement.availability_set,
-        anti_affinity_labels: placement.anti_affinity_labels.into_iter().collect(),
-        labels: placement.labels.into_iter().collect(),
+        availability_set,
+        anti_affinity_labels: scoped(placement.anti_affinity_labels),
+        labels: scoped(placement.labels),
         strategy,
         disk_mib: disk_mib(vm),
         ..Demand::default()
@@ -137,5 +153,54 @@ impl Placer {
             .place_elsewhere(&vm.id, &demand(vm), avoid)
             .map(|d| d.host_id)
             .map_err(|u| u.to_string())
+    }
+}
+
+#[cfg(test)]
+mod project_scope_tests {
+    use super::*;
+
+    fn vm(project: &str) -> Vm {
+        let mut spec = fabric_proto::v1::VmSpec {
+            project: project.into(),
+            vcpus: 1,
+            ..Default::default()
+        };
+        spec.placement = Some(fabric_proto::v1::Placement {
+            availability_set: "web".into(),
+            labels: [("app".to_string(), "db".to_string())].into(),
+            anti_affinity_labels: [("app".to_string(), "db".to_string())].into(),
+            ..Default::default()
+        });
+        Vm {
+            spec: Some(spec),
+            ..Default::default()
+        }
+    }
+
+    /// Two projects' VMs with the same labels, anti-affinity and set share none of them in
+    /// the scheduler's eyes; within a project they do (and "" is the default project).
+    #[test]
+    fn labels_and_sets_are_a_projects_own() {
+        let (p1, p2) = (demand(&vm("p1")), demand(&vm("p2")));
+        assert_ne!(p1.availability_set, p2.availability_set);
+        assert!(p1
+            .labels
+            .iter()
+            .all(|(k, v)| p2.anti_affinity_labels.get(k) != Some(v)));
+        assert!(p2
+            .labels
+            .iter()
+            .all(|(k, v)| p1.anti_affinity_labels.get(k) != Some(v)));
+        let again = demand(&vm("p1"));
+        assert_eq!(p1.availability_set, again.availability_set);
+        assert!(p1
+            .labels
+            .iter()
+            .all(|(k, v)| again.anti_affinity_labels.get(k) == Some(v)));
+        assert_eq!(
+            demand(&vm("")).availability_set,
+            demand(&vm("default")).availability_set
+        );
     }
 }
