@@ -465,3 +465,180 @@ async fn a_flood_of_refusals_stays_within_the_audit_retention() {
     assert!(entries.len() >= 40, "{} entries kept", entries.len());
     assert!(entries.iter().any(|e| e.identity == "user/nobody"));
 }
+
+/// Pushes `bytes` as `name`'s `role` file, in `project` (empty: the server's default).
+async fn push(
+    channel: Channel,
+    name: &str,
+    project: &str,
+    role: fabric_proto::v1::ImageFileRole,
+    bytes: &[u8],
+) -> Result<fabric_proto::v1::PushImageResponse, tonic::Status> {
+    use fabric_proto::v1::images_client::ImagesClient;
+    use fabric_proto::v1::push_image_request::Part;
+    use fabric_proto::v1::{PushImageHeader, PushImageRequest};
+    use sha2::Digest;
+    let messages = vec![
+        PushImageRequest {
+            part: Some(Part::Header(PushImageHeader {
+                image_name: name.into(),
+                role: role as i32,
+                sha256: hex::encode(sha2::Sha256::digest(bytes)),
+                size_bytes: bytes.len() as u64,
+                file_name: "k.bin".into(),
+                project: project.into(),
+            })),
+        },
+        PushImageRequest {
+            part: Some(Part::Data(bytes.to_vec())),
+        },
+    ];
+    ImagesClient::new(channel)
+        .push_image(tokio_stream::iter(messages))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// An image belongs to the project it was first pushed in: an operator of another project
+/// cannot replace its files (the kernel the owner's VMs boot), a cluster-wide image takes
+/// pushes from cluster-wide operators only, and each refusal is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_cannot_replace_another_projects_image() {
+    use fabric_proto::v1::images_client::ImagesClient;
+    use fabric_proto::v1::{ImageFileRole, ListImagesRequest};
+    let cluster = Cluster::start(&[]);
+    cluster.user("op1", "operator", Some("p1")).await;
+    cluster.user("op2", "operator", Some("p2")).await;
+    let op3 = cluster.user("op3", "operator", Some("p1")).await;
+    drop(op3);
+    cluster.ok(&[
+        "role",
+        "bind",
+        "op3",
+        "--role",
+        "operator",
+        "--project",
+        "p2",
+    ]);
+    let channel = |name: &str| {
+        let dir = cluster.dir.path().join(format!("user-{name}"));
+        let name = name.to_string();
+        let port = cluster.port;
+        async move { as_user(port, &dir, &name).await }
+    };
+    let (op1, op2, op3) = (
+        channel("op1").await,
+        channel("op2").await,
+        channel("op3").await,
+    );
+    let root = unix_channel(&cluster.socket).await;
+
+    let pushed = push(op1.clone(), "base", "", ImageFileRole::Kernel, b"p1 kernel")
+        .await
+        .expect("op1 creates base");
+    assert_eq!(pushed.image.unwrap().project, "p1");
+    for asked in ["", "p1", "p2"] {
+        let refused = push(op2.clone(), "base", asked, ImageFileRole::Kernel, b"evil")
+            .await
+            .expect_err("op2 replaces p1's kernel");
+        assert_eq!(
+            refused.code(),
+            Code::PermissionDenied,
+            "{asked}: {refused:?}"
+        );
+        assert!(refused.message().contains("project p1"), "{refused:?}");
+    }
+    // Nor can op2 create an image in p1.
+    let refused = push(op2.clone(), "other", "p1", ImageFileRole::Kernel, b"evil")
+        .await
+        .expect_err("op2 creates in p1");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // The owner may push again; op2's own image is p2's.
+    push(
+        op1.clone(),
+        "base",
+        "",
+        ImageFileRole::Initramfs,
+        b"p1 initramfs",
+    )
+    .await
+    .expect("the owner pushes");
+    let mine = push(op2.clone(), "mine", "", ImageFileRole::Kernel, b"p2 kernel")
+        .await
+        .expect("op2 creates its own");
+    assert_eq!(mine.image.unwrap().project, "p2");
+    // An operator of two projects names the new image's project.
+    let refused = push(op3.clone(), "two", "", ImageFileRole::Kernel, b"x")
+        .await
+        .expect_err("which project?");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    push(op3.clone(), "two", "p2", ImageFileRole::Kernel, b"x")
+        .await
+        .expect("op3 names p2");
+    // A cluster-wide image (root, no project) takes no push from a project operator.
+    let shared = push(root.clone(), "shared", "", ImageFileRole::Kernel, b"shared")
+        .await
+        .expect("root creates a cluster-wide image");
+    assert_eq!(shared.image.unwrap().project, "");
+    let refused = push(op1.clone(), "shared", "", ImageFileRole::Kernel, b"evil")
+        .await
+        .expect_err("op1 replaces the cluster-wide image");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    push(
+        root.clone(),
+        "base",
+        "",
+        ImageFileRole::Kernel,
+        b"root kernel",
+    )
+    .await
+    .expect("a cluster-wide admin pushes to any image");
+
+    // base's kernel is still one its owner or root pushed, never op2's.
+    let images = ImagesClient::new(op2.clone())
+        .list_images(ListImagesRequest {
+            name: "base".into(),
+        })
+        .await
+        .expect("reads stay open")
+        .into_inner()
+        .images;
+    let kernel = images[0]
+        .files
+        .iter()
+        .find(|f| f.role() == ImageFileRole::Kernel)
+        .unwrap();
+    use sha2::Digest;
+    assert_eq!(
+        kernel.sha256,
+        hex::encode(sha2::Sha256::digest(b"root kernel"))
+    );
+    assert_eq!(images[0].project, "p1");
+
+    // Every refusal of op2 is in the audit log.
+    let mut root_compute = cluster.root().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entries = root_compute
+            .list_audit(ListAuditRequest {
+                identity: "user/op2".into(),
+                page_size: 5000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let refused = entries
+            .iter()
+            .filter(|e| {
+                e.rpc == "/fabric.v1.Images/PushImage" && e.code == Code::PermissionDenied as i32
+            })
+            .count();
+        if refused == 4 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{entries:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
