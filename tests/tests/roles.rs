@@ -642,3 +642,209 @@ async fn an_operator_cannot_replace_another_projects_image() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The next event of `stream` within 10 s (None: the stream ended; Err: it ended with one).
+async fn next_event(
+    stream: &mut tonic::Streaming<fabric_proto::v1::Event>,
+) -> Result<Option<fabric_proto::v1::Event>, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event or the stream's end within 10 s")
+}
+
+/// A project-scoped watcher gets the deletion of its project's VM, also when the VM was
+/// created before it started watching (the deletion is filtered by the project the event
+/// carries, not by a look-up of a VM that is gone), and nothing of another project's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_watcher_sees_its_vms_deletion_and_nothing_of_others() {
+    use fabric_proto::v1::EventKind;
+    let cluster = Cluster::start(&[]);
+    let mut viewer = cluster.user("pam", "viewer", Some("p1")).await;
+    let mut root = cluster.root().await;
+    let other = root
+        .create_vm(in_project("other", "p2"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mine = root
+        .create_vm(in_project("mine", "p1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = viewer
+        .watch_events(WatchEventsRequest::default())
+        .await
+        .expect("pam watches")
+        .into_inner();
+    for vm in [&other, &mine] {
+        root.delete_vm(DeleteVmRequest { id: vm.id.clone() })
+            .await
+            .unwrap();
+    }
+    loop {
+        let event = next_event(&mut events)
+            .await
+            .expect("the stream goes on")
+            .expect("the stream goes on");
+        assert_ne!(event.vm_id, other.id, "another project's event: {event:?}");
+        if event.kind() == EventKind::VmDeleted {
+            assert_eq!(event.vm_id, mine.id, "{event:?}");
+            break;
+        }
+    }
+}
+
+/// An open event stream follows its caller's role bindings: unbound, the caller's stream
+/// ends with PERMISSION_DENIED (audited) and carries nothing of what follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbound_watchers_stream_ends_with_permission_denied() {
+    use fabric_proto::v1::EventKind;
+    let cluster = Cluster::start(&[]);
+    let mut viewer = cluster.user("vic", "viewer", Some("p1")).await;
+    let mut root = cluster.root().await;
+    let mut events = viewer
+        .watch_events(WatchEventsRequest::default())
+        .await
+        .expect("vic watches")
+        .into_inner();
+    let first = root
+        .create_vm(in_project("first", "p1"))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let event = next_event(&mut events).await.unwrap().unwrap();
+        if (event.kind(), &event.vm_id) == (EventKind::VmCreated, &first.id) {
+            break;
+        }
+    }
+
+    // Another binding of vic's elsewhere changes nothing for this stream.
+    cluster.ok(&["role", "bind", "vic", "--role", "viewer", "--project", "p9"]);
+    cluster.ok(&[
+        "role",
+        "unbind",
+        "vic",
+        "--role",
+        "viewer",
+        "--project",
+        "p1",
+    ]);
+    // vic still views p9: a VM of p1 is no longer shown, one of p9 is.
+    let hidden = root
+        .create_vm(in_project("hidden", "p1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let shown = root
+        .create_vm(in_project("shown", "p9"))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let event = next_event(&mut events).await.unwrap().unwrap();
+        assert_ne!(event.vm_id, hidden.id, "{event:?}");
+        if event.vm_id == shown.id {
+            break;
+        }
+    }
+
+    cluster.ok(&[
+        "role",
+        "unbind",
+        "vic",
+        "--role",
+        "viewer",
+        "--project",
+        "p9",
+    ]);
+    let after = root
+        .create_vm(in_project("after", "p9"))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = loop {
+        match next_event(&mut events).await {
+            Ok(Some(event)) => assert_ne!(event.vm_id, after.id, "{event:?}"),
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let entries = root
+            .list_audit(ListAuditRequest {
+                identity: "user/vic".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        if entries.iter().any(|e| {
+            e.rpc == "/fabric.v1.Compute/WatchEvents" && e.code == Code::PermissionDenied as i32
+        }) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{entries:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One identity holds at most MAX_EVENT_WATCHERS_PER_CALLER streams: the next is refused
+/// naming the limit, another user still watches, and a closed stream frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_take_every_event_watcher_slot() {
+    let per_caller = fabric_controller::compute::MAX_EVENT_WATCHERS_PER_CALLER;
+    assert!(per_caller < fabric_controller::compute::MAX_EVENT_WATCHERS);
+    let cluster = Cluster::start(&[]);
+    let greedy = cluster.user("greedy", "viewer", None).await;
+    let mut other = cluster.user("other", "viewer", None).await;
+    let mut held = Vec::new();
+    for _ in 0..per_caller {
+        held.push(
+            greedy
+                .clone()
+                .watch_events(WatchEventsRequest::default())
+                .await
+                .expect("within the cap")
+                .into_inner(),
+        );
+    }
+    for _ in 0..3 {
+        let refused = greedy
+            .clone()
+            .watch_events(WatchEventsRequest::default())
+            .await
+            .expect_err("over the cap");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused
+                .message()
+                .contains(&format!("{per_caller} event watchers")),
+            "{refused:?}"
+        );
+    }
+    other
+        .watch_events(WatchEventsRequest::default())
+        .await
+        .expect("another user still watches");
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match greedy
+            .clone()
+            .watch_events(WatchEventsRequest::default())
+            .await
+        {
+            Ok(stream) => {
+                held.push(stream.into_inner());
+                break;
+            }
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted),
+        }
+        assert!(std::time::Instant::now() < deadline, "the slot came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
