@@ -482,6 +482,7 @@ impl ImagesService {
         extensions: &tonic::Extensions,
         rpc: &str,
         image: &str,
+        project: &str,
         digest: String,
         result: &Result<T, Status>,
     ) {
@@ -500,6 +501,7 @@ impl ImagesService {
             roles: controller.grants(&identity).describe(),
             rpc: format!("/{}/{rpc}", fabric_proto::IMAGES_SERVICE),
             target: format!("image/{}", image.chars().take(64).collect::<String>()),
+            project: project.chars().take(64).collect(),
             code,
             message,
             request_sha256: digest,
@@ -672,12 +674,25 @@ impl Images for ImagesService {
         let extensions = request.extensions().clone();
         let mut header = None;
         let result = self.push(request, &mut header).await;
-        let (image, digest) = header
+        let (image, project, digest) = header
             .map(|h: fabric_proto::v1::PushImageHeader| {
-                (h.image_name.clone(), crate::audit::digest(&h))
+                (
+                    h.image_name.clone(),
+                    h.project.clone(),
+                    crate::audit::digest(&h),
+                )
             })
             .unwrap_or_default();
-        self.audited(&extensions, "PushImage", &image, digest, &result);
+        // The project of the image as pushed (its owner), else the one the header asked.
+        let project = match &result {
+            Ok(reply) => reply
+                .get_ref()
+                .image
+                .as_ref()
+                .map_or(project, |i| i.project.clone()),
+            Err(_) => project,
+        };
+        self.audited(&extensions, "PushImage", &image, &project, digest, &result);
         result
     }
 
@@ -689,7 +704,7 @@ impl Images for ImagesService {
         let digest = crate::audit::digest(request.get_ref());
         let name = request.get_ref().name.clone();
         let result = self.delete_named(request).await;
-        self.audited(&extensions, "DeleteImage", &name, digest, &result);
+        self.audited(&extensions, "DeleteImage", &name, "", digest, &result);
         result
     }
 
@@ -795,5 +810,89 @@ impl Images for ImagesService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants(bindings: &[(Option<&str>, Role)]) -> Grants {
+        let mut g = Grants::default();
+        for (project, role) in bindings {
+            g.add(*project, *role);
+        }
+        g
+    }
+
+    fn image(project: &str) -> Image {
+        Image {
+            name: "base".into(),
+            files: Vec::new(),
+            project: project.into(),
+        }
+    }
+
+    /// Who may push to a new or existing image, and which project a new one gets.
+    #[test]
+    fn the_owner_of_a_push() {
+        use tonic::Code::{InvalidArgument as Invalid, PermissionDenied as Denied};
+        let op1 = grants(&[(Some("p1"), Role::Operator)]);
+        let op1_view2 = grants(&[(Some("p1"), Role::Operator), (Some("p2"), Role::Viewer)]);
+        let op12 = grants(&[(Some("p1"), Role::Operator), (Some("p2"), Role::Operator)]);
+        let viewer = grants(&[(None, Role::Viewer)]);
+        let cluster_op = grants(&[(None, Role::Operator)]);
+        let admin = Grants::admin();
+        let p1 = image("p1");
+        let shared = image("");
+        type Case<'a> = (
+            &'a Grants,
+            &'a str,
+            Option<&'a Image>,
+            Result<&'a str, tonic::Code>,
+        );
+        let cases: &[Case] = &[
+            // New images.
+            (&op1, "", None, Ok("p1")),
+            (&op1_view2, "", None, Ok("p1")),
+            (&op1, "p1", None, Ok("p1")),
+            (&op1, "p2", None, Err(Denied)),
+            (&op12, "", None, Err(Invalid)),
+            (&op12, "p2", None, Ok("p2")),
+            (&viewer, "", None, Err(Denied)),
+            (&cluster_op, "", None, Ok("")),
+            (&admin, "p7", None, Ok("p7")),
+            (&op1, "Bad/Name", None, Err(Invalid)),
+            // Existing images keep their owner.
+            (&op1, "", Some(&p1), Ok("p1")),
+            (&op12, "", Some(&p1), Ok("p1")),
+            (&op1, "p2", Some(&p1), Err(Invalid)),
+            (
+                &grants(&[(Some("p2"), Role::Operator)]),
+                "",
+                Some(&p1),
+                Err(Denied),
+            ),
+            (
+                &grants(&[(Some("p2"), Role::Operator)]),
+                "p1",
+                Some(&p1),
+                Err(Denied),
+            ),
+            (
+                &grants(&[(Some("p1"), Role::Viewer)]),
+                "",
+                Some(&p1),
+                Err(Denied),
+            ),
+            (&cluster_op, "", Some(&p1), Ok("p1")),
+            (&op1, "", Some(&shared), Err(Denied)),
+            (&cluster_op, "", Some(&shared), Ok("")),
+            (&admin, "", Some(&shared), Ok("")),
+        ];
+        for (i, (grants, asked, existing, want)) in cases.iter().enumerate() {
+            let got = push_owner(grants, "base", asked, *existing).map_err(|s| s.code());
+            assert_eq!(got.as_deref().map_err(|c| *c), *want, "case {i}");
+        }
     }
 }
