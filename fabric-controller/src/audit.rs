@@ -8,10 +8,17 @@
 //!   ([`Audit::record`]): the caller's answer never waits on the store, and a flood of
 //!   refused calls costs one commit per batch. When the queue is full the entry is dropped
 //!   and counted; the next batch that commits carries an entry saying how many were lost.
-//! - Retention: at most `retention.entries` entries and none older than `retention.age`.
-//!   Every commit that adds entries deletes the oldest ones beyond either bound (at most
-//!   [`PRUNE_PER_COMMIT`] per commit beyond the entries it adds, so the log converges back
-//!   within a few commits after the bound is lowered).
+//! - Retention: none older than `retention.age`, and at most `retention.entries` entries of
+//!   each of two kinds ([`Kind`]): the calls that succeeded (changes) and the refused or
+//!   failed ones. Any certificate holder can make refusals, thousands a second; counted
+//!   apart, they evict only older refusals, never the record of a change. Every commit that
+//!   adds entries deletes the oldest ones of each kind beyond either bound (at most
+//!   [`PRUNE_PER_COMMIT`] per kind per commit beyond the entries it adds, so the log
+//!   converges back within a few commits after the bound is lowered).
+//! - Refusals are also limited per identity ([`REFUSAL_BURST`], then
+//!   [`REFUSALS_PER_SECOND`]): beyond, they are counted, and within a second one entry
+//!   says "N more refused calls from IDENTITY", so a flood from one identity costs a few
+//!   entries a second, not one per call, and does not push everyone else's refusals out.
 //! - Readers ([`Audit::list`]) see only entries below every sequence still being committed,
 //!   so a follower polling with the last sequence it saw misses none that commit late.
 
@@ -37,6 +44,14 @@ pub const PRUNE_PER_COMMIT: usize = 64;
 pub const DEFAULT_RETENTION_ENTRIES: usize = 100_000;
 /// Default retention: age (90 days).
 pub const DEFAULT_RETENTION_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Refused-call entries one identity may add at once, and then per second; beyond, its
+/// refusals are folded into one counting entry per second ([`Audit::record`]).
+pub const REFUSAL_BURST: f64 = 100.0;
+pub const REFUSALS_PER_SECOND: f64 = 20.0;
+/// Identities whose refusals are counted apart at most; beyond, the others share one count.
+pub const MAX_LIMITED_IDENTITIES: usize = 4096;
+/// The shared count's name, beyond [`MAX_LIMITED_IDENTITIES`].
+const OTHER_IDENTITIES: &str = "(other identities)";
 /// Entries ListAudit returns at most in one page.
 pub const MAX_PAGE: usize = 5000;
 /// Status messages are cut to this many bytes in an entry.
@@ -85,13 +100,52 @@ fn now_seconds() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// One identity's refusal budget: a token bucket of [`REFUSAL_BURST`] refilled at
+/// [`REFUSALS_PER_SECOND`], and the refusals it folded since its last counting entry.
+struct Budget {
+    tokens: f64,
+    at: std::time::Instant,
+    folded: u64,
+}
+
+impl Budget {
+    fn tokens_at(&self, now: std::time::Instant) -> f64 {
+        let refilled = now.saturating_duration_since(self.at).as_secs_f64() * REFUSALS_PER_SECOND;
+        (self.tokens + refilled).min(REFUSAL_BURST)
+    }
+}
+
+/// The two kinds of entries, each kept up to the retention's count on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A call that succeeded: a change (or a mutating call that changed nothing).
+    Change = 0,
+    /// A refused or failed call, and the log's own notes (entries dropped).
+    Refusal = 1,
+}
+
+impl Kind {
+    pub fn of(entry: &AuditEntry) -> Kind {
+        if entry.code == 0 {
+            Kind::Change
+        } else {
+            Kind::Refusal
+        }
+    }
+}
+
+/// A committed or staged entry in the index: sequence, time in seconds, kind.
+type Indexed = (u64, i64, Kind);
+
 #[derive(Default)]
 struct State {
     next: u64,
-    /// Committed entries, oldest first: (sequence, time in seconds).
-    stored: VecDeque<(u64, i64)>,
+    /// Committed entries of each kind, oldest first.
+    stored: [VecDeque<Indexed>; 2],
     /// Sequences handed out whose commit has not ended yet.
     in_flight: BTreeSet<u64>,
+    /// How many of those are of each kind.
+    in_flight_of: [usize; 2],
 }
 
 pub struct Audit {
@@ -99,6 +153,8 @@ pub struct Audit {
     retention: Retention,
     state: Mutex<State>,
     queue: Mutex<Option<tokio::sync::mpsc::Sender<AuditEntry>>>,
+    /// Each identity's refusal budget and the refusals folded since its last counting entry.
+    limits: Mutex<std::collections::HashMap<String, Budget>>,
     dropped: AtomicU64,
     /// Wakes followers when entries commit.
     pub committed: tokio::sync::watch::Sender<u64>,
@@ -107,8 +163,8 @@ pub struct Audit {
 /// Entries added to one transaction; tells the log on drop whether they committed.
 pub struct Staged<'a> {
     audit: &'a Audit,
-    entries: Vec<(u64, i64)>,
-    pruned: Vec<(u64, i64)>,
+    entries: Vec<Indexed>,
+    pruned: Vec<Indexed>,
     committed: bool,
 }
 
@@ -121,19 +177,21 @@ impl Staged<'_> {
 impl Drop for Staged<'_> {
     fn drop(&mut self) {
         let mut state = self.audit.state();
-        for (seq, _) in &self.entries {
+        for (seq, _, kind) in &self.entries {
             state.in_flight.remove(seq);
+            state.in_flight_of[*kind as usize] -= 1;
         }
         if self.committed {
             for entry in &self.entries {
                 // Nearly always at the back: sequences commit nearly in order.
-                let at = state.stored.partition_point(|e| e.0 < entry.0);
-                state.stored.insert(at, *entry);
+                let stored = &mut state.stored[entry.2 as usize];
+                let at = stored.partition_point(|e| e.0 < entry.0);
+                stored.insert(at, *entry);
             }
         } else {
-            // Nothing was deleted: the pruned entries are still the oldest.
+            // Nothing was deleted: the pruned entries are still the oldest of their kind.
             for entry in self.pruned.drain(..).rev() {
-                state.stored.push_front(entry);
+                state.stored[entry.2 as usize].push_front(entry);
             }
         }
         drop(state);
@@ -147,16 +205,22 @@ impl Audit {
     /// Reads the log's index (sequences and times) from the store.
     pub fn load(store: Arc<dyn Store>, retention: Retention) -> Result<Arc<Audit>, String> {
         let (kvs, _) = store.list(PREFIX).map_err(|e| e.to_string())?;
-        let mut stored = VecDeque::with_capacity(kvs.len());
+        let mut stored: [VecDeque<Indexed>; 2] = Default::default();
         for kv in kvs {
             let Some(seq) = sequence_of(&kv.key) else {
                 return Err(format!("{}: not an audit key", kv.key));
             };
             let entry =
                 AuditEntry::decode(kv.value.as_slice()).map_err(|e| format!("{}: {e}", kv.key))?;
-            stored.push_back((seq, seconds(&entry)));
+            let kind = Kind::of(&entry);
+            stored[kind as usize].push_back((seq, seconds(&entry), kind));
         }
-        let next = stored.back().map_or(1, |e| e.0 + 1);
+        let next = stored
+            .iter()
+            .filter_map(|s| s.back())
+            .map(|e| e.0 + 1)
+            .max()
+            .unwrap_or(1);
         let audit = Arc::new(Audit {
             store,
             retention: Retention {
@@ -167,8 +231,10 @@ impl Audit {
                 next,
                 stored,
                 in_flight: BTreeSet::new(),
+                in_flight_of: [0; 2],
             }),
             queue: Mutex::new(None),
+            limits: Mutex::new(Default::default()),
             dropped: AtomicU64::new(0),
             committed: tokio::sync::watch::channel(0).0,
         });
@@ -192,7 +258,13 @@ impl Audit {
 
     /// Entries in the log now (committed).
     pub fn len(&self) -> usize {
-        self.state().stored.len()
+        let state = self.state();
+        state.stored.iter().map(VecDeque::len).sum()
+    }
+
+    /// Entries of `kind` in the log now (committed).
+    pub fn len_of(&self, kind: Kind) -> usize {
+        self.state().stored[kind as usize].len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -216,15 +288,26 @@ impl Audit {
             pruned: Vec::new(),
             committed: false,
         };
-        // A batch larger than the whole retention keeps only its newest entries.
-        let skip = entries.len().saturating_sub(self.retention.entries);
-        for (i, mut entry) in entries.into_iter().enumerate() {
+        // A batch with more entries of a kind than the retention keeps only its newest.
+        let mut skip = [0usize; 2];
+        for entry in &entries {
+            skip[Kind::of(entry) as usize] += 1;
+        }
+        for s in &mut skip {
+            *s = s.saturating_sub(self.retention.entries);
+        }
+        let mut adding = [0usize; 2];
+        for mut entry in entries {
             let seq = state.next;
             state.next += 1;
-            if i < skip {
+            let kind = Kind::of(&entry);
+            if skip[kind as usize] > 0 {
+                skip[kind as usize] -= 1;
                 continue;
             }
+            adding[kind as usize] += 1;
             state.in_flight.insert(seq);
+            state.in_flight_of[kind as usize] += 1;
             entry.sequence = seq;
             if entry.time.is_none() {
                 entry.time = Some(prost_types::Timestamp::from(now));
@@ -243,30 +326,36 @@ impl Audit {
                 field.truncate(cut);
             }
             entry.roles.truncate(MAX_ROLES);
-            staged.entries.push((seq, seconds(&entry)));
+            staged.entries.push((seq, seconds(&entry), kind));
             txn.ops.push(Op::Put(key(seq), entry.encode_to_vec()));
         }
         let oldest_kept = now_seconds().saturating_sub(self.retention.age.as_secs() as i64);
-        let adding = staged.entries.len();
-        let mut budget = adding + PRUNE_PER_COMMIT;
-        while budget > 0 {
-            let total = state.stored.len() + state.in_flight.len();
-            let Some(&(seq, time)) = state.stored.front() else {
-                break;
-            };
-            if total <= self.retention.entries && time >= oldest_kept {
-                break;
+        for kind in [Kind::Change, Kind::Refusal] {
+            let k = kind as usize;
+            let mut budget = adding[k] + PRUNE_PER_COMMIT;
+            while budget > 0 {
+                let total = state.stored[k].len() + state.in_flight_of[k];
+                let Some(&(seq, time, _)) = state.stored[k].front() else {
+                    break;
+                };
+                if total <= self.retention.entries && time >= oldest_kept {
+                    break;
+                }
+                state.stored[k].pop_front();
+                staged.pruned.push((seq, time, kind));
+                txn.ops.push(Op::Delete(key(seq)));
+                budget -= 1;
             }
-            state.stored.pop_front();
-            staged.pruned.push((seq, time));
-            txn.ops.push(Op::Delete(key(seq)));
-            budget -= 1;
         }
         (txn, staged)
     }
 
-    /// Queues the entry of a refused or failed call for the writer; never waits.
+    /// Queues the entry of a refused or failed call for the writer; never waits. A refusal
+    /// beyond its identity's budget is only counted, for the writer's next counting entry.
     pub fn record(&self, entry: AuditEntry) {
+        if Kind::of(&entry) == Kind::Refusal && !self.within_budget(&entry.identity) {
+            return;
+        }
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = queue.as_ref() else {
             return;
@@ -274,6 +363,60 @@ impl Audit {
         if tx.try_send(entry).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Whether `identity` may add one more refusal entry now; counts it as folded if not.
+    fn within_budget(&self, identity: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        if limits.len() >= MAX_LIMITED_IDENTITIES && !limits.contains_key(identity) {
+            limits.retain(|_, b| b.folded > 0 || b.tokens_at(now) < REFUSAL_BURST);
+        }
+        let key = if limits.len() >= MAX_LIMITED_IDENTITIES && !limits.contains_key(identity) {
+            OTHER_IDENTITIES
+        } else {
+            identity
+        };
+        let budget = limits.entry(key.to_string()).or_insert(Budget {
+            tokens: REFUSAL_BURST,
+            at: now,
+            folded: 0,
+        });
+        budget.tokens = budget.tokens_at(now);
+        budget.at = now;
+        if budget.tokens >= 1.0 {
+            budget.tokens -= 1.0;
+            true
+        } else {
+            budget.folded += 1;
+            false
+        }
+    }
+
+    /// One entry per identity whose refusals were folded since the last call, saying how
+    /// many; forgets identities whose budget is full again.
+    fn folded_entries(&self) -> Vec<AuditEntry> {
+        let now = std::time::Instant::now();
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = Vec::new();
+        for (identity, budget) in limits.iter_mut() {
+            if budget.folded > 0 {
+                entries.push(AuditEntry {
+                    identity: identity.clone(),
+                    rpc: "audit".into(),
+                    code: tonic::Code::ResourceExhausted as i32,
+                    message: format!(
+                        "{} more refused calls from {identity} (over {REFUSAL_BURST} at once \
+                         or {REFUSALS_PER_SECOND} a second: counted, not written one by one)",
+                        budget.folded
+                    ),
+                    ..Default::default()
+                });
+                budget.folded = 0;
+            }
+        }
+        limits.retain(|_, b| b.tokens_at(now) < REFUSAL_BURST);
+        entries
     }
 
     async fn writer(
@@ -284,12 +427,22 @@ impl Audit {
         let mut lost_reported = 0;
         loop {
             batch.clear();
-            if rx.recv_many(&mut batch, WRITE_BATCH).await == 0 {
+            // Woken at least each second, for the entries counting folded refusals.
+            let received = tokio::time::timeout(
+                Duration::from_secs(1),
+                rx.recv_many(&mut batch, WRITE_BATCH),
+            )
+            .await;
+            if received == Ok(0) {
                 return;
             }
             let Some(audit) = audit.upgrade() else {
                 return;
             };
+            batch.extend(audit.folded_entries());
+            if batch.is_empty() {
+                continue;
+            }
             let lost = audit.dropped();
             if lost > lost_reported {
                 batch.push(AuditEntry {
@@ -447,6 +600,62 @@ mod tests {
         assert_eq!(kept.last(), Some(&57));
     }
 
+    /// Refusals, which any certificate holder can make by the thousand, are kept up to the
+    /// retention's count on their own: a flood of them evicts older refusals, never the
+    /// record of a change.
+    #[test]
+    fn a_flood_of_refusals_does_not_evict_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+        let retention = Retention {
+            entries: 10,
+            age: DEFAULT_RETENTION_AGE,
+        };
+        let audit = Audit::load(store.clone(), retention).expect("load");
+        let change = |who: &str| AuditEntry {
+            code: 0,
+            ..entry(who)
+        };
+        for i in 0..3 {
+            commit(
+                &audit,
+                store.as_ref(),
+                vec![change(&format!("user/admin{i}"))],
+            );
+        }
+        for _ in 0..100 {
+            commit(&audit, store.as_ref(), vec![entry("user/flood")]);
+        }
+        commit(
+            &audit,
+            store.as_ref(),
+            (0..50).map(|_| entry("user/flood")).collect(),
+        );
+        assert_eq!(stored_sequences(store.as_ref())[..3], [1, 2, 3]);
+        assert_eq!(audit.len_of(Kind::Change), 3);
+        assert_eq!(audit.len_of(Kind::Refusal), 10);
+        assert_eq!(stored_sequences(store.as_ref()).len(), 13);
+        // Changes beyond the count evict the oldest changes, and the index survives a restart.
+        for i in 0..12 {
+            commit(&audit, store.as_ref(), vec![change(&format!("user/op{i}"))]);
+        }
+        drop(audit);
+        let audit = Audit::load(store.clone(), retention).expect("reload");
+        assert_eq!(
+            (audit.len_of(Kind::Change), audit.len_of(Kind::Refusal)),
+            (10, 10)
+        );
+        commit(&audit, store.as_ref(), vec![entry("user/flood")]);
+        assert_eq!(stored_sequences(store.as_ref()).len(), 20);
+        let (kvs, _) = store.list(PREFIX).expect("list");
+        let changes = kvs
+            .iter()
+            .filter(|kv| AuditEntry::decode(kv.value.as_slice()).unwrap().code == 0)
+            .count();
+        assert_eq!(changes, 10);
+    }
+
     #[test]
     fn retention_by_age_and_failed_commits_keep_the_index_true() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -511,6 +720,60 @@ mod tests {
         assert_eq!(last, page[9].sequence);
         let (rest, _) = audit.list(last, MAX_PAGE, |_| true).expect("list");
         assert!(rest.iter().all(|e| e.sequence > last));
+    }
+
+    /// One identity's flood of refusals is written as its burst and then counted: one entry
+    /// says how many more there were, so every refusal is accounted for in a few entries,
+    /// and another identity's refusals are all written one by one.
+    #[tokio::test]
+    async fn a_flood_from_one_identity_is_counted_not_written_one_by_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> =
+            Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+        let audit = Audit::load(store.clone(), Retention::default()).expect("load");
+        let mut committed = audit.committed.subscribe();
+        for _ in 0..10_000 {
+            audit.record(entry("user/flood"));
+        }
+        for _ in 0..5 {
+            audit.record(entry("user/other"));
+        }
+        let count = |entries: &[AuditEntry]| {
+            let mut written = 0u64;
+            let mut counted = 0u64;
+            for e in entries.iter().filter(|e| e.identity == "user/flood") {
+                if e.rpc == "audit" {
+                    let n = e.message.split(' ').next().unwrap_or("");
+                    counted += n.parse::<u64>().expect("a count first");
+                } else {
+                    written += 1;
+                }
+            }
+            (written, counted)
+        };
+        let (written, counted) = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let (entries, _) = audit.list(0, MAX_PAGE, |_| true).expect("list");
+                let (written, counted) = count(&entries);
+                if written + counted == 10_000 {
+                    let others = entries.iter().filter(|e| e.identity == "user/other");
+                    assert_eq!(others.count(), 5);
+                    return (written, counted);
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(200), committed.changed()).await;
+            }
+        })
+        .await
+        .expect("every refusal written or counted within 10 s");
+        assert!(written >= REFUSAL_BURST as u64, "{written}");
+        assert!(written <= REFUSAL_BURST as u64 + 200, "{written} written");
+        assert!(counted >= 9_000, "{counted}");
+        assert!(
+            audit.len() < 400,
+            "{} entries for 10,005 refusals",
+            audit.len()
+        );
+        assert_eq!(audit.dropped(), 0);
     }
 
     /// An entry whose commit is still in flight hides every later one from readers, so a

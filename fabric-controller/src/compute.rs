@@ -6,6 +6,7 @@
 //! is NOT_FOUND (as if it did not exist), lists and event streams leave it out. Mutations are
 //! audited in their own commit; refusals and failed mutations through the audit queue.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::authz::Grants;
 use crate::controller::{new_id, Controller};
+use crate::events::Logged;
 use crate::images::ImageStore;
 use crate::validate;
 use fabric_proto::tls::Identity;
@@ -43,10 +45,18 @@ pub const MAX_EVENT_WATCHERS: usize = 256;
 /// DATA_LOSS).
 const WATCHER_QUEUE: usize = 32;
 
+/// WatchEvents streams one identity holds at once (local-root excepted), so that one user
+/// cannot take every slot of [`MAX_EVENT_WATCHERS`].
+pub const MAX_EVENT_WATCHERS_PER_CALLER: usize = 16;
+
+const WATCH_EVENTS: &str = "/fabric.v1.Compute/WatchEvents";
+
 pub struct ComputeService {
     controller: Arc<Controller>,
     images: Arc<ImageStore>,
     watchers: Arc<tokio::sync::Semaphore>,
+    /// Open WatchEvents streams per identity.
+    watchers_by_caller: Arc<std::sync::Mutex<HashMap<String, usize>>>,
 }
 
 impl ComputeService {
@@ -55,6 +65,51 @@ impl ComputeService {
             controller,
             images,
             watchers: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_WATCHERS)),
+            watchers_by_caller: Default::default(),
+        }
+    }
+
+    /// A slot among `caller`'s [`MAX_EVENT_WATCHERS_PER_CALLER`] streams, held until the
+    /// stream ends; RESOURCE_EXHAUSTED when all are taken. Root on the Unix socket is not
+    /// counted (it is the machine's administrator, not a network client).
+    fn per_caller_watcher(&self, caller: &Identity) -> Result<Option<CallerWatcher>, Status> {
+        if *caller == Identity::LocalRoot {
+            return Ok(None);
+        }
+        let key = caller.to_string();
+        let mut counts = self
+            .watchers_by_caller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(key.clone()).or_insert(0);
+        if *count >= MAX_EVENT_WATCHERS_PER_CALLER {
+            return Err(Status::resource_exhausted(format!(
+                "{caller} has {MAX_EVENT_WATCHERS_PER_CALLER} event watchers connected: \
+                 close one first"
+            )));
+        }
+        *count += 1;
+        Ok(Some(CallerWatcher {
+            counts: self.watchers_by_caller.clone(),
+            key,
+        }))
+    }
+}
+
+/// One of a caller's watcher slots, given back on drop.
+struct CallerWatcher {
+    counts: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for CallerWatcher {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
         }
     }
 }
@@ -680,10 +735,12 @@ impl Compute for ComputeService {
         &self,
         request: Request<WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let grants = self
-            .controller
-            .grants(&fabric_proto::tls::caller(&request)?);
+        let caller = fabric_proto::tls::caller(&request)?;
+        // Subscribed before the grants are read: a binding changed after is seen below.
+        let mut grants_changed = self.controller.grants_changed.subscribe();
+        let mut grants = self.controller.grants(&caller);
         let req = request.into_inner();
+        let per_caller = self.per_caller_watcher(&caller)?;
         let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "{MAX_EVENT_WATCHERS} event watchers are connected: the controller takes no more"
@@ -694,49 +751,73 @@ impl Compute for ComputeService {
         let (tx, rx) = tokio::sync::mpsc::channel(WATCHER_QUEUE);
         let controller = self.controller.clone();
         // A cluster-wide viewer sees every event; anyone else only the events of VMs in
-        // projects they may view (looked up once per VM and remembered, so a VM's deletion
-        // is still shown to those who saw it). Host-only events are cluster-wide: only
-        // cluster-wide viewers see them.
-        let everything = grants.everywhere(Role::Viewer);
-        let mut visible: std::collections::HashMap<String, bool> = Default::default();
-        let mut wanted = move |e: &Event| {
+        // projects they may view (the event carries its VM's project, so a VM's deletion is
+        // filtered like its other events). Host-only events are cluster-wide: only
+        // cluster-wide viewers see them. The grants are read again whenever role bindings
+        // change; a caller that may no longer watch has its stream ended.
+        let wanted = move |e: &Logged, grants: &Grants| {
             if !((req.vm_id.is_empty() || e.vm_id == req.vm_id)
                 && (req.host_id.is_empty() || e.host_id == req.host_id))
             {
                 return false;
             }
-            if everything {
+            if grants.everywhere(Role::Viewer) {
                 return true;
             }
-            if e.vm_id.is_empty() {
-                return false;
-            }
-            if visible.len() > 100_000 {
-                visible.clear();
-            }
-            *visible.entry(e.vm_id.clone()).or_insert_with(|| {
-                controller
-                    .get_vm(&e.vm_id)
-                    .is_ok_and(|vm| grants.can(Role::Viewer, vm_project(&vm)))
-            })
+            !e.vm_id.is_empty()
+                && e.project
+                    .as_deref()
+                    .is_some_and(|p| grants.can(Role::Viewer, p))
         };
+        // Viewer somewhere, as the authorization layer's rule for WatchEvents asks.
+        let may_watch = |grants: &Grants| {
+            grants.everywhere(Role::Viewer) || grants.projects.values().any(|r| *r >= Role::Viewer)
+        };
+        if !may_watch(&grants) {
+            return Err(Status::permission_denied(
+                "watching events needs the viewer role",
+            ));
+        }
         tokio::spawn(async move {
             let _permit = permit;
+            let _per_caller = per_caller;
             for event in past {
                 last = event.sequence;
-                if wanted(&event) && tx.send(Ok(event.as_ref().clone())).await.is_err() {
+                if wanted(&event, &grants) && tx.send(Ok(event.event.clone())).await.is_err() {
                     return;
                 }
             }
             loop {
                 tokio::select! {
+                    biased;
+                    changed = grants_changed.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        grants = controller.grants(&caller);
+                        if !may_watch(&grants) {
+                            let status = Status::permission_denied(format!(
+                                "{caller}: role bindings changed: watching events needs the viewer role"
+                            ));
+                            controller.audit.record(AuditEntry {
+                                identity: caller.to_string(),
+                                roles: grants.describe(),
+                                rpc: WATCH_EVENTS.to_string(),
+                                code: status.code() as i32,
+                                message: status.message().to_string(),
+                                ..Default::default()
+                            });
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
                     received = live.recv() => match received {
                         Ok(event) => {
                             if event.sequence <= last {
                                 continue;
                             }
                             last = event.sequence;
-                            if wanted(&event) && tx.send(Ok(event.as_ref().clone())).await.is_err() {
+                            if wanted(&event, &grants) && tx.send(Ok(event.event.clone())).await.is_err() {
                                 return;
                             }
                         }

@@ -164,6 +164,9 @@ pub struct Controller {
     pub audit: Arc<crate::audit::Audit>,
     /// Role bindings by (user, project or `*`), as stored under `role-bindings/`.
     bindings: std::sync::RwLock<BTreeMap<(String, String), Role>>,
+    /// Bumped after every change of role bindings (anything that may change a caller's
+    /// [`Controller::grants`]): open event streams check their caller again.
+    pub grants_changed: tokio::sync::watch::Sender<u64>,
     /// Project quotas, as stored under `quotas/`.
     quotas: std::sync::RwLock<BTreeMap<String, ProjectQuota>>,
     /// Held for writing by a CreateVm in a project with a quota from its usage check to its
@@ -371,8 +374,10 @@ impl Controller {
                 .insert(machine, String::from_utf8_lossy(&kv.value).into_owned());
         }
         let (vms, revision) = store.list("vms/").map_err(|e| e.to_string())?;
+        let events = Events::new();
         for kv in vms {
             let vm = Vm::decode(kv.value.as_slice()).map_err(|e| format!("{}: {e}", kv.key))?;
+            events.track(&vm);
             if let Some(spec) = &vm.spec {
                 model.names.insert(spec.name.clone(), vm.id.clone());
             }
@@ -454,7 +459,7 @@ impl Controller {
             store,
             model: Mutex::new(model),
             placer: Mutex::new(placer),
-            events: Events::new(),
+            events,
             kick: tokio::sync::Notify::new(),
             announced: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(start_generation),
@@ -463,6 +468,7 @@ impl Controller {
             revoked: std::sync::RwLock::new(revoked),
             audit,
             bindings: std::sync::RwLock::new(bindings),
+            grants_changed: tokio::sync::watch::channel(0).0,
             quotas: std::sync::RwLock::new(quotas),
             quota_check: tokio::sync::RwLock::new(()),
             issuer: std::sync::OnceLock::new(),
@@ -537,6 +543,7 @@ impl Controller {
         match self.commit(txn).await? {
             TxnOutcome::Committed(rev) => {
                 staged.committed();
+                self.events.track(&vm);
                 let mut model = self.model();
                 model.names.insert(name.clone(), vm.id.clone());
                 model.vms.insert(
@@ -1302,6 +1309,8 @@ impl Controller {
         } else {
             bindings.remove(&scope);
         }
+        drop(bindings);
+        self.grants_changed.send_modify(|g| *g += 1);
         tracing::info!(
             user,
             project = project.unwrap_or("*"),

@@ -4,8 +4,12 @@
 //! Sequence numbers start, at each controller start, from the wall clock in microseconds, so
 //! they keep growing across restarts (events themselves are not persisted; a client resuming
 //! from before a restart receives what the new process has seen).
+//!
+//! Each VM event carries, inside the controller only, the project of its VM ([`Logged`]),
+//! known from [`Events::track`] (called when a VM enters the model), so that watchers are
+//! filtered by it even after the VM is gone (its deletion event included).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use fabric_proto::v1::{Event, EventKind, HostState, VmPhase};
@@ -21,15 +25,32 @@ pub const MAX_EVENT_TEXT: usize = 1024;
 /// last sequence).
 pub(crate) const LIVE_BACKLOG: usize = 8192;
 
+/// An event as the controller keeps it: what watchers receive, and the project of its VM
+/// (None for host-only events and for VMs the log was never told of).
+#[derive(Debug)]
+pub struct Logged {
+    pub event: Event,
+    pub project: Option<Arc<str>>,
+}
+
+impl std::ops::Deref for Logged {
+    type Target = Event;
+    fn deref(&self) -> &Event {
+        &self.event
+    }
+}
+
 struct Log {
     last: u64,
-    events: VecDeque<Arc<Event>>,
+    events: VecDeque<Arc<Logged>>,
     bytes: usize,
+    /// The project of each VM in the model (VMs leave it with their deletion event).
+    projects: HashMap<String, Arc<str>>,
 }
 
 pub struct Events {
     log: Mutex<Log>,
-    live: broadcast::Sender<Arc<Event>>,
+    live: broadcast::Sender<Arc<Logged>>,
 }
 
 impl Default for Events {
@@ -62,6 +83,7 @@ impl Events {
                 last: start,
                 events: VecDeque::new(),
                 bytes: 0,
+                projects: HashMap::new(),
             }),
             live: broadcast::channel(LIVE_BACKLOG).0,
         }
@@ -77,16 +99,30 @@ impl Events {
         event.time = Some(prost_types::Timestamp::from(fabric_proto::clock::now()));
         tracing::debug!(kind = ?event.kind(), vm = %event.vm_id, host = %event.host_id, "{}", event.message);
         let size = prost::Message::encoded_len(&event);
-        let event = Arc::new(event);
+        let project = log.projects.get(&event.vm_id).cloned();
+        if event.kind() == EventKind::VmDeleted {
+            log.projects.remove(&event.vm_id);
+        }
+        let event = Arc::new(Logged { event, project });
         log.bytes += size;
         log.events.push_back(event.clone());
         while log.events.len() > RETAINED || log.bytes > RETAINED_BYTES {
             let Some(old) = log.events.pop_front() else {
                 break;
             };
-            log.bytes -= prost::Message::encoded_len(old.as_ref());
+            log.bytes -= prost::Message::encoded_len(&old.event);
         }
         let _ = self.live.send(event);
+    }
+
+    /// Remembers `vm`'s project for its events, until its deletion event.
+    pub fn track(&self, vm: &fabric_proto::v1::Vm) {
+        let project = match vm.spec.as_ref().map_or("", |s| s.project.as_str()) {
+            "" => crate::authz::DEFAULT_PROJECT,
+            project => project,
+        };
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.projects.insert(vm.id.clone(), Arc::from(project));
     }
 
     pub fn vm(&self, kind: EventKind, vm_id: &str, host_id: &str, reason: &str, message: String) {
@@ -140,7 +176,10 @@ impl Events {
     /// the newest event's (a watcher cut off before it got any event resumes from there, not
     /// from 0, which would mean "from now" and lose what it missed). The copy is of pointers,
     /// from the first event after `since` on.
-    pub fn subscribe(&self, since: u64) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>, u64) {
+    pub fn subscribe(
+        &self,
+        since: u64,
+    ) -> (Vec<Arc<Logged>>, broadcast::Receiver<Arc<Logged>>, u64) {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.live.subscribe();
         if since == 0 {
@@ -153,7 +192,7 @@ impl Events {
     /// Every retained event (tests).
     pub fn retained(&self) -> Vec<Event> {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.events.iter().map(|e| e.as_ref().clone()).collect()
+        log.events.iter().map(|e| e.event.clone()).collect()
     }
 }
 
@@ -184,7 +223,7 @@ mod tests {
         let sum: usize = log
             .events
             .iter()
-            .map(|e| prost::Message::encoded_len(e.as_ref()))
+            .map(|e| prost::Message::encoded_len(&e.event))
             .sum();
         assert_eq!(sum, log.bytes);
     }

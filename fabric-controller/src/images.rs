@@ -1,5 +1,13 @@
 //! The Images service: files stored by content under `<data_dir>/images/blobs/<sha256>`,
 //! named images (one file per role) in the store under `images/<name>`.
+//!
+//! Every bound user lists and pulls every image (a VM of any project may boot any image).
+//! Pushing is owned: an image belongs to the project named at its first push, or to no
+//! project (cluster-wide) when a cluster-wide operator pushed it without one, as every
+//! image stored before images had owners does. A push to an existing image needs an
+//! operator of its project or a cluster-wide operator ([`push_owner`]), checked again in
+//! the transaction that points the name at the new file, so that no one replaces the
+//! kernel another project's VMs boot.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -20,9 +28,11 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::authz::Grants;
 use crate::controller::unavailable;
 use crate::store::{Compare, Store, Txn, TxnOutcome};
 use crate::validate::{check_image_name, check_sha256};
+use fabric_proto::v1::Role;
 
 /// Largest chunk in a stream, both ways.
 const CHUNK: usize = 1 << 20;
@@ -277,16 +287,25 @@ impl ImageStore {
         Ok(())
     }
 
-    /// Points `name`'s `role` at a stored file.
-    async fn attach(&self, name: &str, file: ImageFile) -> Result<Image, Status> {
+    /// Points `name`'s `role` at a stored file, if `grants` may push to the image as it is
+    /// when the change commits (a new image belongs to the project [`push_owner`] gives).
+    async fn attach(
+        &self,
+        name: &str,
+        file: ImageFile,
+        grants: &Grants,
+        asked: &str,
+    ) -> Result<Image, Status> {
         loop {
             let current = self.get(name).await?;
+            let owner = push_owner(grants, name, asked, current.as_ref().map(|(i, _)| i))?;
             let (mut image, compare) = match current {
                 Some((image, rev)) => (image, Compare::ModRevision(image_key(name), rev)),
                 None => (
                     Image {
                         name: name.to_string(),
                         files: Vec::new(),
+                        project: owner,
                     },
                     Compare::Absent(image_key(name)),
                 ),
@@ -306,6 +325,79 @@ impl ImageStore {
                 return Ok(image);
             }
         }
+    }
+}
+
+/// The project a push by `grants` to image `name` (stored as `existing`) leaves the image
+/// in, or why the caller may not push to it. `asked` is the header's project.
+///
+/// - An existing image keeps its owner; pushing to it needs operator in that project, or
+///   cluster-wide (always, for a cluster-wide image); `asked`, when given, must be the owner.
+/// - A new image belongs to `asked` (the caller must operate there); without one, to the
+///   caller's only project when it operates in exactly one, or to no project (cluster-wide)
+///   when the caller is a cluster-wide operator.
+pub fn push_owner(
+    grants: &Grants,
+    name: &str,
+    asked: &str,
+    existing: Option<&Image>,
+) -> Result<String, Status> {
+    if !asked.is_empty() {
+        fabric_proto::tls::check_name("project", asked).map_err(Status::invalid_argument)?;
+    }
+    if let Some(image) = existing {
+        let owner = image.project.as_str();
+        let allowed = if owner.is_empty() {
+            grants.everywhere(Role::Operator)
+        } else {
+            grants.can(Role::Operator, owner)
+        };
+        if !allowed {
+            let scope = if owner.is_empty() {
+                "is cluster-wide: pushing to it needs a cluster-wide operator".to_string()
+            } else {
+                format!("belongs to project {owner}: pushing to it needs operator there")
+            };
+            return Err(Status::permission_denied(format!("image {name:?} {scope}")));
+        }
+        if !asked.is_empty() && asked != owner {
+            return Err(Status::invalid_argument(format!(
+                "image {name:?} belongs to {}, not project {asked}",
+                if owner.is_empty() {
+                    "no project (cluster-wide)".to_string()
+                } else {
+                    format!("project {owner}")
+                }
+            )));
+        }
+        return Ok(owner.to_string());
+    }
+    if !asked.is_empty() {
+        if !grants.can(Role::Operator, asked) {
+            return Err(Status::permission_denied(format!(
+                "a new image in project {asked} needs operator there"
+            )));
+        }
+        return Ok(asked.to_string());
+    }
+    if grants.everywhere(Role::Operator) {
+        return Ok(String::new());
+    }
+    let operated: Vec<&str> = grants
+        .projects
+        .iter()
+        .filter(|(_, role)| **role >= Role::Operator)
+        .map(|(project, _)| project.as_str())
+        .collect();
+    match operated.as_slice() {
+        [only] => Ok(only.to_string()),
+        [] => Err(Status::permission_denied(
+            "pushing an image needs operator in a project or cluster-wide",
+        )),
+        several => Err(Status::invalid_argument(format!(
+            "you operate in projects {}: name the new image's project (--project)",
+            several.join(", ")
+        ))),
     }
 }
 
@@ -390,6 +482,7 @@ impl ImagesService {
         extensions: &tonic::Extensions,
         rpc: &str,
         image: &str,
+        project: &str,
         digest: String,
         result: &Result<T, Status>,
     ) {
@@ -408,6 +501,7 @@ impl ImagesService {
             roles: controller.grants(&identity).describe(),
             rpc: format!("/{}/{rpc}", fabric_proto::IMAGES_SERVICE),
             target: format!("image/{}", image.chars().take(64).collect::<String>()),
+            project: project.chars().take(64).collect(),
             code,
             message,
             request_sha256: digest,
@@ -425,6 +519,9 @@ impl ImagesService {
                 "{MAX_CONCURRENT_PUSHES} image pushes are in progress: try again when one is done"
             ))
         })?;
+        let grants = self
+            .controller
+            .grants(&fabric_proto::tls::caller(&request)?);
         let mut stream = request.into_inner();
         let header = match next_part(&mut stream).await? {
             Some(PushImageRequest {
@@ -451,6 +548,14 @@ impl ImagesService {
                 header.size_bytes
             )));
         }
+        // Refused before a byte is stored; checked again when the file is attached.
+        let existing = self.get(&header.image_name).await?;
+        push_owner(
+            &grants,
+            &header.image_name,
+            &header.project,
+            existing.as_ref().map(|(i, _)| i),
+        )?;
         let mut reservation = self.reserve(header.size_bytes)?;
         let partial = self.blobs.join(format!(
             "{PARTIAL_PREFIX}{}-{}",
@@ -536,7 +641,9 @@ impl ImagesService {
             file_name: header.file_name.chars().take(255).collect(),
             pushed_at: Some(prost_types::Timestamp::from(fabric_proto::clock::now())),
         };
-        let image = self.attach(&header.image_name, file.clone()).await?;
+        let image = self
+            .attach(&header.image_name, file.clone(), &grants, &header.project)
+            .await?;
         Ok(Response::new(PushImageResponse {
             image: Some(image),
             file: Some(file),
@@ -567,12 +674,25 @@ impl Images for ImagesService {
         let extensions = request.extensions().clone();
         let mut header = None;
         let result = self.push(request, &mut header).await;
-        let (image, digest) = header
+        let (image, project, digest) = header
             .map(|h: fabric_proto::v1::PushImageHeader| {
-                (h.image_name.clone(), crate::audit::digest(&h))
+                (
+                    h.image_name.clone(),
+                    h.project.clone(),
+                    crate::audit::digest(&h),
+                )
             })
             .unwrap_or_default();
-        self.audited(&extensions, "PushImage", &image, digest, &result);
+        // The project of the image as pushed (its owner), else the one the header asked.
+        let project = match &result {
+            Ok(reply) => reply
+                .get_ref()
+                .image
+                .as_ref()
+                .map_or(project, |i| i.project.clone()),
+            Err(_) => project,
+        };
+        self.audited(&extensions, "PushImage", &image, &project, digest, &result);
         result
     }
 
@@ -584,7 +704,7 @@ impl Images for ImagesService {
         let digest = crate::audit::digest(request.get_ref());
         let name = request.get_ref().name.clone();
         let result = self.delete_named(request).await;
-        self.audited(&extensions, "DeleteImage", &name, digest, &result);
+        self.audited(&extensions, "DeleteImage", &name, "", digest, &result);
         result
     }
 
@@ -697,5 +817,89 @@ impl Images for ImagesService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants(bindings: &[(Option<&str>, Role)]) -> Grants {
+        let mut g = Grants::default();
+        for (project, role) in bindings {
+            g.add(*project, *role);
+        }
+        g
+    }
+
+    fn image(project: &str) -> Image {
+        Image {
+            name: "base".into(),
+            files: Vec::new(),
+            project: project.into(),
+        }
+    }
+
+    /// Who may push to a new or existing image, and which project a new one gets.
+    #[test]
+    fn the_owner_of_a_push() {
+        use tonic::Code::{InvalidArgument as Invalid, PermissionDenied as Denied};
+        let op1 = grants(&[(Some("p1"), Role::Operator)]);
+        let op1_view2 = grants(&[(Some("p1"), Role::Operator), (Some("p2"), Role::Viewer)]);
+        let op12 = grants(&[(Some("p1"), Role::Operator), (Some("p2"), Role::Operator)]);
+        let viewer = grants(&[(None, Role::Viewer)]);
+        let cluster_op = grants(&[(None, Role::Operator)]);
+        let admin = Grants::admin();
+        let p1 = image("p1");
+        let shared = image("");
+        type Case<'a> = (
+            &'a Grants,
+            &'a str,
+            Option<&'a Image>,
+            Result<&'a str, tonic::Code>,
+        );
+        let cases: &[Case] = &[
+            // New images.
+            (&op1, "", None, Ok("p1")),
+            (&op1_view2, "", None, Ok("p1")),
+            (&op1, "p1", None, Ok("p1")),
+            (&op1, "p2", None, Err(Denied)),
+            (&op12, "", None, Err(Invalid)),
+            (&op12, "p2", None, Ok("p2")),
+            (&viewer, "", None, Err(Denied)),
+            (&cluster_op, "", None, Ok("")),
+            (&admin, "p7", None, Ok("p7")),
+            (&op1, "Bad/Name", None, Err(Invalid)),
+            // Existing images keep their owner.
+            (&op1, "", Some(&p1), Ok("p1")),
+            (&op12, "", Some(&p1), Ok("p1")),
+            (&op1, "p2", Some(&p1), Err(Invalid)),
+            (
+                &grants(&[(Some("p2"), Role::Operator)]),
+                "",
+                Some(&p1),
+                Err(Denied),
+            ),
+            (
+                &grants(&[(Some("p2"), Role::Operator)]),
+                "p1",
+                Some(&p1),
+                Err(Denied),
+            ),
+            (
+                &grants(&[(Some("p1"), Role::Viewer)]),
+                "",
+                Some(&p1),
+                Err(Denied),
+            ),
+            (&cluster_op, "", Some(&p1), Ok("p1")),
+            (&op1, "", Some(&shared), Err(Denied)),
+            (&cluster_op, "", Some(&shared), Ok("")),
+            (&admin, "", Some(&shared), Ok("")),
+        ];
+        for (i, (grants, asked, existing, want)) in cases.iter().enumerate() {
+            let got = push_owner(grants, "base", asked, *existing).map_err(|s| s.code());
+            assert_eq!(got.as_deref().map_err(|c| *c), *want, "case {i}");
+        }
     }
 }

@@ -385,6 +385,7 @@ impl Images for TestImages {
             image: Some(Image {
                 name: header.image_name,
                 files: vec![file.clone()],
+                project: header.project,
             }),
             file: Some(file),
             already_stored,

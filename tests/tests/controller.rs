@@ -656,6 +656,7 @@ async fn cancelled_pushes_and_unread_watchers_leave_nothing_behind() {
                 sha256: format!("{:064x}", i),
                 size_bytes: 1 << 20,
                 file_name: "disk.img".into(),
+                project: String::new(),
             })),
         })
         .await
@@ -785,6 +786,7 @@ async fn push_file(
             sha256: hex::encode(sha2::Sha256::digest(&bytes)),
             size_bytes: bytes.len() as u64,
             file_name: "disk.img".into(),
+            project: String::new(),
         })),
     }];
     for chunk in bytes.chunks(1 << 20) {

@@ -64,7 +64,8 @@ struct Args {
     /// (RESOURCE_EXHAUSTED) and takes nothing.
     #[arg(long, default_value_t = 256 * 1024, value_name = "MIB")]
     image_quota_mib: u64,
-    /// Most entries the audit log keeps; each new entry beyond it deletes the oldest.
+    /// Most audit entries kept of each kind (changes; refused or failed calls); each new
+    /// entry beyond it deletes the oldest of its kind.
     #[arg(long, default_value_t = fabric_controller::audit::DEFAULT_RETENTION_ENTRIES, value_name = "N")]
     audit_retention_entries: usize,
     /// Oldest audit entries kept, days.

@@ -181,12 +181,13 @@ async fn read_chunk(file: &mut tokio::fs::File, buffer: &mut [u8]) -> std::io::R
 pub async fn push(
     images: &mut ImagesClient<Channel>,
     name: &str,
+    project: &str,
     files: &[PushFile],
 ) -> anyhow::Result<(Image, Vec<PushImageResponse>)> {
     let mut replies = Vec::new();
     let mut image = Image::default();
     for file in files {
-        let reply = push_one(images, name, file).await?;
+        let reply = push_one(images, name, project, file).await?;
         image = reply.image.clone().unwrap_or_default();
         replies.push(reply);
     }
@@ -196,6 +197,7 @@ pub async fn push(
 async fn push_one(
     images: &mut ImagesClient<Channel>,
     name: &str,
+    project: &str,
     file: &PushFile,
 ) -> anyhow::Result<PushImageResponse> {
     let shown = file.path.display().to_string();
@@ -221,6 +223,7 @@ async fn push_one(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            project: project.to_string(),
         })),
     };
     let mut source = tokio::fs::File::open(&file.path)

@@ -288,6 +288,10 @@ pub enum ImageCommand {
         /// Role of a file (required for files; directories name their roles).
         #[arg(long, value_enum)]
         role: Option<image::Role>,
+        /// Project a new image belongs to (default: yours when you operate in one project
+        /// only; cluster-wide for a cluster-wide operator). An existing image keeps its own.
+        #[arg(long)]
+        project: Option<String>,
     },
     /// List images and their files.
     List {
@@ -616,9 +620,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Role(command) => access::role(&mut clients, command, output).await,
         Command::Project(command) => access::project(&mut clients, command, output).await,
         Command::Audit(args) => access::audit(&mut clients, args, output).await,
-        Command::Image(ImageCommand::Push { name, .. }) => {
+        Command::Image(ImageCommand::Push { name, project, .. }) => {
             let files = push.unwrap_or_default();
-            let (image, pushed) = image::push(&mut clients.images, &name, &files).await?;
+            let project = project.unwrap_or_default();
+            let (image, pushed) = image::push(&mut clients.images, &name, &project, &files).await?;
             match output {
                 Output::Json => print_json(&json!({
                     "image": render::image_json(&image),

@@ -391,6 +391,8 @@ pub fn image_file_json(file: &ImageFile) -> Value {
 pub fn image_json(image: &Image) -> Value {
     json!({
         "name": image.name,
+        // The owner project; empty: cluster-wide.
+        "project": image.project,
         "files": image.files.iter().map(image_file_json).collect::<Vec<_>>(),
     })
 }

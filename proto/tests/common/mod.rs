@@ -229,6 +229,7 @@ pub fn image(name: &str) -> Image {
             image_file(ImageFileRole::Kernel, KERNEL_SHA256, 12 << 20),
             image_file(ImageFileRole::Initramfs, INITRAMFS_SHA256, 3 << 20),
         ],
+        project: "web".to_owned(),
     }
 }
 
@@ -359,6 +360,7 @@ pub fn push_image_header(sha256: &str, size_bytes: u64) -> PushImageHeader {
         sha256: sha256.to_owned(),
         size_bytes,
         file_name: "bzImage".to_owned(),
+        project: "web".to_owned(),
     }
 }
 
