@@ -96,8 +96,9 @@ pub const RULES: &[(&str, &str, Rule)] = &[
     // Join tokens make host identities: a cluster-wide admin's.
     (fabric_proto::COMPUTE_SERVICE, "CreateJoinToken", ADMIN),
     (fabric_proto::COMPUTE_SERVICE, "ListJoinTokens", ADMIN_READ),
-    // Images are cluster-wide objects: any bound user lists and pulls them, an operator of
-    // any project pushes, only a cluster-wide admin deletes (a VM of any project may use one).
+    // Images: any bound user lists and pulls them; an operator of some project may push, and
+    // the Images handler then allows only a new image or one its project owns (cluster-wide
+    // ones: cluster-wide operators); only a cluster-wide admin deletes.
     (fabric_proto::IMAGES_SERVICE, "PushImage", OPERATE),
     (fabric_proto::IMAGES_SERVICE, "ListImages", READ),
     (fabric_proto::IMAGES_SERVICE, "PullImage", READ),
