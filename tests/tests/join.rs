@@ -13,10 +13,10 @@ use fabric_proto::tls::{self, Identity, TlsFiles};
 use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::host_link_client::HostLinkClient;
 use fabric_proto::v1::{
-    CreateJoinTokenRequest, JoinHostRequest, ListVmsRequest, RegisterHostRequest,
-    RenewCertificateRequest, Resources,
+    CreateJoinTokenRequest, JoinHostRequest, ListVmsRequest, RenewCertificateRequest,
 };
 use fabric_test_support::cluster::{unix_channel, workspace_bin, Controller, Timing};
+use fabric_test_support::hostlink::registration;
 use fabric_test_support::pki::Pki;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
@@ -105,22 +105,6 @@ fn fabricctl(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("run fabricctl")
-}
-
-fn registration(name: &str) -> RegisterHostRequest {
-    let resources = Resources {
-        cpus: 4,
-        memory_mib: 4096,
-        disk_mib: 4096,
-    };
-    RegisterHostRequest {
-        machine_id: format!("machine-{name}"),
-        name: name.into(),
-        zone: "z1".into(),
-        capacity: Some(resources),
-        allocatable: Some(resources),
-        ..Default::default()
-    }
 }
 
 fn tls_controller(dir: &Path, pki_dir: &Path, port: u16, extra: &[&str]) -> Controller {

@@ -11,10 +11,11 @@ use fabric_proto::v1::compute_client::ComputeClient;
 use fabric_proto::v1::host_link_client::HostLinkClient;
 use fabric_proto::v1::images_client::ImagesClient;
 use fabric_proto::v1::{
-    HeartbeatRequest, ListVmsRequest, PullImageRequest, RegisterHostRequest, Resources,
+    HeartbeatRequest, ListVmsRequest, PullImageRequest, RegisterHostRequest,
     WatchAssignmentsRequest,
 };
 use fabric_test_support::cluster::{controller_command, unix_channel, workspace_bin};
+use fabric_test_support::hostlink::registration;
 use fabric_test_support::pki::{free_port, Pki};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -33,22 +34,6 @@ async fn tls_channel(port: u16, tls: ClientTlsConfig) -> Result<Channel, String>
 async fn as_identity(port: u16, dir: &Path, name: &str) -> Channel {
     let config = TlsFiles::in_dir(dir, name).client_config().unwrap();
     tls_channel(port, config).await.expect("connect")
-}
-
-fn registration(name: &str) -> RegisterHostRequest {
-    let resources = Resources {
-        cpus: 4,
-        memory_mib: 4096,
-        disk_mib: 4096,
-    };
-    RegisterHostRequest {
-        machine_id: format!("machine-{name}"),
-        name: name.into(),
-        zone: "z1".into(),
-        capacity: Some(resources),
-        allocatable: Some(resources),
-        ..Default::default()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -793,3 +793,21 @@ impl Drop for FakeController {
         }
     }
 }
+
+/// A registration of host `name` (machine `machine-NAME`, zone z1, 4 CPUs, 4 GiB, 4 GiB of
+/// disk), as an agent would send it.
+pub fn registration(name: &str) -> RegisterHostRequest {
+    let resources = fabric_proto::v1::Resources {
+        cpus: 4,
+        memory_mib: 4096,
+        disk_mib: 4096,
+    };
+    RegisterHostRequest {
+        machine_id: format!("machine-{name}"),
+        name: name.into(),
+        zone: "z1".into(),
+        capacity: Some(resources),
+        allocatable: Some(resources),
+        ..Default::default()
+    }
+}
