@@ -7,8 +7,9 @@
 //!   operator copied: the CA pin) and writes the certificate it gets to `host.pem`. The token
 //!   is never logged.
 //! - [`run_renewal`]: at two thirds of the certificate's lifetime, a new key and a CSR go
-//!   to HostLink.RenewCertificate over the current mutual-TLS channel; the key, then the
-//!   certificate, replace the files (each by a rename), and a channel built from the new
+//!   to HostLink.RenewCertificate over the current mutual-TLS channel; the new pair is
+//!   written beside the current one and renamed over it, key first ([`recover_renewal`]
+//!   completes a renewal a crash cut short), and a channel built from the new
 //!   files replaces the old one ([`ControllerChannel`]). The Agent service's listener reads
 //!   the new files by itself (`ReloadingCert`). Failures are retried with backoff; a
 //!   certificate that expired is an error in the log, and the VMs keep running: the host
@@ -213,10 +214,7 @@ async fn renew_once(
     .certificate_pem;
     check_issued(&certificate, files, name)?;
     let (_, not_after) = tls::validity(&certificate).map_err(anyhow::Error::msg)?;
-    tls::write_private(&files.key, &key_pem)
-        .with_context(|| format!("cannot write {}", files.key.display()))?;
-    tls::write_private(&files.cert, &certificate)
-        .with_context(|| format!("cannot write {}", files.cert.display()))?;
+    replace_pair(files, &key_pem, &certificate)?;
     let channel = lazy_channel(address, Some(files)).map_err(anyhow::Error::msg)?;
     channels.send_replace(channel);
     Ok(not_after
@@ -224,9 +222,101 @@ async fn renew_once(
         .unwrap_or_default())
 }
 
+/// The files a renewal writes first: the new key and certificate beside the current ones.
+fn next_files(files: &TlsFiles) -> (std::path::PathBuf, std::path::PathBuf) {
+    let next = |path: &std::path::Path| {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".next");
+        path.with_file_name(name)
+    };
+    (next(&files.key), next(&files.cert))
+}
+
+/// Replaces the key and certificate so that a crash at any point leaves a matching pair, or
+/// one [`recover_renewal`] completes at the next start: the new key, then the new
+/// certificate, are written beside the current ones (`*.next`, each complete or absent),
+/// then renamed over them, key first.
+fn replace_pair(files: &TlsFiles, key_pem: &str, certificate: &str) -> anyhow::Result<()> {
+    let (next_key, next_cert) = next_files(files);
+    tls::write_private(&next_key, key_pem)
+        .with_context(|| format!("cannot write {}", next_key.display()))?;
+    tls::write_private(&next_cert, certificate)
+        .with_context(|| format!("cannot write {}", next_cert.display()))?;
+    std::fs::rename(&next_key, &files.key)
+        .with_context(|| format!("cannot replace {}", files.key.display()))?;
+    std::fs::rename(&next_cert, &files.cert)
+        .with_context(|| format!("cannot replace {}", files.cert.display()))?;
+    Ok(())
+}
+
+/// At start, before the files are read: completes a renewal a crash cut short. A written
+/// `*.next` certificate means the pair was complete: whatever of it is not in place yet is
+/// renamed in. A `*.next` key alone means the certificate never came: it is removed, and the
+/// current pair stands.
+pub fn recover_renewal(files: &TlsFiles) -> anyhow::Result<()> {
+    let (next_key, next_cert) = next_files(files);
+    if next_cert.exists() {
+        if next_key.exists() {
+            std::fs::rename(&next_key, &files.key)
+                .with_context(|| format!("cannot replace {}", files.key.display()))?;
+        }
+        std::fs::rename(&next_cert, &files.cert)
+            .with_context(|| format!("cannot replace {}", files.cert.display()))?;
+        tracing::warn!(cert = %files.cert.display(), "completed a certificate renewal a stop had cut short");
+    } else if next_key.exists() {
+        std::fs::remove_file(&next_key)
+            .with_context(|| format!("cannot remove {}", next_key.display()))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every point a renewal can stop at leaves, after [`recover_renewal`], a key and a
+    /// certificate of the same pair.
+    #[test]
+    fn a_renewal_cut_short_anywhere_leaves_a_matching_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles::in_dir(dir.path(), "host");
+        let (next_key, next_cert) = next_files(&files);
+        // Steps of replace_pair, as files: (next key, next cert, key renamed, cert renamed).
+        for stop in 0..=4 {
+            std::fs::write(&files.key, "old key").unwrap();
+            std::fs::write(&files.cert, "old cert").unwrap();
+            let _ = std::fs::remove_file(&next_key);
+            let _ = std::fs::remove_file(&next_cert);
+            if stop >= 1 {
+                std::fs::write(&next_key, "new key").unwrap();
+            }
+            if stop >= 2 {
+                std::fs::write(&next_cert, "new cert").unwrap();
+            }
+            if stop >= 3 {
+                std::fs::rename(&next_key, &files.key).unwrap();
+            }
+            if stop >= 4 {
+                std::fs::rename(&next_cert, &files.cert).unwrap();
+            }
+            recover_renewal(&files).unwrap();
+            let pair = (
+                std::fs::read_to_string(&files.key).unwrap(),
+                std::fs::read_to_string(&files.cert).unwrap(),
+            );
+            let expected = if stop >= 2 {
+                ("new key", "new cert")
+            } else {
+                ("old key", "old cert")
+            };
+            assert_eq!(
+                (pair.0.as_str(), pair.1.as_str()),
+                expected,
+                "stopped after step {stop}"
+            );
+            assert!(!next_key.exists() && !next_cert.exists(), "step {stop}");
+        }
+    }
 
     #[test]
     fn retries_back_off_within_the_time_left() {

@@ -58,6 +58,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let tls = match &config.tls_dir {
         Some(dir) => {
             let files = fabric_proto::tls::TlsFiles::in_dir(dir, "host");
+            fabric_agent::certs::recover_renewal(&files)?;
             if !files.cert.exists() {
                 let Some(token) = &config.join_token else {
                     anyhow::bail!(
