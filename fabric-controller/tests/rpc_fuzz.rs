@@ -330,6 +330,7 @@ async fn send(
             remote: None,
             identity,
             expires: None,
+            issued: None,
         });
     }
     let response = service

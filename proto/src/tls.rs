@@ -52,6 +52,17 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_HANDSHAKES: usize = 128;
 /// Handshakes in progress at once from one IP address; more from it are closed at once.
 pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
+/// Established connections with a client certificate, on one listener and from one address:
+/// a connection beyond either is closed after its handshake (the file descriptors a
+/// controller has stay well below its limit whatever its clients do).
+pub const MAX_CONNECTIONS: usize = 4096;
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
+/// The same for connections without a client certificate (hosts joining): far fewer, and
+/// each closed [`ANONYMOUS_LIFETIME`] after its handshake, so that idle ones cannot hold the
+/// joins' slots.
+pub const MAX_ANONYMOUS_CONNECTIONS: usize = 64;
+pub const MAX_ANONYMOUS_PER_ADDRESS: usize = 2;
+pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(30);
 
 /// The longest cluster or principal name, bytes.
 pub const MAX_NAME: usize = 63;
@@ -542,6 +553,9 @@ pub struct PeerInfo {
     /// the handshake that checked it: past this, its calls are refused (UNAUTHENTICATED),
     /// so a host whose certificate was not renewed cannot go on over an old connection.
     pub expires: Option<SystemTime>,
+    /// When the client certificate was issued (its notBefore; None: no certificate): a host
+    /// reinstated after a revocation is served only with certificates issued since.
+    pub issued: Option<SystemTime>,
 }
 
 /// An accepted connection whose client presented a certificate of the cluster CA with one
@@ -549,6 +563,10 @@ pub struct PeerInfo {
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    /// Its places among the listener's connections, given back when it closes.
+    _slots: (tokio::sync::OwnedSemaphorePermit, AddressSlot),
+    /// A connection without a certificate ends here ([`ANONYMOUS_LIFETIME`]).
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Connected for TlsConnection {
@@ -565,7 +583,16 @@ impl tokio::io::AsyncRead for TlsConnection {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(deadline) = this.deadline.as_mut() {
+            if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+                return std::task::Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "a connection without a client certificate lives 30 s",
+                )));
+            }
+        }
+        std::pin::Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -621,14 +648,29 @@ pub fn incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let per_address: Arc<Mutex<std::collections::HashMap<IpAddr, usize>>> = Arc::default();
+    let per_address: AddressTable = Arc::default();
+    let established = Arc::new(ConnectionLimits {
+        certified: (
+            Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            Arc::default(),
+        ),
+        anonymous: (
+            Arc::new(tokio::sync::Semaphore::new(MAX_ANONYMOUS_CONNECTIONS)),
+            Arc::default(),
+        ),
+    });
     tokio::spawn(async move {
+        let mut last_accept_warning: Option<tokio::time::Instant> = None;
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors, most likely: one line per 10 s, not per try.
+                    if last_accept_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, "accept (repeats are not logged for 10 s)");
+                        last_accept_warning = Some(tokio::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
@@ -640,11 +682,14 @@ pub fn incoming(
                 tracing::debug!(%remote, "too many TLS handshakes in progress: closed");
                 continue;
             };
-            let Some(slot) = AddressSlot::take(&per_address, remote.ip()) else {
+            let Some(slot) =
+                AddressSlot::take(&per_address, remote.ip(), MAX_HANDSHAKES_PER_ADDRESS)
+            else {
                 tracing::debug!(%remote, "too many TLS handshakes from this address: closed");
                 continue;
             };
             let (acceptor, tx, cluster) = (acceptor.clone(), tx.clone(), cluster.clone());
+            let established = established.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let _slot = slot;
@@ -671,15 +716,31 @@ pub fn incoming(
                     // The verifier let it through: the server allows callers without one.
                     None => Ok(Identity::Anonymous),
                 };
-                let expires = certificate.and_then(|cert| not_after(cert));
+                let (issued, expires) = certificate
+                    .and_then(|cert| validity_of_der(cert))
+                    .map_or((None, None), |(from, to)| (Some(from), Some(to)));
                 match identity {
                     Ok(identity) => {
+                        let anonymous = identity == Identity::Anonymous;
+                        let Some(slots) = established.take(anonymous, remote.ip()) else {
+                            tracing::debug!(%remote, anonymous, "too many connections: closed");
+                            return;
+                        };
+                        let deadline =
+                            anonymous.then(|| Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)));
                         let info = PeerInfo {
                             remote: Some(remote),
                             identity,
                             expires,
+                            issued,
                         };
-                        let _ = tx.send(Ok(TlsConnection { stream, info })).await;
+                        let connection = TlsConnection {
+                            stream,
+                            info,
+                            _slots: slots,
+                            deadline,
+                        };
+                        let _ = tx.send(Ok(connection)).await;
                     }
                     Err(e) => tracing::warn!(%remote, error = %e, "client certificate refused"),
                 }
@@ -689,27 +750,60 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// A certificate's notAfter (DER).
-fn not_after(der: &[u8]) -> Option<SystemTime> {
+/// A certificate's notBefore and notAfter (DER).
+fn validity_of_der(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    Some(std::time::UNIX_EPOCH + Duration::from_secs(seconds))
+    let time = |t: x509_parser::time::ASN1Time| {
+        u64::try_from(t.timestamp())
+            .ok()
+            .map(|s| std::time::UNIX_EPOCH + Duration::from_secs(s))
+    };
+    Some((
+        time(cert.validity().not_before)?,
+        time(cert.validity().not_after)?,
+    ))
 }
 
-/// One of an address's [`MAX_HANDSHAKES_PER_ADDRESS`] handshake slots, given back on drop.
+type AddressTable = Arc<Mutex<std::collections::HashMap<IpAddr, usize>>>;
+
+/// A listener's established connections: those with a client certificate and those
+/// without, each bounded in all and per address.
+struct ConnectionLimits {
+    certified: (Arc<tokio::sync::Semaphore>, AddressTable),
+    anonymous: (Arc<tokio::sync::Semaphore>, AddressTable),
+}
+
+impl ConnectionLimits {
+    fn take(
+        &self,
+        anonymous: bool,
+        address: IpAddr,
+    ) -> Option<(tokio::sync::OwnedSemaphorePermit, AddressSlot)> {
+        let ((all, per_address), limit) = if anonymous {
+            (&self.anonymous, MAX_ANONYMOUS_PER_ADDRESS)
+        } else {
+            (&self.certified, MAX_CONNECTIONS_PER_ADDRESS)
+        };
+        let permit = all.clone().try_acquire_owned().ok()?;
+        let slot = AddressSlot::take(per_address, address, limit)?;
+        Some((permit, slot))
+    }
+}
+
+/// One of an address's slots in a table (handshakes, connections), given back on drop.
 struct AddressSlot {
-    table: Arc<Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    table: AddressTable,
     address: IpAddr,
 }
 
 impl AddressSlot {
-    fn take(
-        table: &Arc<Mutex<std::collections::HashMap<IpAddr, usize>>>,
-        address: IpAddr,
-    ) -> Option<AddressSlot> {
+    fn take(table: &AddressTable, address: IpAddr, limit: usize) -> Option<AddressSlot> {
         let mut counts = table.lock().unwrap_or_else(|e| e.into_inner());
         let count = counts.entry(address).or_insert(0);
-        if *count >= MAX_HANDSHAKES_PER_ADDRESS {
+        if *count >= limit {
+            if *count == 0 {
+                counts.remove(&address);
+            }
             return None;
         }
         *count += 1;

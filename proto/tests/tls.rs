@@ -326,3 +326,88 @@ async fn a_listener_open_to_anonymous_callers_still_refuses_bad_certificates() {
         "got past the handshake: {refused}"
     );
 }
+
+/// Connections without a certificate (which the controller lets through the handshake, for
+/// joins) are few per address: one more than [`tls::MAX_ANONYMOUS_PER_ADDRESS`] is closed
+/// after its handshake, the ones within stay open, and a caller with a certificate is still
+/// served. (Without a bound, one client held 1,500 such connections and the controller ran
+/// out of file descriptors.)
+#[tokio::test]
+async fn connections_without_a_certificate_are_few_per_address() {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    tls::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tls::new_ca(CLUSTER, DAY).unwrap();
+    let controller = tls::issue(&ca, CLUSTER, &request(&Identity::Controller)).unwrap();
+    let server = write(dir.path(), "controller", &ca, &controller);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = server.server_config_allowing_anonymous().unwrap();
+    let (_reporter, health) = fabric_proto::health_service(&[]).await;
+    tokio::spawn(
+        fabric_proto::server()
+            .add_service(health)
+            .serve_with_incoming(tls::incoming(listener, config, CLUSTER.into())),
+    );
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut client =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(tls::provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let name = rustls::pki_types::ServerName::try_from(tls::CONTROLLER_DNS_NAME).unwrap();
+    let connect = || {
+        let (connector, name) = (connector.clone(), name.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            connector.connect(name, tcp).await
+        }
+    };
+    let mut open = Vec::new();
+    for _ in 0..tls::MAX_ANONYMOUS_PER_ADDRESS {
+        open.push(connect().await.expect("a handshake without a certificate"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut byte = [0u8; 1];
+    for stream in &mut open {
+        // Open: the server waits for HTTP/2 (it sent its settings first, if anything).
+        let mut closed = false;
+        while let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await
+        {
+            if matches!(read, Ok(0) | Err(_)) {
+                closed = true;
+                break;
+            }
+        }
+        assert!(!closed, "a connection within the bound was closed");
+    }
+    if let Ok(mut extra) = connect().await {
+        let closed = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match extra.read(&mut byte).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the connection over the bound was left open"
+        );
+    }
+    let alice = tls::issue(&ca, CLUSTER, &request(&Identity::User("alice".into()))).unwrap();
+    let alice = write(dir.path(), "alice", &ca, &alice);
+    check(addr, alice.client_config().unwrap())
+        .await
+        .expect("a caller with a certificate is still served");
+}

@@ -538,6 +538,7 @@ pub(crate) fn local_root<T>(message: T) -> Request<T> {
             remote: None,
             identity: fabric_proto::tls::Identity::LocalRoot,
             expires: None,
+            issued: None,
         });
     request
 }
