@@ -160,6 +160,9 @@ pub struct Controller {
     /// Names whose identity host/NAME is refused (RevokeHost), as stored under
     /// `revoked-hosts/`.
     revoked: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// Hosts reinstated after a revocation, and when (Unix seconds), as stored under
+    /// `reinstated-hosts/`: their certificates issued before that are refused.
+    reinstated: std::sync::RwLock<HashMap<String, u64>>,
     /// The audit log.
     pub audit: Arc<crate::audit::Audit>,
     /// Role bindings by (user, project or `*`), as stored under `role-bindings/`.
@@ -195,6 +198,11 @@ fn quota_key(project: &str) -> String {
 
 /// What a project's VMs take: (vCPUs, startup memory MiB, VMs).
 pub type Usage = (u64, u64, u64);
+
+/// The store key of when a host was last reinstated.
+fn reinstated_key(name: &str) -> String {
+    format!("reinstated-hosts/{name}")
+}
 
 /// The store key of a revoked host identity.
 fn revoked_key(name: &str) -> String {
@@ -430,6 +438,15 @@ impl Controller {
             .max(stored_ceiling);
         let ceiling = start_generation.saturating_add(GENERATION_BLOCK);
         store_ceiling(store.as_ref(), ceiling)?;
+        let (reinstated, _) = store.list("reinstated-hosts/").map_err(|e| e.to_string())?;
+        let reinstated: HashMap<String, u64> = reinstated
+            .into_iter()
+            .filter_map(|kv| {
+                let name = kv.key.strip_prefix("reinstated-hosts/")?.to_string();
+                let at = std::str::from_utf8(&kv.value).ok()?.parse().ok()?;
+                Some((name, at))
+            })
+            .collect();
         let (revoked, _) = store.list("revoked-hosts/").map_err(|e| e.to_string())?;
         let revoked = revoked
             .into_iter()
@@ -466,6 +483,7 @@ impl Controller {
             generation_ceiling: Mutex::new(ceiling),
             registering: tokio::sync::Mutex::new(()),
             revoked: std::sync::RwLock::new(revoked),
+            reinstated: std::sync::RwLock::new(reinstated),
             audit,
             bindings: std::sync::RwLock::new(bindings),
             grants_changed: tokio::sync::watch::channel(0).0,
@@ -1097,6 +1115,47 @@ impl Controller {
         Ok(())
     }
 
+    /// When host/`name` was last reinstated (Unix seconds): its certificates must have been
+    /// issued since.
+    pub fn reinstated_at(&self, name: &str) -> Option<u64> {
+        self.reinstated
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+    }
+
+    /// The check of a caller's certificate beyond its identity: a reinstated host's
+    /// certificates issued before the reinstatement (a stolen key's among them) are
+    /// refused; it joins again with a new token. Refusals are audited.
+    pub fn certificate_check(&self, peer: &fabric_proto::tls::PeerInfo) -> Result<(), String> {
+        let fabric_proto::tls::Identity::Host(name) = &peer.identity else {
+            return Ok(());
+        };
+        let Some(at) = self.reinstated_at(name) else {
+            return Ok(());
+        };
+        // Certificates are back-dated up to a minute (clocks a little apart): one issued at
+        // or after the reinstatement has notBefore at most that much before it.
+        let issued = peer
+            .issued
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() + crate::join::MAX_BACKDATE.as_secs());
+        if issued.is_some_and(|t| t >= at) {
+            return Ok(());
+        }
+        let why = format!(
+            "host/{name} was reinstated at {at} (Unix seconds): its certificates issued before are refused; join it again with a new token"
+        );
+        self.audit_refusal(
+            &peer.identity,
+            "certificate",
+            &format!("host/{name}"),
+            &Status::permission_denied(why.clone()),
+        );
+        Err(why)
+    }
+
     /// Whether the identity host/`name` is revoked.
     pub fn is_revoked(&self, name: &str) -> bool {
         self.revoked
@@ -1409,10 +1468,15 @@ impl Controller {
         fabric_proto::tls::check_name("host", name).map_err(Status::invalid_argument)?;
         crate::validate::check_reason(reason).map_err(Status::invalid_argument)?;
         let _serialized = self.registering.lock().await;
+        // No token for the name is made or spent meanwhile; those that exist go with it.
+        let _tokens = self.join_tokens.lock().await;
         if self.is_revoked(name) {
             return Ok(false);
         }
-        let txn = Txn::new().put(revoked_key(name), by.as_bytes().to_vec());
+        let mut txn = Txn::new().put(revoked_key(name), by.as_bytes().to_vec());
+        for key in crate::join::token_keys_of(self.store.as_ref(), name).map_err(unavailable)? {
+            txn = txn.delete(key);
+        }
         let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
         self.commit(txn).await?;
         staged.committed();
@@ -1453,11 +1517,21 @@ impl Controller {
         if !self.is_revoked(name) {
             return Ok(false);
         }
-        let txn = Txn::new().delete(revoked_key(name));
+        let at = fabric_proto::clock::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let txn = Txn::new()
+            .delete(revoked_key(name))
+            .put(reinstated_key(name), at.to_string().into_bytes());
         let (txn, staged) = self.audit.stage(txn, audit.iter().cloned().collect());
         self.commit(txn).await?;
         staged.committed();
         audit.take();
+        self.reinstated
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), at);
         self.revoked
             .write()
             .unwrap_or_else(|e| e.into_inner())

@@ -66,6 +66,22 @@ pub fn parse_token(text: &str) -> Result<(&str, &str), String> {
     Ok((id, secret))
 }
 
+/// The most a certificate is back-dated (its notBefore before its issue), here and by
+/// `fabricctl pki issue`: for clocks a little apart.
+pub const MAX_BACKDATE: Duration = Duration::from_secs(60);
+
+/// The store keys of the join tokens made for host `name`.
+pub fn token_keys_of(store: &dyn crate::store::Store, name: &str) -> Result<Vec<String>, String> {
+    let (tokens, _) = store.list(TOKEN_KEY_PREFIX).map_err(|e| e.to_string())?;
+    Ok(tokens
+        .into_iter()
+        .filter(|kv| {
+            serde_json::from_slice::<TokenRecord>(&kv.value).is_ok_and(|r| r.host_name == name)
+        })
+        .map(|kv| kv.key)
+        .collect())
+}
+
 /// The SHA-256 of a token's secret, as stored.
 pub fn secret_hash(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
@@ -148,7 +164,12 @@ pub struct Issuer {
 
 impl Issuer {
     /// A certificate for `host/name` and the key of `csr_pem`.
-    pub fn issue_host(&self, name: &str, csr_pem: &str) -> Result<String, Status> {
+    pub fn issue_host(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        not_before: Option<u64>,
+    ) -> Result<String, Status> {
         if csr_pem.len() > tls::MAX_CSR_PEM {
             return Err(Status::invalid_argument(format!(
                 "the certificate signing request has {} bytes; at most {}",
@@ -177,8 +198,12 @@ impl Issuer {
             Status::failed_precondition(format!("cannot read {}: {e}", cert_path.display()))
         })?;
         let ca = tls::Issued { cert_pem, key_pem };
-        // A little back-dating covers clocks a bit apart, without eating a short lifetime.
-        let backdate = (self.host_cert_lifetime / 10).min(Duration::from_secs(60));
+        // A little back-dating covers clocks a bit apart, without eating a short lifetime,
+        // and never to before the host was reinstated (certificates from before are refused).
+        let mut backdate = (self.host_cert_lifetime / 10).min(MAX_BACKDATE);
+        if let Some(at) = not_before {
+            backdate = backdate.min(Duration::from_secs(unix_now().saturating_sub(at)));
+        }
         let identity = Identity::Host(name.to_string());
         tls::issue_for_csr(
             &ca,
@@ -374,7 +399,7 @@ impl Controller {
         }
         // Signed before the token is spent (a bad CSR spends nothing), returned only once it
         // is spent durably.
-        let certificate = issuer.issue_host(host_name, csr_pem)?;
+        let certificate = issuer.issue_host(host_name, csr_pem, self.reinstated_at(host_name))?;
         record.used_at = Some(now);
         let value = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
         match self
@@ -430,7 +455,7 @@ impl Controller {
             renewed.retain(|_, at| now.duration_since(*at) < issuer.host_cert_lifetime * 2);
             renewed.insert(name.clone(), now);
         }
-        let certificate = issuer.issue_host(name, csr_pem)?;
+        let certificate = issuer.issue_host(name, csr_pem, self.reinstated_at(name))?;
         tracing::info!(host = %name, "host certificate renewed");
         Ok(certificate)
     }

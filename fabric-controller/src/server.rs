@@ -20,10 +20,12 @@ pub const MAX_IMAGES_MESSAGE: usize = 4 << 20;
 /// The refusal of every call its caller may not make ([`Controller::authorize`]), before
 /// any service decodes it.
 pub fn authorize_layer(controller: &Arc<Controller>) -> AuthorizeLayer {
+    let checker = controller.clone();
     let controller = controller.clone();
     AuthorizeLayer::new(Arc::new(move |path: &str, caller: &Identity| {
         controller.authorize(path, caller)
     }))
+    .with_certificate_check(Arc::new(move |peer| checker.certificate_check(peer)))
 }
 
 /// Compute, HostLink and Images, over `controller` and `images`.

@@ -867,14 +867,28 @@ pub type Policy = Arc<dyn Fn(&str, &Identity) -> Result<(), String> + Send + Syn
 /// A tower layer that refuses, before any service sees it, a call whose caller the policy
 /// does not allow (PERMISSION_DENIED naming the caller and the method) or whose caller is
 /// unknown (UNAUTHENTICATED): deny by default, for every service of a server at once.
+/// A check of the caller's certificate beyond its identity (e.g. when it was issued):
+/// `Ok` or the reason for PERMISSION_DENIED.
+pub type CertificateCheck = Arc<dyn Fn(&PeerInfo) -> Result<(), String> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct AuthorizeLayer {
     policy: Policy,
+    check: Option<CertificateCheck>,
 }
 
 impl AuthorizeLayer {
     pub fn new(policy: Policy) -> AuthorizeLayer {
-        AuthorizeLayer { policy }
+        AuthorizeLayer {
+            policy,
+            check: None,
+        }
+    }
+
+    /// Also refuses calls whose TLS client certificate `check` refuses.
+    pub fn with_certificate_check(mut self, check: CertificateCheck) -> AuthorizeLayer {
+        self.check = Some(check);
+        self
     }
 }
 
@@ -885,6 +899,7 @@ impl<S> tower::Layer<S> for AuthorizeLayer {
         Authorize {
             inner,
             policy: self.policy.clone(),
+            check: self.check.clone(),
         }
     }
 }
@@ -894,6 +909,7 @@ impl<S> tower::Layer<S> for AuthorizeLayer {
 pub struct Authorize<S> {
     inner: S,
     policy: Policy,
+    check: Option<CertificateCheck>,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Authorize<S>
@@ -927,6 +943,18 @@ where
                     "{identity} may not call {path}: {why}"
                 )),
             })
+        });
+        let verdict = verdict.and_then(|()| {
+            let peer = request.extensions().get::<PeerInfo>();
+            match (&self.check, peer) {
+                (Some(check), Some(peer)) => check(peer).map_err(|why| {
+                    tonic::Status::permission_denied(format!(
+                        "{} may not call {path}: {why}",
+                        peer.identity
+                    ))
+                }),
+                _ => Ok(()),
+            }
         });
         match verdict {
             Ok(()) => Box::pin(self.inner.call(request)),

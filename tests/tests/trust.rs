@@ -388,6 +388,15 @@ async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
         .await
         .expect_err("a user revoked a host");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // A join token made for the host before its revocation goes with it.
+    let token = client
+        .create_join_token(fabric_proto::v1::CreateJoinTokenRequest {
+            host_name: name.clone(),
+            ttl_seconds: 600,
+        })
+        .await
+        .expect("a join token")
+        .into_inner();
     let revoked = client
         .revoke_host(RevokeHostRequest {
             name: name.clone(),
@@ -454,10 +463,48 @@ async fn a_revoked_host_is_fenced_and_its_vms_run_elsewhere() {
     let log = std::fs::read_to_string(dir.path().join(&name).join("agent.log")).unwrap();
     assert!(log.contains("revoked"), "the agent was not told why");
 
+    let tokens = client
+        .list_join_tokens(fabric_proto::v1::ListJoinTokensRequest {})
+        .await
+        .expect("tokens")
+        .into_inner()
+        .tokens;
+    let before = token
+        .info
+        .as_ref()
+        .map(|t| t.id.clone())
+        .unwrap_or_default();
+    assert!(
+        tokens.iter().all(|t| t.id != before),
+        "the revoked host's token outlived the revocation: {tokens:?}"
+    );
+
     client
         .reinstate_host(fabric_proto::v1::ReinstateHostRequest { name: name.clone() })
         .await
         .expect("reinstate");
+    // Its certificate from before the revocation (a stolen key's, for all the controller
+    // knows) is refused still: the host stays out until it has a new one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(state(&mut client).await, HostState::Dead);
+    let refused = HostLinkClient::new(as_identity(port, &host_tls, "host").await)
+        .heartbeat(HeartbeatRequest {
+            host_id: first.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("an old certificate served after the reinstatement");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("reinstated"), "{refused:?}");
+    // With a certificate issued now, it comes back.
+    let index = hosts.iter().position(|h| h.name == name).unwrap();
+    hosts[index].process.kill9();
+    pki.host(&name, &host_tls);
+    hosts[index] = SimHost::start_spec(
+        &dir.path().join(&name),
+        &address,
+        &SimHostSpec::new(&name, 0, 0).with_tls(&host_tls),
+    );
     eventually(Duration::from_secs(30), "the host back", || {
         let mut client = client.clone();
         async move { (state(&mut client).await == HostState::Ready).then_some(()) }

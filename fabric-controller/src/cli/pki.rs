@@ -143,7 +143,7 @@ pub(crate) fn issue(
             identity,
             dns_names: dns,
             ips,
-            backdate: Duration::from_secs(60),
+            backdate: crate::join::MAX_BACKDATE,
             lifetime: ttl,
         },
     )
