@@ -182,6 +182,8 @@ pub struct Controller {
     /// Held by every read-modify-write of join tokens, so that the bound on their number
     /// holds and a token is spent once.
     pub(crate) join_tokens: tokio::sync::Mutex<()>,
+    /// Refused joins, rate-limited.
+    pub(crate) refused_joins: crate::join::RefusedJoins,
     /// When each host last renewed its certificate: a host may renew once per tenth of the
     /// certificates' lifetime, so one cannot keep the controller signing.
     pub(crate) renewed: Mutex<HashMap<String, Instant>>,
@@ -491,6 +493,7 @@ impl Controller {
             quota_check: tokio::sync::RwLock::new(()),
             issuer: std::sync::OnceLock::new(),
             join_tokens: tokio::sync::Mutex::new(()),
+            refused_joins: crate::join::RefusedJoins::default(),
             renewed: Mutex::new(HashMap::new()),
         }))
     }

@@ -66,6 +66,50 @@ pub fn parse_token(text: &str) -> Result<(&str, &str), String> {
     Ok((id, secret))
 }
 
+/// Refused joins (a bad, spent, expired or unknown token) answered in a burst, and per
+/// second after it, across all callers: beyond, JoinHost answers RESOURCE_EXHAUSTED before
+/// reading the store or logging, so a flood of guesses costs neither (nor holds up the
+/// join-token lock real joins take).
+pub const REFUSED_JOIN_BURST: f64 = 20.0;
+pub const REFUSED_JOINS_PER_SECOND: f64 = 5.0;
+
+/// The token bucket of refused joins.
+#[derive(Debug)]
+pub struct RefusedJoins {
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl Default for RefusedJoins {
+    fn default() -> RefusedJoins {
+        RefusedJoins {
+            state: std::sync::Mutex::new((REFUSED_JOIN_BURST, std::time::Instant::now())),
+        }
+    }
+}
+
+impl RefusedJoins {
+    fn refill(state: &mut (f64, std::time::Instant)) {
+        let now = std::time::Instant::now();
+        let earned = now.duration_since(state.1).as_secs_f64() * REFUSED_JOINS_PER_SECOND;
+        state.0 = (state.0 + earned).min(REFUSED_JOIN_BURST);
+        state.1 = now;
+    }
+
+    /// Whether another refusal may be answered in full now.
+    pub fn has_room(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Self::refill(&mut state);
+        state.0 >= 1.0
+    }
+
+    /// Counts one refusal.
+    pub fn spend(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        Self::refill(&mut state);
+        state.0 = (state.0 - 1.0).max(0.0);
+    }
+}
+
 /// The most a certificate is back-dated (its notBefore before its issue), here and by
 /// `fabricctl pki issue`: for clocks a little apart.
 pub const MAX_BACKDATE: Duration = Duration::from_secs(60);
@@ -347,7 +391,15 @@ impl Controller {
                 "a join token is required (fabricctl host token create)",
             ));
         }
-        let (id, secret) = parse_token(token).map_err(Status::unauthenticated)?;
+        if !self.refused_joins.has_room() {
+            return Err(Status::resource_exhausted(format!(
+                "too many refused joins: at most {REFUSED_JOINS_PER_SECOND} a second after a burst of {REFUSED_JOIN_BURST}; retry in a few seconds"
+            )));
+        }
+        let (id, secret) = parse_token(token).map_err(|e| {
+            self.refused_joins.spend();
+            Status::unauthenticated(e)
+        })?;
         tls::check_name("host", host_name).map_err(Status::invalid_argument)?;
         let issuer = self.issuer()?;
         let _serialized = self.join_tokens.lock().await;
@@ -359,6 +411,7 @@ impl Controller {
             .map_err(|e| Status::internal(format!("store task: {e}")))?
             .map_err(unavailable)?;
         let refused = |why: &str| {
+            self.refused_joins.spend();
             tracing::warn!(token_id = id, host = host_name, why, "join refused");
             Status::unauthenticated(format!("join token refused: {why}"))
         };
@@ -506,6 +559,18 @@ mod tests {
         assert!(!secret_matches(SECRET, &[]));
         // The hash, not the secret, is what is kept.
         assert_ne!(hex::encode(stored), SECRET);
+    }
+
+    #[test]
+    fn refused_joins_are_answered_in_a_burst_then_at_a_rate() {
+        let bucket = RefusedJoins::default();
+        for _ in 0..REFUSED_JOIN_BURST as usize {
+            assert!(bucket.has_room());
+            bucket.spend();
+        }
+        assert!(!bucket.has_room(), "the burst is spent");
+        std::thread::sleep(Duration::from_secs_f64(1.5 / REFUSED_JOINS_PER_SECOND));
+        assert!(bucket.has_room(), "the rate refills it");
     }
 
     #[test]

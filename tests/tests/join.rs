@@ -667,3 +667,28 @@ async fn an_agent_with_only_the_ca_and_a_token_joins_and_renews() {
         }
     }
 }
+
+/// `--host-cert-ttl` beyond a year (or 0) is refused at start, naming the bound.
+#[test]
+fn a_host_certificate_lifetime_over_a_year_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(&dir.path().join("pki"), "ttl", &["127.0.0.1"]);
+    for ttl in ["400d", "0s"] {
+        let out = fabric_test_support::cluster::controller_command(
+            &workspace_bin("fabric-controller"),
+            &dir.path().join("c.sock"),
+            &dir.path().join("data"),
+        )
+        .args(["--listen", "127.0.0.1:0", "--tls-dir"])
+        .arg(&pki.dir)
+        .args(["--host-cert-ttl", ttl])
+        .output()
+        .unwrap();
+        assert!(!out.status.success(), "started with --host-cert-ttl {ttl}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("at most 365 days") || stderr.contains("from 1 s"),
+            "{ttl}: {stderr}"
+        );
+    }
+}

@@ -16,6 +16,9 @@ use fabric_controller::reconcile::Reconciler;
 use fabric_controller::store::redb::RedbStore;
 use tokio::signal::unix::{signal, SignalKind};
 
+/// The longest --host-cert-ttl.
+const MAX_HOST_CERT_TTL: Duration = Duration::from_secs(365 * 86_400);
+
 #[derive(Debug, Parser)]
 #[command(name = "fabric-controller", version, about = "The Fabric controller")]
 struct Args {
@@ -33,7 +36,7 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
     /// How long the certificates the controller issues to hosts (join, renewal) are valid:
-    /// 90s, 15m, 24h, 7d. Agents renew theirs at two thirds of it.
+    /// 90s, 15m, 24h, 7d; at most 365d. Agents renew theirs at two thirds of it.
     #[arg(long, default_value = "24h", value_parser = fabric_controller::cli::pki::parse_duration, value_name = "DURATION")]
     host_cert_ttl: Duration,
     /// The store file and image blobs live here.
@@ -198,6 +201,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             tracing::info!(cluster, cert = %files.cert.display(), "mutual TLS on TCP listeners");
             let ca_key = dir.join(fabric_proto::tls::CA_KEY_FILE);
+            if args.host_cert_ttl.is_zero() || args.host_cert_ttl > MAX_HOST_CERT_TTL {
+                anyhow::bail!(
+                    "--host-cert-ttl {} s: more than 0 and at most 365 days (hosts renew theirs at two thirds)",
+                    args.host_cert_ttl.as_secs()
+                );
+            }
+            if let Ok(meta) = std::fs::metadata(&ca_key) {
+                use std::os::unix::fs::PermissionsExt;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(ca_key = %ca_key.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the CA key is readable by others than its owner: whoever reads it can issue any identity (chmod 600)");
+                }
+            }
             if ca_key.exists() {
                 tracing::info!(ca_key = %ca_key.display(), host_cert_ttl_s = args.host_cert_ttl.as_secs(), "hosts may join with tokens and renew their certificates");
             } else {
