@@ -557,13 +557,8 @@ mod tests {
         staged.committed();
     }
 
-    fn stored_sequences(store: &dyn Store) -> Vec<u64> {
-        let (kvs, _) = store.list(PREFIX).expect("list");
-        kvs.iter().filter_map(|kv| sequence_of(&kv.key)).collect()
-    }
-
-    #[test]
-    fn retention_by_count_prunes_the_oldest_as_entries_come() {
+    /// A fresh store and an audit log keeping 10 entries (of each kind).
+    fn ten_entries() -> (tempfile::TempDir, Arc<dyn Store>, Retention, Arc<Audit>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> =
             Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
@@ -572,6 +567,17 @@ mod tests {
             age: DEFAULT_RETENTION_AGE,
         };
         let audit = Audit::load(store.clone(), retention).expect("load");
+        (dir, store, retention, audit)
+    }
+
+    fn stored_sequences(store: &dyn Store) -> Vec<u64> {
+        let (kvs, _) = store.list(PREFIX).expect("list");
+        kvs.iter().filter_map(|kv| sequence_of(&kv.key)).collect()
+    }
+
+    #[test]
+    fn retention_by_count_prunes_the_oldest_as_entries_come() {
+        let (_dir, store, retention, audit) = ten_entries();
         for i in 0..25 {
             commit(&audit, store.as_ref(), vec![entry(&format!("user/u{i}"))]);
             assert!(audit.len() <= 10, "{} entries after {i}", audit.len());
@@ -605,14 +611,7 @@ mod tests {
     /// record of a change.
     #[test]
     fn a_flood_of_refusals_does_not_evict_changes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store: Arc<dyn Store> =
-            Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
-        let retention = Retention {
-            entries: 10,
-            age: DEFAULT_RETENTION_AGE,
-        };
-        let audit = Audit::load(store.clone(), retention).expect("load");
+        let (_dir, store, retention, audit) = ten_entries();
         let change = |who: &str| AuditEntry {
             code: 0,
             ..entry(who)
